@@ -1,0 +1,71 @@
+"""CMAL for Hugging Face transformers.
+
+Importing this package registers the CMAL classes with the Auto classes in-process (`AutoConfig`, `AutoModel`,
+`AutoModelForPreTraining`, the task Auto classes) and marks them for `auto_map`, so that `save_pretrained` writes
+the code files and a saved folder loads with `trust_remote_code=True` where this package is not installed.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForNextSentencePrediction,
+    AutoModelForPreTraining,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoModelForVisualQuestionAnswering,
+)
+
+from .configuration_cmal import ANCHOR_ACTIONS, CMAL_SIZES, CmalConfig
+from .modeling_cmal import (
+    CMAL_AUTO_MAP,
+    CmalForImageTextMatching,
+    CmalForPreTraining,
+    CmalForPreTrainingOutput,
+    CmalForQuestionAnswering,
+    CmalForReferringExpression,
+    CmalForVisualEntailment,
+    CmalForVisualReasoning,
+    CmalModel,
+    CmalModelOutput,
+    CmalPreTrainedModel,
+    CmalTaskOutput,
+    bert_to_cmal_key_mapping,
+    convert_bert_state_dict,
+    load_bert_weights,
+)
+
+_AUTO_CLASSES = {
+    AutoModel: CmalModel,
+    AutoModelForPreTraining: CmalForPreTraining,
+    AutoModelForVisualQuestionAnswering: CmalForQuestionAnswering,
+    AutoModelForSequenceClassification: CmalForVisualEntailment,
+    AutoModelForTokenClassification: CmalForReferringExpression,
+    AutoModelForNextSentencePrediction: CmalForImageTextMatching,
+}
+
+AutoConfig.register(CmalConfig.model_type, CmalConfig, exist_ok=True)
+CmalConfig.register_for_auto_class()
+for _auto_class, _model_class in _AUTO_CLASSES.items():
+    _auto_class.register(CmalConfig, _model_class, exist_ok=True)
+    _model_class.register_for_auto_class(_auto_class.__name__)
+
+__all__ = [
+    "ANCHOR_ACTIONS",
+    "CMAL_AUTO_MAP",
+    "CMAL_SIZES",
+    "CmalConfig",
+    "CmalForImageTextMatching",
+    "CmalForPreTraining",
+    "CmalForPreTrainingOutput",
+    "CmalForQuestionAnswering",
+    "CmalForReferringExpression",
+    "CmalForVisualEntailment",
+    "CmalForVisualReasoning",
+    "CmalModel",
+    "CmalModelOutput",
+    "CmalPreTrainedModel",
+    "CmalTaskOutput",
+    "bert_to_cmal_key_mapping",
+    "convert_bert_state_dict",
+    "load_bert_weights",
+]

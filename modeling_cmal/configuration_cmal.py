@@ -1,0 +1,169 @@
+"""CMAL model configuration."""
+
+from __future__ import annotations
+
+import math
+
+from transformers import PreTrainedConfig
+
+ANCHOR_ACTIONS = ("keep", "fill_text", "fill_region", "mask_both")
+
+# Named sizes used by the training scripts (`--model_config tiny|small|base`).
+CMAL_SIZES = {
+    "tiny": dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_text_layers=1, num_visual_layers=1,
+                 num_unified_layers=2),
+    "small": dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, num_text_layers=2,
+                  num_visual_layers=2, num_unified_layers=2),
+    "base": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_text_layers=6,
+                 num_visual_layers=3, num_unified_layers=6),
+}
+
+
+class CmalConfig(PreTrainedConfig):
+    r"""
+    Configuration of a CMAL model (Cross-Modal Associative Learning, ACM MM 2022).
+
+    CMAL encodes word pieces and detected image regions in two uni-modal encoders (UMSE) whose outputs live on
+    two unit hyperspheres, swaps content between the modalities at *anchor* pairs (CMAP), fuses the hybrid
+    sequence ``[CLS] text [SEP] regions`` in a unified encoder (USE) and learns the association with an anchor
+    concept classifier (AMC) beside MLM and ITM.
+
+    Args:
+        vocab_size (`int`, defaults to 30522): word-piece vocabulary size (bert-base-uncased).
+        hidden_size (`int`, defaults to 768): width of every encoder.
+        num_attention_heads (`int`, defaults to 12): heads per attention layer; must divide `hidden_size`.
+        intermediate_size (`int`, defaults to 3072): feed-forward width.
+        num_text_layers (`int`, defaults to 6): layers of the text encoder (0 disables it: single stream).
+        num_visual_layers (`int`, defaults to 3): layers of the region encoder (0 disables it).
+        num_unified_layers (`int`, defaults to 6): layers of the unified encoder (at least 1).
+        hidden_act (`str`, defaults to `"gelu"`), hidden_dropout_prob, attention_probs_dropout_prob,
+        max_position_embeddings, type_vocab_size, initializer_range, layer_norm_eps, pad_token_id: as in BERT.
+        visual_feat_dim (`int`, defaults to 2048): dimension `Dv` of the region features.
+        num_anchor_concepts (`int`, defaults to 1552): size of the concept lexicon, the AMC label space. It must
+            equal `len(processor.lexicon)`; the processor's default lexicon (COCO-80 + Visual Genome 1600) has
+            this size.
+        use_hypersphere_normalization (`bool`, defaults to `True`): L2-normalise the uni-modal outputs (UMSE);
+            `False` is the ablation without the separate hyperspheres.
+        anchor_fill_text_rate, anchor_fill_region_rate, anchor_mask_both_rate (`float`): probabilities with which
+            the pre-training collator gives an anchor the action *fill text*, *fill region* or *mask both*;
+            the rest of the anchors are kept. Defaults 0.4 / 0.4 / 0.1 (keep 0.1).
+        default_anchor_action (`str`, defaults to `"keep"`): action applied to every anchor when `forward` gets
+            `anchor_pairs` but no `anchor_actions` (fine-tuning and inference). One of
+            `"keep"`, `"fill_text"`, `"fill_region"`, `"mask_both"`.
+        amc_loss_weight, mlm_loss_weight, itm_loss_weight, itc_loss_weight (`float`): weights of the pre-training
+            objectives in the total loss; 0 skips an objective. ITC (contrastive) is off by default.
+        classifier_dropout (`float`, *optional*): dropout of the task heads (defaults to `hidden_dropout_prob`).
+
+    Example:
+
+    ```python
+    >>> from modeling_cmal import CmalConfig, CmalModel
+    >>> config = CmalConfig(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_text_layers=1,
+    ...                     num_visual_layers=1, num_unified_layers=2, visual_feat_dim=16)
+    >>> model = CmalModel(config)
+    ```
+    """
+
+    model_type = "cmal"
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    num_text_layers: int = 6
+    num_visual_layers: int = 3
+    num_unified_layers: int = 6
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+    visual_feat_dim: int = 2048
+    num_anchor_concepts: int = 1552
+    use_hypersphere_normalization: bool = True
+    anchor_fill_text_rate: float = 0.4
+    anchor_fill_region_rate: float = 0.4
+    anchor_mask_both_rate: float = 0.1
+    default_anchor_action: str = "keep"
+    amc_loss_weight: float = 1.0
+    mlm_loss_weight: float = 1.0
+    itm_loss_weight: float = 1.0
+    itc_loss_weight: float = 0.0
+    classifier_dropout: float | None = None
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._validate()
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Total depth: text + visual + unified layers (read-only)."""
+        return self.num_text_layers + self.num_visual_layers + self.num_unified_layers
+
+    @property
+    def anchor_keep_rate(self) -> float:
+        return 1.0 - self.anchor_fill_text_rate - self.anchor_fill_region_rate - self.anchor_mask_both_rate
+
+    def _validate(self) -> None:
+        def check_int(name: str, minimum: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"CmalConfig.{name} must be an int >= {minimum}, got {value!r}")
+
+        def check_unit_float(name: str, value, *, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"CmalConfig.{name} must be a float in [0, 1], got {value!r}")
+
+        for name in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "num_unified_layers",
+                     "max_position_embeddings", "type_vocab_size", "visual_feat_dim", "num_anchor_concepts"):
+            check_int(name, 1)
+        check_int("num_text_layers", 0)
+        check_int("num_visual_layers", 0)
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"CmalConfig.hidden_size ({self.hidden_size}) must be a multiple of "
+                f"CmalConfig.num_attention_heads ({self.num_attention_heads})"
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            check_unit_float(name, getattr(self, name))
+        check_unit_float("classifier_dropout", self.classifier_dropout, allow_none=True)
+        for name in ("anchor_fill_text_rate", "anchor_fill_region_rate", "anchor_mask_both_rate"):
+            check_unit_float(name, getattr(self, name))
+        if self.anchor_keep_rate < -1e-9:
+            raise ValueError(
+                "CmalConfig anchor rates must sum to at most 1, got anchor_fill_text_rate="
+                f"{self.anchor_fill_text_rate} + anchor_fill_region_rate={self.anchor_fill_region_rate} + "
+                f"anchor_mask_both_rate={self.anchor_mask_both_rate}"
+            )
+        if self.default_anchor_action not in ANCHOR_ACTIONS:
+            raise ValueError(
+                f"CmalConfig.default_anchor_action must be one of {ANCHOR_ACTIONS}, got {self.default_anchor_action!r}"
+            )
+        for name in ("amc_loss_weight", "mlm_loss_weight", "itm_loss_weight", "itc_loss_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"CmalConfig.{name} must be a finite float >= 0, got {value!r}")
+        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range <= 0:
+            raise ValueError(f"CmalConfig.initializer_range must be a positive float, got {self.initializer_range!r}")
+        if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
+            raise ValueError(f"CmalConfig.layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}")
+        if not isinstance(self.use_hypersphere_normalization, bool):
+            raise ValueError(
+                f"CmalConfig.use_hypersphere_normalization must be a bool, got {self.use_hypersphere_normalization!r}"
+            )
+
+    @classmethod
+    def from_size(cls, size: str, **kwargs) -> "CmalConfig":
+        """A config of a named size (`"tiny"`, `"small"` or `"base"`); keyword arguments override its fields."""
+        if size not in CMAL_SIZES:
+            raise ValueError(f"size must be one of {sorted(CMAL_SIZES)}, got {size!r}")
+        return cls(**{**CMAL_SIZES[size], **kwargs})
+
+
+__all__ = ["ANCHOR_ACTIONS", "CMAL_SIZES", "CmalConfig"]
