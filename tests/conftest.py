@@ -31,3 +31,20 @@ def tokenizer(bert_dir):
     from transformers import BertTokenizer
 
     return BertTokenizer.from_pretrained(str(bert_dir), model_max_length=64)
+
+
+@pytest.fixture(scope="session")
+def synthetic_corpus(tmp_path_factory) -> pathlib.Path:
+    """A small synthetic corpus (pre-training + the four tasks), built once per test session."""
+    from processing.synthetic import build_synthetic_corpus
+
+    root = tmp_path_factory.mktemp("synthetic") / "corpus"
+    build_synthetic_corpus(root, num_scenes=400, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_corpus_info(synthetic_corpus) -> dict:
+    import json
+
+    return json.loads((synthetic_corpus / "synthetic_config.json").read_text())
