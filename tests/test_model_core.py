@@ -1,0 +1,318 @@
+"""CmalModel / CmalForPreTraining: shapes, CMAP filling semantics, AMC targets, transformers behaviour."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from modeling_cmal import CmalConfig, CmalForPreTraining, CmalModel
+from modeling_cmal.modeling_cmal import (
+    ACTION_FILL_REGION,
+    ACTION_FILL_TEXT,
+    ACTION_KEEP,
+    ACTION_MASK_BOTH,
+)
+
+B, N, M, DV, C, V = 3, 7, 5, 11, 13, 99
+
+
+def make_config(**overrides) -> CmalConfig:
+    fields = dict(vocab_size=V, hidden_size=32, num_attention_heads=2, intermediate_size=37, num_text_layers=1,
+                  num_visual_layers=1, num_unified_layers=2, visual_feat_dim=DV, num_anchor_concepts=C,
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return CmalConfig(**{**fields, **overrides})
+
+
+def make_inputs(seed: int = 0, with_anchors: bool = True) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {
+        "input_ids": torch.randint(1, V, (B, N), generator=generator),
+        "attention_mask": torch.ones(B, N, dtype=torch.long),
+        "token_type_ids": torch.zeros(B, N, dtype=torch.long),
+        "visual_feats": torch.randn(B, M, DV, generator=generator),
+        "visual_pos": torch.sort(torch.rand(B, M, 4, generator=generator), dim=-1).values[..., [0, 1, 2, 3]],
+        "visual_attention_mask": torch.ones(B, M, dtype=torch.long),
+    }
+    inputs["attention_mask"][2, 5:] = 0
+    inputs["visual_attention_mask"][2, 3:] = 0
+    if with_anchors:
+        # sample 0: a two-piece word (pieces 1, 2) filled into region 0, piece 4 fills text from region 3
+        # sample 1: mask both on (3, 1), keep on (5, 2); sample 2: one fill-region anchor and padding
+        inputs["anchor_pairs"] = torch.tensor([
+            [[1, 0], [2, 0], [4, 3]],
+            [[3, 1], [5, 2], [-1, -1]],
+            [[2, 1], [-1, -1], [-1, -1]],
+        ])
+        inputs["anchor_concept_ids"] = torch.tensor([[4, 4, 7], [2, 9, -1], [11, -1, -1]])
+        inputs["anchor_actions"] = torch.tensor([
+            [ACTION_FILL_REGION, ACTION_FILL_REGION, ACTION_FILL_TEXT],
+            [ACTION_MASK_BOTH, ACTION_KEEP, ACTION_KEEP],
+            [ACTION_FILL_REGION, ACTION_KEEP, ACTION_KEEP],
+        ])
+    return inputs
+
+
+def test_shapes_with_and_without_anchors():
+    model = CmalModel(make_config()).eval()
+    for with_anchors in (True, False):
+        outputs = model(**make_inputs(with_anchors=with_anchors), output_hidden_states=True)
+        assert outputs.last_hidden_state.shape == (B, N + M, 32)
+        assert outputs.pooler_output.shape == (B, 32)
+        assert outputs.text_embeds.shape == (B, N, 32) and outputs.image_embeds.shape == (B, M, 32)
+        torch.testing.assert_close(outputs.text_embeds.norm(dim=-1), torch.ones(B, N))
+        torch.testing.assert_close(outputs.image_embeds.norm(dim=-1), torch.ones(B, M))
+        assert len(outputs.text_hidden_states) == 2 and len(outputs.vision_hidden_states) == 2
+        assert len(outputs.hidden_states) == 3
+    empty = make_inputs(with_anchors=False)
+    empty.update(anchor_pairs=torch.zeros(B, 0, 2, dtype=torch.long))
+    assert model(**empty).last_hidden_state.shape == (B, N + M, 32)
+
+
+def test_associative_prompt_moves_content_and_masks_the_partner():
+    model = CmalModel(make_config()).eval()
+    prompt = model.associative_prompt
+    inputs = make_inputs()
+    text = torch.randn(B, N, 32)
+    regions = torch.randn(B, M, 32)
+    new_text, new_regions = prompt(text, regions, inputs["anchor_pairs"], inputs["anchor_actions"])
+    text_mask, region_mask = prompt.text_mask_embedding, prompt.region_mask_embedding
+    # fill region: region 0 of sample 0 holds the mean of pieces 1 and 2; those pieces hold the text mask
+    torch.testing.assert_close(new_regions[0, 0], (text[0, 1] + text[0, 2]) / 2)
+    torch.testing.assert_close(new_text[0, 1], text_mask)
+    torch.testing.assert_close(new_text[0, 2], text_mask)
+    # fill text: piece 4 holds region 3's content; region 3 holds the region mask
+    torch.testing.assert_close(new_text[0, 4], regions[0, 3])
+    torch.testing.assert_close(new_regions[0, 3], region_mask)
+    # mask both
+    torch.testing.assert_close(new_text[1, 3], text_mask)
+    torch.testing.assert_close(new_regions[1, 1], region_mask)
+    # keep and untouched slots
+    torch.testing.assert_close(new_text[1, 5], text[1, 5])
+    torch.testing.assert_close(new_regions[1, 2], regions[1, 2])
+    for b, slots in ((0, [0, 3, 5, 6]), (1, [0, 1, 2, 4, 6]), (2, [0, 1, 3, 4, 5, 6])):
+        torch.testing.assert_close(new_text[b, slots], text[b, slots])
+
+
+def test_filled_slot_keeps_its_own_position_and_type():
+    model = CmalModel(make_config()).eval()
+    inputs = make_inputs()
+    outputs = model(**inputs, output_hidden_states=True)
+    hybrid = outputs.hidden_states[0]
+    content = outputs.image_embeds[0, 3] * model.visual_hypersphere.scale
+    position = model.text_embeddings.position_embeddings.weight[4]
+    text_type = model.hybrid_embeddings.modality_type_embeddings.weight[0]
+    expected = model.hybrid_embeddings.LayerNorm(content + position + text_type)
+    torch.testing.assert_close(hybrid[0, 4], expected)
+    # the region slot 0 holds the word's mean content plus its own box embedding and the region type
+    words = outputs.text_embeds[0, [1, 2]].mean(0) * model.text_hypersphere.scale
+    box = model.box_embeddings(inputs["visual_pos"])[0, 0]
+    region_type = model.hybrid_embeddings.modality_type_embeddings.weight[1]
+    torch.testing.assert_close(hybrid[0, N + 0], model.hybrid_embeddings.LayerNorm(words + box + region_type))
+
+
+def test_amc_targets_and_losses():
+    model = CmalForPreTraining(make_config()).eval()
+    inputs = make_inputs()
+    outputs = model(**inputs)
+    # non-keep anchors in order: (0: region 0, first piece 1, concept 4), (0: piece 4, region 3, concept 7),
+    # (1: piece 3, region 1, concept 2), (2: piece 2, region 1, concept 11); text slots first, then regions
+    assert outputs.amc_labels.tolist() == [4, 7, 2, 11, 4, 7, 2, 11]
+    assert outputs.amc_slot_is_text.tolist() == [True] * 4 + [False] * 4
+    expected = F.cross_entropy(outputs.amc_logits, outputs.amc_labels, reduction="none")
+    torch.testing.assert_close(outputs.amc_loss, 0.5 * (expected[:4].mean() + expected[4:].mean()))
+    changed = dict(inputs, anchor_concept_ids=inputs["anchor_concept_ids"].clone())
+    changed["anchor_concept_ids"][0, 2] = 8
+    assert model(**changed).amc_loss != outputs.amc_loss
+    keep_only = dict(inputs, anchor_actions=torch.zeros_like(inputs["anchor_actions"]))
+    assert model(**keep_only).amc_loss is None
+
+
+def test_loss_weights_and_mlm_logits_only_where_labelled():
+    inputs = make_inputs()
+    labels = torch.full((B, N), -100)
+    labels[0, 3], labels[1, 1] = 5, 6
+    itm_labels = torch.tensor([1, 0, 1])
+    torch.manual_seed(0)
+    model = CmalForPreTraining(make_config()).eval()
+    outputs = model(**inputs, labels=labels, itm_labels=itm_labels)
+    assert outputs.mlm_logits.shape == (2, V)
+    torch.testing.assert_close(outputs.loss, outputs.amc_loss + outputs.mlm_loss + outputs.itm_loss)
+    assert model(**inputs).mlm_logits.shape == (B, N, V)
+    for objective in ("amc", "mlm", "itm"):
+        config = make_config(**{f"{objective}_loss_weight": 0.0})
+        skipped = CmalForPreTraining(config)
+        skipped.load_state_dict(model.state_dict())
+        result = skipped.eval()(**inputs, labels=labels, itm_labels=itm_labels)
+        assert getattr(result, f"{objective}_loss") is None and getattr(result, f"{objective}_logits") is None
+        others = [getattr(outputs, f"{name}_loss") for name in ("amc", "mlm", "itm") if name != objective]
+        torch.testing.assert_close(result.loss, sum(others))
+
+
+def test_every_parameter_gets_a_gradient():
+    model = CmalForPreTraining(make_config(itc_loss_weight=0.5)).train()
+    labels = torch.full((B, N), -100)
+    labels[:, 3] = 7
+    outputs = model(**make_inputs(), labels=labels, itm_labels=torch.tensor([1, 0, 1]))
+    outputs.loss.backward()
+    missing = [name for name, parameter in model.named_parameters() if parameter.grad is None]
+    assert not missing
+
+
+def test_save_load_round_trip_and_tied_decoder(tmp_path):
+    model = CmalForPreTraining(make_config()).eval()
+    inputs = make_inputs()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    reloaded = CmalForPreTraining.from_pretrained(tmp_path).eval()
+    assert reloaded.cls.decoder.weight.data_ptr() == reloaded.cmal.text_embeddings.word_embeddings.weight.data_ptr()
+    before, after = model(**inputs), reloaded(**inputs)
+    torch.testing.assert_close(after.mlm_logits, before.mlm_logits, rtol=0, atol=0)
+    torch.testing.assert_close(after.amc_logits, before.amc_logits, rtol=0, atol=0)
+    trunk = CmalModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(trunk(**inputs).pooler_output, model.cmal(**inputs).pooler_output, rtol=0, atol=0)
+
+
+def test_eager_and_sdpa_agree_also_without_regions():
+    model = CmalForPreTraining(make_config()).eval()
+    inputs = make_inputs()
+    inputs["visual_attention_mask"][1] = 0
+    model.config._attn_implementation = "eager"
+    eager = model(**inputs)
+    model.config._attn_implementation = "sdpa"
+    sdpa = model(**inputs)
+    assert torch.isfinite(sdpa.itm_logits).all()
+    torch.testing.assert_close(sdpa.itm_logits, eager.itm_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sdpa.amc_logits, eager.amc_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_attentions_and_batching_equivalence():
+    model = CmalModel(make_config()).eval()
+    inputs = make_inputs(with_anchors=False)
+    outputs = model(**inputs, output_attentions=True)
+    assert len(outputs.attentions) == 2 and outputs.attentions[0].shape == (B, 2, N + M, N + M)
+    torch.testing.assert_close(outputs.attentions[0].sum(-1), torch.ones(B, 2, N + M))
+    # sample 2 alone, without its padding, gives the same pooled output
+    alone = {key: value[2:3] for key, value in inputs.items()}
+    alone = {**alone, "input_ids": alone["input_ids"][:, :5], "attention_mask": alone["attention_mask"][:, :5],
+             "token_type_ids": alone["token_type_ids"][:, :5], "visual_feats": alone["visual_feats"][:, :3],
+             "visual_pos": alone["visual_pos"][:, :3], "visual_attention_mask": alone["visual_attention_mask"][:, :3]}
+    torch.testing.assert_close(model(**alone).pooler_output[0], outputs.pooler_output[2], atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    inputs = make_inputs()
+    labels = torch.full((B, N), -100)
+    labels[:, 2] = 3
+    model = CmalForPreTraining(make_config()).train()
+    loss = model(**inputs, labels=labels, itm_labels=torch.tensor([1, 0, 1])).loss
+    loss.backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    checkpointed = model(**inputs, labels=labels, itm_labels=torch.tensor([1, 0, 1])).loss
+    checkpointed.backward()
+    torch.testing.assert_close(checkpointed, loss)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, reference[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_resize_token_embeddings_keeps_the_decoder_tied():
+    model = CmalForPreTraining(make_config())
+    model.resize_token_embeddings(V + 5)
+    assert model.config.vocab_size == V + 5
+    assert model.cls.decoder.weight.shape == (V + 5, 32)
+    assert model.cls.decoder.weight.data_ptr() == model.cmal.text_embeddings.word_embeddings.weight.data_ptr()
+    inputs = make_inputs()
+    inputs["input_ids"][0, 1] = V + 4
+    assert model(**inputs).mlm_logits.shape == (B, N, V + 5)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("hidden_size", -1), ("num_attention_heads", 5), ("num_unified_layers", 0), ("visual_feat_dim", "x"),
+    ("anchor_fill_text_rate", 0.8), ("default_anchor_action", "swap"), ("mlm_loss_weight", -1.0),
+    ("hidden_dropout_prob", 1.5),
+])
+def test_invalid_config_values_name_the_field(field, value):
+    expected = "anchor rates must sum" if field == "anchor_fill_text_rate" else field
+    with pytest.raises(ValueError, match=expected):
+        make_config(**{field: value})
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda i: i.update(visual_feats=i["visual_feats"][:2], visual_pos=i["visual_pos"][:2]), "batch size"),
+    (lambda i: i["anchor_pairs"].__setitem__((0, 0, 0), N), "anchor_pairs\\[0, 0\\]"),
+    (lambda i: i["anchor_pairs"].__setitem__((0, 0, 1), M), "region index"),
+    (lambda i: i.update(visual_feats=torch.randn(B, M, DV + 1)), "visual_feat_dim"),
+    (lambda i: i["anchor_actions"].__setitem__((0, 0), 4), "anchor_actions"),
+    (lambda i: i["anchor_concept_ids"].__setitem__((0, 0), C), "num_anchor_concepts"),
+])
+def test_bad_inputs_raise_clear_errors(change, message):
+    model = CmalForPreTraining(make_config())
+    inputs = make_inputs()
+    change(inputs)
+    with pytest.raises(ValueError, match=message):
+        model(**inputs)
+
+
+def test_bert_initialisation_reproduces_bert_hidden_states(bert_dir, tokenizer):
+    from transformers import BertModel
+
+    from modeling_cmal import load_bert_weights
+
+    config = CmalConfig(hidden_size=384, num_attention_heads=12, intermediate_size=1536, num_text_layers=2,
+                        num_visual_layers=1, num_unified_layers=4, visual_feat_dim=DV, num_anchor_concepts=C)
+    model = CmalModel(config).eval()
+    report = load_bert_weights(model, bert_dir)
+    assert "text_encoder.layer.1.output.dense.weight" in report["loaded"]
+    bert = BertModel.from_pretrained(str(bert_dir)).eval()
+    batch = tokenizer(["a cup of espresso on a red saucer", "a rocket on a launch pad"], padding=True,
+                      return_tensors="pt")
+    with torch.no_grad():
+        expected = bert(**batch, output_hidden_states=True).hidden_states[2]
+        outputs = model(**batch, visual_feats=torch.randn(2, 3, DV), visual_pos=torch.rand(2, 3, 4),
+                        output_hidden_states=True)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(outputs.text_hidden_states[-1][real], expected[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.unified_encoder.layer[3].attention.self.query.weight,
+                               bert.encoder.layer[5].attention.self.query.weight)
+    with pytest.raises(ValueError, match="num_text_layers \\+ num_unified_layers"):
+        load_bert_weights(CmalModel(CmalConfig(**{**config.to_dict(), "num_unified_layers": 5})), bert_dir)
+
+
+def test_saved_folder_loads_with_remote_code_in_a_fresh_process(tmp_path):
+    model = CmalForPreTraining(make_config()).eval()
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    inputs = make_inputs()
+    torch.save(inputs, tmp_path / "inputs.pt")
+    torch.save(model.cmal(**inputs).pooler_output, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        # The package is installed in editable mode in CI: hide it, as on a machine that only has transformers.
+        sys.modules["modeling_cmal"] = None
+        import torch
+        try:
+            import modeling_cmal
+            raise SystemExit("modeling_cmal must not be importable here")
+        except ImportError:
+            pass
+        from transformers import AutoModel, AutoModelForVisualQuestionAnswering
+        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(model).__name__ == "CmalModel", type(model)
+        inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
+        torch.testing.assert_close(model(**inputs).pooler_output, torch.load({str(tmp_path / 'expected.pt')!r}),
+                                   rtol=0, atol=0)
+        head = AutoModelForVisualQuestionAnswering.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(head).__name__ == "CmalForQuestionAnswering"
+        print("REMOTE-OK")
+    """)
+    import os
+
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
