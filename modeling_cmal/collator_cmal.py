@@ -1,0 +1,238 @@
+"""CmalPretrainingCollator: dataset rows → a pre-training batch (anchors with sampled actions, MLM, ITM).
+
+Like transformers' `DataCollatorForLanguageModeling`, every random choice of pre-training is made here, so that
+`CmalForPreTraining.forward` is deterministic: which anchors are kept, filled or masked (CMAP), which word pieces
+are masked (MLM) and which images get another row's caption (ITM negatives).
+
+Remote code: this module imports only the standard library, numpy, torch and its siblings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .configuration_cmal import CmalConfig
+from .processing_cmal import CmalProcessor
+
+IGNORE_INDEX = -100
+DEFAULT_MLM_PROBABILITY = 0.15
+DEFAULT_ITM_NEGATIVE_RATE = 0.5
+# Of the pieces chosen for MLM: 80 % become [MASK], 10 % a random piece, 10 % stay as they are.
+MASK_TOKEN_SHARE, RANDOM_TOKEN_SHARE = 0.8, 0.1
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 over them): nearby inputs give unrelated seeds."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & _MASK64
+        state ^= state >> 31
+    return state >> 1
+
+
+def _rows_digest(rows: list[Mapping]) -> int:
+    """A 64-bit digest of the rows of a batch, in order: their texts, image ids and tags (features are too slow to
+    hash, and a caption with its image id already names a row)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for row in rows:
+        tags = row.get("tags")
+        digest.update("\x1f".join((str(row["text"]), str(row.get("image_id")),
+                                   "\x1e".join(map(str, [] if tags is None else tags)))).encode())
+        digest.update(b"\x1d")
+    return int.from_bytes(digest.digest(), "little")
+
+
+@dataclass
+class CmalPretrainingCollator:
+    """Turns rows of a pre-training dataset (columns of `processing/schema.py`: `text`, `visual_feats` `[M, Dv]`,
+    `visual_pos` `[M, 4]` normalised, `tags`, `scores`, `image_id`) into a batch of torch tensors for
+    `CmalForPreTraining`: the processor's outputs plus
+
+    - `anchor_actions` sampled per anchor (every piece of an anchor gets its action): fill text, fill region and
+      mask both at the config's rates, keep otherwise;
+    - ITM: with probability `itm_negative_rate` a row's image is paired with the caption of another row of the
+      batch whose `image_id` differs (when there is one; rows without `image_id` count as different images).
+      The anchors of such a pair are found anew for the new caption and image, so that filling does not give
+      the label away. `itm_labels` is 0 for these pairs, 1 for the others;
+    - MLM `labels`: `mlm_probability` of the word pieces that are neither special tokens nor anchor pieces
+      (80 % replaced by [MASK], 10 % by a random piece, 10 % unchanged); -100 elsewhere and on every ITM negative.
+
+    Args:
+        processor: the `CmalProcessor` (tokenizer, lexicon, `max_regions`).
+        config: a `CmalConfig` giving the anchor action rates (and checked against the processor's vocabulary and
+            lexicon sizes). Without it, rates default to `CmalConfig`'s defaults.
+        anchor_fill_text_rate, anchor_fill_region_rate, anchor_mask_both_rate: explicit rates; they override the
+            config's. Keep is 1 minus their sum.
+        mlm_probability: defaults to 0.15 (0 when `config.mlm_loss_weight` is 0).
+        itm_negative_rate: defaults to 0.5 (0 when `config.itm_loss_weight` is 0).
+        seed: the seed of the batch sequence.
+        max_length: text length (default: the tokenizer's `model_max_length`).
+
+    Reproducibility: the random draws of a batch are made by the collator's `torch.Generator`, seeded from
+    `seed` and a digest of the batch's rows (texts, image ids, tags). So a batch's draws depend on
+    nothing that came before: the same seed and the same rows give the same batch in any process, in DataLoader
+    workers, on any rank of a distributed run, after any number of earlier batches, and after a resume (also when
+    the data loader collated a batch ahead, as Accelerate's does). `state_dict()` / `load_state_dict()` carry the
+    seed (`Accelerator.register_for_checkpointing` restores it). The one cost: an unshuffled loader gives a batch
+    the same draws in every epoch (pre-training shuffles, and evaluation wants exactly that).
+    """
+
+    processor: CmalProcessor = field(repr=False)
+    config: CmalConfig | None = field(default=None, repr=False)
+    anchor_fill_text_rate: float | None = None
+    anchor_fill_region_rate: float | None = None
+    anchor_mask_both_rate: float | None = None
+    mlm_probability: float | None = None
+    itm_negative_rate: float | None = None
+    seed: int = 0
+    max_length: int | None = None
+
+    def __post_init__(self):
+        # Duck-typed: a processor loaded as remote code (`AutoProcessor`, `trust_remote_code=True`) is a CmalProcessor
+        # of another module.
+        if not callable(self.processor) or not all(hasattr(self.processor, name) for name in ("tokenizer", "lexicon")):
+            raise ValueError(f"processor must be a CmalProcessor, got {type(self.processor).__name__}")
+        defaults = self.config if self.config is not None else CmalConfig
+        for name in ("anchor_fill_text_rate", "anchor_fill_region_rate", "anchor_mask_both_rate"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(defaults, name))
+        if self.mlm_probability is None:
+            off = self.config is not None and self.config.mlm_loss_weight == 0
+            self.mlm_probability = 0.0 if off else DEFAULT_MLM_PROBABILITY
+        if self.itm_negative_rate is None:
+            off = self.config is not None and self.config.itm_loss_weight == 0
+            self.itm_negative_rate = 0.0 if off else DEFAULT_ITM_NEGATIVE_RATE
+        for name in ("anchor_fill_text_rate", "anchor_fill_region_rate", "anchor_mask_both_rate",
+                     "mlm_probability", "itm_negative_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a float in [0, 1], got {value!r}")
+        total = self.anchor_fill_text_rate + self.anchor_fill_region_rate + self.anchor_mask_both_rate
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"anchor_fill_text_rate + anchor_fill_region_rate + anchor_mask_both_rate must be at "
+                             f"most 1, got {total}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        tokenizer = self.processor.tokenizer
+        if tokenizer.mask_token_id is None:
+            raise ValueError("the processor's tokenizer has no mask token; MLM needs one")
+        if self.config is not None:
+            if len(self.processor.lexicon) != self.config.num_anchor_concepts:
+                raise ValueError(f"the processor's lexicon has {len(self.processor.lexicon)} concepts but "
+                                 f"config.num_anchor_concepts is {self.config.num_anchor_concepts}")
+            if len(tokenizer) > self.config.vocab_size:
+                raise ValueError(f"the processor's tokenizer has {len(tokenizer)} pieces but config.vocab_size is "
+                                 f"{self.config.vocab_size}")
+        self._special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+        # Upper bounds of the uniform draw for fill text (1), fill region (2) and mask both (3); keep (0) above.
+        self._action_bounds = torch.tensor(np.cumsum(
+            [self.anchor_fill_text_rate, self.anchor_fill_region_rate, self.anchor_mask_both_rate]
+        ), dtype=torch.float64)
+        self._generator = torch.Generator()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # State
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        if not isinstance(state, Mapping) or "seed" not in state:
+            raise ValueError(f"state must be a dict with seed (from state_dict()), got {state!r}")
+        self.seed = int(state["seed"])
+
+    def reset(self) -> None:
+        """Restart the batch sequence of `seed`: nothing to do, since draws depend only on the seed and the rows
+        (kept so that an evaluation loop may call it whatever the collator)."""
+
+    def _start_batch(self, rows: list[Mapping]) -> torch.Generator:
+        self._generator.manual_seed(_mix(self.seed, _rows_digest(rows)))
+        return self._generator
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Batch
+
+    def __call__(self, rows) -> dict[str, torch.Tensor]:
+        rows = list(rows)
+        if not rows:
+            raise ValueError("rows is empty; expected at least one dataset row")
+        for index, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise ValueError(f"rows[{index}] must be a dict (a dataset row), got {type(row).__name__}")
+            missing = [key for key in ("text", "visual_feats", "visual_pos") if key not in row]
+            if missing:
+                raise ValueError(f"rows[{index}] has no {missing}; expected the columns text, visual_feats, "
+                                 "visual_pos, tags, scores (processing/schema.py)")
+            if not isinstance(row["text"], str):
+                raise ValueError(f"rows[{index}]['text'] must be a str, got {row['text']!r}")
+        generator = self._start_batch(rows)
+        caption_rows, itm_labels = self._pair_captions(rows, generator)
+        batch = self.processor(
+            text=[str(rows[source]["text"]) for source in caption_rows],
+            regions=[
+                {"features": row["visual_feats"], "boxes": row["visual_pos"], "tags": row.get("tags"),
+                 "scores": row.get("scores")}
+                for row in rows
+            ],
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        batch = dict(batch)
+        batch["anchor_actions"] = self._sample_actions(batch["anchor_pairs"], batch["visual_attention_mask"].shape[1],
+                                                       generator)
+        batch["input_ids"], batch["labels"] = self._mask_pieces(batch, itm_labels, generator)
+        batch["itm_labels"] = itm_labels
+        return batch
+
+    def _pair_captions(self, rows: list[Mapping], generator: torch.Generator) -> tuple[list[int], torch.Tensor]:
+        """The row whose caption goes with each row's image, and the ITM labels (0 where that is another image)."""
+        image_ids = [str(row["image_id"]) if row.get("image_id") is not None else f"\0row {index}"
+                     for index, row in enumerate(rows)]
+        negative = torch.rand(len(rows), generator=generator) < self.itm_negative_rate
+        choice = torch.rand(len(rows), generator=generator)
+        caption_rows = list(range(len(rows)))
+        for index in torch.nonzero(negative).flatten().tolist():
+            others = [other for other in range(len(rows)) if image_ids[other] != image_ids[index]]
+            if others:
+                caption_rows[index] = others[min(int(choice[index] * len(others)), len(others) - 1)]
+        itm_labels = torch.tensor([int(source == index) for index, source in enumerate(caption_rows)])
+        return caption_rows, itm_labels
+
+    def _sample_actions(self, anchor_pairs: torch.Tensor, num_regions: int,
+                        generator: torch.Generator) -> torch.Tensor:
+        """One action per anchor, i.e. per (sample, region): all pieces of an anchor share its region."""
+        draws = torch.rand(anchor_pairs.shape[0], num_regions, generator=generator, dtype=torch.float64)
+        region_actions = torch.bucketize(draws, self._action_bounds, right=True) + 1
+        region_actions[region_actions > len(self._action_bounds)] = 0
+        regions = anchor_pairs[..., 1]
+        actions = torch.gather(region_actions, 1, regions.clamp(min=0))
+        return torch.where(regions >= 0, actions, torch.zeros_like(actions))
+
+    def _mask_pieces(self, batch: dict, itm_labels: torch.Tensor,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = batch["input_ids"]
+        candidates = (batch["attention_mask"] == 1) & ~torch.isin(input_ids, self._special_ids)
+        candidates &= (itm_labels == 1).unsqueeze(1)
+        pieces = batch["anchor_pairs"][..., 0]
+        batch_index = torch.arange(input_ids.shape[0]).unsqueeze(1).expand_as(pieces)
+        valid = pieces >= 0
+        candidates[batch_index[valid], pieces[valid]] = False
+        chosen = candidates & (torch.rand(input_ids.shape, generator=generator) < self.mlm_probability)
+        labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+        split = torch.rand(input_ids.shape, generator=generator)
+        random_pieces = torch.randint(len(self.processor.tokenizer), input_ids.shape, generator=generator)
+        masked = input_ids.clone()
+        masked[chosen & (split < MASK_TOKEN_SHARE)] = self.processor.tokenizer.mask_token_id
+        replaced = chosen & (split >= MASK_TOKEN_SHARE) & (split < MASK_TOKEN_SHARE + RANDOM_TOKEN_SHARE)
+        masked[replaced] = random_pieces[replaced]
+        return masked, labels
+
+
+__all__ = ["IGNORE_INDEX", "CmalPretrainingCollator"]

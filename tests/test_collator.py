@@ -1,0 +1,303 @@
+"""Tests of CmalPretrainingCollator (modeling_cmal/collator_cmal.py): MLM targets, anchor actions, ITM negatives,
+reproducibility and exact resume."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_cmal import CmalConfig
+from modeling_cmal.collator_cmal import IGNORE_INDEX, CmalPretrainingCollator
+from modeling_cmal.processing_cmal import CmalProcessor
+
+FEATURE_DIM = 16
+OBJECTS = ["cup", "saucer", "spoon", "dog", "cat", "car", "bus", "man", "woman", "tree", "horse", "bicycle",
+           "tennis racket", "traffic light", "umbrella", "bench", "giraffe", "pizza"]
+FILLERS = ["next to", "near", "behind", "in front of", "beside", "under", "with"]
+
+
+def make_rows(count: int, seed: int = 0) -> list[dict]:
+    """Dataset rows like `processing` writes them (float16 features, normalised boxes); two captions per image,
+    so rows 2k and 2k + 1 share an `image_id`, and every caption is different."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(count):
+        named = [str(name) for name in rng.choice(OBJECTS, size=3, replace=False)]
+        extra = [str(name) for name in rng.choice(OBJECTS, size=int(rng.integers(0, 4)))]
+        tags = named + extra
+        order = rng.permutation(len(tags))
+        x1, y1 = rng.uniform(0, 0.5, (2, len(tags)))
+        caption = (f"caption {index}: a {named[0]} {rng.choice(FILLERS)} the {named[1]} and "
+                   f"{rng.choice(['a', 'two', 'some'])} {named[2]} on a sunny day")
+        rows.append({
+            "image_id": f"image {index // 2}",
+            "text": caption,
+            "visual_feats": rng.standard_normal((len(tags), FEATURE_DIM)).astype(np.float16),
+            "visual_pos": np.stack([x1, y1, x1 + 0.3, y1 + 0.4], 1).astype(np.float32)[order],
+            "tags": np.asarray(tags)[order],
+            "scores": rng.uniform(0.2, 1.0, len(tags)).astype(np.float32)[order],
+        })
+    return rows
+
+
+@pytest.fixture(scope="module")
+def processor(bert_dir):
+    from transformers import BertTokenizer
+
+    return CmalProcessor(tokenizer=BertTokenizer.from_pretrained(str(bert_dir), model_max_length=32))
+
+
+@pytest.fixture(scope="module")
+def config(processor):
+    return CmalConfig.from_size("tiny", visual_feat_dim=FEATURE_DIM, num_anchor_concepts=len(processor.lexicon),
+                                vocab_size=len(processor.tokenizer))
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return make_rows(320)
+
+
+def batches(collator, rows, batch_size=32):
+    return [collator(rows[start: start + batch_size]) for start in range(0, len(rows), batch_size)]
+
+
+def regions_of(row: dict) -> dict:
+    return {"features": row["visual_feats"], "boxes": row["visual_pos"], "tags": row["tags"], "scores": row["scores"]}
+
+
+def caption_sources(processor, rows, batch) -> list[int]:
+    """The row whose caption each sample carries (captions are all different; MLM leaves negatives unmasked, and
+    masked positives are matched on their unmasked pieces)."""
+    tokenized = [processor.tokenizer(row["text"], truncation=True)["input_ids"] for row in rows]
+    sources = []
+    for input_ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        ids = [label if label != IGNORE_INDEX else piece for piece, label in zip(input_ids, labels)]
+        matches = [index for index, pieces in enumerate(tokenized) if ids[: len(pieces)] == pieces]
+        assert len(matches) == 1
+        sources.append(matches[0])
+    return sources
+
+
+def anchor_groups(batch, sample: int) -> dict[int, set[int]]:
+    """Region → the set of actions of its anchor rows."""
+    groups: dict[int, set[int]] = {}
+    pairs, actions = batch["anchor_pairs"][sample].tolist(), batch["anchor_actions"][sample].tolist()
+    for (piece, region), action in zip(pairs, actions):
+        if piece >= 0:
+            groups.setdefault(region, set()).add(action)
+    return groups
+
+
+def test_batch_holds_every_input_and_trains_the_model(processor, config, rows):
+    from modeling_cmal import CmalForPreTraining
+
+    collator = CmalPretrainingCollator(processor, config, seed=0)
+    batch = collator(rows[:16])
+    expected = ["input_ids", "token_type_ids", "attention_mask", "visual_feats", "visual_pos",
+                "visual_attention_mask", "anchor_pairs", "anchor_concept_ids", "anchor_actions", "labels",
+                "itm_labels"]
+    assert sorted(batch) == sorted(expected)
+    assert all(isinstance(value, torch.Tensor) for value in batch.values())
+    assert batch["visual_feats"].dtype == torch.float32 and batch["labels"].shape == batch["input_ids"].shape
+    assert batch["itm_labels"].shape == (16,) and batch["anchor_pairs"].shape[0] == 16
+    torch.manual_seed(0)
+    outputs = CmalForPreTraining(config)(**batch)
+    for loss in (outputs.loss, outputs.amc_loss, outputs.mlm_loss, outputs.itm_loss):
+        assert loss is not None and torch.isfinite(loss)
+
+
+def test_mlm_masks_only_non_anchor_pieces_of_positives_at_80_10_10(processor, config, rows):
+    collator = CmalPretrainingCollator(processor, config, mlm_probability=0.15, seed=1)
+    special = set(processor.tokenizer.all_special_ids)
+    counts = {"candidates": 0, "labelled": 0, "mask": 0, "same": 0, "random": 0}
+    rows = rows + make_rows(320, seed=2)
+    for start, batch in zip(range(0, len(rows), 32), batches(collator, rows)):
+        batch_rows = rows[start: start + 32]
+        sources = caption_sources(processor, batch_rows, batch)
+        reference = processor(text=[batch_rows[source]["text"] for source in sources],
+                              regions=[regions_of(row) for row in batch_rows], return_tensors="pt")
+        labelled = batch["labels"] != IGNORE_INDEX
+        # Untouched pieces are the reference tokens, labels are the original ones.
+        assert torch.equal(batch["input_ids"][~labelled], reference["input_ids"][~labelled])
+        assert torch.equal(batch["labels"][labelled], reference["input_ids"][labelled])
+        anchor_piece = torch.zeros_like(labelled)
+        for sample, pairs in enumerate(batch["anchor_pairs"]):
+            anchor_piece[sample, pairs[pairs[:, 0] >= 0, 0]] = True
+        is_special = torch.isin(reference["input_ids"], torch.tensor(sorted(special)))
+        positive = (batch["itm_labels"] == 1).unsqueeze(1)
+        candidates = (batch["attention_mask"] == 1) & ~is_special & ~anchor_piece & positive
+        assert not (labelled & ~candidates).any(), "MLM on a special, anchor, padding or negative piece"
+        assert anchor_piece.sum() > 0
+        counts["candidates"] += int(candidates.sum())
+        counts["labelled"] += int(labelled.sum())
+        masked_to = batch["input_ids"][labelled]
+        counts["mask"] += int((masked_to == processor.tokenizer.mask_token_id).sum())
+        counts["same"] += int((masked_to == batch["labels"][labelled]).sum())
+    counts["random"] = counts["labelled"] - counts["mask"] - counts["same"]
+    # Binomial tolerances (about 4 standard deviations) for ~3,800 candidates and ~570 masked pieces.
+    assert counts["candidates"] > 3000
+    assert abs(counts["labelled"] / counts["candidates"] - 0.15) < 0.025
+    assert abs(counts["mask"] / counts["labelled"] - 0.8) < 0.07
+    assert abs(counts["same"] / counts["labelled"] - 0.1) < 0.055
+    assert abs(counts["random"] / counts["labelled"] - 0.1) < 0.055
+
+
+@pytest.mark.parametrize("rates", [None, (0.2, 0.3, 0.5), (0.0, 0.0, 0.0)])
+def test_anchor_actions_are_drawn_per_anchor_at_the_rates(processor, config, rows, rates):
+    if rates is None:
+        collator = CmalPretrainingCollator(processor, config, itm_negative_rate=0.0, seed=2)
+        expected = [config.anchor_keep_rate, config.anchor_fill_text_rate, config.anchor_fill_region_rate,
+                    config.anchor_mask_both_rate]
+    else:
+        collator = CmalPretrainingCollator(processor, config, anchor_fill_text_rate=rates[0],
+                                           anchor_fill_region_rate=rates[1], anchor_mask_both_rate=rates[2],
+                                           itm_negative_rate=0.0, seed=2)
+        expected = [1 - sum(rates), *rates]
+    counts = np.zeros(4)
+    for batch in batches(collator, rows + make_rows(640, seed=1)):
+        padding = batch["anchor_pairs"][..., 0] < 0
+        assert (batch["anchor_actions"][padding] == 0).all()
+        for sample in range(batch["anchor_pairs"].shape[0]):
+            for actions in anchor_groups(batch, sample).values():
+                assert len(actions) == 1, "the pieces of one anchor got different actions"
+                counts[actions.pop()] += 1
+    # ~2,500 anchors: 0.04 is about 4 standard deviations of a rate near 0.5.
+    assert counts.sum() > 2000
+    np.testing.assert_allclose(counts / counts.sum(), expected, atol=0.04)
+
+
+def test_itm_negatives_pair_other_images_with_recomputed_anchors_and_no_mlm(processor, config, rows):
+    collator = CmalPretrainingCollator(processor, config, itm_negative_rate=0.5, seed=3)
+    negatives = total = 0
+    for start, batch in zip(range(0, len(rows), 32), batches(collator, rows)):
+        batch_rows = rows[start: start + 32]
+        sources = caption_sources(processor, batch_rows, batch)
+        for sample, source in enumerate(sources):
+            total += 1
+            if batch["itm_labels"][sample] == 1:
+                assert source == sample
+                continue
+            negatives += 1
+            assert batch_rows[source]["image_id"] != batch_rows[sample]["image_id"]
+            assert (batch["labels"][sample] == IGNORE_INDEX).all()
+            alone = processor(text=batch_rows[source]["text"], regions=regions_of(batch_rows[sample]),
+                              return_tensors="pt")
+            rows_found = alone["anchor_pairs"].shape[1]
+            assert torch.equal(batch["anchor_pairs"][sample, :rows_found], alone["anchor_pairs"][0])
+            assert torch.equal(batch["anchor_concept_ids"][sample, :rows_found], alone["anchor_concept_ids"][0])
+            assert (batch["anchor_pairs"][sample, rows_found:] == -1).all()
+            tags = [str(tag) for tag in batch_rows[sample]["tags"]]
+            for (piece, region), concept in zip(alone["anchor_pairs"][0].tolist(),
+                                                alone["anchor_concept_ids"][0].tolist()):
+                assert processor.lexicon.tag_concept_id(tags[region]) == concept
+    # 320 samples: 0.1 is about 3.5 standard deviations.
+    assert abs(negatives / total - 0.5) < 0.1
+
+
+def test_no_negative_without_another_image(processor, config, rows):
+    collator = CmalPretrainingCollator(processor, config, itm_negative_rate=1.0, seed=4)
+    same_image = [{**row, "image_id": "one image"} for row in rows[:8]]
+    assert collator(same_image)["itm_labels"].tolist() == [1] * 8
+    assert collator(rows[:2])["itm_labels"].tolist() == [1, 1]  # rows 0 and 1 show the same image
+    assert collator(rows[:4])["itm_labels"].tolist() == [0, 0, 0, 0]
+    without_ids = [{key: value for key, value in row.items() if key != "image_id"} for row in rows[:2]]
+    assert collator(without_ids)["itm_labels"].tolist() == [0, 0]  # rows without image_id count as different
+
+
+def _assert_same(first: dict, second: dict) -> None:
+    assert list(first) == list(second)
+    for name, value in first.items():
+        assert torch.equal(value, second[name]), name
+
+
+def test_same_seed_gives_the_same_batches_and_state_dict_resumes_exactly(processor, config, rows):
+    first = batches(CmalPretrainingCollator(processor, config, seed=7), rows[:128])
+    again = batches(CmalPretrainingCollator(processor, config, seed=7), rows[:128])
+    for batch, repeated in zip(first, again, strict=True):
+        _assert_same(batch, repeated)
+    other = CmalPretrainingCollator(processor, config, seed=8)(rows[:32])
+    assert not torch.equal(other["labels"], first[0]["labels"])
+    shifted = CmalPretrainingCollator(processor, config, seed=7)(rows[1:33])
+    assert not torch.equal(shifted["itm_labels"], first[0]["itm_labels"])
+
+    running = CmalPretrainingCollator(processor, config, seed=7)
+    running(rows[:32])
+    running(rows[32:64])
+    running(rows[64:96])  # collated ahead by the data loader, then interrupted before it was used
+    buffer = io.BytesIO()
+    torch.save(running.state_dict(), buffer)  # as Accelerate's register_for_checkpointing saves it
+    buffer.seek(0)
+    resumed = CmalPretrainingCollator(processor, config, seed=123)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.seed == 7
+    _assert_same(resumed(rows[64:96]), first[2])
+    _assert_same(resumed(rows[96:128]), first[3])
+    resumed.reset()
+    _assert_same(resumed(rows[:32]), first[0])
+    with pytest.raises(ValueError, match="state must be a dict with seed"):
+        resumed.load_state_dict({})
+
+
+def test_batches_match_between_processes_workers_and_accumulation(processor, config, rows):
+    """Two ranks of 16 rows each see the same draws as one process accumulating two micro-batches of 16: a
+    batch's draws depend on its rows only."""
+    one_process = CmalPretrainingCollator(processor, config, seed=5)
+    micro_batches = [one_process(rows[start: start + 16]) for start in range(0, 64, 16)]
+    rank_0, rank_1 = (CmalPretrainingCollator(processor, config, seed=5) for _ in range(2))
+    for step in range(2):
+        _assert_same(rank_0(rows[32 * step: 32 * step + 16]), micro_batches[2 * step])
+        _assert_same(rank_1(rows[32 * step + 16: 32 * step + 32]), micro_batches[2 * step + 1])
+
+
+def test_rates_come_from_the_config_or_the_arguments_and_are_checked(processor, config):
+    collator = CmalPretrainingCollator(processor, config)
+    assert (collator.anchor_fill_text_rate, collator.anchor_fill_region_rate, collator.anchor_mask_both_rate) == (
+        config.anchor_fill_text_rate, config.anchor_fill_region_rate, config.anchor_mask_both_rate)
+    assert collator.mlm_probability == 0.15 and collator.itm_negative_rate == 0.5
+    no_config = CmalPretrainingCollator(processor, anchor_fill_text_rate=0.3)
+    assert no_config.anchor_fill_text_rate == 0.3
+    assert no_config.anchor_fill_region_rate == CmalConfig.anchor_fill_region_rate
+    silent = CmalConfig.from_size("tiny", visual_feat_dim=FEATURE_DIM, num_anchor_concepts=len(processor.lexicon),
+                                  mlm_loss_weight=0.0, itm_loss_weight=0.0)
+    off = CmalPretrainingCollator(processor, silent)
+    assert off.mlm_probability == 0.0 and off.itm_negative_rate == 0.0
+    with pytest.raises(ValueError, match="at most 1"):
+        CmalPretrainingCollator(processor, config, anchor_fill_text_rate=0.6, anchor_fill_region_rate=0.6)
+    with pytest.raises(ValueError, match="mlm_probability"):
+        CmalPretrainingCollator(processor, config, mlm_probability=1.5)
+    mismatched = CmalConfig.from_size("tiny", visual_feat_dim=FEATURE_DIM, num_anchor_concepts=8)
+    with pytest.raises(ValueError, match="num_anchor_concepts is 8"):
+        CmalPretrainingCollator(processor, mismatched)
+    with pytest.raises(ValueError, match=r"rows\[1\] has no \['visual_pos'\]"):
+        collator([make_rows(1)[0], {"text": "a cup", "visual_feats": np.zeros((1, FEATURE_DIM))}])
+
+
+def test_dataset_rows_in_numpy_format(processor, config, rows):
+    from datasets import Dataset
+
+    from processing.schema import pretrain_features
+
+    features = pretrain_features(FEATURE_DIM)
+    table = {name: [] for name in features}
+    for row in rows[:32]:
+        table["image_id"].append(row["image_id"])
+        table["image_width"].append(640)
+        table["image_height"].append(480)
+        for name in ("text", "visual_feats", "visual_pos", "tags", "scores"):
+            value = row[name]
+            table[name].append(value.tolist() if isinstance(value, np.ndarray) else value)
+    dataset = Dataset.from_dict(table, features=features).with_format("numpy")
+    from_dataset = CmalPretrainingCollator(processor, config, seed=5)([dataset[index] for index in range(32)])
+    from_dicts = CmalPretrainingCollator(processor, config, seed=5)(rows[:32])
+    _assert_same(from_dataset, from_dicts)
+
+
+def test_worker_processes_give_the_main_process_batches(processor, config, rows):
+    from torch.utils.data import DataLoader
+
+    collator = CmalPretrainingCollator(processor, config, seed=5)
+    loader = DataLoader(rows[:64], batch_size=16, num_workers=2, collate_fn=collator)
+    for start, batch in zip(range(0, 64, 16), loader, strict=True):
+        _assert_same(batch, collator(rows[start: start + 16]))

@@ -1,0 +1,555 @@
+"""Tests of CmalProcessor (modeling_cmal/processing_cmal.py): anchors at the right pieces, region validation and
+selection, output formats, saving and loading (also as remote code)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from modeling_cmal.anchoring import ConceptLexicon
+from modeling_cmal.processing_cmal import LEXICON_FILE, CmalProcessor
+
+FEATURE_DIM = 8
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer):
+    return CmalProcessor(tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def seeds(shared_data_dir):
+    return json.loads((shared_data_dir / "real_image_seeds.json").read_text())
+
+
+def photo_regions(seeds, name: str) -> dict:
+    """Regions of a real photo: the hand-drawn boxes, their tags, and as features the mean and spread of the
+    box's pixels (per colour channel) plus the box's relative area and aspect."""
+    from skimage import data
+
+    image = getattr(data, name)()
+    width, height = seeds["images"][name]["size"]
+    assert image.shape[:2] == (height, width)
+    features, boxes, tags = [], [], []
+    for region in seeds["regions"][name]:
+        x1, y1, x2, y2 = region["box"]
+        crop = image[y1:y2, x1:x2].reshape(-1, 3).astype(np.float32) / 255
+        area = (x2 - x1) * (y2 - y1) / (width * height)
+        features.append([*crop.mean(0), *crop.std(0), area, (x2 - x1) / max(y2 - y1, 1)])
+        boxes.append(region["box"])
+        tags.append(region["tag"])
+    return {"features": np.asarray(features, np.float32), "boxes": boxes, "image_size": (width, height), "tags": tags}
+
+
+def regions_for(tags, scores=None, feature_dim=FEATURE_DIM, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    regions = {
+        "features": rng.standard_normal((len(tags), feature_dim)).astype(np.float32),
+        "boxes": np.tile(np.array([[0.1, 0.2, 0.6, 0.9]], np.float32), (len(tags), 1)).reshape(-1, 4),
+        "tags": list(tags),
+    }
+    if scores is not None:
+        regions["scores"] = list(scores)
+    return regions
+
+
+def anchored(processor, outputs, sample=0) -> list[tuple[str, int, int]]:
+    """`(piece, region index, concept id)` of every anchor row of one sample."""
+    pairs = torch.as_tensor(np.asarray(outputs["anchor_pairs"]))[sample]
+    concepts = torch.as_tensor(np.asarray(outputs["anchor_concept_ids"]))[sample]
+    input_ids = torch.as_tensor(np.asarray(outputs["input_ids"]))[sample]
+    return [(processor.tokenizer.convert_ids_to_tokens(int(input_ids[piece])), int(region), int(concept))
+            for (piece, region), concept in zip(pairs.tolist(), concepts.tolist()) if piece >= 0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Anchors
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_real_photo_coffee_anchors_every_piece_of_cup_saucer_spoon(processor, seeds):
+    regions = photo_regions(seeds, "coffee")
+    caption = seeds["captions"]["coffee"][0]
+    assert caption == "a cup of espresso on a red saucer with a spoon"
+    outputs = processor(text=caption, regions=regions, return_tensors="pt")
+    lexicon = processor.lexicon
+    assert anchored(processor, outputs) == [
+        ("cup", 0, lexicon.concept_id("cup")),
+        ("sauce", 1, lexicon.concept_id("saucer")),
+        ("##r", 1, lexicon.concept_id("saucer")),
+        ("spoon", 2, lexicon.concept_id("spoon")),
+    ]
+    assert outputs["anchor_actions"].tolist() == [[0, 0, 0, 0]]
+    width, height = regions["image_size"]
+    expected_pos = torch.tensor(regions["boxes"], dtype=torch.float32) / torch.tensor([width, height, width, height])
+    torch.testing.assert_close(outputs["visual_pos"][0], expected_pos)
+    torch.testing.assert_close(outputs["visual_feats"][0], torch.from_numpy(regions["features"]))
+    assert outputs["visual_attention_mask"].tolist() == [[1, 1, 1]]
+
+
+def test_real_photos_multi_word_alias_and_people(processor, seeds):
+    coffee = photo_regions(seeds, "coffee")
+    astronaut = photo_regions(seeds, "astronaut")
+    outputs = processor(text=[seeds["captions"]["coffee"][1], seeds["captions"]["astronaut"][1]],
+                        regions=[coffee, astronaut], return_tensors="pt")
+    cup = processor.lexicon.concept_id("cup")
+    # "coffee cup" is one alias of cup: both of its words are the anchor.
+    assert anchored(processor, outputs, 0) == [("coffee", 0, cup), ("cup", 0, cup)]
+    assert [(piece, astronaut["tags"][region]) for piece, region, _ in anchored(processor, outputs, 1)] == [
+        ("woman", "woman"), ("helmet", "helmet")]
+    assert outputs["visual_attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6]
+
+
+def test_plurals_and_synonyms(processor):
+    outputs = processor(text=["two dogs chase three cats", "a guy on a bicycle next to a lady"],
+                        regions=[regions_for(["cat", "dog"]), regions_for(["bike", "woman", "man"])])
+    assert [(piece, region) for piece, region, _ in anchored(processor, outputs, 0)] == [("dogs", 1), ("cats", 0)]
+    assert [(piece, region) for piece, region, _ in anchored(processor, outputs, 1)] == [
+        ("guy", 2), ("bicycle", 0), ("lady", 1)]
+
+
+def test_multi_word_tags_take_every_piece_of_every_word(processor):
+    outputs = processor(text="a player swings a tennis racket near a traffic light",
+                        regions=regions_for(["traffic light", "person", "tennis racket"]))
+    lexicon = processor.lexicon
+    racket, light = lexicon.tag_concept_id("tennis racket"), lexicon.tag_concept_id("traffic light")
+    assert anchored(processor, outputs) == [("tennis", 2, racket), ("rack", 2, racket), ("##et", 2, racket),
+                                            ("traffic", 0, light), ("light", 0, light)]
+
+
+def test_repeated_words_pair_one_to_one_by_score(processor):
+    caption = "a cup next to a cup and a cup"
+    outputs = processor(text=[caption, caption], regions=[regions_for(["cup", "cup"], scores=[0.2, 0.9]),
+                                                          regions_for(["cup"])])
+    rows = anchored(processor, outputs, 0)
+    assert [region for _, region, _ in rows] == [1, 0]  # the better-scored region goes to the first word
+    pieces = outputs["anchor_pairs"][0][:2]
+    assert [piece for piece, _ in pieces] == [2, 6]
+    assert [region for _, region, _ in anchored(processor, outputs, 1)] == [0]
+
+
+def test_no_anchor_gives_k_zero(processor):
+    outputs = processor(text="a photo of the blue sky", regions=regions_for(["dog", "car"]), return_tensors="pt")
+    assert outputs["anchor_pairs"].shape == (1, 0, 2)
+    assert outputs["anchor_concept_ids"].shape == outputs["anchor_actions"].shape == (1, 0)
+    assert outputs["anchor_pairs"].dtype == torch.long
+    no_tags = processor(text="a dog", regions={"features": np.ones((1, 4)), "boxes": [[0, 0, 1, 1]]})
+    assert no_tags["anchor_pairs"] == [[]]
+
+
+def test_empty_caption_is_cls_sep(processor):
+    outputs = processor(text=["", "a dog"], regions=[regions_for(["dog"]), regions_for(["dog"])], return_tensors="pt")
+    tokenizer = processor.tokenizer
+    assert outputs["input_ids"][0, :2].tolist() == [tokenizer.cls_token_id, tokenizer.sep_token_id]
+    assert outputs["attention_mask"][0].tolist() == [1, 1, 0, 0]
+    assert outputs["anchor_pairs"][0].tolist() == [[-1, -1]]
+    assert anchored(processor, outputs, 1) == [("dog", 0, processor.lexicon.concept_id("dog"))]
+
+
+def test_truncated_words_get_no_anchor(bert_dir):
+    from transformers import BertTokenizer
+
+    tokenizer = BertTokenizer.from_pretrained(str(bert_dir), model_max_length=64)
+    processor = CmalProcessor(tokenizer=tokenizer)
+    regions = regions_for(["cup", "saucer"])
+    # [CLS] a cup on a red sauce ##r [SEP]: "saucer" keeps only "sauce" at max_length 8, all of itself at 9.
+    cut = processor(text="a cup on a red saucer", regions=regions, max_length=8, return_tensors="pt")
+    assert processor.tokenizer.convert_ids_to_tokens(cut["input_ids"][0, -2:].tolist()) == ["sauce", "[SEP]"]
+    assert [(piece, region) for piece, region, _ in anchored(processor, cut)] == [("cup", 0)]
+    whole = processor(text="a cup on a red saucer", regions=regions, max_length=9, return_tensors="pt")
+    assert [(piece, region) for piece, region, _ in anchored(processor, whole)] == [
+        ("cup", 0), ("sauce", 1), ("##r", 1)]
+    tokenizer.truncation_side = "left"
+    left = processor(text="a cup on a red saucer", regions=regions, max_length=7, return_tensors="pt")
+    assert [(piece, region) for piece, region, _ in anchored(processor, left)] == [("sauce", 1), ("##r", 1)]
+
+
+def test_anchor_action_is_given_to_every_anchor_row(processor):
+    regions = regions_for(["cup", "saucer"])
+    for action, code in (("fill_text", 1), ("fill_region", 2), ("mask_both", 3), (2, 2)):
+        outputs = processor(text=["a cup on a saucer", "a cup"], regions=[regions, regions], anchor_action=action,
+                            return_tensors="pt")
+        assert outputs["anchor_actions"].tolist() == [[code, code, code], [code, 0, 0]]
+    for bad in ("fill", 4, -1, True, None):
+        with pytest.raises(ValueError, match="anchor_action"):
+            processor(text="a cup", regions=regions, anchor_action=bad)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Regions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_zero_regions_are_masked_and_an_all_empty_batch_keeps_one_masked_slot(processor):
+    empty = {"features": np.zeros((0, FEATURE_DIM), np.float32), "boxes": np.zeros((0, 4)), "tags": []}
+    mixed = processor(text=["a dog", "a dog"], regions=[regions_for(["dog", "cat"]), empty], return_tensors="pt")
+    assert mixed["visual_attention_mask"].tolist() == [[1, 1], [0, 0]]
+    assert mixed["visual_feats"][1].abs().sum() == 0
+    assert mixed["anchor_pairs"][1].tolist() == [[-1, -1]]
+    none = processor(text=["a dog", ""], regions=[empty, empty], return_tensors="pt")
+    assert none["visual_feats"].shape == (2, 1, FEATURE_DIM)
+    assert none["visual_pos"].shape == (2, 1, 4)
+    assert none["visual_attention_mask"].tolist() == [[0], [0]]
+    assert none["anchor_pairs"].shape == (2, 0, 2)
+
+
+def test_processor_outputs_run_through_the_model(processor):
+    from modeling_cmal import CmalConfig, CmalModel
+
+    config = CmalConfig.from_size("tiny", visual_feat_dim=FEATURE_DIM, num_anchor_concepts=len(processor.lexicon),
+                                  vocab_size=len(processor.tokenizer))
+    model = CmalModel(config).eval()
+    empty = {"features": np.zeros((0, FEATURE_DIM)), "boxes": np.zeros((0, 4))}
+    for regions in ([regions_for(["dog", "cat"]), empty], [empty, empty]):
+        inputs = processor(text=["a dog and a cat", ""], regions=regions, anchor_action="fill_text",
+                           return_tensors="pt")
+        with torch.no_grad():
+            outputs = model(**inputs)
+        assert torch.isfinite(outputs.last_hidden_state).all()
+
+
+def test_too_many_regions_keeps_the_top_scores_in_input_order(bert_dir, tokenizer):
+    processor = CmalProcessor(tokenizer=tokenizer, max_regions=3)
+    scores = [0.1, 0.9, 0.5, 0.9, 0.3, 0.7]
+    regions = regions_for(["dog", "cat", "car", "cup", "bus", "man"], scores=scores)
+    regions["features"] = np.arange(6 * FEATURE_DIM, dtype=np.float32).reshape(6, FEATURE_DIM)
+    outputs = processor(text="a man with a cup next to a dog", regions=regions, return_tensors="pt")
+    kept = [1, 3, 5]  # 0.9, 0.9 (tie: both), 0.7
+    torch.testing.assert_close(outputs["visual_feats"][0], torch.from_numpy(regions["features"][kept]))
+    assert outputs["visual_attention_mask"].tolist() == [[1, 1, 1]]
+    # Region indices are positions among the kept regions; the dropped dog region gets no anchor.
+    assert [(piece, region) for piece, region, _ in anchored(processor, outputs)] == [("man", 2), ("cup", 1)]
+    ties = processor(text="a dog", regions=regions_for(["dog"] * 5, scores=[0.5] * 5), return_tensors="pt")
+    assert ties["anchor_pairs"][0].tolist() == [[2, 0]]
+    unscored = regions_for(["dog", "cat", "car", "cup"])
+    unscored["features"] = np.arange(4 * FEATURE_DIM, dtype=np.float32).reshape(4, FEATURE_DIM)
+    first = processor(text="a cup", regions=unscored, return_tensors="pt")
+    torch.testing.assert_close(first["visual_feats"][0], torch.from_numpy(unscored["features"][:3]))
+    padded = processor(text="a cup", regions=regions_for(["cup"]), padding="max_length", max_length=12,
+                       return_tensors="pt")
+    assert padded["input_ids"].shape == (1, 12) and padded["visual_feats"].shape == (1, 3, FEATURE_DIM)
+
+
+def test_tag_ids_need_and_use_the_tag_vocabulary(tokenizer, processor):
+    vocabulary = ["__background__", "cup", "saucer", "spoon"]
+    with_vocabulary = CmalProcessor(tokenizer=tokenizer, tag_vocabulary=vocabulary)
+    by_id = regions_for(["x", "y", "z"])
+    by_id["tags"] = np.array([3, 1, 2])
+    by_name = regions_for(["spoon", "cup", "saucer"])
+    caption = "a cup on a saucer with a spoon"
+    expected = processor(text=caption, regions=by_name, return_tensors="pt")
+    for tags in (np.array([3, 1, 2]), [3, 1, 2], torch.tensor([3, 1, 2]), ["spoon", 1, np.int64(2)]):
+        by_id["tags"] = tags
+        outputs = with_vocabulary(text=caption, regions=by_id, return_tensors="pt")
+        assert torch.equal(outputs["anchor_pairs"], expected["anchor_pairs"])
+        assert torch.equal(outputs["anchor_concept_ids"], expected["anchor_concept_ids"])
+    by_id["tags"] = [3, 1, 4]
+    with pytest.raises(ValueError, match=r"regions\[0\]\['tags'\]\[2\] is the id 4; expected an id in \[0, 4\)"):
+        with_vocabulary(text=caption, regions=by_id)
+    by_id["tags"] = [3, 1, 2]
+    with pytest.raises(ValueError, match="no tag_vocabulary"):
+        processor(text=caption, regions=by_id)
+    by_id["tags"] = [3, 1.0, 2]
+    with pytest.raises(ValueError, match=r"\['tags'\]\[1\] = 1.0"):
+        with_vocabulary(text=caption, regions=by_id)
+
+
+def test_tag_vocabulary_from_a_file(tokenizer, shared_data_dir):
+    processor = CmalProcessor(tokenizer=tokenizer, tag_vocabulary=shared_data_dir / "vg_objects_vocab.txt")
+    assert len(processor.tag_vocabulary) == 1600
+    with pytest.raises(ValueError, match="tag_vocabulary"):
+        CmalProcessor(tokenizer=tokenizer, tag_vocabulary=["cup", ""])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.update(features=np.ones(3)), r"regions\[1\]\['features'\] must be 2-D"),
+        (lambda r: r.update(features=[[1.0, 2.0], [3.0]]), r"regions\[1\]\['features'\] must be an array of numbers"),
+        (lambda r: r.update(features=[["a"] * FEATURE_DIM] * 3), r"array of numbers"),
+        (lambda r: r["features"].__setitem__((2, 5), np.nan), r"regions\[1\]\['features'\]\[2, 5\] = nan"),
+        (lambda r: r["features"].__setitem__((0, 0), np.inf), r"regions\[1\]\['features'\]\[0, 0\] = inf"),
+        (lambda r: r.update(features=np.full((3, FEATURE_DIM), 1e39)), r"\(as float32: inf\)"),
+        (lambda r: r.update(features=np.ones((3, FEATURE_DIM + 1))), r"regions\[1\]\['features'\] has 9 dimensions"),
+        (lambda r: r.update(boxes=[[0, 0, 1, 1]] * 2), r"regions\[1\]\['boxes'\] has 2 rows but features has 3"),
+        (lambda r: r.update(boxes=[[0, 0, 1]] * 3), r"shape \[M, 4\]"),
+        (lambda r: r["boxes"].__setitem__((1, 2), np.nan), r"regions\[1\]\['boxes'\]\[1\] = \[0.1\d*, 0.2\d*, nan"),
+        (lambda r: r.update(boxes=[[0.5, 0, 0.4, 1]] * 3), r"x1 <= x2"),
+        (lambda r: r.update(boxes=[[0, 0, 1.5, 1]] * 3), r"outside \[0, 1\].*image_size"),
+        (lambda r: r.update(tags=["cup"]), r"regions\[1\]\['tags'\] has 1 entries but features has 3"),
+        (lambda r: r.update(tags="cup"), r"list of class names"),
+        (lambda r: r.update(scores=[0.1, 0.2]), r"regions\[1\]\['scores'\] has shape \(2,\); expected \[3\]"),
+        (lambda r: r.update(scores=[0.1, float("nan"), 0.2]), r"regions\[1\]\['scores'\]\[1\] = nan"),
+        (lambda r: r.update(image_size=(0, 10)), r"image_size'\] must be \(width, height\)"),
+        (lambda r: r.update(image_size=(10, 10), boxes=[[11, 0, 12, 5]] * 3), r"lies outside the image"),
+        (lambda r: r.update(box=[]), r"unknown keys \['box'\]"),
+        (lambda r: r.pop("boxes"), r"regions\[1\] has no 'boxes'"),
+    ],
+)
+def test_invalid_regions_are_refused_naming_the_sample(processor, change, message):
+    regions = [regions_for(["cup"]), regions_for(["cup", "dog", "cat"])]
+    regions[1]["features"] = regions[1]["features"].astype(np.float64)
+    regions[1]["boxes"] = regions[1]["boxes"].astype(np.float64)
+    change(regions[1])
+    with pytest.raises(ValueError, match=message):
+        processor(text=["a cup", "a dog"], regions=regions)
+
+
+def test_boxes_partly_outside_the_image_are_clipped(processor):
+    regions = regions_for(["dog", "cat"])
+    regions.update(boxes=[[-20, 10, 50, 120], [60, -5, 130, 40]], image_size=(100, 100))
+    outputs = processor(text="a dog", regions=regions, return_tensors="np")
+    np.testing.assert_allclose(outputs["visual_pos"][0], [[0, 0.1, 0.5, 1.0], [0.6, 0, 1.0, 0.4]], rtol=1e-6)
+    regions.update(boxes=[[0, 0, 1.0004, 1], [0, 0, 0.5, 0.5]], image_size=None)
+    del regions["image_size"]
+    outputs = processor(text="a dog", regions=regions, return_tensors="np")
+    assert outputs["visual_pos"].max() == 1.0
+
+
+def test_mismatched_lists_and_bad_text_are_refused(processor):
+    regions = regions_for(["cup"])
+    with pytest.raises(ValueError, match="text has 2 captions but regions has 3 images"):
+        processor(text=["a", "b"], regions=[regions] * 3)
+    with pytest.raises(ValueError, match="text has 1 captions but regions has 2 images"):
+        processor(text="a cup", regions=[regions] * 2)
+    with pytest.raises(ValueError, match=r"text\[1\] must be a str, got None"):
+        processor(text=["a", None], regions=[regions] * 2)
+    with pytest.raises(ValueError, match=r"regions\[1\] must be a dict"):
+        processor(text=["a", "b"], regions=[regions, None])
+    with pytest.raises(ValueError, match="give text="):
+        processor()
+    with pytest.raises(ValueError, match="needs a region extractor"):
+        processor(text="a cup", images=np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="either regions= or images="):
+        processor(text="a cup", regions=regions, images=np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="return_tensors"):
+        processor(text="a cup", regions=regions, return_tensors="tf")
+    with pytest.raises(ValueError, match="padding=False leaves captions of different lengths"):
+        processor(text=["a cup", "a big cup"], regions=[regions] * 2, padding=False, return_tensors="pt")
+    with pytest.raises(ValueError, match="max_length must be None or an int >= 2"):
+        processor(text="a cup", regions=regions, max_length=1)
+    unpadded = processor(text=["a cup", "a big cup"], regions=[regions] * 2, padding=False)
+    assert [len(ids) for ids in unpadded["input_ids"]] == [4, 5]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Formats
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_return_tensors_variants_hold_the_same_values(processor):
+    texts = ["a cup on a saucer", "a dog"]
+    regions = [regions_for(["saucer", "cup"]), regions_for(["dog"])]
+    as_torch = processor(text=texts, regions=regions, return_tensors="pt")
+    as_numpy = processor(text=texts, regions=regions, return_tensors="np")
+    as_lists = processor(text=texts, regions=regions)
+    assert list(as_torch) == list(as_numpy) == list(as_lists) == processor.model_input_names
+    for name, value in as_torch.items():
+        assert isinstance(value, torch.Tensor)
+        assert value.dtype == (torch.float32 if name in ("visual_feats", "visual_pos") else torch.long), name
+        assert isinstance(as_numpy[name], np.ndarray)
+        np.testing.assert_array_equal(as_numpy[name], value.numpy())
+        if name in ("visual_feats", "visual_pos"):
+            assert isinstance(as_lists[name], np.ndarray) and as_lists[name].dtype == np.float32
+        else:
+            assert isinstance(as_lists[name], list)
+        np.testing.assert_array_equal(np.asarray(as_lists[name]), value.numpy())
+
+
+def test_text_only_and_regions_only_calls(processor):
+    text_only = processor(text=["a cup", "two dogs"], return_tensors="pt")
+    assert list(text_only) == ["input_ids", "token_type_ids", "attention_mask"]
+    regions_only = processor(regions=[regions_for(["cup"]), regions_for(["dog", "cat"])], return_tensors="pt")
+    assert list(regions_only) == ["visual_feats", "visual_pos", "visual_attention_mask"]
+    assert regions_only["visual_attention_mask"].tolist() == [[1, 0], [1, 1]]
+
+
+def test_inputs_as_torch_and_lists(processor):
+    regions = regions_for(["cup", "dog"])
+    expected = processor(text="a dog", regions=regions, return_tensors="pt")
+    as_torch = {"features": torch.from_numpy(regions["features"]).requires_grad_(),
+                "boxes": torch.from_numpy(regions["boxes"]), "tags": regions["tags"]}
+    as_lists = {"features": regions["features"].tolist(), "boxes": regions["boxes"].tolist(), "tags": regions["tags"]}
+    for given_regions in (as_torch, as_lists):
+        outputs = processor(text="a dog", regions=given_regions, return_tensors="pt")
+        for name in expected:
+            torch.testing.assert_close(outputs[name], expected[name])
+
+
+def test_decode_passes_through_to_the_tokenizer(processor):
+    outputs = processor(text=["a red saucer", "a dog"], return_tensors="pt")
+    assert processor.batch_decode(outputs["input_ids"], skip_special_tokens=True) == ["a red saucer", "a dog"]
+    assert processor.decode(outputs["input_ids"][0]).startswith("[CLS] a red saucer [SEP]")
+
+
+def test_anchor_statistics_use_the_processors_lexicon(processor, seeds):
+    coffee = photo_regions(seeds, "coffee")
+    statistics = processor.anchor_statistics(seeds["captions"]["coffee"], [coffee, coffee])
+    assert statistics.num_captions == 2 and statistics.num_anchors == 4
+    assert ("saucer", 1) in statistics.top_unmatched_tags
+    assert "anchors: 4" in statistics.format()
+    small = CmalProcessor(tokenizer=processor.tokenizer, lexicon=ConceptLexicon(["spoon"]))
+    assert small.anchor_statistics(seeds["captions"]["coffee"][:1], [coffee]).num_anchors == 1
+    with pytest.raises(ValueError, match="regions_list"):
+        processor.anchor_statistics(["a cup"], [coffee, coffee])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saving and loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_save_and_load_round_trip(tokenizer, tmp_path):
+    lexicon = ConceptLexicon({"cup": ["mug"], "saucer": [], "dog": ["puppy"]}, tag_aliases={"dog": ["hound"]})
+    processor = CmalProcessor(tokenizer=tokenizer, lexicon=lexicon, tag_vocabulary=["cup", "saucer", "hound"],
+                              max_regions=2, region_extractor=lambda images: [])
+    processor.save_pretrained(tmp_path)
+    assert {"processor_config.json", LEXICON_FILE, "tokenizer_config.json"} <= {p.name for p in tmp_path.iterdir()}
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved["max_regions"] == 2 and saved["tag_vocabulary"] == ["cup", "saucer", "hound"]
+    assert "region_extractor" not in saved and "lexicon" not in saved
+
+    loaded = CmalProcessor.from_pretrained(tmp_path)
+    assert loaded.lexicon == lexicon and loaded.max_regions == 2
+    assert loaded.tag_vocabulary == ["cup", "saucer", "hound"] and loaded.region_extractor is None
+    assert loaded.tokenizer.model_max_length == tokenizer.model_max_length
+    texts = ["a mug next to a puppy", "a saucer"]
+    regions = [regions_for([2, 0, 1], scores=[0.9, 0.8, 0.1]), regions_for(["saucer"])]
+    before, after = processor(text=texts, regions=regions, return_tensors="pt"), \
+        loaded(text=texts, regions=regions, return_tensors="pt")
+    assert list(before) == list(after)
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    assert anchored(loaded, after) == [("mug", 1, 0), ("puppy", 0, 2)]
+
+    overridden = CmalProcessor.from_pretrained(tmp_path, max_regions=5)
+    assert overridden.max_regions == 5 and overridden.lexicon == lexicon
+    assert "max_regions" not in overridden.tokenizer.init_kwargs
+
+
+def test_folder_without_processor_files_gives_the_default_lexicon(bert_dir):
+    processor = CmalProcessor.from_pretrained(bert_dir)
+    assert processor.lexicon == ConceptLexicon.default() and processor.max_regions == 36
+
+
+def test_auto_processor_finds_it_in_process_and_as_remote_code(tokenizer, tmp_path):
+    from transformers import AutoProcessor
+
+    from modeling_cmal import CmalConfig
+
+    AutoProcessor.register(CmalConfig, CmalProcessor, exist_ok=True)
+    previous = CmalProcessor._auto_class
+    CmalProcessor.register_for_auto_class("AutoProcessor")
+    try:
+        processor = CmalProcessor(tokenizer=tokenizer, max_regions=4)
+        folder = tmp_path / "saved"
+        processor.save_pretrained(folder)
+    finally:
+        CmalProcessor._auto_class = previous
+    saved = json.loads((folder / "processor_config.json").read_text())
+    assert saved["auto_map"] == {"AutoProcessor": "processing_cmal.CmalProcessor"}
+    assert {"processing_cmal.py", "anchoring.py", "region_extraction.py"} <= {p.name for p in folder.iterdir()}
+
+    assert type(AutoProcessor.from_pretrained(folder)) is CmalProcessor
+    regions = {"features": np.eye(3, 4).tolist(), "boxes": [[0, 0, 1, 1]] * 3, "tags": ["cup", "saucer", "dog"]}
+    expected = processor(text="a cup on a saucer", regions=regions, return_tensors="np")
+    script = textwrap.dedent(f"""
+        import json, sys
+        from transformers import AutoProcessor
+        assert "modeling_cmal" not in sys.modules
+        processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        outputs = processor(text="a cup on a saucer", regions={regions!r}, return_tensors="np")
+        # The repository's collator takes the remote-code processor (as examples/quickstart.py does).
+        sys.path.insert(0, {str(REPO_ROOT)!r})
+        from modeling_cmal.collator_cmal import CmalPretrainingCollator
+        row = {{"text": "a cup on a saucer", "visual_feats": {regions["features"]!r},
+               "visual_pos": {regions["boxes"]!r}, "tags": {regions["tags"]!r}}}
+        batch = CmalPretrainingCollator(processor, seed=0)([row, row])
+        print(json.dumps({{"module": type(processor).__module__, "max_regions": processor.max_regions,
+                          "collated_anchor_rows": batch["anchor_pairs"].shape[1],
+                          **{{name: value.tolist() for name, value in outputs.items()}}}}))
+    """)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+                   "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env=environment, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded.pop("module").startswith("transformers_modules")
+    assert loaded.pop("max_regions") == 4
+    assert loaded.pop("collated_anchor_rows") == 3  # cup, sauce, ##r
+    assert loaded == {name: value.tolist() for name, value in expected.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Property: anything → valid tensors or ValueError
+# --------------------------------------------------------------------------------------------------------------
+
+NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64), st.integers(-10, 10),
+                    st.floats(-2, 2))
+TAGS = st.one_of(st.sampled_from(["cup", "saucer", "dog", "tennis racket", "men", "", "  ", "traffic light"]),
+                 st.text(max_size=12), st.integers(-2, 5), st.none(), st.floats(0, 3))
+
+
+@st.composite
+def image_regions(draw, feature_dim):
+    count = draw(st.integers(0, 5))
+    rows = draw(st.integers(0, 5)) if draw(st.booleans()) and draw(st.booleans()) else count
+    dim = feature_dim if draw(st.integers(0, 9)) else draw(st.integers(0, 4))
+    regions = {"features": draw(st.lists(st.lists(NUMBERS, min_size=dim, max_size=dim), min_size=count,
+                                         max_size=count)) if count else np.zeros((0, dim))}
+    if draw(st.booleans()):
+        regions["image_size"] = draw(st.tuples(st.floats(-5, 700), st.floats(-5, 700)))
+    regions["boxes"] = draw(st.lists(st.lists(st.one_of(NUMBERS, st.floats(0, 600)), min_size=4, max_size=4),
+                                     min_size=rows, max_size=rows)) or np.zeros((0, 4))
+    if draw(st.booleans()):
+        regions["tags"] = draw(st.lists(TAGS, min_size=rows, max_size=rows))
+    if draw(st.booleans()):
+        regions["scores"] = draw(st.lists(NUMBERS, min_size=rows, max_size=rows))
+    return regions
+
+
+@st.composite
+def processor_calls(draw):
+    feature_dim = draw(st.integers(1, 4))
+    size = draw(st.integers(1, 3))
+    texts = draw(st.lists(st.text(max_size=40), min_size=size, max_size=size))
+    regions = draw(st.lists(image_regions(feature_dim), min_size=1, max_size=3))
+    return texts, regions, draw(st.sampled_from([None, "np", "pt"])), draw(st.integers(1, 70))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(call=processor_calls())
+def test_any_input_gives_valid_tensors_or_value_error(tokenizer, call):
+    texts, regions, return_tensors, max_length = call
+    processor = CmalProcessor(tokenizer=tokenizer, tag_vocabulary=["cup", "dog", "men"], max_regions=3)
+    try:
+        outputs = processor(text=texts, regions=regions, return_tensors=return_tensors, max_length=max_length)
+    except ValueError:
+        return
+    tensors = {name: torch.as_tensor(np.asarray(value, dtype=np.float32 if name in ("visual_feats", "visual_pos")
+                                                  else np.int64)) for name, value in outputs.items()}
+    batch_size, text_length = tensors["input_ids"].shape
+    _, num_regions, _ = tensors["visual_feats"].shape
+    assert batch_size == len(texts) == len(regions) and 1 <= num_regions <= 3 and text_length <= max_length
+    assert torch.isfinite(tensors["visual_feats"]).all()
+    assert ((tensors["visual_pos"] >= 0) & (tensors["visual_pos"] <= 1)).all()
+    assert (tensors["visual_pos"][..., 2:] >= tensors["visual_pos"][..., :2]).all()
+    assert set(tensors["visual_attention_mask"].unique().tolist()) <= {0, 1}
+    pairs = tensors["anchor_pairs"].reshape(batch_size, -1, 2)  # lists of K = 0 rows lose their last axis
+    assert pairs.shape[:2] == tensors["anchor_concept_ids"].shape == tensors["anchor_actions"].shape
+    real = pairs[..., 0] >= 0
+    assert ((pairs[..., 0] < text_length) & (pairs[..., 1] >= 0) & (pairs[..., 1] < num_regions))[real].all()
+    assert (tensors["anchor_concept_ids"][real] >= 0).all() and (tensors["anchor_concept_ids"][~real] == -1).all()
+    batch_index = torch.arange(batch_size).unsqueeze(1).expand_as(real)
+    assert (tensors["visual_attention_mask"][batch_index[real], pairs[..., 1][real]] == 1).all()
+    assert (tensors["attention_mask"][batch_index[real], pairs[..., 0][real]] == 1).all()
