@@ -1,0 +1,459 @@
+"""Corpus builders: tiny files in each public schema → DatasetDict folders, read back field by field.
+
+Covers COCO / jsonl captions, VQA v2 (official answer normalisation, soft scores, answer vocabulary across splits),
+NLVR2, SNLI-VE, RefCOCO+ (IoU by hand), skip reasons, atomic writes (an interrupted build leaves nothing, a rerun
+cleans up), sharding + merge, and the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import load_from_disk
+from hypothesis import given
+from hypothesis import strategies as st
+from test_readers import VG_VOCAB, Evil, butd_fields, make_regions, write_butd_tsv, write_npz
+
+import processing.builders
+from processing import build_captions, build_nlvr2, build_refcoco, build_snli_ve, build_vqa, merge_shards
+from processing.__main__ import main
+from processing.builders import shard_bounds
+from processing.refcoco import box_iou, load_refs
+from processing.safe_pickle import UnsafePickleError
+from processing.schema import ANSWER_VOCAB_FILE, nlvr2_features, pretrain_features, vqa_features
+from processing.vqa import answer_soft_scores, build_answer_vocab, normalize_answer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DIM = 2048
+
+
+def coco_id(number: int) -> str:
+    return f"COCO_train2014_{number:012d}"
+
+
+def feature_images() -> dict[str, dict]:
+    """Every image of the shared features file (COCO 1, 2, 7, 8; NLVR2 pairs; Flickr30k)."""
+    images = {image_id: make_regions(image_id, 3, DIM, seed=seed) for seed, image_id in enumerate(
+        [coco_id(1), coco_id(2), "dev-1-0-img0", "dev-1-0-img1", "dev-2-0-img0", "1234", "5678"])}
+    images[coco_id(1)]["boxes"][0] = [-5.0, 10.0, 700.0, 500.0]  # beyond the 640 x 480 image: clipped
+    for image_id, tags in ((coco_id(1), ("man", "horse", "sky")), ("dev-1-0-img0", ("tree", "sky", "building")),
+                           ("dev-1-0-img1", ("dog", "tree", "sky"))):  # known tags for the anchor statistics
+        images[image_id]["object_ids"] = np.array([VG_VOCAB.index(tag) for tag in tags])
+        images[image_id]["tags"] = list(tags)
+    for number in (7, 8):  # RefCOCO+ images: 40 x 20 with three known boxes
+        regions = make_regions(coco_id(number), 3, DIM, width=40, height=20, seed=number)
+        regions["boxes"] = np.array([[0, 0, 10, 10], [5, 5, 15, 15], [20, 10, 30, 20]], np.float32)
+        images[coco_id(number)] = regions
+    return images
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    """`(tsv path, images)`: the shared BUTD tsv, with one corrupt row (COCO image 3)."""
+    images = feature_images()
+    corrupt = butd_fields(make_regions(coco_id(3), 3, DIM))
+    corrupt[9] = "not base64!"
+    path = tmp_path_factory.mktemp("features") / "train2014_obj36.tsv"
+    write_butd_tsv(path, [butd_fields(regions) for regions in images.values()] + [corrupt])
+    return path, images
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data))
+    return path
+
+
+def write_jsonl(path, records):
+    path.write_text("\n".join(record if isinstance(record, str) else json.dumps(record) for record in records) + "\n")
+    return path
+
+
+def assert_region_columns(row: dict, regions: dict, suffix: str = "") -> None:
+    width, height = regions["image_size"]
+    assert row[f"image_id{suffix}"] == regions["image_id"]
+    assert (row[f"image_width{suffix}"], row[f"image_height{suffix}"]) == (width, height)
+    np.testing.assert_array_equal(np.asarray(row[f"visual_feats{suffix}"], np.float16),
+                                  regions["features"].astype(np.float16))
+    expected_pos = np.clip(regions["boxes"] / np.array([width, height, width, height], np.float32), 0, 1)
+    np.testing.assert_allclose(row[f"visual_pos{suffix}"], expected_pos, rtol=1e-6)
+    assert row[f"tags{suffix}"] == regions["tags"]
+    np.testing.assert_array_equal(np.asarray(row[f"scores{suffix}"], np.float32), regions["scores"])
+
+
+COCO_CAPTIONS = {
+    "images": [{"id": n, "file_name": f"{coco_id(n)}.jpg", "width": 640, "height": 480} for n in (1, 2, 3, 4)],
+    "annotations": [
+        {"image_id": 1, "id": 10, "caption": " A man riding a horse. \n"},
+        {"image_id": 2, "id": 11, "caption": "Two dogs on a bench."},
+        {"image_id": 1, "id": 12, "caption": "A person on a horse."},
+        {"image_id": 3, "id": 13, "caption": "Features of this image are corrupt."},
+        {"image_id": 4, "id": 14, "caption": "This image has no features."},
+        {"image_id": 99, "id": 15, "caption": "An image missing from 'images'."},
+        {"image_id": 2, "id": 16, "caption": "   "},
+        {"image_id": 2, "id": 17},
+    ],
+}
+
+
+def test_coco_captions_field_by_field(tmp_path, features):
+    tsv, images = features
+    summary = build_captions(write_json(tmp_path / "captions_train2014.json", COCO_CAPTIONS), tsv, tmp_path / "out",
+                             split="train", progress=False)
+
+    assert (summary.items, summary.rows_written) == (8, 3)
+    assert summary.skipped.counts == {"corrupt_features": 1, "empty_text": 1, "malformed_record": 1,
+                                      "missing_features": 1, "unknown_image": 1}
+    assert "annotation 14: no region features for image 'COCO_train2014_000000000004'" in \
+        summary.skipped.examples["missing_features"][0]
+    assert summary.region_errors.counts == {"bad_base64": 1}
+    # image 1 has regions "man", "horse", "sky": "A man riding a horse." finds two anchors, "A person on a horse." one
+    assert (summary.anchor_statistics.num_captions, summary.anchor_statistics.num_anchors) == (3, 3)
+    assert "anchor statistics:\n  captions: 3, with at least one anchor: 2" in summary.format()
+
+    dataset = load_from_disk(str(tmp_path / "out"))
+    assert list(dataset) == ["train"]
+    train = dataset["train"]
+    assert train.features == pretrain_features(DIM)
+    assert train.features["visual_feats"].dtype == "float16"
+    assert train["text"] == ["A man riding a horse.", "A person on a horse.", "Two dogs on a bench."]
+    for row, image_id in zip(train, [coco_id(1), coco_id(1), coco_id(2)]):
+        assert_region_columns(row, images[image_id])
+    assert train[0]["visual_pos"][0] == pytest.approx([0.0, 10 / 480, 1.0, 1.0])
+
+
+def test_jsonl_captions_with_npz_features(tmp_path):
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    images = {image_id: make_regions(image_id, 2 + n, 64, seed=n) for n, image_id in enumerate(["000009", "000010"])}
+    for regions in images.values():
+        write_npz(folder, regions)
+    captions = write_jsonl(tmp_path / "captions.jsonl", [
+        {"image_id": 9, "caption": "a cat"}, "{not json", {"image_id": 10}, {"image_id": 10, "caption": "a dog"},
+        {"image_id": 11, "caption": "no features"}, {"image_id": "abc", "caption": "not a number"},
+    ])
+    summary = build_captions(captions, folder, tmp_path / "out", split="validation",
+                             image_id_format="{image_id:06d}", progress=False)
+    assert summary.skipped.counts == {"malformed_record": 2, "bad_image_id": 1, "missing_features": 1}
+    assert "captions.jsonl line 2: not JSON" in summary.skipped.examples["malformed_record"][0]
+    assert "line 6: image_id_format '{image_id:06d}' cannot format {'image_id': 'abc'}" in \
+        summary.skipped.examples["bad_image_id"][0]
+    rows = load_from_disk(str(tmp_path / "out"))["validation"]
+    assert rows["text"] == ["a cat", "a dog"]
+    for row, image_id in zip(rows, ["000009", "000010"]):
+        assert_region_columns(row, images[image_id])
+    with pytest.raises(ValueError, match="image_id_format '{file_stem}' must use only the fields {image_id}"):
+        build_captions(captions, folder, tmp_path / "out", split="train", image_id_format="{file_stem}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# VQA v2
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer, normalized",
+    [
+        ("Two", "2"), ("a dog.", "dog"), ("don't", "don't"), ("dont", "don't"), ("Yes!", "yes"), ("1,000", "1000"),
+        ("hot-dog", "hot dog"), ("red, white", "red white"), ("2.5", "2.5"), ("The  ten\tbirds", "10 birds"),
+        ("isnt", "isn't"), ("(none)", "0"), ("mr. smith's", "mr smith's"),
+    ],
+)
+def test_official_answer_normalization(answer, normalized):
+    assert normalize_answer(answer) == normalized
+
+
+def test_soft_scores_and_answer_vocabulary():
+    index = {"2": 0, "dog": 1, "yes": 2}
+    answers = ["Two", "2", "two.", "2", "3", "3", "a dog.", "blue", "blue", "Dog"]
+    assert answer_soft_scores(answers, index) == ([0, 1], [1.0, pytest.approx(2 / 3)])
+    assert answer_soft_scores(["yes"] * 1, index) == ([2], [pytest.approx(1 / 3)])
+    annotations = [{"multiple_choice_answer": answer} for answer in ["yes", "Two", "2", "dog", "no", "no", "."]]
+    assert build_answer_vocab(annotations, top_k=3) == ["2", "no", "dog"]
+    with pytest.raises(ValueError, match="top_k"):
+        build_answer_vocab(annotations, top_k=0)
+
+
+def vqa_files(tmp_path, split: str = "train2014"):
+    def question(question_id, image_id, text="How many horses are there?"):
+        return {"image_id": image_id, "question": text, "question_id": question_id}
+
+    def annotation(question_id, image_id, answers, multiple_choice_answer):
+        return {"question_id": question_id, "image_id": image_id, "question_type": "how many",
+                "answer_type": "number", "multiple_choice_answer": multiple_choice_answer,
+                "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": number}
+                            for number, answer in enumerate(answers, start=1)]}
+
+    questions = write_json(tmp_path / f"v2_OpenEnded_mscoco_{split}_questions.json", {"questions": [
+        question(1, 1), question(2, 1, "Is it sunny?"), question(3, 2, "What animal is this?"),
+        question(4, 1, "Unannotated?"), question(5, 4), question(6, 2, "Wrong image?"),
+    ]})
+    annotations = write_json(tmp_path / f"v2_mscoco_{split}_annotations.json", {"annotations": [
+        annotation(1, 1, ["Two", "2", "two.", "2", "3", "3", "a dog.", "blue", "blue", "red"], "2"),
+        annotation(2, 1, ["dont"] * 3 + ["yes"] * 7, "yes"),
+        annotation(3, 2, ["dog"] * 6 + ["a dog"] * 4, "dog"),
+        annotation(5, 4, ["2"] * 10, "Two"),
+        annotation(6, 1, ["1"] * 10, "1"),
+    ]})
+    return questions, annotations
+
+
+def test_vqa_rows_answers_and_vocabulary(tmp_path, features):
+    tsv, images = features
+    questions, annotations = vqa_files(tmp_path)
+    output = tmp_path / "vqa"
+    summary = build_vqa(questions, tsv, output, split="train", annotations=annotations, top_k=4,
+                        image_id_format="COCO_train2014_{image_id:012d}", progress=False)
+
+    assert summary.skipped.counts == {"inconsistent_annotation": 1, "missing_annotation": 1, "missing_features": 1}
+    assert summary.statistics == {"answer vocabulary": 4, "rows without an answer in the vocabulary": 0}
+    vocabulary = json.loads((output / ANSWER_VOCAB_FILE).read_text())
+    assert vocabulary == ["2", "1", "dog", "yes"]  # "Two" normalises to "2", counted twice
+    train = load_from_disk(str(output))["train"]
+    assert train.features == vqa_features(DIM)
+    assert train["question_id"] == ["1", "2", "3"]
+    assert train["question_type"] == ["how many"] * 3
+    assert train["answer_ids"] == [[0, 2], [3], [2]]
+    np.testing.assert_allclose(train[0]["answer_scores"], [1.0, 1 / 3], rtol=1e-6)  # "2" x4, "dog" x1
+    np.testing.assert_allclose(train[1]["answer_scores"], [1.0])  # "don't" is not in the vocabulary
+    for row, image_id in zip(train, [coco_id(1), coco_id(1), coco_id(2)]):
+        assert_region_columns(row, images[image_id])
+
+    # validation reuses the training vocabulary; a different one is refused; a test split needs one
+    build_vqa(questions, tsv, output, split="validation", annotations=annotations,
+              answer_vocab=output / ANSWER_VOCAB_FILE, image_id_format="COCO_train2014_{image_id:012d}", progress=False)
+    assert list(load_from_disk(str(output))) == ["train", "validation"]
+    with pytest.raises(ValueError, match="answer_vocab.json.* differs"):
+        build_vqa(questions, tsv, output, split="validation", annotations=annotations, answer_vocab=["yes", "no"],
+                  image_id_format="COCO_train2014_{image_id:012d}", progress=False)
+    with pytest.raises(ValueError, match="answer_vocab is required"):
+        build_vqa(questions, tsv, output, split="test", progress=False)
+    summary = build_vqa(questions, tsv, output, split="test", answer_vocab=vocabulary,
+                        image_id_format="COCO_train2014_{image_id:012d}", progress=False)
+    test = load_from_disk(str(output))["test"]
+    assert summary.rows_written == 5 and test["answer_ids"] == [[]] * 5 and test["question_type"] == [""] * 5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NLVR2, SNLI-VE, RefCOCO+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_nlvr2_two_images_per_row(tmp_path, features):
+    tsv, images = features
+    annotations = write_jsonl(tmp_path / "dev.json", [
+        {"identifier": "dev-1-0-0", "sentence": "There are two dogs.", "label": "True"},
+        {"identifier": "dev-2-0-0", "sentence": "Its right image is missing.", "label": "True"},
+        {"identifier": "dev-1-0-1", "sentence": "One image shows a cat.", "label": "False"},
+        {"identifier": "dev-1-0-2", "sentence": "Bad label.", "label": "maybe"},
+        {"identifier": "oops", "sentence": "Bad identifier.", "label": "True"},
+        {"identifier": "dev-1-0-3", "sentence": "Hidden label."},
+    ])
+    summary = build_nlvr2(annotations, tsv, tmp_path / "nlvr2", split="validation", progress=False)
+    assert summary.skipped.counts == {"bad_label": 1, "malformed_identifier": 1, "missing_features": 1}
+    assert "image 'dev-2-0-img1'" in summary.skipped.examples["missing_features"][0]
+    assert summary.anchor_statistics.num_anchors == 1  # "dogs" matches the "dog" region of the right image
+    rows = load_from_disk(str(tmp_path / "nlvr2"))["validation"]
+    assert rows.features == nlvr2_features(DIM)
+    assert rows["identifier"] == ["dev-1-0-0", "dev-1-0-1", "dev-1-0-3"]
+    assert rows["label"] == [1, 0, -1]
+    for row in rows:
+        assert_region_columns(row, images["dev-1-0-img0"], "_0")
+        assert_region_columns(row, images["dev-1-0-img1"], "_1")
+
+
+def test_snli_ve_rows(tmp_path, features):
+    tsv, images = features
+    annotations = write_jsonl(tmp_path / "snli_ve_dev.jsonl", [
+        {"Flikr30kID": "1234.jpg", "pairID": "1234.jpg#0r1e", "sentence1": "Two dogs run.",
+         "sentence2": "Animals are outside.", "gold_label": "entailment"},
+        {"Flikr30kID": "5678.jpg", "pairID": "5678.jpg#1r1n", "sentence1": "A man sits.",
+         "sentence2": "A man waits for a bus.", "gold_label": "neutral"},
+        {"Flikr30kID": "1234.jpg", "pairID": "1234.jpg#0r1c", "sentence1": "Two dogs run.",
+         "sentence2": "The dogs sleep.", "gold_label": "contradiction"},
+        {"Flikr30kID": "5678.jpg", "pairID": "5678.jpg#2r1x", "sentence1": "A man sits.", "sentence2": "?",
+         "gold_label": "-"},
+    ])
+    summary = build_snli_ve(annotations, tsv, tmp_path / "snli_ve", split="validation", progress=False)
+    assert summary.skipped.counts == {"bad_label": 1}
+    rows = load_from_disk(str(tmp_path / "snli_ve"))["validation"]
+    assert rows["pair_id"] == ["1234.jpg#0r1e", "1234.jpg#0r1c", "5678.jpg#1r1n"]  # grouped by image
+    assert rows["premise"] == ["Two dogs run.", "Two dogs run.", "A man sits."]
+    assert rows["text"] == ["Animals are outside.", "The dogs sleep.", "A man waits for a bus."]
+    assert rows["label"] == [0, 2, 1]
+    for row, image_id in zip(rows, ["1234", "1234", "5678"]):
+        assert_region_columns(row, images[image_id])
+
+
+REFS = [
+    {"ref_id": 1, "ann_id": 101, "image_id": 7, "split": "val",
+     "sentences": [{"sent": "left box"}, {"sent": "top left"}]},
+    {"ref_id": 2, "ann_id": 102, "image_id": 7, "split": "val", "sentences": [{"sent": "middle one"}]},
+    {"ref_id": 3, "ann_id": 103, "image_id": 8, "split": "val", "sentences": [{"sent": "size mismatch"}]},
+    {"ref_id": 4, "ann_id": 999, "image_id": 7, "split": "val", "sentences": [{"sent": "no annotation"}]},
+    {"ref_id": 5, "ann_id": 101, "image_id": 7, "split": "train", "sentences": [{"sent": "training ref"}]},
+]
+INSTANCES = {
+    "images": [{"id": 7, "width": 40, "height": 20}, {"id": 8, "width": 50, "height": 20}],
+    "annotations": [{"id": 101, "image_id": 7, "bbox": [0, 0, 10, 10]},
+                    {"id": 102, "image_id": 7, "bbox": [4, 4, 10, 10]},
+                    {"id": 103, "image_id": 8, "bbox": [0, 0, 5, 5]}],
+}
+
+
+def test_refcoco_ious_by_hand(tmp_path, features):
+    tsv, images = features
+    refs, instances = write_json(tmp_path / "refs.json", REFS), write_json(tmp_path / "instances.json", INSTANCES)
+    summary = build_refcoco(refs, instances, tsv, tmp_path / "refcoco", split="validation",
+                            image_id_format="COCO_train2014_{image_id:012d}", progress=False)
+    assert summary.skipped.counts == {"image_size_mismatch": 1, "missing_annotation": 1}
+    assert summary.statistics == {"rows whose best region has IoU >= 0.5": 3}
+    rows = load_from_disk(str(tmp_path / "refcoco"))["validation"]
+    assert rows["ref_id"] == ["1", "1", "2"] and rows["text"] == ["left box", "top left", "middle one"]
+    # regions [0,0,10,10], [5,5,15,15], [20,10,30,20]; ref 1 is [0,0,10,10]: IoU 1, 25 / 175, 0
+    np.testing.assert_allclose(rows[0]["region_ious"], [1.0, 25 / 175, 0.0], rtol=1e-6)
+    # ref 2 is [4,4,14,14]: 36 / 164 with the first region, 81 / 119 with the second
+    np.testing.assert_allclose(rows[2]["region_ious"], [36 / 164, 81 / 119, 0.0], rtol=1e-6)
+    assert rows["label"] == [0, 0, 1]
+    np.testing.assert_allclose(rows[0]["target_box"], [0, 0, 0.25, 0.5])
+    np.testing.assert_allclose(rows[2]["target_box"], [0.1, 0.2, 0.35, 0.7])
+    assert_region_columns(rows[2], images[coco_id(7)])
+
+
+def test_refs_pickle_is_read_with_the_restricted_unpickler(tmp_path):
+    for protocol in (0, 2, 4):
+        (tmp_path / "refs(unc).p").write_bytes(pickle.dumps(REFS, protocol=protocol))
+        assert load_refs(tmp_path / "refs(unc).p") == REFS
+    marker = tmp_path / "pwned"
+    (tmp_path / "refs(unc).p").write_bytes(pickle.dumps([{"ref_id": 1, "x": Evil(f"touch {marker}")}]))
+    with pytest.raises(UnsafePickleError, match="posix.system"):
+        load_refs(tmp_path / "refs(unc).p")
+    assert not marker.exists()
+
+
+def test_box_iou_properties():
+    boxes = np.array([[0, 0, 10, 10], [5, 5, 15, 15], [20, 20, 30, 30], [3, 3, 3, 8]], np.float32)
+    ious = box_iou(boxes, boxes[0])
+    np.testing.assert_allclose(ious, [1.0, 25 / 175, 0.0, 0.0], rtol=1e-6)
+    for box in boxes[:3]:
+        np.testing.assert_allclose(box_iou(boxes[:3], box), [box_iou(other[None], box)[0] for other in boxes[:3]])
+        np.testing.assert_allclose(box_iou(boxes[:3], box), [box_iou(box[None], other)[0] for other in boxes[:3]])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Atomic writes, splits, shards, command line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def failing_image_columns(monkeypatch, after: int):
+    """Make the build raise while its generator runs, after `after` images."""
+    original = processing.builders.image_columns
+    calls = []
+
+    def image_columns(regions, suffix=""):
+        calls.append(regions["image_id"])
+        if len(calls) > after:
+            raise RuntimeError("simulated crash in the middle of a build")
+        return original(regions, suffix)
+
+    monkeypatch.setattr(processing.builders, "image_columns", image_columns)
+
+
+def test_interrupted_build_leaves_nothing_and_rerun_succeeds(tmp_path, features, monkeypatch):
+    tsv, _ = features
+    captions = write_json(tmp_path / "captions.json", COCO_CAPTIONS)
+    output = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        failing_image_columns(patch, after=1)
+        with pytest.raises(Exception, match="generating the dataset|simulated crash"):
+            build_captions(captions, tsv, output, split="train", progress=False)
+    assert sorted(path.name for path in output.iterdir()) == []
+
+    (output / ".train.tmp-0123abcd").mkdir()  # left by a killed run
+    (output / ".train.tmp-0123abcd" / "data.arrow").write_bytes(b"partial")
+    first = build_captions(captions, tsv, output, split="train", progress=False)
+    assert sorted(path.name for path in output.iterdir()) == ["dataset_dict.json", "train"]
+
+    # a failing rebuild keeps the complete split that was there
+    with monkeypatch.context() as patch:
+        failing_image_columns(patch, after=1)
+        with pytest.raises(Exception, match="generating the dataset|simulated crash"):
+            build_captions(captions, tsv, output, split="train", progress=False)
+    assert sorted(path.name for path in output.iterdir()) == ["dataset_dict.json", "train"]
+    assert load_from_disk(str(output))["train"].num_rows == first.rows_written == 3
+
+
+def test_splits_must_share_features(tmp_path, features):
+    tsv, _ = features
+    captions = write_json(tmp_path / "captions.json", COCO_CAPTIONS)
+    small = tmp_path / "small.tsv"
+    write_butd_tsv(small, [butd_fields(make_regions(coco_id(1), 2, 16))])
+    build_captions(captions, tsv, tmp_path / "out", split="train", progress=False)
+    with pytest.raises(ValueError, match="split 'train' .* are 2048-d, these 16-d"):
+        build_captions(captions, small, tmp_path / "out", split="validation", progress=False)
+    with pytest.raises(ValueError, match="split must be a name"):
+        build_captions(captions, tsv, tmp_path / "out", split="train/1", progress=False)
+
+
+def test_shards_merge_into_the_unsharded_dataset(tmp_path, features):
+    tsv, _ = features
+    questions, annotations = vqa_files(tmp_path)
+    options = dict(split="train", annotations=annotations, top_k=4, image_id_format="COCO_train2014_{image_id:012d}",
+                   progress=False)
+    whole = build_vqa(questions, tsv, tmp_path / "whole", **options)
+    shards = [build_vqa(questions, tsv, tmp_path / "sharded", num_shards=2, shard_index=i, **options) for i in (0, 1)]
+    assert [s.dataset_path.parent.name for s in shards] == ["shard-00000-of-00002", "shard-00001-of-00002"]
+    assert sum(s.items for s in shards) == whole.items
+    assert sum(s.rows_written for s in shards) == whole.rows_written
+    assert sum(s.skipped.total for s in shards) == whole.skipped.total
+    state = tmp_path / "sharded" / "shard-00001-of-00002" / "train" / "state.json"
+    state.rename(tmp_path / "state.json")  # shard 1 not finished yet
+    with pytest.raises(ValueError, match="shards \\[1\\] of 2 have no 'train' split"):
+        merge_shards(tmp_path / "sharded", "train")
+    (tmp_path / "state.json").rename(state)
+
+    merged = load_from_disk(str(merge_shards(tmp_path / "sharded", "train")))
+    unsharded = load_from_disk(str(tmp_path / "whole"))["train"]
+    assert merged.to_dict() == unsharded.to_dict()
+    assert list(load_from_disk(str(tmp_path / "sharded"))) == ["train"]
+    vocabularies = [(tmp_path / folder / ANSWER_VOCAB_FILE).read_text() for folder in ("sharded", "whole")]
+    assert vocabularies[0] == vocabularies[1]
+    with pytest.raises(ValueError, match="shard_index must be an int in \\[0, 2\\), got 2"):
+        shard_bounds(10, 2, 2)
+
+
+@given(num_items=st.integers(0, 500), num_shards=st.integers(1, 64))
+def test_shard_bounds_cut_items_into_contiguous_blocks(num_items, num_shards):
+    bounds = [shard_bounds(num_items, num_shards, index) for index in range(num_shards)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == num_items
+    assert all(end == next_start for (_, end), (next_start, _) in zip(bounds, bounds[1:]))
+    assert max(end - start for start, end in bounds) - min(end - start for start, end in bounds) <= 1
+
+
+def test_command_line(tmp_path, features):
+    tsv, _ = features
+    questions, annotations = vqa_files(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "processing", "build", "vqa", "--questions", str(questions), "--annotations",
+         str(annotations), "--features", str(tsv), "--image_id_format", "COCO_train2014_{image_id:012d}",
+         "--top_k", "4", "--split", "train", "--output", str(tmp_path / "vqa")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "rows written: 3" in result.stdout and "missing_annotation: 1" in result.stdout
+    assert "anchor statistics" in result.stdout
+    assert load_from_disk(str(tmp_path / "vqa"))["train"].num_rows == 3
+
+    nothing = write_jsonl(tmp_path / "test1.json", [{"identifier": "test1-9-0-0", "sentence": "No images."}])
+    assert main(["build", "nlvr2", "--annotations", str(nothing), "--features", str(tsv), "--split", "test",
+                 "--output", str(tmp_path / "nlvr2")]) == 1
+    assert load_from_disk(str(tmp_path / "nlvr2"))["test"].num_rows == 0
+    with pytest.raises(SystemExit) as exited:
+        main(["build", "snli_ve", "--annotations", str(tmp_path / "absent.jsonl"), "--features", str(tsv),
+              "--split", "test", "--output", str(tmp_path / "snli_ve")])
+    assert exited.value.code == 2
