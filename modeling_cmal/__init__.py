@@ -1,8 +1,9 @@
 """CMAL for Hugging Face transformers.
 
 Importing this package registers the CMAL classes with the Auto classes in-process (`AutoConfig`, `AutoModel`,
-`AutoModelForPreTraining`, the task Auto classes) and marks them for `auto_map`, so that `save_pretrained` writes
-the code files and a saved folder loads with `trust_remote_code=True` where this package is not installed.
+`AutoModelForPreTraining`, the task Auto classes, `AutoProcessor`) and marks them for `auto_map`, so that
+`save_pretrained` writes the code files and a saved folder loads with `trust_remote_code=True` where this package
+is not installed. It also registers the five `cmal-*` pipeline tasks with transformers' `PIPELINE_REGISTRY`.
 """
 
 from transformers import (
@@ -13,7 +14,11 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoModelForVisualQuestionAnswering,
+    AutoProcessor,
 )
+
+from .anchoring import ConceptLexicon, anchor_statistics, find_anchors
+from .collator_cmal import CmalPretrainingCollator
 
 from .configuration_cmal import ANCHOR_ACTIONS, CMAL_SIZES, CmalConfig
 from .modeling_cmal import (
@@ -33,6 +38,17 @@ from .modeling_cmal import (
     convert_bert_state_dict,
     load_bert_weights,
 )
+from .pipelines_cmal import (
+    CMAL_PIPELINES,
+    CmalImageTextMatchingPipeline,
+    CmalPipeline,
+    CmalReferringExpressionPipeline,
+    CmalVisualEntailmentPipeline,
+    CmalVisualQuestionAnsweringPipeline,
+    CmalVisualReasoningPipeline,
+)
+from .processing_cmal import CmalProcessor
+from .region_extraction import CmalRegionExtractor
 
 _AUTO_CLASSES = {
     AutoModel: CmalModel,
@@ -48,11 +64,15 @@ CmalConfig.register_for_auto_class()
 for _auto_class, _model_class in _AUTO_CLASSES.items():
     _auto_class.register(CmalConfig, _model_class, exist_ok=True)
     _model_class.register_for_auto_class(_auto_class.__name__)
+AutoProcessor.register(CmalConfig, CmalProcessor, exist_ok=True)
+CmalProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "ANCHOR_ACTIONS",
     "CMAL_AUTO_MAP",
+    "CMAL_PIPELINES",
     "CMAL_SIZES",
+    "ConceptLexicon",
     "CmalConfig",
     "CmalForImageTextMatching",
     "CmalForPreTraining",
@@ -61,11 +81,22 @@ __all__ = [
     "CmalForReferringExpression",
     "CmalForVisualEntailment",
     "CmalForVisualReasoning",
+    "CmalImageTextMatchingPipeline",
     "CmalModel",
     "CmalModelOutput",
+    "CmalPipeline",
     "CmalPreTrainedModel",
+    "CmalPretrainingCollator",
+    "CmalProcessor",
+    "CmalReferringExpressionPipeline",
+    "CmalRegionExtractor",
     "CmalTaskOutput",
+    "CmalVisualEntailmentPipeline",
+    "CmalVisualQuestionAnsweringPipeline",
+    "CmalVisualReasoningPipeline",
+    "anchor_statistics",
     "bert_to_cmal_key_mapping",
     "convert_bert_state_dict",
+    "find_anchors",
     "load_bert_weights",
 ]

@@ -39,7 +39,7 @@ class CmalConfig(PreTrainedConfig):
         hidden_act (`str`, defaults to `"gelu"`), hidden_dropout_prob, attention_probs_dropout_prob,
         max_position_embeddings, type_vocab_size, initializer_range, layer_norm_eps, pad_token_id: as in BERT.
         visual_feat_dim (`int`, defaults to 2048): dimension `Dv` of the region features.
-        num_anchor_concepts (`int`, defaults to 1552): size of the concept lexicon, the AMC label space. It must
+        num_anchor_concepts (`int`, defaults to 1363): size of the concept lexicon, the AMC label space. It must
             equal `len(processor.lexicon)`; the processor's default lexicon (COCO-80 + Visual Genome 1600) has
             this size.
         use_hypersphere_normalization (`bool`, defaults to `True`): L2-normalise the uni-modal outputs (UMSE);
@@ -82,7 +82,7 @@ class CmalConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-12
     pad_token_id: int | None = 0
     visual_feat_dim: int = 2048
-    num_anchor_concepts: int = 1552
+    num_anchor_concepts: int = 1363
     use_hypersphere_normalization: bool = True
     anchor_fill_text_rate: float = 0.4
     anchor_fill_region_rate: float = 0.4

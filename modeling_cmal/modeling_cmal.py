@@ -862,6 +862,9 @@ class CmalForPreTraining(CmalPreTrainedModel):
         text_length = sequence_output.shape[1] - outputs.image_embeds.shape[1]
         config = self.config
         losses: dict[str, torch.Tensor] = {}
+        # Heads that had no target in this batch (no AMC slot, no masked piece): their empty outputs join the total
+        # loss times zero, so that every parameter is in the graph and DDP does not wait for missing gradients.
+        unused_heads: list[torch.Tensor] = []
         amc_logits = amc_labels = amc_slot_is_text = mlm_logits = itm_logits = itc_logits = None
 
         if config.amc_loss_weight > 0 and anchor_pairs is not None and anchor_pairs.shape[1] > 0:
@@ -875,6 +878,8 @@ class CmalForPreTraining(CmalPreTrainedModel):
                 # Averaged over both modalities: each modality's mean cross-entropy counts once.
                 per_slot = F.cross_entropy(amc_logits.float(), amc_labels, reduction="none")
                 losses["amc"] = 0.5 * (per_slot[amc_slot_is_text].mean() + per_slot[~amc_slot_is_text].mean())
+            elif anchor_concept_ids is not None:
+                unused_heads.append(amc_logits)
 
         if config.mlm_loss_weight > 0:
             text_output = sequence_output[:, :text_length]
@@ -883,6 +888,8 @@ class CmalForPreTraining(CmalPreTrainedModel):
                 mlm_logits = self.cls(text_output[labelled])
                 if mlm_logits.shape[0] > 0:
                     losses["mlm"] = F.cross_entropy(mlm_logits.float(), labels[labelled])
+                else:
+                    unused_heads.append(mlm_logits)
             else:
                 mlm_logits = self.cls(text_output)
 
@@ -906,7 +913,10 @@ class CmalForPreTraining(CmalPreTrainedModel):
 
         weights = {"amc": config.amc_loss_weight, "mlm": config.mlm_loss_weight, "itm": config.itm_loss_weight,
                    "itc": config.itc_loss_weight}
-        loss = sum(weights[name] * value for name, value in losses.items()) if losses else None
+        loss = None
+        if losses:
+            loss = sum(weights[name] * value for name, value in losses.items())
+            loss = loss + sum(0.0 * head_output.sum() for head_output in unused_heads)
         output = CmalForPreTrainingOutput(
             loss=loss,
             amc_loss=losses.get("amc"),

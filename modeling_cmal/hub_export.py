@@ -1,0 +1,361 @@
+"""Hub-ready folders: weights, config (full `auto_map` and `custom_pipelines`), processor, code and model card.
+
+    python -m modeling_cmal.hub_export --model outputs/vqa --output outputs/vqa-hub [--task cmal-vqa]
+        [--metrics eval_results.json --metrics_source "synthetic scenes, validation split"]
+
+The folder loads where this package is not installed (`AutoModel*.from_pretrained(folder, trust_remote_code=True)`,
+`AutoProcessor`, `pipeline(task, model=folder, trust_remote_code=True)`) and is ready for `push_to_hub` /
+`huggingface_hub.upload_folder` (nothing is pushed here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from transformers.dynamic_module_utils import get_relative_import_files
+
+from .modeling_cmal import CMAL_AUTO_MAP
+from .pipelines_cmal import CMAL_PIPELINES, custom_pipelines_entry
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL_CARD = PACKAGE_DIR.parent / "model_card.md"
+# The modules a folder's remote code starts from; their relative imports (anchoring, region extraction, ...) follow.
+ENTRY_MODULES = ("configuration_cmal.py", "modeling_cmal.py", "processing_cmal.py", "pipelines_cmal.py")
+# Heads whose folder serves every pipeline task (the pre-trained model's ITM head gives zero-shot matching; the
+# other task heads start untrained from it).
+MULTI_TASK_CLASSES = ("CmalModel", "CmalForPreTraining")
+HEAD_TASKS = {pipeline_class.head_class_name: task for task, pipeline_class in CMAL_PIPELINES.items()}
+# Hub `pipeline_tag` of each task (the Hub has no tag for entailment, NLVR2 or matching over region features).
+HUB_PIPELINE_TAGS = {
+    "cmal-vqa": "visual-question-answering",
+    "cmal-referring-expression": "zero-shot-object-detection",
+    "cmal-visual-entailment": "other",
+    "cmal-visual-reasoning": "other",
+    "cmal-image-text-matching": "other",
+}
+TASK_SUMMARIES = {
+    "cmal-vqa": "visual question answering",
+    "cmal-visual-entailment": "visual entailment",
+    "cmal-visual-reasoning": "visual reasoning over image pairs (NLVR2)",
+    "cmal-referring-expression": "referring expression comprehension",
+    "cmal-image-text-matching": "image-text matching and retrieval",
+}
+TASK_CALLS = {
+    "cmal-vqa": ('text="what color is the cup?", regions=regions, top_k=3', '[{"answer": ..., "score": ...}, ...]'),
+    "cmal-visual-entailment": ('text="there is a drink on the table", regions=regions',
+                               '[{"label": ..., "score": ...}]'),
+    "cmal-visual-reasoning": ('text="both images show a cup", regions=(left_regions, right_regions)',
+                              '{"label": ..., "score": ...}'),
+    "cmal-referring-expression": ('text="the red cup", regions=regions',
+                                  '{"box": [x1, y1, x2, y2], "score": ..., "region_index": ..., "normalized": ...}'),
+    "cmal-image-text-matching": ('text="a cup on a saucer", regions=regions',
+                                 '{"match_probability": ..., "is_match": ...}'),
+}
+PROCESSOR_CONFIG = "processor_config.json"
+PROCESSOR_CLASS = "processing_cmal.CmalProcessor"
+PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}")
+WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+
+
+def code_files() -> list[Path]:
+    """The package's module files a folder needs at run time: the entry modules and, recursively, what they import
+    relatively."""
+    files = []
+    for name in ENTRY_MODULES:
+        entry = PACKAGE_DIR / name
+        if not entry.is_file():
+            raise FileNotFoundError(f"{entry} is missing from the modeling_cmal package")
+        for path in [str(entry), *get_relative_import_files(entry)]:
+            if Path(path) not in files:
+                files.append(Path(path))
+    return files
+
+
+def resolve_tasks(model, pipeline_task: str | Sequence[str] | None) -> list[str]:
+    """The pipeline tasks a folder of `model` declares: `pipeline_task` (a name or a list), or by default the task of
+    its head (all five for `CmalModel` / `CmalForPreTraining`). A task that needs another head is an error."""
+    head = type(model).__name__
+    if head not in HEAD_TASKS and head not in MULTI_TASK_CLASSES:
+        raise ValueError(f"model must be a CMAL model ({', '.join([*MULTI_TASK_CLASSES, *HEAD_TASKS])}), got {head}")
+    if pipeline_task is None:
+        return [HEAD_TASKS[head]] if head in HEAD_TASKS else list(CMAL_PIPELINES)
+    tasks = [pipeline_task] if isinstance(pipeline_task, str) else list(pipeline_task)
+    if not tasks:
+        raise ValueError("pipeline_task must name at least one task, got an empty list")
+    for task in tasks:
+        if task not in CMAL_PIPELINES:
+            raise ValueError(f"pipeline_task must be one of {sorted(CMAL_PIPELINES)}, got {task!r}")
+        if head in HEAD_TASKS and HEAD_TASKS[head] != task:
+            raise ValueError(f"pipeline_task {task!r} needs a {CMAL_PIPELINES[task].head_class_name}, but the model "
+                             f"is a {head} (its task is {HEAD_TASKS[head]!r})")
+    return tasks
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Model card
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _format_value(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+
+def _table(header: tuple[str, str], rows: Sequence[tuple[str, str]]) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in rows]
+    return "\n".join(lines)
+
+
+def _config_table(model) -> str:
+    config = model.config
+    rows = [
+        ("head", f"`{type(model).__name__}`"),
+        ("parameters", _format_value(sum(parameter.numel() for parameter in model.parameters()))),
+        ("hidden size / heads / feed-forward", f"{config.hidden_size} / {config.num_attention_heads} / "
+                                               f"{config.intermediate_size}"),
+        ("layers: text / region / unified", f"{config.num_text_layers} / {config.num_visual_layers} / "
+                                            f"{config.num_unified_layers}"),
+        ("region feature dimension (`visual_feat_dim`)", str(config.visual_feat_dim)),
+        ("word-piece vocabulary", _format_value(config.vocab_size)),
+        ("anchor concepts (AMC classes, lexicon size)", _format_value(config.num_anchor_concepts)),
+        ("hypersphere normalisation (UMSE)", str(config.use_hypersphere_normalization)),
+        ("anchor action at inference", f"`{config.default_anchor_action}`"),
+    ]
+    if type(model).__name__ in ("CmalForQuestionAnswering", "CmalForVisualEntailment", "CmalForVisualReasoning"):
+        labels = [config.id2label[index] for index in sorted(config.id2label)]
+        shown = ", ".join(f"`{label}`" for label in labels[:8]) + (", ..." if len(labels) > 8 else "")
+        rows.append(("labels", f"{len(labels)}: {shown}"))
+    return _table(("setting", "value"), rows)
+
+
+def _usage(model_name: str, task: str) -> str:
+    arguments, result = TASK_CALLS[task]
+    return "\n".join([
+        "```python",
+        "from transformers import pipeline",
+        "",
+        f'pipe = pipeline("{task}", model="{model_name}", trust_remote_code=True)',
+        'regions = {"features": features, "boxes": boxes, "image_size": (width, height), "tags": tags}',
+        f"pipe({arguments})",
+        f"# → {result}",
+        "```",
+        "",
+        "With an image instead of regions, give the pipeline a region extractor (a transformers object-detection "
+        "model wrapped by `CmalRegionExtractor`): `pipeline(..., region_extractor=extractor)`, then "
+        "`pipe(text=..., image=\"photo.jpg\")`.",
+    ])
+
+
+def _measured_results(metrics: Mapping[str, float] | None, metrics_source: str | None) -> str:
+    if not metrics:
+        return "_No measured results were passed in for this checkpoint._"
+    rows = [(f"`{name}`", _format_value(value)) for name, value in metrics.items()]
+    return f"Source: {metrics_source}\n\n" + _table(("metric", "value"), rows)
+
+
+def render_model_card(model, tasks: Sequence[str], template: str, *, model_name: str, code_file_names: Sequence[str],
+                      metrics: Mapping[str, float] | None = None, metrics_source: str | None = None) -> str:
+    """Fills the `{{placeholder}}`s of the model-card template. Raises `ValueError` if the template names a
+    placeholder that is not known or leaves one unfilled."""
+    values = {
+        "pipeline_tag": HUB_PIPELINE_TAGS[tasks[0]] if len(tasks) == 1 else "visual-question-answering",
+        "extra_tags": "\n".join(f"- {task}" for task in tasks),
+        "model_name": model_name,
+        "head_class": type(model).__name__,
+        "task_summary": ", ".join(TASK_SUMMARIES[task] for task in tasks),
+        "config_table": _config_table(model),
+        "code_files": ", ".join(f"`{name}`" for name in code_file_names),
+        "usage": _usage(model_name, tasks[0]),
+        "pipelines_table": _table(("task", "pipeline class"),
+                                  [(f"`{task}`", f"`{CMAL_PIPELINES[task].__name__}`") for task in tasks]),
+        "measured_results": _measured_results(metrics, metrics_source),
+    }
+    unknown = sorted(set(PLACEHOLDER.findall(template)) - set(values))
+    if unknown:
+        raise ValueError(f"the model-card template has unknown placeholders {unknown}; known: {sorted(values)}")
+    return PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Folder
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(model, processor, metrics, metrics_source) -> None:
+    lexicon = getattr(processor, "lexicon", None)
+    if not callable(getattr(processor, "save_pretrained", None)):
+        raise ValueError(f"processor must be a CmalProcessor, got {type(processor).__name__}")
+    if lexicon is not None and len(lexicon) != model.config.num_anchor_concepts:
+        raise ValueError(f"the processor's lexicon has {len(lexicon)} concepts but the model's "
+                         f"config.num_anchor_concepts is {model.config.num_anchor_concepts}")
+    if metrics:
+        if not metrics_source:
+            raise ValueError("metrics need metrics_source: say what data and split they were measured on")
+        for name, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"metrics[{name!r}] must be a number, got {value!r}")
+
+
+def _update_json(path: Path, *, merged: Mapping, replaced: Mapping | None = None) -> None:
+    if not path.is_file():
+        raise ValueError(f"{path.name} was not written; the folder would not load")
+    content = json.loads(path.read_text())
+    for key, value in merged.items():
+        content[key] = {**content.get(key, {}), **value}
+    content.update(replaced or {})
+    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+
+def _write_auto_maps(folder: Path, tasks: Sequence[str]) -> None:
+    """Every CMAL head and the processor in `auto_map` (whatever this process registered), exactly `tasks` in
+    `custom_pipelines`."""
+    _update_json(folder / "config.json", merged={"auto_map": CMAL_AUTO_MAP},
+                 replaced={"custom_pipelines": {task: custom_pipelines_entry(task) for task in tasks}})
+    _update_json(folder / PROCESSOR_CONFIG, merged={"auto_map": {"AutoProcessor": PROCESSOR_CLASS}})
+
+
+def _publish(staging: Path, output_dir: Path) -> None:
+    """Moves the staged folder into place: one rename when `output_dir` does not exist (or is empty); into an existing
+    folder (e.g. a Trainer `output_dir` with checkpoints and logs) file by file, each replaced atomically, stale weight
+    files removed, `config.json` last, other files left alone."""
+    if output_dir.is_dir() and not any(output_dir.iterdir()):
+        output_dir.rmdir()
+    if not output_dir.exists():
+        os.rename(staging, output_dir)
+        return
+    new_files = {path.name for path in staging.iterdir()}
+    for stale in output_dir.iterdir():
+        if stale.is_file() and WEIGHT_FILE.match(stale.name) and stale.name not in new_files:
+            stale.unlink()
+    for name in sorted(new_files, key=lambda name: name == "config.json"):
+        target = output_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+    staging.rmdir()
+
+
+def write_hub_folder(
+    model,
+    processor,
+    output_dir: str | os.PathLike,
+    *,
+    pipeline_task: str | Sequence[str] | None = None,
+    model_card: str | os.PathLike | None = None,
+    metrics: Mapping[str, float] | None = None,
+    metrics_source: str | None = None,
+    repo_id: str | None = None,
+) -> Path:
+    """Writes a complete Hub-ready folder and returns its path.
+
+    Args:
+        model: a CMAL model (`CmalModel`, `CmalForPreTraining` or a task head).
+        processor: its `CmalProcessor` (tokenizer, lexicon; its lexicon size must equal
+            `config.num_anchor_concepts`).
+        output_dir: the folder to write. A new folder appears at once (built beside it, then renamed); into an
+            existing one the files are replaced one by one and its other files are kept.
+        pipeline_task: the `custom_pipelines` tasks of the config: a task name or a list of them; by default the
+            task of the model's head, or all five for `CmalModel` / `CmalForPreTraining`.
+        model_card: the model-card template (default: the repository's `model_card.md`).
+        metrics, metrics_source: our own measured results for the card (`{"vqa_accuracy": 0.71}`) and what they
+            were measured on (required with `metrics`); without them the card says that none were given.
+        repo_id: the Hub repository the folder is meant for (`"user/cmal-vqa"`), the name the card's title and
+            usage snippet use (default: the folder's name).
+
+    Contents: `model.safetensors`, `config.json` (every CMAL head in `auto_map`, `custom_pipelines`), the processor
+    files, the code files (`configuration_cmal.py`, `modeling_cmal.py`, `processing_cmal.py`, `pipelines_cmal.py`
+    and the modules they import) and `README.md`. Nothing is left behind when writing fails.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output_dir {str(output_dir)!r} is a file; expected a folder to write (new or existing)")
+    tasks = resolve_tasks(model, pipeline_task)
+    _check_inputs(model, processor, metrics, metrics_source)
+    template_path = Path(model_card) if model_card is not None else DEFAULT_MODEL_CARD
+    if not template_path.is_file():
+        raise ValueError(f"model_card must be a model-card template file, got {str(template_path)!r}, which is not a "
+                         "file (the default is model_card.md at the root of the CMAL repository)")
+    files = code_files()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
+        for path in files:
+            shutil.copyfile(path, staging / path.name)
+        _write_auto_maps(staging, tasks)
+        card = render_model_card(model, tasks, template_path.read_text(encoding="utf-8"),
+                                 model_name=repo_id or output_dir.name,
+                                 code_file_names=[path.name for path in files], metrics=metrics,
+                                 metrics_source=metrics_source)
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        _publish(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def load_trained_folder(folder: str | os.PathLike):
+    """(model, processor) of a folder saved by the CMAL scripts; the model class is the one its config names."""
+    from . import modeling_cmal
+    from .configuration_cmal import CmalConfig
+    from .processing_cmal import CmalProcessor
+
+    config = CmalConfig.from_pretrained(folder)
+    architectures = config.architectures or ["CmalForPreTraining"]
+    model_class = getattr(modeling_cmal, architectures[0], None)
+    if model_class is None or architectures[0] not in (*MULTI_TASK_CLASSES, *HEAD_TASKS):
+        raise ValueError(f"{folder} holds a {architectures[0]}, which is not a CMAL model class")
+    return model_class.from_pretrained(folder).eval(), CmalProcessor.from_pretrained(folder)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m modeling_cmal.hub_export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a trained CMAL folder (model, config, processor)")
+    parser.add_argument("--output", required=True, help="the Hub-ready folder to write")
+    parser.add_argument("--task", action="append", choices=sorted(CMAL_PIPELINES),
+                        help="a pipeline task of the folder (repeatable; default: the task of the model's head)")
+    parser.add_argument("--model_card", help="model-card template (default: the repository's model_card.md)")
+    parser.add_argument("--metrics", help="a JSON file of measured results, e.g. a Trainer eval_results.json")
+    parser.add_argument("--metrics_source", help="what the metrics were measured on (required with --metrics)")
+    parser.add_argument("--repo_id", help="the Hub repository the folder is for, as the card names it")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = parse_args(argv)
+    metrics = None
+    if args.metrics:
+        metrics = json.loads(Path(args.metrics).read_text())
+        if not isinstance(metrics, dict):
+            raise SystemExit(f"--metrics {args.metrics!r} must hold a JSON object of metric names and numbers")
+        metrics = {name: value for name, value in metrics.items() if not isinstance(value, (str, list, dict))}
+    model, processor = load_trained_folder(args.model)
+    folder = write_hub_folder(model, processor, args.output, pipeline_task=args.task, model_card=args.model_card,
+                              metrics=metrics, metrics_source=args.metrics_source, repo_id=args.repo_id)
+    print(f"wrote {folder}: {', '.join(sorted(path.name for path in folder.iterdir()))}")
+    return folder
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["code_files", "render_model_card", "resolve_tasks", "write_hub_folder"]

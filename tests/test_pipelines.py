@@ -1,0 +1,378 @@
+"""The five CMAL pipelines: Hub folders that load in a fresh process without the package (regions and images
+through a tiny random detector), batches, top_k, and a ValueError naming the argument for every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.nn import functional as F
+from transformers import pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from modeling_cmal import (
+    CmalConfig,
+    CmalForImageTextMatching,
+    CmalForQuestionAnswering,
+    CmalForReferringExpression,
+    CmalForVisualEntailment,
+    CmalForVisualReasoning,
+)
+from modeling_cmal.hub_export import write_hub_folder
+from modeling_cmal.pipelines_cmal import CMAL_PIPELINES
+from modeling_cmal.processing_cmal import CmalProcessor
+from modeling_cmal.region_extraction import CmalRegionExtractor
+
+FEATURE_DIM = 16
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos", "visual_attention_mask",
+                "anchor_pairs", "anchor_concept_ids")
+ANSWERS = ["red", "blue", "cup", "spoon", "two", "yes", "no"]
+HEADS = {
+    "cmal-vqa": (CmalForQuestionAnswering, {"id2label": dict(enumerate(ANSWERS))}),
+    "cmal-visual-entailment": (CmalForVisualEntailment,
+                               {"id2label": {0: "entailment", 1: "neutral", 2: "contradiction"}}),
+    "cmal-visual-reasoning": (CmalForVisualReasoning, {"id2label": {0: "False", 1: "True"}}),
+    "cmal-referring-expression": (CmalForReferringExpression, {}),
+    "cmal-image-text-matching": (CmalForImageTextMatching, {}),
+}
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer):
+    return CmalProcessor(tokenizer=tokenizer, max_regions=8)
+
+
+def make_model(task, processor, seed=0, **overrides):
+    head_class, fields = HEADS[task]
+    torch.manual_seed(seed)
+    config = CmalConfig(vocab_size=len(processor.tokenizer), hidden_size=32, num_attention_heads=2,
+                        intermediate_size=64, num_text_layers=1, num_visual_layers=1, num_unified_layers=1,
+                        visual_feat_dim=FEATURE_DIM, num_anchor_concepts=len(processor.lexicon),
+                        **{**fields, **overrides})
+    return head_class(config).eval()
+
+
+@pytest.fixture(scope="module")
+def photo_regions(shared_data_dir):
+    """Hand-written boxes and tags of two real photos (pixels, with image_size), seeded random features."""
+    seeds = json.loads((shared_data_dir / "real_image_seeds.json").read_text())
+    rng = np.random.default_rng(0)
+    regions = {}
+    for name in ("coffee", "astronaut"):
+        annotated = seeds["regions"][name]
+        regions[name] = {
+            "features": rng.normal(size=(len(annotated), FEATURE_DIM)).astype(np.float32),
+            "boxes": [region["box"] for region in annotated],
+            "tags": [region["tag"] for region in annotated],
+            "image_size": tuple(seeds["images"][name]["size"]),
+        }
+    return regions
+
+
+def direct_logits(model, processor, text, regions):
+    """The head's logits for one (text, image) or, for visual reasoning, one (text, (left, right)), computed without
+    the pipeline: each image encoded on its own and padded by hand."""
+    with torch.no_grad():
+        if not isinstance(model, CmalForVisualReasoning):
+            encoding = processor(text=[text], regions=[regions], return_tensors="pt")
+            return model(**{name: encoding[name] for name in MODEL_INPUTS}).logits[0]
+        encodings = [processor(text=[text], regions=[image], return_tensors="pt") for image in regions]
+        inputs = {name: encodings[0][name] for name in ("input_ids", "attention_mask", "token_type_ids")}
+        for name in MODEL_INPUTS[3:]:
+            length = max(encoding[name].shape[1] for encoding in encodings)
+            value = -1 if name.startswith("anchor") else 0
+            padded = [F.pad(encoding[name], [0, 0] * (encoding[name].dim() - 2) + [0, length - encoding[name].shape[1]],
+                            value=value) for encoding in encodings]
+            inputs[name] = torch.stack(padded, dim=1)
+        return model(**inputs).logits[0]
+
+
+def expected_result(task, model, processor, text, regions, top_k=1):
+    """What the pipeline must return, from the head's logits."""
+    logits = direct_logits(model, processor, text, regions).float()
+    id2label = model.config.id2label
+    if task == "cmal-vqa":
+        scores = logits.sigmoid()
+        order = scores.argsort(descending=True)[:top_k].tolist()
+        return [{"answer": id2label[index], "score": scores[index].item()} for index in order]
+    if task == "cmal-visual-entailment":
+        probabilities = logits.softmax(-1)
+        order = probabilities.argsort(descending=True)[:top_k].tolist()
+        return [{"label": id2label[index], "score": probabilities[index].item()} for index in order]
+    if task == "cmal-visual-reasoning":
+        probabilities = logits.softmax(-1)
+        return {"label": id2label[probabilities.argmax().item()], "score": probabilities.max().item()}
+    if task == "cmal-referring-expression":
+        probabilities = logits.softmax(-1)
+        index = probabilities.argmax().item()
+        return {"box": [float(value) for value in regions["boxes"][index]], "score": probabilities[index].item(),
+                "region_index": index, "normalized": "image_size" not in regions}
+    return {"match_probability": logits.softmax(-1)[1].item(), "is_match": logits.softmax(-1)[1].item() >= 0.5}
+
+
+def assert_same_result(actual, expected):
+    if isinstance(expected, list):
+        assert len(actual) == len(expected)
+        for actual_item, expected_item in zip(actual, expected):
+            assert_same_result(actual_item, expected_item)
+        return
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, float):
+            assert actual[key] == pytest.approx(value, abs=1e-4), key
+        elif key == "box":
+            assert actual[key] == pytest.approx(value, abs=1e-2)
+        else:
+            assert actual[key] == value, key
+
+
+TEXTS = {
+    "cmal-vqa": "what is next to the cup?",
+    "cmal-visual-entailment": "there is a drink on the table",
+    "cmal-visual-reasoning": "one of the images shows a cup",
+    "cmal-referring-expression": "shiny silver spoon",
+    "cmal-image-text-matching": "a cup of espresso on a red saucer with a spoon",
+}
+
+
+def task_inputs(task, photo_regions):
+    if task == "cmal-visual-reasoning":
+        return {"text": TEXTS[task], "regions": (photo_regions["coffee"], photo_regions["astronaut"])}
+    return {"text": TEXTS[task], "regions": photo_regions["coffee"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_detector(tmp_path_factory):
+    """A randomly initialised YOLOS detector (hidden size = the models' visual_feat_dim) and its image processor."""
+    from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessor
+
+    torch.manual_seed(0)
+    labels = {0: "cup", 1: "saucer", 2: "spoon"}
+    config = YolosConfig(hidden_size=FEATURE_DIM, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         image_size=[64, 64], patch_size=16, num_detection_tokens=6, id2label=labels,
+                         label2id={name: index for index, name in labels.items()})
+    folder = tmp_path_factory.mktemp("detector")
+    YolosForObjectDetection(config).eval().save_pretrained(folder)
+    YolosImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}).save_pretrained(folder)
+    return folder
+
+
+def test_the_five_tasks_are_registered_in_process():
+    assert set(CMAL_PIPELINES) <= set(PIPELINE_REGISTRY.get_supported_tasks())
+    for task, pipeline_class in CMAL_PIPELINES.items():
+        registered = PIPELINE_REGISTRY.supported_tasks[task]
+        assert registered["impl"] is pipeline_class
+        assert [model_class.__name__ for model_class in registered["pt"]] == [pipeline_class.auto_class_name]
+
+
+def test_every_pipeline_from_a_hub_folder_in_a_process_without_the_package(tmp_path, processor, photo_regions,
+                                                                             tiny_detector):
+    folders, expected = {}, {}
+    for seed, task in enumerate(CMAL_PIPELINES):
+        model = make_model(task, processor, seed=seed)
+        folders[task] = str(write_hub_folder(model, processor, tmp_path / task.removeprefix("cmal-")))
+        inputs = task_inputs(task, photo_regions)
+        top_k = 3 if CMAL_PIPELINES[task].ranks_labels else 1
+        expected[task] = expected_result(task, model, processor, inputs["text"], inputs["regions"], top_k=top_k)
+    photo = tmp_path / "coffee.png"
+    from skimage import data
+
+    Image.fromarray(data.coffee()).save(photo)
+    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    extractor = CmalRegionExtractor(AutoModelForObjectDetection.from_pretrained(tiny_detector),
+                                    AutoImageProcessor.from_pretrained(tiny_detector), score_threshold=0.0, top_k=5)
+    detected = extractor(Image.open(photo).convert("RGB"))
+    vqa_model = make_model("cmal-vqa", processor, seed=0)
+    referring_model = make_model("cmal-referring-expression", processor, seed=3)
+    expected["image-vqa"] = expected_result("cmal-vqa", vqa_model, processor, TEXTS["cmal-vqa"], detected, top_k=2)
+    expected["image-referring"] = expected_result("cmal-referring-expression", referring_model, processor,
+                                                  TEXTS["cmal-referring-expression"], detected)
+    (tmp_path / "inputs.json").write_text(json.dumps({
+        task: {"text": inputs["text"], "regions": inputs["regions"]}
+        for task, inputs in ((task, task_inputs(task, photo_regions)) for task in CMAL_PIPELINES)
+    }, default=lambda array: array.tolist()))
+
+    script = textwrap.dedent(f"""
+        import json, sys
+        # CI installs the package in editable mode: hide it, as on a machine that only has transformers.
+        sys.modules["modeling_cmal"] = None
+        try:
+            import modeling_cmal
+            raise SystemExit("modeling_cmal must not be importable here")
+        except ImportError:
+            pass
+        from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        folders = {folders!r}
+        inputs = json.loads(open({str(tmp_path / 'inputs.json')!r}).read())
+        results = {{}}
+        for task, folder in folders.items():
+            pipe = pipeline(task, model=folder, trust_remote_code=True)
+            assert type(pipe).__module__.startswith("transformers_modules"), type(pipe)
+            item = inputs[task]
+            if task == "cmal-visual-reasoning":
+                item["regions"] = tuple(item["regions"])
+            top_k = {{"top_k": 3}} if task in ("cmal-vqa", "cmal-visual-entailment") else {{}}
+            results[task] = pipe(**item, **top_k)
+            results[task + " as a dict"] = pipe(item, **top_k)
+            for index, result in enumerate(pipe([item, item, item], batch_size=2, **top_k)):
+                results[task + " in a batch, item " + str(index)] = result
+            try:
+                pipe(text=item["text"])
+                raise SystemExit(f"{{task}}: a call without regions must fail")
+            except ValueError as error:
+                assert "regions" in str(error), error
+        # The task may be left out when the folder declares exactly one pipeline.
+        inferred = pipeline(model=folders["cmal-vqa"], trust_remote_code=True)
+        assert inferred.task == "cmal-vqa" and type(inferred).__name__ == "CmalVisualQuestionAnsweringPipeline"
+
+        # image= through a detector: the region extractor ships with the folder's code.
+        Extractor = get_class_from_dynamic_module("region_extraction.CmalRegionExtractor", folders["cmal-vqa"])
+        extractor = Extractor(AutoModelForObjectDetection.from_pretrained({str(tiny_detector)!r}),
+                              AutoImageProcessor.from_pretrained({str(tiny_detector)!r}), score_threshold=0.0, top_k=5)
+        vqa = pipeline("cmal-vqa", model=folders["cmal-vqa"], trust_remote_code=True, region_extractor=extractor)
+        results["image-vqa"] = vqa(text=inputs["cmal-vqa"]["text"], image={str(photo)!r}, top_k=2)
+        referring = pipeline("cmal-referring-expression", model=folders["cmal-referring-expression"],
+                             trust_remote_code=True, region_extractor=extractor)
+        results["image-referring"] = referring(text=inputs["cmal-referring-expression"]["text"], image={str(photo)!r})
+        print("RESULTS=" + json.dumps(results))
+    """)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    completed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                               timeout=300)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULTS=")]
+    assert lines, completed.stderr[-4000:]
+    results = json.loads(lines[0].removeprefix("RESULTS="))
+    for name, result in results.items():
+        assert_same_result(result, expected[name.split(" ")[0]])
+    assert len(results) == 2 + 5 * 5
+    assert len(results["cmal-vqa"]) == 3 and len(results["cmal-visual-entailment"]) == 3
+    referred = results["image-referring"]
+    width, height = Image.open(photo).size
+    assert not referred["normalized"]
+    assert 0 <= referred["box"][0] <= referred["box"][2] <= width and 0 <= referred["box"][1] <= referred["box"][3] <= height
+
+
+@pytest.mark.parametrize("task", list(CMAL_PIPELINES))
+def test_batches_match_single_calls_across_region_counts(task, processor, photo_regions):
+    # Filling at anchors makes the anchor rows (and their padding) change the outputs, unlike the default "keep".
+    model = make_model(task, processor, default_anchor_action="fill_region")
+    pipe = pipeline(task, model=model, processor=processor, device=-1)
+    rng = np.random.default_rng(1)
+    items = []
+    for count, text in zip((1, 3, 6), ("the cup", "a spoon on a red saucer next to the cup", "what is it?")):
+        regions = {"features": rng.normal(size=(count, FEATURE_DIM)).astype(np.float32),
+                   "boxes": np.sort(rng.random((count, 2, 2)), axis=1).reshape(count, 4),
+                   "tags": ["cup", "spoon", "saucer", "table", "cup", "man"][:count]}
+        second = photo_regions["astronaut"] if count == 3 else photo_regions["coffee"]
+        items.append({"text": text, "regions": (regions, second) if task == "cmal-visual-reasoning" else regions})
+    singles = [pipe(item) for item in items]
+    for batched, single, item in zip(pipe(items, batch_size=3), singles, items):
+        assert_same_result(batched, single)
+        assert_same_result(single, expected_result(task, model, processor, item["text"], item["regions"]))
+
+
+def test_top_k_ranks_answers_and_labels(processor, photo_regions):
+    vqa = pipeline("cmal-vqa", model=make_model("cmal-vqa", processor), processor=processor, device=-1)
+    answers = vqa(text="what color is the saucer?", regions=photo_regions["coffee"], top_k=4)
+    assert len(answers) == 4 and {answer["answer"] for answer in answers} <= set(ANSWERS)
+    assert [answer["score"] for answer in answers] == sorted((answer["score"] for answer in answers), reverse=True)
+    assert len(vqa(text="what color?", regions=photo_regions["coffee"], top_k=100)) == len(ANSWERS)
+    assert len(vqa(text="what color?", regions=photo_regions["coffee"])) == 1
+    entailment = pipeline("cmal-visual-entailment", model=make_model("cmal-visual-entailment", processor),
+                          processor=processor, device=-1, top_k=3)
+    labels = entailment(text="the cup is empty", regions=photo_regions["coffee"])
+    assert sorted(label["label"] for label in labels) == ["contradiction", "entailment", "neutral"]
+    assert sum(label["score"] for label in labels) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_referring_expression_box_is_in_pixels_only_with_an_image_size(processor, photo_regions):
+    pipe = pipeline("cmal-referring-expression", model=make_model("cmal-referring-expression", processor),
+                    processor=processor, device=-1)
+    with_size = pipe(text="black helmet", regions=photo_regions["astronaut"])
+    index = with_size["region_index"]
+    assert with_size["box"] == pytest.approx(photo_regions["astronaut"]["boxes"][index], abs=1e-2)
+    assert not with_size["normalized"]
+    width, height = photo_regions["astronaut"]["image_size"]
+    normalised = {**photo_regions["astronaut"], "boxes": [[x1 / width, y1 / height, x2 / width, y2 / height]
+                                                          for x1, y1, x2, y2 in photo_regions["astronaut"]["boxes"]]}
+    del normalised["image_size"]
+    without_size = pipe(text="black helmet", regions=normalised)
+    assert without_size["normalized"] and without_size["region_index"] == index
+    assert without_size["box"] == pytest.approx(normalised["boxes"][index], abs=1e-4)
+
+
+def test_visual_reasoning_takes_a_pair_of_images_through_the_extractor(processor, tiny_detector):
+    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    extractor = CmalRegionExtractor(AutoModelForObjectDetection.from_pretrained(tiny_detector),
+                                    AutoImageProcessor.from_pretrained(tiny_detector), score_threshold=0.0, top_k=4)
+    model = make_model("cmal-visual-reasoning", processor)
+    pipe = pipeline("cmal-visual-reasoning", model=model, processor=processor, device=-1, region_extractor=extractor)
+    rng = np.random.default_rng(0)
+    left, right = (rng.integers(0, 255, size=(48, 64, 3), dtype=np.uint8) for _ in range(2))
+    result = pipe(text="both images show a cup", images=(left, Image.fromarray(right)))
+    expected = expected_result("cmal-visual-reasoning", model, processor, "both images show a cup",
+                               (extractor(left), extractor(right)))
+    assert_same_result(result, expected)
+
+
+BAD_CALLS = [
+    ("cmal-vqa", dict(regions="COFFEE"), "text"),
+    ("cmal-vqa", dict(text="what?"), "regions"),
+    ("cmal-vqa", dict(text="what?", regions="COFFEE", image="photo.png"), "image"),
+    ("cmal-vqa", dict(text="what?", image="photo.png"), "region extractor"),
+    ("cmal-vqa", dict(text=["what?"], regions="COFFEE"), "text"),
+    ("cmal-vqa", dict(text="what?", regions=[1, 2]), "regions"),
+    ("cmal-vqa", dict(text="what?", regions="COFFEE", question="what?"), "question"),
+    ("cmal-vqa", dict(text="what?", regions="COFFEE", top_k=0), "top_k"),
+    ("cmal-vqa", dict(inputs={"text": "what?", "regions": "COFFEE", "images": None}), "images"),
+    ("cmal-vqa", dict(inputs=[]), "empty"),
+    ("cmal-vqa", dict(inputs={"text": "what?", "regions": "COFFEE"}, text="what?"), "text"),
+    ("cmal-referring-expression", dict(text="the cup", regions="COFFEE", top_k=2), "top_k"),
+    ("cmal-visual-reasoning", dict(text="two cups", regions="COFFEE"), "regions"),
+    ("cmal-visual-reasoning", dict(text="two cups", image="photo.png"), "image"),
+    ("cmal-visual-reasoning", dict(text="two cups", images=("a.png", "b.png", "c.png")), "images"),
+    ("cmal-image-text-matching", dict(text="a cup", regions={"boxes": [[0, 0, 1, 1]]}), "features"),
+]
+
+
+@pytest.mark.parametrize(("task", "call", "named"), BAD_CALLS)
+def test_bad_inputs_raise_a_value_error_naming_the_argument(task, call, named, processor, photo_regions):
+    pipe = pipeline(task, model=make_model(task, processor), processor=processor, device=-1)
+
+    def resolve(value):
+        if value == "COFFEE":
+            return photo_regions["coffee"]
+        if isinstance(value, dict):
+            return {key: resolve(item) for key, item in value.items()}
+        return value
+
+    call = resolve(call)
+    inputs = call.pop("inputs", None)
+    with pytest.raises(ValueError, match=named):
+        pipe(inputs, **call)
+
+
+def test_an_image_path_that_is_not_a_file_is_named(processor, tiny_detector):
+    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    extractor = CmalRegionExtractor(AutoModelForObjectDetection.from_pretrained(tiny_detector),
+                                    AutoImageProcessor.from_pretrained(tiny_detector))
+    pipe = pipeline("cmal-vqa", model=make_model("cmal-vqa", processor), processor=processor, device=-1,
+                    region_extractor=extractor)
+    with pytest.raises(ValueError, match="image.*missing.png"):
+        pipe(text="what?", image="missing.png")
+
+
+def test_a_pipeline_refuses_the_wrong_head(processor):
+    with pytest.raises(ValueError, match="CmalForQuestionAnswering"):
+        pipeline("cmal-vqa", model=make_model("cmal-visual-entailment", processor), processor=processor, device=-1)
