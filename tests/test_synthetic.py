@@ -1,0 +1,275 @@
+"""The synthetic scene world: deterministic, the real builders' schema, and ground truth correct by construction.
+
+Answers are checked against an independent reading of the scene graph (and, for colours and boxes, of the rendered
+pixels), never against the generator's own bookkeeping.
+"""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from datasets import load_from_disk
+
+from conftest import REPO_ROOT
+from processing import schema
+from processing.synthetic import (
+    COLOURS,
+    SHAPE_WORDS,
+    SHAPES,
+    box_iou,
+    build_synthetic_corpus,
+    generate_scene,
+    region_features_from_pixels,
+    render_scene,
+    scene_regions,
+)
+
+NUMBERS = {"no": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
+COLOUR_SYNONYMS = {"crimson": "red", "violet": "purple", "golden": "yellow", **{name: name for name in COLOURS}}
+SHAPE_SYNONYMS = {word: shape for shape in SHAPES for word in SHAPE_WORDS.get(shape, (shape,))}
+SHAPE_SYNONYMS.update({word + ("es" if word.endswith(("s", "x")) else "s"): shape for word, shape in
+                       list(SHAPE_SYNONYMS.items())})
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic_world") / "corpus"
+    build_synthetic_corpus(root, num_scenes=60, seed=3, feature_dim=32)
+    return root
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    """The scenes behind `corpus`, regenerated independently from the same seed (the build draws a scene and then
+    its regions, in that order, from one generator)."""
+    rng = np.random.default_rng(3)
+    result = {}
+    for index in range(60):
+        scene = generate_scene(rng)
+        image = render_scene(scene)
+        result[f"synthetic-3-{index:06d}"] = (scene, image, scene_regions(scene, image, 32, rng))
+    return result
+
+
+def _shape(word):
+    return SHAPE_SYNONYMS[word]
+
+
+def _count(scene, shape=None, colour=None):
+    return sum((shape is None or o["shape"] == shape) and (colour is None or o["colour"] == colour)
+               for o in scene["objects"])
+
+
+def _pixel_colour(image, obj):
+    """The colour name nearest to the most frequent pixel value inside the object's box."""
+    x1, y1, x2, y2 = obj["box"]
+    crop = image[y1:y2, x1:x2].reshape(-1, 3)
+    values, counts = np.unique(crop, axis=0, return_counts=True)
+    top = values[counts.argmax()].astype(float)
+    return min(COLOURS, key=lambda name: np.sum((np.asarray(COLOURS[name]) - top) ** 2))
+
+
+def test_same_seed_same_corpus_other_seed_other_corpus(tmp_path, corpus):
+    build_synthetic_corpus(tmp_path / "again", num_scenes=60, seed=3, feature_dim=32)
+    build_synthetic_corpus(tmp_path / "other", num_scenes=60, seed=4, feature_dim=32)
+    for task in ("pretrain", "vqa", "nlvr2", "snli_ve", "refcoco"):
+        first, again = load_from_disk(str(corpus / task)), load_from_disk(str(tmp_path / "again" / task))
+        for split in ("train", "validation"):
+            assert first[split].to_dict() == again[split].to_dict(), (task, split)
+    assert (load_from_disk(str(corpus / "pretrain"))["train"]["text"]
+            != load_from_disk(str(tmp_path / "other" / "pretrain"))["train"]["text"])
+    assert (corpus / "vqa" / schema.ANSWER_VOCAB_FILE).read_text() == \
+        (tmp_path / "again" / "vqa" / schema.ANSWER_VOCAB_FILE).read_text()
+
+
+def test_columns_are_the_real_builders_schema(corpus):
+    expected = {"pretrain": schema.pretrain_features, "vqa": schema.vqa_features, "nlvr2": schema.nlvr2_features,
+                "snli_ve": schema.snli_ve_features, "refcoco": schema.refcoco_features}
+    config = json.loads((corpus / "synthetic_config.json").read_text())
+    assert config["feature_dim"] == 32 and config["num_scenes"] == 60
+    for task, features in expected.items():
+        dataset = load_from_disk(str(corpus / task))
+        assert set(dataset) == {"train", "validation"}
+        for name, split in dataset.items():
+            assert split.features == features(32), task
+            assert split.num_rows == config["rows"][task][name] > 0
+
+
+def test_rows_are_the_regenerated_scenes(corpus, scenes):
+    rows = load_from_disk(str(corpus / "pretrain"))["train"].with_format("numpy")
+    for row in rows:
+        scene, _, regions = scenes[str(row["image_id"])]
+        np.testing.assert_allclose(row["visual_feats"], regions["features"].astype(np.float16))
+        width, height = scene["image_size"]
+        np.testing.assert_allclose(row["visual_pos"] * [width, height, width, height], regions["boxes"], atol=1e-4)
+        assert list(row["tags"]) == regions["tags"]
+        assert str(row["text"]) in scene["captions"]
+
+
+def test_boxes_are_exact_and_tags_are_shape_names(scenes):
+    for scene, image, regions in scenes.values():
+        background = np.all(np.abs(image.astype(int) - 128) <= 40, axis=-1)
+        for obj in scene["objects"]:
+            x1, y1, x2, y2 = obj["box"]
+            inside = ~background[y1:y2, x1:x2]
+            # the drawn pixels touch all four sides of the box: the box is tight
+            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+            assert _pixel_colour(image, obj) == obj["colour"]
+        assert set(regions["tags"]) <= set(SHAPES)
+        assert sorted(set(regions["tags"])) == sorted({o["shape"] for o in scene["objects"]})
+        # every object has a region at IoU >= 0.5 (what a good detector gives)
+        for obj in scene["objects"]:
+            assert box_iou(regions["boxes"], obj["box"]).max() >= 0.5
+
+
+def test_region_features_come_from_the_pixels():
+    rng = np.random.default_rng(0)
+    scene = generate_scene(rng, min_objects=2, max_objects=2)
+    image = render_scene(scene)
+    boxes = np.asarray([o["box"] for o in scene["objects"]], dtype=np.float32)
+    features = region_features_from_pixels(image, boxes, feature_dim=48)
+    assert features.shape == (2, 48) and features.dtype == np.float32 and np.isfinite(features).all()
+    np.testing.assert_array_equal(features, region_features_from_pixels(image.copy(), boxes, feature_dim=48))
+    recoloured = dict(scene, objects=[dict(scene["objects"][0], colour=next(
+        c for c in COLOURS if c != scene["objects"][0]["colour"])), scene["objects"][1]])
+    changed = region_features_from_pixels(render_scene(recoloured), boxes, feature_dim=48)
+    assert not np.allclose(changed[0], features[0])  # a new colour, new features: colour is in the features
+    np.testing.assert_allclose(changed[1], features[1], atol=1e-5)  # the untouched object keeps its features
+    with pytest.raises(ValueError, match="pixels"):
+        region_features_from_pixels(image[..., 0], boxes)
+    with pytest.raises(ValueError, match="feature_dim"):
+        region_features_from_pixels(image, boxes, feature_dim=0)
+
+
+def test_vqa_answers_are_correct(corpus, scenes):
+    answers = json.loads((corpus / "vqa" / schema.ANSWER_VOCAB_FILE).read_text())
+    kinds = set()
+    for split in ("train", "validation"):
+        for row in load_from_disk(str(corpus / "vqa"))[split]:
+            scene, image, _ = scenes[row["image_id"]]
+            answer = answers[row["answer_ids"][0]]
+            assert row["answer_scores"] == [1.0]
+            text = row["text"]
+            if match := re.fullmatch(r"what color is the (\w+)\?", text):
+                (obj,) = [o for o in scene["objects"] if o["shape"] == _shape(match[1])]
+                assert answer == _pixel_colour(image, obj)
+            elif match := re.fullmatch(r"what shape is the (\w+) (?:object|thing|shape)\?", text):
+                (obj,) = [o for o in scene["objects"] if o["colour"] == COLOUR_SYNONYMS[match[1]]]
+                assert answer == obj["shape"]
+            elif match := re.fullmatch(r"how many (\w+) are there\?", text):
+                assert int(answer) == _count(scene, _shape(match[1]))
+            elif match := re.fullmatch(r"is there a (\w+) (\w+)\?", text):
+                assert answer == ("yes" if _count(scene, _shape(match[2]), match[1]) else "no")
+            else:
+                raise AssertionError(f"unexpected question {text!r}")
+            kinds.add(row["question_type"])
+    assert kinds == {"what color is the", "what shape is the", "how many", "is there a"}
+
+
+def _nlvr2_truth(text, left, right):
+    scenes = {"left": left, "right": right}
+    if match := re.fullmatch(r"there are more (\w+) in the left image than in the right image", text):
+        return _count(left, _shape(match[1])) > _count(right, _shape(match[1]))
+    if match := re.fullmatch(r"the right image contains at least one (\w+)", text):
+        return _count(right, _shape(match[1])) > 0
+    if match := re.fullmatch(r"both images contain a (\w+) (\w+)", text):
+        return all(_count(s, _shape(match[2]), match[1]) for s in scenes.values())
+    if match := re.fullmatch(r"exactly one image contains a (\w+) (\w+)", text):
+        return sum(bool(_count(s, _shape(match[2]), match[1])) for s in scenes.values()) == 1
+    if match := re.fullmatch(r"the left image shows (\w+) (\w+)", text):
+        return _count(left, _shape(match[2])) == NUMBERS[match[1]]
+    raise AssertionError(f"unexpected statement {text!r}")
+
+
+def test_nlvr2_labels_are_correct_and_balanced(corpus, scenes):
+    labels = []
+    for row in load_from_disk(str(corpus / "nlvr2"))["train"]:
+        truth = _nlvr2_truth(row["text"], scenes[row["image_id_0"]][0], scenes[row["image_id_1"]][0])
+        assert row["label"] == int(truth), row["text"]
+        labels.append(row["label"])
+    assert 0.4 <= np.mean(labels) <= 0.6
+
+
+def test_snli_ve_hypotheses_match_their_labels(corpus, scenes):
+    for row in load_from_disk(str(corpus / "snli_ve"))["train"]:
+        scene = scenes[row["image_id"]][0]
+        assert row["premise"] in scene["captions"]
+        text, label = row["text"], schema.SNLI_VE_LABELS[row["label"]]
+        if match := re.fullmatch(r"the picture contains (\w+) shapes?", text):
+            assert (NUMBERS[match[1]] == len(scene["objects"])) == (label == "entailment")
+        elif match := re.fullmatch(r"there are no (\w+)", text):
+            assert label == "contradiction" and _count(scene, _shape(match[1])) > 0
+        elif match := re.fullmatch(r"the only (\w+) is (\w+)", text):
+            assert label == "contradiction" and _count(scene, _shape(match[1]), match[2]) == 0
+        elif match := re.fullmatch(r"there is an? (?:(?:small|little|tiny|large|big) )?(\w+) (\w+)", text):
+            assert label == "entailment" and _count(scene, _shape(match[2]), COLOUR_SYNONYMS[match[1]]) == 1
+        elif match := re.fullmatch(r"an? (\w+) (\w+) is (on the left|on the right|at the top|at the bottom)", text):
+            (obj,) = [o for o in scene["objects"]
+                      if o["shape"] == _shape(match[2]) and o["colour"] == COLOUR_SYNONYMS[match[1]]]
+            assert label == "entailment" and obj["position"] == match[3]
+        else:
+            assert label == "neutral", text
+            assert re.search(r"made of|drawn by|about to pick up", text)
+
+
+def test_referring_expressions_pick_one_object_and_its_best_region(corpus, scenes):
+    for row in load_from_disk(str(corpus / "refcoco"))["train"].with_format("numpy"):
+        scene, _, regions = scenes[str(row["image_id"])]
+        width, height = scene["image_size"]
+        target = np.asarray(row["target_box"]) * [width, height, width, height]
+        words = str(row["text"]).split()[1:]
+        candidates = [o for o in scene["objects"]
+                      if all(w in ("one", "on", "the", "at", "left", "right", "top", "bottom")
+                             or COLOUR_SYNONYMS.get(w) == o["colour"] or SHAPE_SYNONYMS.get(w) == o["shape"]
+                             for w in words)
+                      and (" ".join(words[-2:]) not in ("the left", "the right", "the top", "the bottom")
+                           or o["position"].endswith(" ".join(words[-2:])))]
+        assert len(candidates) == 1, (row["text"], scene["objects"])
+        np.testing.assert_allclose(target, candidates[0]["box"], atol=1e-4)
+        np.testing.assert_allclose(row["region_ious"], box_iou(regions["boxes"], target), atol=1e-5)
+        assert row["label"] == int(np.argmax(row["region_ious"])) and row["region_ious"][row["label"]] >= 0.5
+
+
+def test_captions_anchor_to_regions(corpus, tokenizer):
+    from modeling_cmal.processing_cmal import CmalProcessor
+
+    rows = load_from_disk(str(corpus / "pretrain"))["validation"].with_format("numpy")
+    processor = CmalProcessor(tokenizer=tokenizer)
+    batch = processor(text=[str(t) for t in rows["text"]],
+                      regions=[{"features": f.astype(np.float32), "boxes": p, "tags": [str(t) for t in tags]}
+                               for f, p, tags in zip(rows["visual_feats"], rows["visual_pos"], rows["tags"])],
+                      return_tensors="pt")
+    anchored = (batch["anchor_pairs"][..., 0] >= 0).any(-1)
+    assert anchored.all(), "every synthetic caption names at least one of its shapes"
+
+
+def test_invalid_arguments_and_a_foreign_folder(tmp_path):
+    for kwargs, name in (({"num_scenes": 0}, "num_scenes"), ({"num_scenes": 3}, "num_scenes"),
+                         ({"feature_dim": -1}, "feature_dim"), ({"seed": -2}, "seed"),
+                         ({"validation_fraction": 1.5}, "validation_fraction")):
+        with pytest.raises(ValueError, match=name):
+            build_synthetic_corpus(tmp_path / "x", **{"num_scenes": 20, **kwargs})
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a synthetic corpus"):
+        build_synthetic_corpus(foreign, num_scenes=20)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="rng"):
+        generate_scene(0)
+
+
+def test_command_line_writes_the_corpus_and_a_summary(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "processing.synthetic", "--output", str(tmp_path / "c"),
+                             "--num-scenes", "30", "--seed", "1", "--feature-dim", "16"],
+                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "vqa" in result.stdout and "anchors" in result.stdout
+    assert json.loads((tmp_path / "c" / "synthetic_config.json").read_text())["feature_dim"] == 16
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+    bad = subprocess.run([sys.executable, "-m", "processing.synthetic", "--output", str(tmp_path / "d"),
+                          "--num-scenes", "0"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert bad.returncode == 2 and "--num-scenes" in bad.stderr
