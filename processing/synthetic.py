@@ -33,16 +33,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from datasets import Dataset
 from tqdm.auto import tqdm
-
-import shutil
-import uuid
 
 from .builders import _install_folder, _own_progress_bar_only, _prepare_root, _save_atomically, _write_text_atomically
 from .schema import (

@@ -4,6 +4,7 @@ sizes, dtypes. CMAP semantics and the pre-training objectives are in test_model_
 
 import pytest
 import torch
+from test_model_core import B, M, N, make_config, make_inputs
 
 from modeling_cmal import (
     CmalForImageTextMatching,
@@ -14,7 +15,6 @@ from modeling_cmal import (
     CmalForVisualReasoning,
     CmalModel,
 )
-from test_model_core import B, M, N, make_config, make_inputs
 
 SINGLE_IMAGE_HEADS = (CmalForQuestionAnswering, CmalForVisualEntailment, CmalForReferringExpression,
                       CmalForImageTextMatching)
@@ -106,7 +106,7 @@ def test_head_loads_from_a_trunk_folder_and_the_trunk_from_a_head_folder(model_c
     assert not info["missing_keys"] and not info["mismatched_keys"]
     for name, value in head.cmal.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[name], value, msg=name)
-    same, info = model_class.from_pretrained(tmp_path / "head", output_loading_info=True)
+    _, info = model_class.from_pretrained(tmp_path / "head", output_loading_info=True)
     assert not any(info.values()), info
 
 

@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from datasets import load_from_disk
 
-from conftest import REPO_ROOT
 from processing import schema
 from processing.synthetic import (
     COLOURS,
