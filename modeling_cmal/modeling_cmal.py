@@ -83,8 +83,9 @@ class CmalForPreTrainingOutput(ModelOutput):
     mlm_logits (`torch.FloatTensor`): `(num_labelled_pieces, vocab_size)` at the positions where `labels` is
         set, or `(batch_size, text_length, vocab_size)` when no `labels` are given.
     itm_logits (`torch.FloatTensor` of shape `(batch_size, 2)`): mismatch / match logits.
-    itc_logits (`torch.FloatTensor` of shape `(batch_size, global_batch_size)`, *optional*): text-to-image
-        similarities when the contrastive objective is on.
+    itc_logits (`torch.FloatTensor` of shape `(num_matched_pairs, global_num_matched_pairs)`, *optional*):
+        text-to-image similarities (times the learned inverse temperature) of this process's matched pairs against
+        the matched pairs of every process, when the contrastive objective is on.
     """
 
     loss: torch.FloatTensor | None = None
@@ -731,9 +732,33 @@ class CmalConceptHead(nn.Module):
         return self.classifier(self.transform(hidden_states))
 
 
+def _gather_pairs_across_processes(pairs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All processes' valid rows of `pairs` `[B, D]` (`valid` `[B]` bool), in rank order, with gradients flowing back
+    to every process; plus the number of valid rows on the ranks before this one (its offset in the result).
+
+    `all_gather` needs equal sizes on every rank, but neither the batch size (last batch) nor the number of valid
+    rows (matched pairs) is the same everywhere: every rank pads its rows to the largest batch, gathers them with
+    their validity, and drops the padding and the invalid rows afterwards.
+    """
+    from torch.distributed.nn.functional import all_gather
+
+    world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    batch_sizes = [torch.zeros(1, dtype=torch.long, device=pairs.device) for _ in range(world_size)]
+    torch.distributed.all_gather(batch_sizes, torch.tensor([pairs.shape[0]], device=pairs.device))
+    batch_sizes = [int(size.item()) for size in batch_sizes]
+    padding = max(batch_sizes) - pairs.shape[0]
+    # The validity travels as the last column, so one gather (with gradients) carries everything.
+    rows = torch.cat([pairs, valid.to(pairs.dtype).unsqueeze(-1)], dim=-1)
+    gathered = all_gather(F.pad(rows, (0, 0, 0, padding)))
+    gathered = [part[:size] for part, size in zip(gathered, batch_sizes)]
+    offset = int(sum((part[:, -1] > 0).sum().item() for part in gathered[:rank]))
+    gathered = torch.cat(gathered, dim=0)
+    return gathered[gathered[:, -1] > 0, :-1], offset
+
+
 class CmalContrastiveHead(nn.Module):
-    """ITC (ablation baseline): mean-pooled hypersphere embeddings, in-batch negatives gathered across processes,
-    learnable temperature."""
+    """ITC (ablation baseline): symmetric InfoNCE between the mean-pooled text and region hypersphere embeddings
+    of matched pairs, with a learnable temperature; in-batch negatives are the matched pairs of every process."""
 
     def __init__(self, config: CmalConfig):
         super().__init__()
@@ -744,19 +769,25 @@ class CmalContrastiveHead(nn.Module):
         mask = mask.to(embeds.dtype).unsqueeze(-1)
         return F.normalize((embeds * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
 
-    def forward(self, text_embeds, attention_mask, image_embeds, visual_attention_mask):
-        """Returns (text-to-image logits `[B, global_B]`, index of each local pair in the global batch `[B]`)."""
+    def forward(self, text_embeds, attention_mask, image_embeds, visual_attention_mask, pair_mask=None):
+        """`text_embeds` `[B, N, H]`, `attention_mask` `[B, N]`, `image_embeds` `[B, M, H]`, `visual_attention_mask`
+        `[B, M]`, `pair_mask` `[B]` bool (the matched pairs; default all) → (text-to-image logits `[P, G]`,
+        image-to-text logits `[P, G]`, targets `[P]`): `P` local matched pairs, `G` matched pairs of all processes
+        in rank order; `targets` is each local pair's column."""
+        if pair_mask is None:
+            pair_mask = torch.ones(text_embeds.shape[0], dtype=torch.bool, device=text_embeds.device)
         text = self._pool(text_embeds, attention_mask)
         image = self._pool(image_embeds, visual_attention_mask)
-        offset = 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            from torch.distributed.nn.functional import all_gather
-
-            image = torch.cat(all_gather(image), dim=0)
-            offset = torch.distributed.get_rank() * text.shape[0]
-        logits = self.logit_scale.exp().clamp(max=100) * text @ image.t()
-        targets = torch.arange(text.shape[0], device=text.device) + offset
-        return logits, targets
+        all_text, all_image, offset = text[pair_mask], image[pair_mask], 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            gathered, offset = _gather_pairs_across_processes(torch.cat([text, image], dim=-1), pair_mask)
+            all_text, all_image = gathered.split(text.shape[-1], dim=-1)
+        scale = self.logit_scale.exp().clamp(max=100)
+        logits_per_text = scale * text[pair_mask] @ all_image.t()
+        logits_per_image = scale * image[pair_mask] @ all_text.t()
+        targets = torch.arange(logits_per_text.shape[0], device=text.device) + offset
+        return logits_per_text, logits_per_image, targets
 
 
 def select_anchor_slots(anchor_pairs, anchor_actions, anchor_concept_ids, text_length):
@@ -842,7 +873,8 @@ class CmalForPreTraining(CmalPreTrainedModel):
         AMC needs no extra labels: its targets are `anchor_concept_ids` at the anchors whose `anchor_actions` are
         not keep. Each objective's loss is computed when its targets are present and its config weight is > 0;
         `loss` is their weighted sum. ITC (when `config.itc_loss_weight > 0`) is computed whenever `itm_labels`
-        are given, over the pairs with `itm_labels == 1`.
+        are given, over the pairs with `itm_labels == 1`, symmetric (mean of the text-to-image and image-to-text
+        cross-entropies), with the matched pairs of every process as negatives.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if labels is not None and labels.shape != (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape:
@@ -905,11 +937,16 @@ class CmalForPreTraining(CmalPreTrainedModel):
                 visual_attention_mask if visual_attention_mask is not None
                 else torch.ones_like(outputs.image_embeds[..., 0])
             )
-            itc_logits, itc_targets = self.itc_head(
-                outputs.text_embeds[matched], text_mask[matched], outputs.image_embeds[matched], region_mask[matched]
+            # Every rank runs the head (it gathers across processes), also when none of its pairs is matched.
+            itc_logits, itc_logits_per_image, itc_targets = self.itc_head(
+                outputs.text_embeds, text_mask, outputs.image_embeds, region_mask, matched
             )
             if itm_labels is not None and itc_logits.shape[0] > 0:
-                losses["itc"] = F.cross_entropy(itc_logits.float(), itc_targets)
+                losses["itc"] = 0.5 * (F.cross_entropy(itc_logits.float(), itc_targets)
+                                       + F.cross_entropy(itc_logits_per_image.float(), itc_targets))
+            elif itm_labels is not None:
+                # The backward of the gather is a collective: this rank must take part in it.
+                unused_heads += [itc_logits, itc_logits_per_image]
 
         weights = {"amc": config.amc_loss_weight, "mlm": config.mlm_loss_weight, "itm": config.itm_loss_weight,
                    "itc": config.itc_loss_weight}

@@ -1,0 +1,308 @@
+"""The contrastive objective across processes, the ablation variants, and examples/ablation.py end to end."""
+
+import datetime
+import socket
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from modeling_cmal import CmalConfig, CmalForPreTraining
+from modeling_cmal.modeling_cmal import CmalContrastiveHead
+
+WORLD_SIZE, N, M, H = 2, 5, 4, 8
+# Per rank: batch size and which pairs are matched (unequal batch sizes and unequal matched counts).
+RANK_PAIRS = {0: [True, False, True, True], 1: [False, True, False]}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _head_inputs(rank: int) -> dict:
+    generator = torch.Generator().manual_seed(100 + rank)
+    batch_size = len(RANK_PAIRS[rank])
+    attention_mask = torch.ones(batch_size, N, dtype=torch.long)
+    attention_mask[0, 3:] = 0
+    visual_attention_mask = torch.ones(batch_size, M, dtype=torch.long)
+    visual_attention_mask[-1, 2:] = 0
+    return {
+        "text_embeds": F.normalize(torch.randn(batch_size, N, H, generator=generator), dim=-1),
+        "attention_mask": attention_mask,
+        "image_embeds": F.normalize(torch.randn(batch_size, M, H, generator=generator), dim=-1),
+        "visual_attention_mask": visual_attention_mask,
+        "pair_mask": torch.tensor(RANK_PAIRS[rank]),
+    }
+
+
+def _run_head(head: CmalContrastiveHead, inputs: dict) -> dict:
+    """Forward, a summed symmetric loss, backward: logits, targets and the gradients."""
+    inputs = {key: value.clone().requires_grad_(value.is_floating_point()) for key, value in inputs.items()}
+    head.zero_grad()
+    logits_per_text, logits_per_image, targets = head(**inputs)
+    loss = (F.cross_entropy(logits_per_text, targets, reduction="sum")
+            + F.cross_entropy(logits_per_image, targets, reduction="sum"))
+    # A rank without matched pairs still takes part in the backward collective.
+    (loss + 0.0 * logits_per_text.sum() + 0.0 * logits_per_image.sum()).backward()
+    return {"logits_per_text": logits_per_text.detach(), "logits_per_image": logits_per_image.detach(),
+            "targets": targets, "text_grad": inputs["text_embeds"].grad, "image_grad": inputs["image_embeds"].grad,
+            "scale_grad": head.logit_scale.grad.clone()}
+
+
+def _tiny_pretraining_config() -> CmalConfig:
+    return CmalConfig(vocab_size=50, hidden_size=16, num_attention_heads=2, intermediate_size=32, num_text_layers=1,
+                      num_visual_layers=1, num_unified_layers=1, visual_feat_dim=6, num_anchor_concepts=7,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, itc_loss_weight=1.0)
+
+
+def _distributed_worker(rank: int, port: int, output_dir) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        result = _run_head(CmalContrastiveHead(_tiny_pretraining_config()), _head_inputs(rank))
+        # Whole model: rank 1 has no matched pair at all, so only rank 0 has an ITC loss; the step must not hang.
+        torch.manual_seed(0)
+        model = CmalForPreTraining(_tiny_pretraining_config())
+        generator = torch.Generator().manual_seed(rank)
+        outputs = model(input_ids=torch.randint(1, 50, (3, N), generator=generator),
+                        visual_feats=torch.randn(3, M, 6, generator=generator), visual_pos=torch.rand(3, M, 4),
+                        itm_labels=torch.tensor([1, 1, 0]) if rank == 0 else torch.zeros(3, dtype=torch.long))
+        outputs.loss.backward()
+        result["model_itc_logits_shape"] = tuple(outputs.itc_logits.shape)
+        result["model_itc_loss"] = None if outputs.itc_loss is None else float(outputs.itc_loss)
+        result["model_scale_grad"] = float(model.itc_head.logit_scale.grad)
+        torch.save(result, output_dir / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_contrastive_head_gathers_unequal_matched_pairs_across_processes(tmp_path):
+    torch.multiprocessing.spawn(_distributed_worker, args=(_free_port(), tmp_path), nprocs=WORLD_SIZE, join=True)
+    results = {rank: torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)}
+
+    # One process over the concatenated batch.
+    concatenated = {key: torch.cat([_head_inputs(rank)[key] for rank in range(WORLD_SIZE)])
+                    for key in _head_inputs(0)}
+    torch.manual_seed(0)
+    single = _run_head(CmalContrastiveHead(_tiny_pretraining_config()), concatenated)
+    assert single["logits_per_text"].shape == (4, 4)
+
+    row_start, batch_start = 0, 0
+    for rank in range(WORLD_SIZE):
+        matched = sum(RANK_PAIRS[rank])
+        batch_size = len(RANK_PAIRS[rank])
+        rows = slice(row_start, row_start + matched)
+        result = results[rank]
+        torch.testing.assert_close(result["logits_per_text"], single["logits_per_text"][rows])
+        torch.testing.assert_close(result["logits_per_image"], single["logits_per_image"][rows])
+        assert result["targets"].tolist() == single["targets"][rows].tolist()
+        # Gradients reach every process's embeddings exactly as in the single-process computation.
+        batch = slice(batch_start, batch_start + batch_size)
+        torch.testing.assert_close(result["text_grad"], single["text_grad"][batch])
+        torch.testing.assert_close(result["image_grad"], single["image_grad"][batch])
+        row_start += matched
+        batch_start += batch_size
+    torch.testing.assert_close(sum(results[rank]["scale_grad"] for rank in range(WORLD_SIZE)), single["scale_grad"])
+
+    # Whole model: rank 0's two matched pairs against the two gathered ones; rank 1 has rows for none.
+    assert results[0]["model_itc_logits_shape"] == (2, 2) and results[0]["model_itc_loss"] is not None
+    assert results[1]["model_itc_logits_shape"] == (0, 2) and results[1]["model_itc_loss"] is None
+    assert results[0]["model_scale_grad"] != 0.0 and results[1]["model_scale_grad"] == 0.0
+
+
+def test_contrastive_head_single_process_targets_and_symmetry():
+    head = CmalContrastiveHead(_tiny_pretraining_config())
+    inputs = _head_inputs(0)
+    logits_per_text, logits_per_image, targets = head(**inputs)
+    assert logits_per_text.shape == (3, 3) and targets.tolist() == [0, 1, 2]
+    torch.testing.assert_close(logits_per_image, logits_per_text.t())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# examples/ablation.py: the variants
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    import sys
+
+    from conftest import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    import ablation
+
+    return ablation
+
+
+@pytest.fixture(scope="module")
+def variant_setup(ablation, tokenizer, synthetic_corpus, synthetic_corpus_info):
+    """The processor, full CMAL's fields (tiny, no dropout) and a batch of pre-training rows."""
+    from datasets import load_from_disk
+
+    from modeling_cmal.processing_cmal import CmalProcessor
+
+    processor = CmalProcessor(tokenizer=tokenizer, max_regions=36)
+    fields = ablation.base_fields("tiny", processor, synthetic_corpus_info["feature_dim"])
+    fields.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    rows = list(load_from_disk(str(synthetic_corpus / "pretrain"))["train"].select(range(16)).with_format("numpy"))
+    return processor, fields, rows
+
+
+def _pretraining_step(ablation, variant_setup, name: str):
+    """One forward and backward of a variant on the same rows: (model, batch, outputs)."""
+    from modeling_cmal.collator_cmal import CmalPretrainingCollator
+
+    processor, fields, rows = variant_setup
+    config = CmalConfig(**ablation.variant_fields(name, fields))
+    torch.manual_seed(0)
+    model = CmalForPreTraining(config).train()
+    batch = CmalPretrainingCollator(processor, config, seed=3, max_length=32)(rows)
+    outputs = model(**batch)
+    outputs.loss.backward()
+    return model, batch, outputs
+
+
+def _actions(batch) -> set[int]:
+    return set(batch["anchor_actions"][batch["anchor_pairs"][..., 0] >= 0].tolist())
+
+
+def test_full_cmal_fills_and_trains_every_head(ablation, variant_setup):
+    model, batch, outputs = _pretraining_step(ablation, variant_setup, "cmal")
+    assert {1, 2} <= _actions(batch)
+    assert outputs.amc_loss is not None and outputs.itc_loss is None and model.itc_head is None
+    assert all(parameter.grad is not None for parameter in model.amc_head.parameters())
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(outputs.text_embeds.norm(dim=-1)[real], torch.ones(int(real.sum())))
+
+
+def test_without_amc_the_amc_head_gets_no_gradient(ablation, variant_setup):
+    model, batch, outputs = _pretraining_step(ablation, variant_setup, "no_amc")
+    assert model.config.amc_loss_weight == 0
+    assert outputs.amc_loss is None and outputs.amc_logits is None
+    torch.testing.assert_close(outputs.loss, outputs.mlm_loss + outputs.itm_loss)
+    assert all(parameter.grad is None for parameter in model.amc_head.parameters())
+    assert {1, 2} <= _actions(batch), "without AMC the anchors are still filled"
+
+
+def test_masking_variant_never_fills(ablation, variant_setup):
+    _, fields, _ = variant_setup
+    _, batch, outputs = _pretraining_step(ablation, variant_setup, "masking")
+    assert _actions(batch) == {0, 3}
+    masking, full = (CmalConfig(**ablation.variant_fields(name, fields)) for name in ("masking", "cmal"))
+    assert masking.anchor_keep_rate == pytest.approx(full.anchor_keep_rate)
+    assert outputs.amc_loss is not None
+
+
+def test_without_hypersphere_the_embeddings_are_not_unit_norm(ablation, variant_setup):
+    model, batch, outputs = _pretraining_step(ablation, variant_setup, "no_hypersphere")
+    assert model.config.use_hypersphere_normalization is False
+    norms = outputs.text_embeds.norm(dim=-1)[batch["attention_mask"].bool()]
+    assert not torch.allclose(norms, torch.ones_like(norms))
+
+
+def test_single_stream_has_no_unimodal_encoder_layers(ablation, variant_setup):
+    _, fields, _ = variant_setup
+    model, batch, outputs = _pretraining_step(ablation, variant_setup, "single_stream")
+    trunk = model.cmal
+    assert len(trunk.text_encoder.layer) == 0 and len(trunk.visual_encoder.layer) == 0
+    full = CmalConfig(**fields)
+    assert len(trunk.unified_encoder.layer) == full.num_text_layers + full.num_unified_layers
+    assert not any(name.startswith(("cmal.text_encoder.", "cmal.visual_encoder.")) for name in model.state_dict())
+    # The hypersphere embeddings are then those of the (normalised) input embeddings themselves.
+    embeddings = trunk.text_embeddings(batch["input_ids"], batch["token_type_ids"])
+    torch.testing.assert_close(outputs.text_embeds, F.normalize(embeddings, dim=-1))
+    assert torch.isfinite(outputs.loss) and outputs.amc_loss is not None
+
+
+def test_contrastive_variant_trains_itc_without_amc_or_filling(ablation, variant_setup):
+    model, batch, outputs = _pretraining_step(ablation, variant_setup, "contrastive")
+    assert model.itc_head is not None and model.config.amc_loss_weight == 0
+    assert _actions(batch) == {0}
+    assert outputs.itc_loss is not None and outputs.amc_loss is None
+    matched = int(batch["itm_labels"].sum())
+    assert outputs.itc_logits.shape == (matched, matched)
+    assert model.itc_head.logit_scale.grad is not None
+
+
+def test_variants_differ_from_full_cmal_only_where_intended(ablation, variant_setup):
+    _, fields, _ = variant_setup
+    full = CmalConfig(**fields).to_dict()
+    changed = {}
+    for name in ablation.VARIANTS:
+        variant = CmalConfig(**ablation.variant_fields(name, fields)).to_dict()
+        changed[name] = {key for key in full if variant[key] != full[key]}
+    assert changed["cmal"] == set() and changed["no_pretraining"] == set()
+    assert changed["no_amc"] == {"amc_loss_weight"}
+    assert changed["masking"] == {"anchor_fill_text_rate", "anchor_fill_region_rate", "anchor_mask_both_rate"}
+    assert changed["no_hypersphere"] == {"use_hypersphere_normalization"}
+    assert changed["single_stream"] == {"num_text_layers", "num_visual_layers", "num_unified_layers"}
+    assert changed["contrastive"] == {"amc_loss_weight", "itc_loss_weight", "anchor_fill_text_rate",
+                                      "anchor_fill_region_rate", "anchor_mask_both_rate"}
+    with pytest.raises(ValueError, match="variant must be one of"):
+        ablation.variant_fields("no_such_variant", fields)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds", "0,0"], "--seeds"),
+    (["--variants", "cmal,bogus"], "--variants"),
+    (["--tasks", "gqa"], "--tasks"),
+    (["--data_fractions", "0,1"], "--data_fractions"),
+    (["--data_fractions", "0,0.5,2"], "--data_fractions"),
+    (["--efficiency_variants", "no_pretraining"], "--efficiency_variants"),
+    (["--pretrain_steps", "0"], "--pretrain_steps"),
+    (["--finetune_learning_rate", "-1"], "--finetune_learning_rate"),
+    (["--model_config", "huge"], "--model_config"),
+    (["--corpus_dir", "/nonexistent/corpus"], "--corpus_dir"),
+])
+def test_arguments_are_validated(ablation, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--output_dir", "unused", "--preset", "tiny", *flags])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tiny_preset_end_to_end(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    command = [sys.executable, str(REPO_ROOT / "examples" / "ablation.py"), "--preset", "tiny",
+               "--output_dir", str(tmp_path)]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr[-5000:]
+    for name in ("results.json", "ablation.md", "ablation.png", "data_efficiency.md", "data_efficiency.png"):
+        assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((tmp_path / "results.json").read_text())
+    variants = results["variants"]
+    assert list(variants) == ["cmal", "no_amc", "masking", "no_hypersphere", "single_stream", "contrastive",
+                              "no_pretraining"]
+    seeds = results["settings"]["seeds"]
+    for name, variant in variants.items():
+        assert [run["seed"] for run in variant["runs"]] == seeds
+        for run in variant["runs"]:
+            assert set(run["scores"]) == {"vqa", "nlvr2", "snli_ve", "refcoco"}
+            assert all(0.0 <= score <= 1.0 for score in run["scores"].values())
+            assert ("pretrain_losses" in run) == (name != "no_pretraining")
+    assert "itc_loss" in variants["contrastive"]["runs"][0]["pretrain_losses"]
+    assert "amc_loss" not in variants["no_amc"]["runs"][0]["pretrain_losses"]
+    table = (tmp_path / "ablation.md").read_text()
+    assert "| CMAL (full) |" in table and "±" in table and "| contrastive (ITC + MLM + ITM) |" in table
+    curves = results["data_efficiency"]
+    assert set(curves) == {"cmal", "contrastive"}
+    for curve in curves.values():
+        sizes = curve["pretrain_rows"]
+        assert len(sizes) >= 3 and sizes == sorted(sizes) and sizes[-1] == results["pretrain_rows"]
+        assert len(curve["summary"]) == len(sizes)
+    # The full-size point of the curve is the ablation's own run; the no-pre-training point the reference run.
+    assert curves["cmal"]["runs"][-1] == variants["cmal"]["runs"]
+    assert curves["contrastive"]["runs"][0] == variants["no_pretraining"]["runs"]
+    assert "no pre-training" in (tmp_path / "data_efficiency.md").read_text()
