@@ -251,19 +251,18 @@ def scene_regions(scene: dict, image: np.ndarray, feature_dim: int = DEFAULT_FEA
 
     One region per object (its box jittered by 1 pixel, 2 for large objects, score 0.75–1.0, tag = shape name) and, with a
     seeded chance, a "part" detection of an object (about half its box, score 0.3–0.6, same tag). Regions are
-    shuffled. Returns `features` `[M, feature_dim]`, `boxes` `[M, 4]` in pixels, `image_size`, `tags`, `scores`,
-    and `object_index` `[M]` (which object each region comes from; for building ground truth, not a model input).
+    shuffled. Returns `features` `[M, feature_dim]`, `boxes` `[M, 4]` in pixels, `image_size`, `tags` and `scores`:
+    the `regions` dict `CmalProcessor` takes, as is.
     """
     rng = _check_rng(rng) if rng is not None else np.random.default_rng(scene["noise_seed"] + 1)
     width, height = scene["image_size"]
-    boxes, tags, scores, owners = [], [], [], []
-    for index, obj in enumerate(scene["objects"]):
+    boxes, tags, scores = [], [], []
+    for obj in scene["objects"]:
         jitter = 1 if obj["size"] == "small" else 2  # a detector's box error, kept IoU >= 0.5 with the object
         x1, y1, x2, y2 = (coordinate + rng.integers(-jitter, jitter + 1) for coordinate in obj["box"])
         boxes.append((max(0, x1), max(0, y1), min(width, max(x2, x1 + 2)), min(height, max(y2, y1 + 2))))
         tags.append(obj["shape"])
         scores.append(float(rng.uniform(0.75, 1.0)))
-        owners.append(index)
         if rng.random() < 0.3:
             bx1, by1, bx2, by2 = obj["box"]
             half_width, half_height = (bx2 - bx1) / 2, (by2 - by1) / 2
@@ -271,8 +270,7 @@ def scene_regions(scene: dict, image: np.ndarray, feature_dim: int = DEFAULT_FEA
             boxes.append((int(px), int(py), int(np.ceil(px + half_width)) + 1, int(np.ceil(py + half_height)) + 1))
             tags.append(obj["shape"])
             scores.append(float(rng.uniform(0.3, 0.6)))
-            owners.append(index)
-    order = rng.permutation(len(boxes))
+        order = rng.permutation(len(boxes))
     boxes_array = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)[order]
     return {
         "features": region_features_from_pixels(image, boxes_array, feature_dim),
@@ -280,7 +278,6 @@ def scene_regions(scene: dict, image: np.ndarray, feature_dim: int = DEFAULT_FEA
         "image_size": (width, height),
         "tags": [tags[index] for index in order],
         "scores": np.asarray(scores, dtype=np.float32)[order],
-        "object_index": np.asarray(owners, dtype=np.int64)[order],
     }
 
 

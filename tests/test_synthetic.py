@@ -273,3 +273,13 @@ def test_command_line_writes_the_corpus_and_a_summary(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "processing.synthetic", "--output", str(tmp_path / "d"),
                           "--num-scenes", "0"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert bad.returncode == 2 and "--num-scenes" in bad.stderr
+
+
+def test_scene_regions_go_straight_into_the_processor(tokenizer):
+    from modeling_cmal.processing_cmal import CmalProcessor
+
+    scene = generate_scene(np.random.default_rng(5))
+    regions = scene_regions(scene, render_scene(scene), feature_dim=16)
+    batch = CmalProcessor(tokenizer=tokenizer)(text=scene["captions"][0], regions=regions, return_tensors="pt")
+    assert batch["visual_feats"].shape == (1, len(regions["tags"]), 16)
+    assert (batch["anchor_pairs"][..., 0] >= 0).any()

@@ -1,0 +1,164 @@
+"""t-SNE of CMAL's two hyperspheres: anchor words and anchor regions, coloured by their anchor concept.
+
+    python examples/tsne.py --model_name_or_path outputs/quickstart/pretrained --output tsne.png
+
+Scenes of the synthetic world (`processing.synthetic`) are encoded by the model; every anchor pair (a caption word
+and the region that names the same concept) gives two points: the word's `text_embeds` (mean of its pieces,
+renormalised onto the unit sphere) and the region's `image_embeds`. Both sets go through one scikit-learn t-SNE and
+are drawn in one plot: colour = concept, circle = word, triangle = region. After pre-training with AMC, words and
+regions of one concept should gather by concept, each modality on its own hypersphere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from modeling_cmal import CmalModel  # noqa: E402
+from modeling_cmal.processing_cmal import CmalProcessor  # noqa: E402
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos", "visual_attention_mask",
+                "anchor_pairs")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", required=True, help="a CMAL folder (pre-trained or fine-tuned)")
+    parser.add_argument("--output", required=True, help="PNG file to write (its folder is created)")
+    parser.add_argument("--num_scenes", type=int, default=120, help="synthetic scenes to encode")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the scenes and of t-SNE (>= 0)")
+    parser.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (capped by the points)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    args = parser.parse_args(argv)
+    for name in ("num_scenes", "batch_size"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if not args.perplexity > 0:  # also refuses nan
+        parser.error(f"--perplexity must be a positive number, got {args.perplexity}")
+    if not (Path(args.model_name_or_path) / "config.json").is_file():
+        parser.error(f"--model_name_or_path {args.model_name_or_path!r} is not a saved CMAL folder (no config.json); "
+                     "give a folder written by save_pretrained, e.g. the quickstart's outputs/quickstart/pretrained")
+    if Path(args.output).suffix.lower() != ".png":
+        parser.error(f"--output must be a .png file, got {args.output!r}")
+    if Path(args.output).is_dir():
+        parser.error(f"--output {args.output!r} is a folder; give a .png file name")
+    return args
+
+
+def load_model_and_processor(folder: str) -> tuple[CmalModel, CmalProcessor]:
+    """The trunk (whatever head the folder was saved with) in eval mode, and the folder's processor."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the heads' weights a trunk does not use are expected, not news
+    hf_logging.disable_progress_bar()
+    try:
+        model = CmalModel.from_pretrained(folder).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    processor = CmalProcessor.from_pretrained(folder)
+    if len(processor.lexicon) != model.config.num_anchor_concepts:
+        raise SystemExit(f"{folder}: the processor's lexicon has {len(processor.lexicon)} concepts but the model's "
+                         f"num_anchor_concepts is {model.config.num_anchor_concepts}")
+    return model, processor
+
+
+def synthetic_examples(num_scenes: int, feature_dim: int, seed: int) -> list[tuple[str, dict]]:
+    """(caption, regions) of `num_scenes` synthetic scenes."""
+    from processing.synthetic import generate_scene, render_scene, scene_regions
+
+    rng = np.random.default_rng(seed)
+    examples = []
+    for _ in range(num_scenes):
+        scene = generate_scene(rng)
+        image = render_scene(scene)
+        regions = scene_regions(scene, image, feature_dim)
+        examples.append((scene["captions"][0], regions))
+    return examples
+
+
+def anchor_embeddings(model: CmalModel, processor: CmalProcessor, examples, batch_size: int):
+    """Returns (points `[P, H]`, concept ids `[P]`, is-word `[P]`): one word point and one region point per anchor."""
+    points, concepts, is_word = [], [], []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        encoding = processor(text=[caption for caption, _ in chunk], regions=[regions for _, regions in chunk],
+                             return_tensors="pt")
+        inputs = {name: encoding[name] for name in MODEL_INPUTS if name in encoding}
+        with torch.no_grad():
+            outputs = model(**inputs)
+        for row, (pairs, concept_ids) in enumerate(zip(inputs["anchor_pairs"].tolist(),
+                                                        encoding["anchor_concept_ids"].tolist())):
+            anchors: dict[int, tuple[list[int], int]] = {}
+            for (piece, region), concept in zip(pairs, concept_ids):
+                if piece >= 0:
+                    anchors.setdefault(region, ([], concept))[0].append(piece)
+            for region, (pieces, concept) in anchors.items():
+                word = F.normalize(outputs.text_embeds[row, pieces].mean(0), dim=-1)
+                points += [word, outputs.image_embeds[row, region]]
+                concepts += [concept, concept]
+                is_word += [True, False]
+    if not points:
+        raise SystemExit("no anchors in these scenes: the processor paired no caption word with a region")
+    return torch.stack(points).numpy(), np.asarray(concepts), np.asarray(is_word)
+
+
+def draw(coordinates: np.ndarray, concepts: np.ndarray, is_word: np.ndarray, names: list[str], title: str,
+         output: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    figure, axis = plt.subplots(figsize=(8, 6.5))
+    colours = plt.get_cmap("tab20")
+    handles = []
+    for rank, concept in enumerate(sorted(set(concepts.tolist()))):
+        colour = colours(rank % 20)
+        for word, marker in ((True, "o"), (False, "^")):
+            chosen = (concepts == concept) & (is_word == word)
+            axis.scatter(coordinates[chosen, 0], coordinates[chosen, 1], color=colour, marker=marker, s=26,
+                         alpha=0.8, edgecolors="none")
+        handles.append(Line2D([], [], color=colour, marker="s", linestyle="", label=names[concept]))
+    handles += [Line2D([], [], color="black", marker="o", linestyle="", label="word (text_embeds)"),
+                Line2D([], [], color="black", marker="^", linestyle="", label="region (image_embeds)")]
+    axis.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    axis.set(title=title, xticks=[], yticks=[])
+    figure.tight_layout()
+    figure.savefig(output, dpi=110)
+    plt.close(figure)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    from sklearn.manifold import TSNE
+
+    model, processor = load_model_and_processor(args.model_name_or_path)
+    examples = synthetic_examples(args.num_scenes, model.config.visual_feat_dim, args.seed)
+    points, concepts, is_word = anchor_embeddings(model, processor, examples, args.batch_size)
+    if len(points) < 5:
+        raise SystemExit(f"only {len(points)} anchor points; encode more scenes (--num_scenes)")
+    perplexity = min(args.perplexity, (len(points) - 1) / 3)
+    coordinates = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=args.seed).fit_transform(points)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    draw(coordinates, concepts, is_word, processor.lexicon.concept_names,
+         f"t-SNE of anchor embeddings: {int(is_word.sum())} words, {int((~is_word).sum())} regions, "
+         f"{len(set(concepts.tolist()))} concepts", output)
+    print(f"wrote {output} ({len(points)} points)")
+    return output
+
+
+if __name__ == "__main__":
+    main()

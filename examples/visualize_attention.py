@@ -1,0 +1,242 @@
+"""Attention between anchor words and image regions, drawn over the image (the paper's attention figure).
+
+    python examples/visualize_attention.py --model_name_or_path outputs/quickstart/pretrained --output attention.png
+    python examples/visualize_attention.py --model_name_or_path DIR --output coffee.png --image coffee
+
+The model runs with eager attention and `output_attentions=True`; for every anchor word of the caption (a word the
+processor paired with a region naming the same concept) the unified encoder's attention from the word's pieces to
+the region slots is averaged over the pieces and the heads of one layer (`--layer`, default the last) and
+normalised over the regions. Each panel draws the image with every region's box, line width and opacity growing
+with the share of the word's attention that the region receives; the anchor's own region is labelled.
+
+Images: `--image synthetic` (default) renders a scene of the synthetic world (`processing.synthetic`) with exact
+boxes and tags; `--image coffee` uses scikit-image's public-domain photo `skimage.data.coffee()` with the
+hand-written caption, boxes and tags of `../shared/data/real_image_seeds.json`. Region features come from the
+pixels inside each box (`processing.synthetic.region_features_from_pixels`), the detector-free featuriser the
+synthetic world uses, so the model must have been trained on such features (`visual_feat_dim` must match).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from modeling_cmal import CmalModel  # noqa: E402
+from modeling_cmal.processing_cmal import CmalProcessor  # noqa: E402
+
+REAL_IMAGE_SEEDS = REPO_ROOT.parent / "shared" / "data" / "real_image_seeds.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", required=True, help="a CMAL folder (pre-trained or fine-tuned)")
+    parser.add_argument("--output", required=True, help="PNG file to write (its folder is created)")
+    parser.add_argument("--image", choices=("synthetic", "coffee"), default="synthetic")
+    parser.add_argument("--caption", help="caption to use instead of the scene's (or the photo's first) caption")
+    parser.add_argument("--seed", type=int, default=0, help="which synthetic scene (>= 0)")
+    parser.add_argument("--layer", type=int, default=-1, help="unified-encoder layer (negative counts from the end)")
+    parser.add_argument("--real_image_seeds", default=str(REAL_IMAGE_SEEDS), help="the annotations of the photos")
+    args = parser.parse_args(argv)
+    check_common_arguments(parser, args)
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if args.caption is not None and not args.caption.strip():
+        parser.error("--caption must not be empty")
+    if args.image == "coffee" and not Path(args.real_image_seeds).is_file():
+        parser.error(f"--real_image_seeds {args.real_image_seeds!r} is not a file (the annotations of the photos, "
+                     "../shared/data/real_image_seeds.json beside the repository)")
+    return args
+
+
+def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--model_name_or_path must be a saved CMAL folder, --output a .png path (shared with examples/tsne.py)."""
+    folder = Path(args.model_name_or_path)
+    if not (folder / "config.json").is_file():
+        parser.error(f"--model_name_or_path {args.model_name_or_path!r} is not a saved CMAL folder (no config.json); "
+                     "give a folder written by save_pretrained, e.g. the quickstart's outputs/quickstart/pretrained")
+    if Path(args.output).suffix.lower() != ".png":
+        parser.error(f"--output must be a .png file, got {args.output!r}")
+    if Path(args.output).is_dir():
+        parser.error(f"--output {args.output!r} is a folder; give a .png file name")
+
+
+def load_model_and_processor(folder: str, **model_kwargs) -> tuple[CmalModel, CmalProcessor]:
+    """The trunk (whatever head the folder was saved with) in eval mode, and the folder's processor."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the heads' weights a trunk does not use are expected, not news
+    hf_logging.disable_progress_bar()
+    try:
+        model = CmalModel.from_pretrained(folder, **model_kwargs).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    processor = CmalProcessor.from_pretrained(folder)
+    if len(processor.lexicon) != model.config.num_anchor_concepts:
+        raise SystemExit(f"{folder}: the processor's lexicon has {len(processor.lexicon)} concepts but the model's "
+                         f"num_anchor_concepts is {model.config.num_anchor_concepts}")
+    return model, processor
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Examples: (image, regions dict with pixel boxes and image_size, caption)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def synthetic_example(feature_dim: int, seed: int):
+    from processing.synthetic import generate_scene, render_scene, scene_regions
+
+    scene = generate_scene(np.random.default_rng(seed))
+    image = render_scene(scene)
+    regions = scene_regions(scene, image, feature_dim)
+    return image, regions, scene["captions"][0]
+
+
+def coffee_example(feature_dim: int, seeds_path: str | Path):
+    from PIL import Image
+    from skimage import data
+
+    from processing.synthetic import region_features_from_pixels
+
+    seeds = json.loads(Path(seeds_path).read_text())
+    pixels = data.coffee()
+    boxes = np.asarray([region["box"] for region in seeds["regions"]["coffee"]], dtype=np.float32)
+    regions = {
+        "features": region_features_from_pixels(pixels, boxes, feature_dim=feature_dim),
+        "boxes": boxes,
+        "tags": [region["tag"] for region in seeds["regions"]["coffee"]],
+        "image_size": (pixels.shape[1], pixels.shape[0]),
+    }
+    return Image.fromarray(pixels), regions, seeds["captions"]["coffee"][0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def keep_top_regions(regions: dict, max_regions: int) -> dict:
+    """The regions the processor keeps (the `max_regions` of highest score, in input order), cut here already so
+    that the region slots of the model line up with `regions["tags"]` for the labels of the figure."""
+    count = len(regions["features"])
+    if count <= max_regions:
+        return regions
+    scores = regions.get("scores")
+    keep = np.arange(max_regions) if scores is None else np.sort(
+        np.argsort(-np.asarray(scores), kind="stable")[:max_regions])
+    cut = dict(regions)
+    for key in ("features", "boxes", "tags", "scores"):
+        if regions.get(key) is not None:
+            cut[key] = [regions[key][index] for index in keep] if isinstance(regions[key], list) else \
+                np.asarray(regions[key])[keep]
+    return cut
+
+
+def anchor_word_attention(model: CmalModel, processor: CmalProcessor, regions: dict, caption: str, layer: int):
+    """For every anchor word: its text, its concept, its region and the share of its attention (over the heads of
+    `layer` and its pieces) that each region receives. Also returns the region boxes in pixels, in slot order."""
+    encoding = processor(text=[caption], regions=[regions], return_tensors="pt")
+    inputs = {name: encoding[name] for name in ("input_ids", "attention_mask", "token_type_ids", "visual_feats",
+                                                "visual_pos", "visual_attention_mask", "anchor_pairs") if name in encoding}
+    with torch.no_grad():
+        outputs = model(**inputs, output_attentions=True)
+    text_length = inputs["input_ids"].shape[1]
+    num_regions = int(inputs["visual_attention_mask"][0].sum())
+    attention = outputs.attentions[layer][0].mean(0)  # [L, L], mean over heads
+    pieces_by_region: dict[int, list[int]] = {}
+    for piece, region in inputs["anchor_pairs"][0].tolist():
+        if piece >= 0:
+            pieces_by_region.setdefault(region, []).append(piece)
+    lexicon = processor.lexicon
+    concept_by_region = {
+        int(region): int(concept)
+        for (piece, region), concept in zip(inputs["anchor_pairs"][0].tolist(), encoding["anchor_concept_ids"][0].tolist())
+        if piece >= 0
+    }
+    tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
+    words = []
+    for region, pieces in sorted(pieces_by_region.items(), key=lambda item: min(item[1])):
+        to_regions = attention[pieces][:, text_length:text_length + num_regions].mean(0)
+        words.append({
+            "word": "".join(tokens[piece].removeprefix("##") for piece in sorted(pieces)),
+            "concept": lexicon.concept_names[concept_by_region[region]],
+            "region": region,
+            "share": (to_regions / to_regions.sum()).numpy(),
+        })
+    width, height = regions.get("image_size", (1, 1))
+    boxes = inputs["visual_pos"][0, :num_regions].numpy() * np.array([width, height, width, height])
+    return words, boxes
+
+
+def draw(image, boxes: np.ndarray, tags: list[str], words: list[dict], title: str, output: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    height, width = np.asarray(image).shape[:2]
+    figure, axes = plt.subplots(1, len(words), figsize=(4.2 * len(words), 4.2 * height / width + 0.9), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for axis, word in zip(axes[0], words):
+        axis.imshow(image)
+        axis.set_axis_off()
+        strongest = word["share"].max()
+        for index, (box, share) in enumerate(zip(boxes, word["share"])):
+            strength = share / strongest
+            x1, y1, x2, y2 = box
+            axis.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colours(index % 10),
+                                     linewidth=0.5 + 5.5 * strength, alpha=0.15 + 0.85 * strength))
+            label = f"{tags[index]} {share:.2f}" if index < len(tags) else f"{share:.2f}"
+            if index == word["region"]:
+                label = f"★ {label}"
+            axis.text(x1 + 2, y1 + 2, label, fontsize=7, va="top", color="white",
+                      bbox=dict(facecolor=colours(index % 10), alpha=0.15 + 0.6 * strength, pad=1, linewidth=0))
+        axis.set_title(f"“{word['word']}” (concept {word['concept']})", fontsize=10)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(output, dpi=110)
+    plt.close(figure)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    model, processor = load_model_and_processor(args.model_name_or_path, attn_implementation="eager")
+    num_layers = model.config.num_unified_layers
+    if num_layers == 0:
+        raise SystemExit(f"{args.model_name_or_path} has no unified encoder (num_unified_layers=0): there is no "
+                         "word-to-region attention to draw")
+    if not -num_layers <= args.layer < num_layers:
+        raise SystemExit(f"--layer {args.layer} is out of range: the model's unified encoder has {num_layers} layers "
+                         f"(use {-num_layers}..{num_layers - 1})")
+    feature_dim = model.config.visual_feat_dim
+    if args.image == "synthetic":
+        image, regions, caption = synthetic_example(feature_dim, args.seed)
+    else:
+        image, regions, caption = coffee_example(feature_dim, args.real_image_seeds)
+    caption = args.caption or caption
+    regions = keep_top_regions(regions, processor.max_regions)
+    words, boxes = anchor_word_attention(model, processor, regions, caption, args.layer)
+    if not words:
+        raise SystemExit(f"the caption {caption!r} has no anchor word for the tags {list(regions['tags'])}: "
+                         "give a caption that names one of them (--caption)")
+    layer = args.layer % num_layers
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    draw(image, boxes, list(regions["tags"]), words,
+         f"“{caption}” — unified-encoder layer {layer + 1} of {num_layers}, word → region attention "
+         "(mean over heads)", output)
+    print(f"wrote {output} ({len(words)} anchor words)")
+    return output
+
+
+if __name__ == "__main__":
+    main()

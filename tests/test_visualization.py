@@ -1,0 +1,210 @@
+"""examples/visualize_attention.py and examples/tsne.py: run as a user runs them (subprocesses) on a tiny CMAL that
+was pre-trained for a few optimizer steps on synthetic scenes, they write non-empty PNGs; the attention shares and
+the hypersphere points they draw are what they claim to be; bad arguments are refused with a message."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_cmal import CmalConfig, CmalForPreTraining
+from modeling_cmal.collator_cmal import CmalPretrainingCollator
+from modeling_cmal.processing_cmal import CmalProcessor
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO_ROOT / "examples"
+FEATURE_DIM = 64
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"cmal_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def visualize_attention():
+    return load_script("visualize_attention")
+
+
+@pytest.fixture(scope="module")
+def tsne():
+    return load_script("tsne")
+
+
+def synthetic_rows(num_scenes: int, seed: int) -> list[dict]:
+    """Pre-training rows (the columns of processing/schema.py) of synthetic scenes."""
+    from processing.synthetic import generate_scene, render_scene, scene_regions
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(num_scenes):
+        scene = generate_scene(rng)
+        regions = scene_regions(scene, render_scene(scene), FEATURE_DIM)
+        width, height = scene["image_size"]
+        rows.append({"image_id": f"scene-{index}", "text": scene["captions"][index % len(scene["captions"])],
+                     "visual_feats": regions["features"],
+                     "visual_pos": regions["boxes"] / np.array([width, height, width, height], dtype=np.float32),
+                     "tags": regions["tags"], "scores": regions["scores"]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def trained_folder(tmp_path_factory, tokenizer):
+    """A tiny CmalForPreTraining after 8 AdamW steps (AMC + MLM + ITM, the pre-training collator) on two batches of
+    synthetic scenes, saved with its processor."""
+    processor = CmalProcessor(tokenizer=tokenizer, max_regions=12)
+    torch.manual_seed(0)
+    config = CmalConfig.from_size("tiny", vocab_size=len(tokenizer), visual_feat_dim=FEATURE_DIM,
+                                  num_anchor_concepts=len(processor.lexicon))
+    model = CmalForPreTraining(config)
+    collator = CmalPretrainingCollator(processor, config, seed=0)
+    rows = synthetic_rows(32, seed=0)
+    batches = [collator(rows[:16]), collator(rows[16:])]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    model.train()
+    for step in range(8):
+        loss = model(**batches[step % 2]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses)), losses
+    assert losses[6] < losses[0], f"the loss on the first batch did not go down: {losses}"
+    folder = tmp_path_factory.mktemp("visualization") / "tiny-pretrained"
+    model.eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def run_script(name: str, *arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+           "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), *arguments], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_png(path: Path, min_width: int) -> None:
+    assert path.is_file(), f"{path} was not written"
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    with Image.open(path) as image:
+        image.load()
+        assert image.format == "PNG" and image.width >= min_width and image.height >= 200, image.size
+        pixels = np.asarray(image.convert("L"))
+    assert pixels.std() > 5, "the figure is blank"
+
+
+def test_attention_figure_from_the_command_line(trained_folder, tmp_path):
+    output = tmp_path / "figures" / "attention.png"
+    completed = run_script("visualize_attention", "--model_name_or_path", str(trained_folder), "--output",
+                           str(output), "--seed", "1", cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert f"wrote {output}" in completed.stdout
+    assert_png(output, min_width=400)
+
+
+def test_tsne_figure_from_the_command_line(trained_folder, tmp_path):
+    output = tmp_path / "tsne.png"
+    completed = run_script("tsne", "--model_name_or_path", str(trained_folder), "--output", str(output),
+                           "--num_scenes", "30", "--perplexity", "10", cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert f"wrote {output}" in completed.stdout
+    assert_png(output, min_width=400)
+
+
+def test_attention_figure_of_the_coffee_photo(visualize_attention, trained_folder, tmp_path, shared_data_dir):
+    output = visualize_attention.main(["--model_name_or_path", str(trained_folder), "--output",
+                                       str(tmp_path / "coffee.png"), "--image", "coffee", "--real_image_seeds",
+                                       str(shared_data_dir / "real_image_seeds.json")])
+    assert_png(output, min_width=400)
+
+
+def test_attention_shares_belong_to_anchor_words(visualize_attention, trained_folder):
+    model, processor = visualize_attention.load_model_and_processor(str(trained_folder), attn_implementation="eager")
+    for seed in range(3):
+        _, regions, caption = visualize_attention.synthetic_example(FEATURE_DIM, seed)
+        words, boxes = visualize_attention.anchor_word_attention(model, processor, regions, caption, layer=-1)
+        assert words, caption
+        assert boxes.shape == (len(regions["tags"]), 4)
+        np.testing.assert_allclose(boxes, regions["boxes"], atol=1e-3)
+        for word in words:
+            assert word["share"].shape == (len(regions["tags"]),)
+            assert word["share"].min() >= 0 and word["share"].sum() == pytest.approx(1.0, abs=1e-5)
+            # Synthetic tags are shape names, themselves concepts of the lexicon: the anchor's region names it.
+            assert regions["tags"][word["region"]] == word["concept"], (caption, word)
+            assert word["word"] in caption.lower()
+
+
+def test_regions_beyond_max_regions_keep_their_tags(visualize_attention, trained_folder):
+    """With more regions than the processor keeps, the figure's labels still name the regions the model saw."""
+    model, processor = visualize_attention.load_model_and_processor(str(trained_folder), attn_implementation="eager")
+    processor.max_regions = 3
+    for seed in range(6):
+        _, regions, caption = visualize_attention.synthetic_example(FEATURE_DIM, seed)
+        if len(regions["tags"]) <= 3:
+            continue
+        kept = visualize_attention.keep_top_regions(regions, processor.max_regions)
+        top = np.sort(np.argsort(-regions["scores"], kind="stable")[:3])
+        assert list(kept["tags"]) == [regions["tags"][index] for index in top]
+        words, boxes = visualize_attention.anchor_word_attention(model, processor, kept, caption, layer=0)
+        np.testing.assert_allclose(boxes, np.asarray(regions["boxes"])[top], atol=1e-3)
+        for word in words:
+            assert kept["tags"][word["region"]] == word["concept"]
+        return
+    pytest.fail("no scene with more than 3 regions among the first 6 seeds")
+
+
+def test_tsne_points_lie_on_the_two_hyperspheres(tsne, trained_folder):
+    model, processor = tsne.load_model_and_processor(str(trained_folder))
+    assert model.config.use_hypersphere_normalization
+    examples = tsne.synthetic_examples(8, FEATURE_DIM, seed=0)
+    points, concepts, is_word = tsne.anchor_embeddings(model, processor, examples, batch_size=3)
+    assert points.shape == (len(concepts), model.config.hidden_size) and is_word.sum() == (~is_word).sum()
+    np.testing.assert_allclose(np.linalg.norm(points, axis=1), 1.0, atol=1e-4)
+    # Word and region points alternate, one pair per anchor, with the same concept.
+    assert is_word[0::2].all() and not is_word[1::2].any()
+    np.testing.assert_array_equal(concepts[0::2], concepts[1::2])
+    names = set(processor.lexicon.concept_names[concept] for concept in concepts.tolist())
+    assert names <= {"circle", "square", "triangle", "star", "heart", "diamond", "ring", "cross"}, names
+
+
+@pytest.mark.parametrize("script, arguments, message", [
+    ("visualize_attention", ["--output", "a.png"], "--model_name_or_path"),
+    ("visualize_attention", ["--model_name_or_path", "{missing}", "--output", "a.png"], "not a saved CMAL folder"),
+    ("visualize_attention", ["--model_name_or_path", "{model}", "--output", "a.jpg"], "must be a .png"),
+    ("visualize_attention", ["--model_name_or_path", "{model}", "--output", "a.png", "--seed", "-1"], "--seed"),
+    ("visualize_attention", ["--model_name_or_path", "{model}", "--output", "a.png", "--image", "cat"], "--image"),
+    ("visualize_attention", ["--model_name_or_path", "{model}", "--output", "a.png", "--caption", " "], "--caption"),
+    ("visualize_attention", ["--model_name_or_path", "{model}", "--output", "a.png", "--image", "coffee",
+                             "--real_image_seeds", "{missing}"], "--real_image_seeds"),
+    ("tsne", ["--model_name_or_path", "{model}", "--output", "a.png", "--num_scenes", "0"], "--num_scenes"),
+    ("tsne", ["--model_name_or_path", "{model}", "--output", "a.png", "--batch_size", "-2"], "--batch_size"),
+    ("tsne", ["--model_name_or_path", "{model}", "--output", "a.png", "--perplexity", "0"], "--perplexity"),
+    ("tsne", ["--model_name_or_path", "{model}", "--output", "a.png", "--perplexity", "nan"], "--perplexity"),
+    ("tsne", ["--model_name_or_path", "{model}", "--output", "{model}"], "--output"),
+    ("tsne", ["--model_name_or_path", "{missing}", "--output", "a.png"], "not a saved CMAL folder"),
+])
+def test_bad_arguments_are_refused_with_a_message(script, arguments, message, trained_folder, tmp_path, capsys,
+                                                  visualize_attention, tsne):
+    module = {"visualize_attention": visualize_attention, "tsne": tsne}[script]
+    arguments = [argument.format(model=trained_folder, missing=tmp_path / "missing") for argument in arguments]
+    with pytest.raises(SystemExit) as raised:
+        module.parse_args(arguments)
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_attention_layer_out_of_range_is_named(visualize_attention, trained_folder, tmp_path):
+    with pytest.raises(SystemExit, match=r"--layer 2 is out of range: the model's unified encoder has 2 layers"):
+        visualize_attention.main(["--model_name_or_path", str(trained_folder), "--output", str(tmp_path / "a.png"),
+                                  "--layer", "2"])
+    assert not (tmp_path / "a.png").exists()
