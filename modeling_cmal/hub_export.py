@@ -26,7 +26,7 @@ from .modeling_cmal import CMAL_AUTO_MAP
 from .pipelines_cmal import CMAL_PIPELINES, custom_pipelines_entry
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL_CARD = PACKAGE_DIR.parent / "model_card.md"
+DEFAULT_MODEL_CARD = PACKAGE_DIR / "data" / "model_card_template.md"
 # The modules a folder's remote code starts from; their relative imports (anchoring, region extraction, ...) follow.
 ENTRY_MODULES = ("configuration_cmal.py", "modeling_cmal.py", "processing_cmal.py", "pipelines_cmal.py")
 # Heads whose folder serves every pipeline task (the pre-trained model's ITM head gives zero-shot matching; the
@@ -266,7 +266,7 @@ def write_hub_folder(
             existing one the files are replaced one by one and its other files are kept.
         pipeline_task: the `custom_pipelines` tasks of the config: a task name or a list of them; by default the
             task of the model's head, or all five for `CmalModel` / `CmalForPreTraining`.
-        model_card: the model-card template (default: the repository's `model_card.md`).
+        model_card: the model-card template (default: `modeling_cmal/data/model_card_template.md`).
         metrics, metrics_source: our own measured results for the card (`{"vqa_accuracy": 0.71}`) and what they
             were measured on (required with `metrics`); without them the card says that none were given.
         repo_id: the Hub repository the folder is meant for (`"user/cmal-vqa"`), the name the card's title and
@@ -284,7 +284,7 @@ def write_hub_folder(
     template_path = Path(model_card) if model_card is not None else DEFAULT_MODEL_CARD
     if not template_path.is_file():
         raise ValueError(f"model_card must be a model-card template file, got {str(template_path)!r}, which is not a "
-                         "file (the default is model_card.md at the root of the CMAL repository)")
+                         "file (the default is the template shipped in modeling_cmal/data)")
     files = code_files()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
@@ -332,7 +332,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="the Hub-ready folder to write")
     parser.add_argument("--task", action="append", choices=sorted(CMAL_PIPELINES),
                         help="a pipeline task of the folder (repeatable; default: the task of the model's head)")
-    parser.add_argument("--model_card", help="model-card template (default: the repository's model_card.md)")
+    parser.add_argument("--model_card", help="model-card template (default: the one shipped in modeling_cmal/data)")
     parser.add_argument("--metrics", help="a JSON file of measured results, e.g. a Trainer eval_results.json")
     parser.add_argument("--metrics_source", help="what the metrics were measured on (required with --metrics)")
     parser.add_argument("--repo_id", help="the Hub repository the folder is for, as the card names it")
