@@ -346,6 +346,10 @@ class CmalAssociativePrompt(nn.Module):
     def forward(self, text_content, region_content, anchor_pairs, anchor_actions):
         """`text_content` `[B, N, H]`, `region_content` `[B, M, H]`, `anchor_pairs` `[B, K, 2]` (-1 padding),
         `anchor_actions` `[B, K]` → (text content `[B, N, H]`, region content `[B, M, H]`)."""
+        # Under autocast the two encoders may return different dtypes (e.g. bf16 regions, float32 text after a
+        # LayerNorm kept in float32): content moves between them, so both take the wider one.
+        common = torch.promote_types(text_content.dtype, region_content.dtype)
+        text_content, region_content = text_content.to(common), region_content.to(common)
         batch_size, text_length, hidden_size = text_content.shape
         num_regions = region_content.shape[1]
         pieces, regions = anchor_pairs[..., 0], anchor_pairs[..., 1]

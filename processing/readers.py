@@ -285,7 +285,10 @@ def read_npz_regions(path: PathLike, tag_vocab: TagVocab = None, *, id_offset: i
     if missing:
         raise CorruptRegionsError("missing_key", f"'info' lacks {missing}; expected {list(INFO_KEYS)}")
     features, boxes = arrays["x"], arrays["bbox"]
-    object_ids, scores = np.asarray(info["objects_id"]), np.asarray(info["objects_conf"])
+    try:
+        object_ids, scores = np.asarray(info["objects_id"]), np.asarray(info["objects_conf"])
+    except (TypeError, ValueError) as error:  # ragged or mixed lists in the pickled dict
+        raise CorruptRegionsError("bad_shape", f"'info' objects_id / objects_conf are not arrays: {error}") from None
     for name, values in (("x", features), ("bbox", boxes), ("objects_id", object_ids), ("objects_conf", scores)):
         if not np.issubdtype(values.dtype, np.number):
             raise CorruptRegionsError("bad_shape", f"{name!r} must be numeric, got dtype {values.dtype}")

@@ -190,3 +190,13 @@ def test_model_is_small_and_embeddings_are_settable():
     new = torch.nn.Embedding(120, 32)
     model.set_input_embeddings(new)
     assert model.get_input_embeddings() is new
+
+
+def test_bf16_autocast_forward_and_backward_with_filled_anchors():
+    """Under autocast the two encoders may return different dtypes; filling moves content between them."""
+    model = CmalForPreTraining(make_config()).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(**head_inputs(CmalForPreTraining))
+    assert torch.isfinite(outputs.loss)
+    outputs.loss.backward()
+    assert model.cmal.associative_prompt.text_mask_embedding.grad is not None
