@@ -22,6 +22,7 @@ from .processing_cmal import CmalProcessor
 IGNORE_INDEX = -100
 DEFAULT_MLM_PROBABILITY = 0.15
 DEFAULT_ITM_NEGATIVE_RATE = 0.5
+DEFAULT_ITM_CLEAN_RATE = 0.2
 # Of the pieces chosen for MLM: 80 % become [MASK], 10 % a random piece, 10 % stay as they are.
 MASK_TOKEN_SHARE, RANDOM_TOKEN_SHARE = 0.8, 0.1
 _MASK64 = (1 << 64) - 1
@@ -62,7 +63,12 @@ class CmalPretrainingCollator:
       The anchors of such a pair are found anew for the new caption and image, so that filling does not give
       the label away. `itm_labels` is 0 for these pairs, 1 for the others;
     - MLM `labels`: `mlm_probability` of the word pieces that are neither special tokens nor anchor pieces
-      (80 % replaced by [MASK], 10 % by a random piece, 10 % unchanged); -100 elsewhere and on every ITM negative.
+      (80 % replaced by [MASK], 10 % by a random piece, 10 % unchanged); -100 elsewhere. Negatives are masked
+      alike (so that masking says nothing about the ITM label) but their labels are -100: a caption is only
+      predicted from its own image;
+    - clean pairs: with probability `itm_clean_rate` a pair is left as fine-tuning and retrieval see it (every
+      anchor keeps, no piece masked). Without them, every training pair the ITM head saw would carry fills and
+      masks, and it would learn to call any uncorrupted input a mismatch.
 
     Args:
         processor: the `CmalProcessor` (tokenizer, lexicon, `max_regions`).
@@ -72,6 +78,7 @@ class CmalPretrainingCollator:
             config's. Keep is 1 minus their sum.
         mlm_probability: defaults to 0.15 (0 when `config.mlm_loss_weight` is 0).
         itm_negative_rate: defaults to 0.5 (0 when `config.itm_loss_weight` is 0).
+        itm_clean_rate: defaults to 0.2 (0 when `config.itm_loss_weight` is 0).
         seed: the seed of the batch sequence.
         max_length: text length (default: the tokenizer's `model_max_length`).
 
@@ -91,6 +98,7 @@ class CmalPretrainingCollator:
     anchor_mask_both_rate: float | None = None
     mlm_probability: float | None = None
     itm_negative_rate: float | None = None
+    itm_clean_rate: float | None = None
     seed: int = 0
     max_length: int | None = None
 
@@ -109,8 +117,11 @@ class CmalPretrainingCollator:
         if self.itm_negative_rate is None:
             off = self.config is not None and self.config.itm_loss_weight == 0
             self.itm_negative_rate = 0.0 if off else DEFAULT_ITM_NEGATIVE_RATE
+        if self.itm_clean_rate is None:
+            off = self.config is not None and self.config.itm_loss_weight == 0
+            self.itm_clean_rate = 0.0 if off else DEFAULT_ITM_CLEAN_RATE
         for name in ("anchor_fill_text_rate", "anchor_fill_region_rate", "anchor_mask_both_rate",
-                     "mlm_probability", "itm_negative_rate"):
+                     "mlm_probability", "itm_negative_rate", "itm_clean_rate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a float in [0, 1], got {value!r}")
@@ -187,7 +198,12 @@ class CmalPretrainingCollator:
         batch = dict(batch)
         batch["anchor_actions"] = self._sample_actions(batch["anchor_pairs"], batch["visual_attention_mask"].shape[1],
                                                        generator)
+        original_ids = batch["input_ids"]
         batch["input_ids"], batch["labels"] = self._mask_pieces(batch, itm_labels, generator)
+        clean = torch.rand(len(rows), generator=generator) < self.itm_clean_rate
+        batch["anchor_actions"][clean] = 0
+        batch["input_ids"][clean] = original_ids[clean]
+        batch["labels"][clean] = IGNORE_INDEX
         batch["itm_labels"] = itm_labels
         return batch
 
@@ -219,13 +235,13 @@ class CmalPretrainingCollator:
                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = batch["input_ids"]
         candidates = (batch["attention_mask"] == 1) & ~torch.isin(input_ids, self._special_ids)
-        candidates &= (itm_labels == 1).unsqueeze(1)
         pieces = batch["anchor_pairs"][..., 0]
         batch_index = torch.arange(input_ids.shape[0]).unsqueeze(1).expand_as(pieces)
         valid = pieces >= 0
         candidates[batch_index[valid], pieces[valid]] = False
         chosen = candidates & (torch.rand(input_ids.shape, generator=generator) < self.mlm_probability)
-        labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+        # Negatives are masked like positives but predict nothing: their caption belongs to another image.
+        labels = torch.where(chosen & (itm_labels == 1).unsqueeze(1), input_ids, torch.full_like(input_ids, IGNORE_INDEX))
         split = torch.rand(input_ids.shape, generator=generator)
         random_pieces = torch.randint(len(self.processor.tokenizer), input_ids.shape, generator=generator)
         masked = input_ids.clone()

@@ -402,31 +402,81 @@ def vqa_questions(scene: dict, rng: np.random.Generator, num_questions: int = 3)
     return questions
 
 
-def nlvr2_statement(left: dict, right: dict, rng: np.random.Generator, want_true: bool) -> tuple[str, bool]:
-    """A statement about a pair of scenes and its truth; tries to return one whose truth is `want_true`."""
+def _count_phrase(count: int, shape: str, rng: np.random.Generator) -> str:
+    return f"{NUMBER_WORDS[count]} {_shape_word(shape, rng, plural=count != 1)}"
+
+
+def _nlvr2_candidates(template: int, left: dict, right: dict, rng: np.random.Generator) -> list[tuple[str, bool]]:
+    """Statements of one template about a pair of scenes, with their truth. Every template yields true and false
+    statements from the same words, so that the sentence alone does not give the label away."""
+    sides = {"left": left, "right": right}
+    shapes = sorted({obj["shape"] for obj in left["objects"] + right["objects"]})
+    shapes.append(SHAPES[rng.integers(len(SHAPES))])  # sometimes a shape neither image has
     candidates = []
-    for obj in left["objects"] + right["objects"]:
-        shape, colour = obj["shape"], obj["colour"]
-        shapes = _shape_word(shape, rng, plural=True)
-        word = _shape_word(shape, rng)
-        left_count, right_count = _count(left, shape), _count(right, shape)
-        left_has, right_has = _count(left, shape, colour) > 0, _count(right, shape, colour) > 0
-        candidates += [
-            (f"there are more {shapes} in the left image than in the right image", left_count > right_count),
-            (f"the right image contains at least one {word}", right_count > 0),
-            (f"both images contain a {colour} {word}", left_has and right_has),
-            (f"exactly one image contains a {colour} {word}", left_has != right_has),
-            (f"the left image shows {NUMBER_WORDS[left_count]} {_shape_word(shape, rng, plural=left_count != 1)}",
-             True),
-            (f"the left image shows {NUMBER_WORDS[left_count + 1]} {shapes}", False),
-        ]
-    wanted = [candidate for candidate in candidates if candidate[1] == want_true]
-    pool = wanted or candidates
-    return pool[rng.integers(len(pool))]
+    for shape in shapes:
+        counts = {side: _count(scene, shape) for side, scene in sides.items()}
+        plural = _shape_word(shape, rng, plural=True)
+        if template == 0:
+            first, second = ("left", "right") if rng.random() < 0.5 else ("right", "left")
+            candidates.append((f"there are more {plural} in the {first} image than in the {second} image",
+                               counts[first] > counts[second]))
+        elif template == 1:
+            side = "left" if rng.random() < 0.5 else "right"
+            candidates.append((f"the {side} image contains at least one {_shape_word(shape, rng)}", counts[side] > 0))
+        elif template == 2:
+            candidates.append((f"both images contain a {_shape_word(shape, rng)}", min(counts.values()) > 0))
+        elif template == 3:
+            candidates.append((f"exactly one image contains a {_shape_word(shape, rng)}",
+                               (counts["left"] > 0) != (counts["right"] > 0)))
+        else:
+            side = "left" if rng.random() < 0.5 else "right"
+            for count in {counts[side], max(0, counts[side] + int(rng.choice([-1, 1])))}:
+                candidates.append((f"the {side} image shows {_count_phrase(count, shape, rng)}",
+                                   count == counts[side]))
+    return candidates
+
+
+NUM_NLVR2_TEMPLATES = 5
+
+
+def nlvr2_statement(left: dict, right: dict, rng: np.random.Generator, want_true: bool) -> tuple[str, bool]:
+    """A statement about a pair of scenes and its truth: a template drawn uniformly, then a statement of it whose
+    truth is `want_true` (another template when this one has none for the pair)."""
+    for template in rng.permutation(NUM_NLVR2_TEMPLATES):
+        wanted = [candidate for candidate in _nlvr2_candidates(int(template), left, right, rng)
+                  if candidate[1] == want_true]
+        if wanted:
+            return wanted[rng.integers(len(wanted))]
+    candidates = _nlvr2_candidates(0, left, right, rng)
+    return candidates[rng.integers(len(candidates))]
+
+
+def _absent_pair(scene: dict, rng: np.random.Generator) -> tuple[str, str]:
+    """A (colour, shape) the scene does not have; the shape is one of the scene's half of the time."""
+    shapes = [obj["shape"] for obj in scene["objects"]] if rng.random() < 0.5 else list(SHAPES)
+    while True:
+        shape, colour = shapes[rng.integers(len(shapes))], list(COLOURS)[rng.integers(len(COLOURS))]
+        if _count(scene, shape, colour) == 0:
+            return colour, shape
+
+
+def _neutral_claim(colour: str, shape: str, rng: np.random.Generator) -> str:
+    """A claim about an object that no image can settle (when the object is there)."""
+    phrase = f"{_pick(rng, COLOUR_WORDS.get(colour, (colour,)))} {_shape_word(shape, rng)}"
+    options = [f"the {phrase} is made of {_pick(rng, MATERIALS)}",
+               f"the {phrase} was drawn by {_pick(rng, ('a child', 'an artist', 'a robot'))}",
+               f"someone is about to pick up the {phrase}"]
+    return options[rng.integers(len(options))]
 
 
 def snli_ve_hypothesis(scene: dict, rng: np.random.Generator, label: str) -> str:
-    """A hypothesis about the scene with the given label (`entailment`, `neutral`, `contradiction`)."""
+    """A hypothesis about the scene with the given label (`entailment`, `neutral`, `contradiction`).
+
+    Two families of sentences, each shared by two labels so that the words alone do not decide: facts (there is a
+    ..., the picture contains n shapes, a ... is on the left) are entailed or contradicted by the image; claims no
+    image can settle (the ... is made of wood) are neutral about an object that is there, and a contradiction about
+    one that is not (half of the contradictions are of each family).
+    """
     obj = scene["objects"][rng.integers(len(scene["objects"]))]
     count = len(scene["objects"])
     if label == "entailment":
@@ -434,15 +484,18 @@ def snli_ve_hypothesis(scene: dict, rng: np.random.Generator, label: str) -> str
                    f"the picture contains {NUMBER_WORDS[count]} {'shape' if count == 1 else 'shapes'}",
                    f"{_article(_noun_phrase(obj, rng, with_size=False))} is {obj['position']}"]
     elif label == "contradiction":
-        other_colour = next(c for c in rng.permutation(list(COLOURS)) if _count(scene, obj["shape"], c) == 0)
-        wrong_count = count + int(rng.integers(1, 3))
-        options = [f"the only {_shape_word(obj['shape'], rng)} is {other_colour}",
-                   f"the picture contains {NUMBER_WORDS[min(wrong_count, 5)]} shapes",
-                   f"there are no {_shape_word(obj['shape'], rng, plural=True)}"]
+        colour, shape = _absent_pair(scene, rng)
+        if rng.random() < 0.5:
+            return _neutral_claim(colour, shape, rng)
+        wrong_count = int(rng.choice([n for n in range(1, 6) if n != count]))
+        other_position = _pick(rng, [p for p in ("on the left", "on the right", "at the top", "at the bottom")
+                                     if p != obj["position"]])
+        absent = f"{_pick(rng, COLOUR_WORDS.get(colour, (colour,)))} {_shape_word(shape, rng)}"
+        options = [f"there is {_article(absent)}",
+                   f"the picture contains {NUMBER_WORDS[wrong_count]} {'shape' if wrong_count == 1 else 'shapes'}",
+                   f"{_article(_noun_phrase(obj, rng, with_size=False))} is {other_position}"]
     elif label == "neutral":
-        options = [f"the {_noun_phrase(obj, rng, with_size=False)} is made of {_pick(rng, MATERIALS)}",
-                   f"the {_shape_word(obj['shape'], rng)} was drawn by {_pick(rng, ('a child', 'an artist', 'a robot'))}",
-                   f"someone is about to pick up the {_noun_phrase(obj, rng, with_size=False)}"]
+        return _neutral_claim(obj["colour"], obj["shape"], rng)
     else:
         raise ValueError(f"label must be one of {SNLI_VE_LABELS}, got {label!r}")
     return options[rng.integers(len(options))]
