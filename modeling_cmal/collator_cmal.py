@@ -2,7 +2,8 @@
 
 Like transformers' `DataCollatorForLanguageModeling`, every random choice of pre-training is made here, so that
 `CmalForPreTraining.forward` is deterministic: which anchors are kept, filled or masked (CMAP), which word pieces
-are masked (MLM) and which images get another row's caption (ITM negatives).
+are masked (MLM), which images get another row's caption (ITM negatives) and which pairs are left clean
+(`itm_clean_rate`).
 
 Remote code: this module imports only the standard library, numpy, torch and its siblings.
 """
@@ -68,7 +69,9 @@ class CmalPretrainingCollator:
       predicted from its own image;
     - clean pairs: with probability `itm_clean_rate` a pair is left as fine-tuning and retrieval see it (every
       anchor keeps, no piece masked). Without them, every training pair the ITM head saw would carry fills and
-      masks, and it would learn to call any uncorrupted input a mismatch.
+      masks, and it would learn to call any uncorrupted input a mismatch. Positives and negatives alike; their MLM
+      labels are -100 and no anchor is filled, so the effective action and MLM rates are (1 - itm_clean_rate) x the
+      configured ones.
 
     Args:
         processor: the `CmalProcessor` (tokenizer, lexicon, `max_regions`).
@@ -87,7 +90,8 @@ class CmalPretrainingCollator:
     nothing that came before: the same seed and the same rows give the same batch in any process, in DataLoader
     workers, on any rank of a distributed run, after any number of earlier batches, and after a resume (also when
     the data loader collated a batch ahead, as Accelerate's does). `state_dict()` / `load_state_dict()` carry the
-    seed (`Accelerator.register_for_checkpointing` restores it). The one cost: an unshuffled loader gives a batch
+    seed (`examples/pretrain.py` keeps it as JSON in the checkpoint's `trainer_state.json`; `register_for_checkpointing`
+    would pickle it as `custom_checkpoint_*.pkl`, which resuming refuses). The one cost: an unshuffled loader gives a batch
     the same draws in every epoch (pre-training shuffles, and evaluation wants exactly that).
     """
 
