@@ -1,0 +1,238 @@
+"""CMAL quickstart — the project's main job, on the embedded synthetic world (no downloads, a laptop CPU).
+
+    python examples/quickstart.py                     # about 5 minutes on a 2-core CPU
+    python examples/quickstart.py --preset smoke      # under a minute: the same steps, tiny sizes
+
+Steps: build a synthetic corpus (scenes of coloured shapes with captions and the four downstream tasks) →
+pre-train a small CMAL (AMC + MLM + ITM) with `examples/pretrain.py` → reload it through `AutoModelForPreTraining`
+with `trust_remote_code` and measure AMC accuracy against chance → fine-tune a VQA head with Trainer
+(`examples/finetune_vqa.py`) from the pre-trained model and from scratch → answer a few questions through the
+`cmal-vqa` pipeline. Everything lands in `--output_dir` (default `outputs/quickstart`), including
+`loss_curves.png` and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+PRESETS = {
+    # scenes, pre-training steps, fine-tuning epochs, model sizes
+    "default": dict(num_scenes=1500, pretrain_steps=600, finetune_epochs=6, hidden_size=128, num_attention_heads=4,
+                    intermediate_size=256, num_text_layers=2, num_visual_layers=1, num_unified_layers=2),
+    "smoke": dict(num_scenes=200, pretrain_steps=20, finetune_epochs=1, hidden_size=32, num_attention_heads=2,
+                  intermediate_size=64, num_text_layers=1, num_visual_layers=1, num_unified_layers=1),
+}
+MODEL_FIELDS = ("hidden_size", "num_attention_heads", "intermediate_size", "num_text_layers", "num_visual_layers",
+                "num_unified_layers")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="outputs/quickstart")
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def run_step(title: str, command: list[str], log_file: Path) -> float:
+    """Runs one stage as its own process (as a user would), streaming to a log; returns seconds taken."""
+    print(f"\n=== {title}\n$ {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    with log_file.open("w") as log:
+        process = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                 env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    elapsed = time.perf_counter() - start
+    if process.returncode != 0:
+        tail = "\n".join(log_file.read_text().splitlines()[-40:])
+        raise SystemExit(f"{title} failed (exit {process.returncode}); last lines of {log_file}:\n{tail}")
+    print(f"    done in {elapsed:.0f}s (log: {log_file})", flush=True)
+    return elapsed
+
+
+RELOAD_AND_SCORE = """
+import json, sys
+# As on a machine that has transformers but not this package: the model must come from the folder's code.
+sys.modules["modeling_cmal"] = None
+sys.modules["processing"] = None
+import torch
+from transformers import AutoModelForPreTraining
+
+folder, batches_file = sys.argv[1], sys.argv[2]
+model = AutoModelForPreTraining.from_pretrained(folder, trust_remote_code=True).eval()
+correct = total = 0
+with torch.no_grad():
+    for batch in torch.load(batches_file, weights_only=True):
+        outputs = model(**batch)
+        correct += (outputs.amc_logits.argmax(-1) == outputs.amc_labels).sum().item()
+        total += outputs.amc_labels.numel()
+print(json.dumps({"correct": correct, "total": total,
+                  "model_class": type(model).__module__ + "." + type(model).__name__}))
+"""
+
+
+def amc_accuracy_after_reload(pretrained_dir: Path, validation_path: Path, seed: int, work_dir: Path) -> dict:
+    """Reloads the pre-trained folder through `AutoModelForPreTraining` with `trust_remote_code` in a fresh process
+    where this package cannot be imported, and measures AMC accuracy on the held-out split against chance (always
+    predicting the most frequent concept). The batches (anchor actions drawn by the collator) are made here."""
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoConfig
+
+    from modeling_cmal.collator_cmal import CmalPretrainingCollator
+    from modeling_cmal.processing_cmal import CmalProcessor
+
+    config = AutoConfig.from_pretrained(pretrained_dir)
+    collator = CmalPretrainingCollator(CmalProcessor.from_pretrained(pretrained_dir), config, seed=seed)
+    validation = load_from_disk(str(validation_path))["validation"].with_format("numpy")
+    batches = [collator([validation[i] for i in range(start, min(start + 64, len(validation)))])
+               for start in range(0, len(validation), 64)]
+    batches_file = work_dir / "amc_validation_batches.pt"
+    torch.save(batches, batches_file)
+    counts = torch.zeros(config.num_anchor_concepts)
+    for batch in batches:  # AMC targets: one concept per anchor (sample, region) whose action is not keep
+        active = (batch["anchor_pairs"][..., 0] >= 0) & (batch["anchor_actions"] != 0)
+        anchors = {(sample, region): concept for sample, (_, region), concept in zip(
+            active.nonzero()[:, 0].tolist(), batch["anchor_pairs"][active].tolist(),
+            batch["anchor_concept_ids"][active].tolist())}
+        for concept in anchors.values():
+            counts[concept] += 1
+    result = subprocess.run([sys.executable, "-c", RELOAD_AND_SCORE, str(pretrained_dir), str(batches_file)],
+                            cwd=work_dir, capture_output=True, text=True,
+                            env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    if result.returncode != 0:
+        raise SystemExit(f"reloading {pretrained_dir} with trust_remote_code failed:\n{result.stderr[-3000:]}")
+    scored = json.loads(result.stdout.strip().splitlines()[-1])
+    return {"amc_accuracy": scored["correct"] / max(scored["total"], 1),
+            "amc_chance": (counts.max() / counts.sum().clamp(min=1)).item(), "amc_slots": scored["total"],
+            "model_class": scored["model_class"]}
+
+
+def write_untrained_copy(pretrained_dir: Path, target: Path, seed: int) -> Path:
+    """The same architecture, configuration and processor as the pre-trained folder, freshly initialised: the
+    "without pre-training" arm of the VQA comparison differs from the other in the weights only."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+
+    torch.manual_seed(seed)
+    config = AutoConfig.from_pretrained(pretrained_dir, trust_remote_code=True)
+    AutoModel.from_config(config, trust_remote_code=True).save_pretrained(target)
+    AutoProcessor.from_pretrained(pretrained_dir, trust_remote_code=True).save_pretrained(target)
+    return target
+
+
+def read_eval_accuracy(finetune_dir: Path) -> float:
+    results = json.loads((finetune_dir / "eval_results.json").read_text())
+    return results["eval_vqa_accuracy"]
+
+
+def plot_curves(metrics_file: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    train = [row for row in rows if "train/loss" in row]
+    evals = [row for row in rows if "eval/amc_accuracy" in row]
+    figure, (losses, accuracy) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("train/loss", "train/amc_loss", "train/mlm_loss", "train/itm_loss"):
+        losses.plot([row["step"] for row in train], [row[key] for row in train], label=key.split("/")[1])
+    losses.set(xlabel="optimizer step", ylabel="loss", title="CMAL pre-training losses")
+    losses.legend()
+    for key in ("eval/amc_accuracy", "eval/mlm_accuracy", "eval/itm_accuracy"):
+        accuracy.plot([row["step"] for row in evals], [row[key] for row in evals], marker="o", label=key.split("/")[1])
+    accuracy.set(xlabel="optimizer step", ylabel="held-out accuracy", title="Held-out accuracy", ylim=(0, 1))
+    accuracy.legend()
+    figure.tight_layout()
+    figure.savefig(png, dpi=120)
+    plt.close(figure)
+
+
+def answer_questions(vqa_dir: Path, vqa_path: Path, count: int = 5) -> list[dict]:
+    """A few test questions through the `cmal-vqa` pipeline, loaded from the folder with remote code."""
+    import numpy as np
+    from datasets import load_from_disk
+    from transformers import pipeline
+
+    test = load_from_disk(str(vqa_path))["validation"]
+    answers = json.loads((vqa_path / "answer_vocab.json").read_text())
+    vqa = pipeline("cmal-vqa", model=str(vqa_dir), trust_remote_code=True)
+    shown = []
+    for row in test.select(range(min(count, len(test)))):
+        regions = {"features": np.asarray(row["visual_feats"], dtype=np.float32),
+                   "boxes": np.asarray(row["visual_pos"], dtype=np.float32), "tags": row["tags"],
+                   "scores": row["scores"]}
+        prediction = vqa(text=row["text"], regions=regions, top_k=1)[0]
+        truth = answers[row["answer_ids"][int(np.argmax(row["answer_scores"]))]]
+        shown.append({"question": row["text"], "predicted": prediction["answer"], "score": prediction["score"],
+                      "truth": truth})
+    return shown
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    output = Path(args.output_dir).resolve()
+    logs = output / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    data, pretrained = output / "data", output / "pretrained"
+    timings = {}
+
+    timings["data"] = run_step("1/5 Build the synthetic corpus", [
+        sys.executable, "-m", "processing.synthetic", "--output", str(data), "--num-scenes", str(preset["num_scenes"]),
+        "--seed", str(args.seed)], logs / "data.log")
+
+    model_config = output / "model_config.json"
+    model_config.write_text(json.dumps({field: preset[field] for field in MODEL_FIELDS}))
+    pretrain_command = [
+        sys.executable, "examples/pretrain.py", "--dataset_path", str(data / "pretrain"), "--output_dir",
+        str(pretrained), "--model_config", str(model_config), "--max_steps", str(preset["pretrain_steps"]),
+        "--per_device_batch_size", "32", "--learning_rate", "5e-4", "--logging_steps", "10",
+        "--eval_steps", str(max(10, preset["pretrain_steps"] // 6)), "--checkpointing_steps",
+        str(preset["pretrain_steps"]), "--seed", str(args.seed), "--max_text_length", "40"]
+    # Only the widths come from the preset: the script sizes the vocabulary, lexicon and features from the data.
+    timings["pretrain"] = run_step("2/5 Pre-train CMAL (AMC + MLM + ITM)", pretrain_command, logs / "pretrain.log")
+    plot_curves(pretrained / "metrics.jsonl", output / "loss_curves.png")
+
+    print("\n=== 3/5 Reload through AutoModelForPreTraining(trust_remote_code=True), AMC on held-out captions")
+    amc = amc_accuracy_after_reload(pretrained, data / "pretrain", args.seed, output)
+    print(f"    AMC accuracy {amc['amc_accuracy']:.3f} vs chance {amc['amc_chance']:.3f} over {amc['amc_slots']} slots")
+
+    scratch = write_untrained_copy(pretrained, output / "scratch", args.seed)
+    finetune = {}
+    for name, start in (("pretrained", pretrained), ("scratch", scratch)):
+        target = output / f"vqa_{name}"
+        command = [sys.executable, "examples/finetune_vqa.py", "--model_name_or_path", str(start), "--dataset_path",
+                   str(data / "vqa"), "--output_dir", str(target), "--num_train_epochs", str(preset["finetune_epochs"]),
+                   "--per_device_train_batch_size", "32", "--learning_rate", "3e-4", "--seed", str(args.seed),
+                   "--report_to", "none"]
+        timings[f"vqa_{name}"] = run_step(f"4/5 Fine-tune VQA from {name}", command, logs / f"vqa_{name}.log")
+        finetune[name] = read_eval_accuracy(target)
+
+    print("\n=== 5/5 Answer questions through pipeline('cmal-vqa', trust_remote_code=True)")
+    examples = answer_questions(output / "vqa_pretrained", data / "vqa")
+    for item in examples:
+        print(f"    Q: {item['question']:<45} predicted: {item['predicted']:<8} truth: {item['truth']}")
+
+    summary = {"preset": args.preset, **amc, "vqa_accuracy_pretrained": finetune["pretrained"],
+               "vqa_accuracy_scratch": finetune["scratch"], "examples": examples,
+               "seconds": {key: round(value, 1) for key, value in timings.items()}}
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\n=== Summary")
+    print(f"    AMC accuracy (held-out)        {amc['amc_accuracy']:.3f}   chance {amc['amc_chance']:.3f}")
+    print(f"    VQA accuracy, pre-trained CMAL {finetune['pretrained']:.3f}")
+    print(f"    VQA accuracy, from scratch     {finetune['scratch']:.3f}")
+    print(f"    Loss curves: {output / 'loss_curves.png'}   Summary: {output / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()
