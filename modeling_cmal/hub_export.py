@@ -183,7 +183,9 @@ def render_model_card(model, tasks: Sequence[str], template: str, *, model_name:
     unknown = sorted(set(PLACEHOLDER.findall(template)) - set(values))
     if unknown:
         raise ValueError(f"the model-card template has unknown placeholders {unknown}; known: {sorted(values)}")
-    return PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
+    card = PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
+    # The template's own note to maintainers is not part of a rendered card.
+    return re.sub(r"<!-- Model-card template.*?-->\n+", "", card, count=1, flags=re.S)
 
 
 # ------------------------------------------------------------------------------------------------------------------
