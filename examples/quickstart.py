@@ -157,6 +157,17 @@ def plot_curves(metrics_file: Path, png: Path) -> None:
     plt.close(figure)
 
 
+def loss_curve_lines(metrics_file: Path, points: int = 6) -> list[str]:
+    """The pre-training losses at a few steps, as text (the PNG has every logged step)."""
+    rows = [row for row in map(json.loads, metrics_file.read_text().splitlines()) if "train/loss" in row]
+    picked = [rows[round(i * (len(rows) - 1) / (points - 1))] for i in range(points)] if len(rows) >= points else rows
+    keys = ("loss", "amc_loss", "mlm_loss", "itm_loss")
+    lines = ["    step  " + "".join(f"{key:>10}" for key in keys)]
+    lines += [f"    {row['step']:>4}  " + "".join(f"{row.get('train/' + key, float('nan')):>10.3f}" for key in keys)
+              for row in picked]
+    return lines
+
+
 def answer_questions(vqa_dir: Path, vqa_path: Path, count: int = 5) -> list[dict]:
     """A few test questions through the `cmal-vqa` pipeline, loaded from the folder with remote code."""
     import numpy as np
@@ -202,6 +213,8 @@ def main(argv=None) -> None:
     # Only the widths come from the preset: the script sizes the vocabulary, lexicon and features from the data.
     timings["pretrain"] = run_step("2/5 Pre-train CMAL (AMC + MLM + ITM)", pretrain_command, logs / "pretrain.log")
     plot_curves(pretrained / "metrics.jsonl", output / "loss_curves.png")
+    for line in loss_curve_lines(pretrained / "metrics.jsonl"):
+        print(line)
 
     print("\n=== 3/5 Reload through AutoModelForPreTraining(trust_remote_code=True), AMC on held-out captions")
     amc = amc_accuracy_after_reload(pretrained, data / "pretrain", args.seed, output)
