@@ -22,8 +22,11 @@ from torch.nn import functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from modeling_cmal import CmalModel  # noqa: E402
 from modeling_cmal.processing_cmal import CmalProcessor  # noqa: E402
+from visualize_attention import load_model_and_processor  # noqa: E402
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos", "visual_attention_mask",
                 "anchor_pairs")
@@ -53,24 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if Path(args.output).is_dir():
         parser.error(f"--output {args.output!r} is a folder; give a .png file name")
     return args
-
-
-def load_model_and_processor(folder: str) -> tuple[CmalModel, CmalProcessor]:
-    """The trunk (whatever head the folder was saved with) in eval mode, and the folder's processor."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the heads' weights a trunk does not use are expected, not news
-    hf_logging.disable_progress_bar()
-    try:
-        model = CmalModel.from_pretrained(folder).eval()
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    processor = CmalProcessor.from_pretrained(folder)
-    if len(processor.lexicon) != model.config.num_anchor_concepts:
-        raise SystemExit(f"{folder}: the processor's lexicon has {len(processor.lexicon)} concepts but the model's "
-                         f"num_anchor_concepts is {model.config.num_anchor_concepts}")
-    return model, processor
 
 
 def synthetic_examples(num_scenes: int, feature_dim: int, seed: int) -> list[tuple[str, dict]]:

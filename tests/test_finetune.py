@@ -625,7 +625,8 @@ def test_head_learns_synthetic_task_well_above_chance(task, synthetic_runs, synt
 # `tiny` heads trained from scratch on 400 scenes do not ground their sentences well enough to clear it by 0.10;
 # the VQA head trained from scratch learns the answer prior of each question type (also with 1600 scenes, 20
 # epochs, the `small` size or a short pre-training; filling anchors at fine-tuning lifts it from 0.39 to 0.45 on
-# 1200 scenes). Kept as non-strict expected failures: they measure the gap and will pass when it closes.
+# 1200 scenes). Strict expected failures: the runs are deterministic, so the day a head clears the baseline the
+# test fails and asks for its marker to be removed.
 IMAGE_BLIND_XFAIL = {
     "vqa": "from scratch the VQA head learns little beyond the per-question-type answer prior",
     "nlvr2": "tiny heads from scratch do not yet beat a text-only baseline (about 0.57) by 0.10",
@@ -635,7 +636,7 @@ IMAGE_BLIND_XFAIL = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", [
-    pytest.param(task, marks=pytest.mark.xfail(reason=IMAGE_BLIND_XFAIL[task], strict=False))
+    pytest.param(task, marks=pytest.mark.xfail(reason=IMAGE_BLIND_XFAIL[task], strict=True))
     if task in IMAGE_BLIND_XFAIL else task for task in SYNTHETIC_RUNS])
 def test_head_beats_an_image_blind_baseline(task, synthetic_runs, synthetic_corpus):
     """Above chance is not yet grounding: the head must also beat a text-only model by a margin (0.10)."""
