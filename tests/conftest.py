@@ -5,17 +5,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Timeouts catch hangs, not slowness: on a loaded 2-core machine a property-based example can take far longer than
+# Hypothesis' default 200 ms deadline, so no test has a per-example deadline (a test's own settings still apply).
+settings.register_profile("cmal", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("cmal")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DIR = REPO_ROOT.parent / "shared"
+TEST_DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
 def shared_data_dir() -> pathlib.Path:
-    path = SHARED_DIR / "data"
-    if not path.is_dir():
-        pytest.fail(f"../shared/data is expected beside the repository at {path}")
-    return path
+    """The test data carried by the repository (`tests/data/`), so that a clone with nothing beside it tests itself.
+
+    `real_image_seeds.json`: hand-written annotations of public-domain photos shipped by scikit-image.
+    `vg_objects_vocab.txt`: a link to the Visual Genome list shipped in `modeling_cmal/data/` (one copy only).
+    """
+    return TEST_DATA_DIR
 
 
 @pytest.fixture(scope="session")

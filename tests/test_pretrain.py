@@ -56,7 +56,7 @@ def pretrain_module():
     return pretrain
 
 
-def _run(args, launcher=None, timeout=600):
+def _run(args, launcher=None, timeout=1800):  # the timeout catches hangs, not a slow machine
     command = (launcher or [sys.executable]) + [PRETRAIN, *args]
     result = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=REPO_ROOT, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(command)}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-5000:]}"

@@ -39,6 +39,7 @@ from test_readers import VG_VOCAB, butd_fields, make_regions, write_npz
 
 PRETRAIN = str(REPO_ROOT / "examples" / "pretrain.py")
 STEPS, CHECKPOINT_EVERY = 16, 2
+HANG_TIMEOUT_S = 1800  # subprocess timeouts catch hangs, not a slow machine
 CONFIG = {
     "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_text_layers": 1,
     "num_visual_layers": 1, "num_unified_layers": 1, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
@@ -87,7 +88,7 @@ def run_args(synthetic_corpus, synthetic_corpus_info, tokenizer, tmp_path_factor
 
 def _run(args, prefix=None, expect_ok=True):
     command = (prefix or [sys.executable, PRETRAIN]) + args
-    result = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=REPO_ROOT, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=REPO_ROOT, timeout=HANG_TIMEOUT_S)
     if expect_ok:
         assert result.returncode == 0, f"{command}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-5000:]}"
     return result
@@ -200,7 +201,7 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted_run(run_args
     process = subprocess.Popen([sys.executable, PRETRAIN, *run_args(output)], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, env=_env(), cwd=REPO_ROOT)
     killed_at = None
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + HANG_TIMEOUT_S
     try:
         while process.poll() is None and time.monotonic() < deadline:
             steps = _logged_steps(metrics)
@@ -213,7 +214,7 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted_run(run_args
     finally:
         if process.poll() is None and killed_at is None:
             process.kill()
-        log = process.communicate(timeout=60)[0].decode(errors="replace")
+        log = process.communicate(timeout=HANG_TIMEOUT_S)[0].decode(errors="replace")
     assert killed_at is not None, f"the run ended before step {target} could be reached:\n{log[-3000:]}"
     assert process.returncode == -signal.SIGKILL
     assert not (output / "model.safetensors").exists()
