@@ -9,9 +9,16 @@ pixels inside each box (`region_features_from_pixels`). Captions come from varie
 
 From the same scenes come the four downstream tasks with ground truth:
 
-- VQA: questions about colour, shape, count and existence (answers from the scene graph);
-- NLVR2: statements about two images (count comparisons, existence in both / either / exactly one image);
-- SNLI-VE: premise = a caption, hypotheses that are entailed, contradicted or undecidable from the image;
+- VQA: 8 distinct questions per scene (`questions_per_scene`), two of each of four types where the scene allows:
+  "what color is the ⟨shape⟩?" (a shape that occurs once), "what shape is the ⟨colour⟩ object?" (a colour that
+  occurs once), "how many ⟨shapes⟩ are there?" (0–4, sometimes a shape the scene lacks) and "is there a ⟨colour⟩
+  ⟨shape⟩?". A type the scene cannot support (no shape occurs once: no colour question) is not asked and its share
+  goes to the possible types; a question is never turned into another type. Existence questions come in pairs, one
+  yes and one no per pair in a seeded order, so every split has exactly as many yes as no (`vqa_questions`);
+- NLVR2: statements about two images (count comparisons, existence in both / either / exactly one image); every
+  scene is the left image of one pair with one true and one false statement: exactly balanced in every split;
+- SNLI-VE: premise = a caption, hypotheses that are entailed, contradicted or undecidable from the image; one of
+  each label per scene;
 - RefCOCO+: referring expressions to one object; `region_ious` of every region with the referred box.
 
 `build_synthetic_corpus(root, num_scenes, seed)` writes them in the column layout of `processing.schema`, the
@@ -25,7 +32,7 @@ same as the real-format builders, so every script runs on it unchanged::
       refcoco/    train, validation
       synthetic_config.json                    (seed, sizes, feature_dim, shapes, colours; written last)
 
-From the shell: ``python -m processing.synthetic --output DIR --num-scenes N --seed S``.
+From the shell: ``python -m processing.synthetic --output DIR --num-scenes N --seed S [--questions-per-scene Q]``.
 """
 
 from __future__ import annotations
@@ -371,35 +378,96 @@ def _count(scene: dict, shape: str | None = None, colour: str | None = None) -> 
                for obj in scene["objects"])
 
 
-def vqa_questions(scene: dict, rng: np.random.Generator, num_questions: int = 3) -> list[dict]:
-    """Questions with their answers (`question_type`, `text`, `answer`): colour of a shape that occurs once, shape
-    of a colour that occurs once, count of a shape (0–4), existence of a (colour, shape) pair (yes / no half the
-    time each)."""
+QUESTION_TYPES = ("what color is the", "what shape is the", "how many", "is there a")
+DEFAULT_QUESTIONS_PER_SCENE = 8
+
+
+def _question_capacity(scene: dict) -> dict[str, int]:
+    """How many distinct questions of each type the scene supports: a colour question per shape that occurs once,
+    a shape question per colour that occurs once, a count question per shape of the world, and an existence pair
+    (one yes, one no: two questions) per object."""
+    objects = scene["objects"]
+    return {"what color is the": sum(_count(scene, shape=obj["shape"]) == 1 for obj in objects),
+            "what shape is the": sum(_count(scene, colour=obj["colour"]) == 1 for obj in objects),
+            "how many": len(SHAPES),
+            "is there a": 2 * len(objects)}
+
+
+def _question_quota(scene: dict, rng: np.random.Generator, num_questions: int) -> dict[str, int]:
+    """How many questions of each type to ask: the types take turns, the one with the fewest questions so far
+    first (ties in a seeded order), each only while the scene supports another question of it; existence questions
+    come two at a time (a yes and a no). A type the scene cannot support gives its turns to the others."""
+    capacity = _question_capacity(scene)
+    order = [QUESTION_TYPES[index] for index in rng.permutation(len(QUESTION_TYPES))]
+    quota = dict.fromkeys(QUESTION_TYPES, 0)
+    while (remaining := num_questions - sum(quota.values())) > 0:
+        step = {kind: 2 if kind == "is there a" else 1 for kind in QUESTION_TYPES}
+        open_kinds = [kind for kind in order if step[kind] <= remaining and quota[kind] + step[kind] <= capacity[kind]]
+        if not open_kinds:
+            break
+        kind = min(open_kinds, key=lambda name: quota[name])  # min keeps the first of equals: the seeded order
+        quota[kind] += step[kind]
+    return quota
+
+
+def vqa_questions(scene: dict, rng: np.random.Generator, num_questions: int = DEFAULT_QUESTIONS_PER_SCENE
+                  ) -> list[dict]:
+    """Up to `num_questions` distinct questions about the scene, each a dict `question_type`, `text`, `answer`.
+
+    The four types (`QUESTION_TYPES`), each asked only where the scene supports it and always answered as its type:
+
+    - "what color is the ⟨shape⟩?": the colour of a shape that occurs exactly once;
+    - "what shape is the ⟨colour⟩ object?": the shape of a colour that occurs exactly once;
+    - "how many ⟨shapes⟩ are there?": the count (0–4) of a shape, one of the scene's 60 % of the time, else any;
+    - "is there a ⟨colour⟩ ⟨shape⟩?": existence, in pairs: one question whose answer is yes (an object of the scene)
+      and one whose answer is no (an object of the scene with its colour or its shape changed), in a seeded order,
+      so that every scene, hence every split, has exactly as many yes as no.
+
+    `num_questions` is how many questions the scene gets, shared as evenly as the scene allows among the types
+    (8: two of each type; see `_question_quota`). A type the scene cannot support (no shape occurs once: no colour
+    question) is not asked, and its share goes to the types that are possible; never is a question of one type
+    turned into another. Fewer than `num_questions` come back only when the scene supports no more distinct
+    questions. Questions come in a seeded order.
+    """
+    num_questions = _check_positive_int(num_questions, "num_questions")
+    quota = _question_quota(scene, rng, num_questions)
     objects = scene["objects"]
     questions = []
-    for kind in rng.permutation(4)[:num_questions]:
-        obj = objects[rng.integers(len(objects))]
-        if kind == 0 and _count(scene, shape=obj["shape"]) == 1:
-            text = f"what color is the {_shape_word(obj['shape'], rng)}?"
-            questions.append({"question_type": "what color is the", "text": text, "answer": obj["colour"]})
-        elif kind == 1 and _count(scene, colour=obj["colour"]) == 1:
-            colour = _pick(rng, COLOUR_WORDS.get(obj["colour"], (obj["colour"],)))
-            text = f"what shape is the {colour} {_pick(rng, ('object', 'thing', 'shape'))}?"
-            questions.append({"question_type": "what shape is the", "text": text, "answer": obj["shape"]})
-        elif kind == 2:
-            shape = obj["shape"] if rng.random() < 0.6 else SHAPES[rng.integers(len(SHAPES))]
-            text = f"how many {_shape_word(shape, rng, plural=True)} are there?"
-            questions.append({"question_type": "how many", "text": text, "answer": str(_count(scene, shape=shape))})
-        else:
-            colour = obj["colour"]
-            if rng.random() < 0.5:  # ask about something absent: change the colour or the shape
-                shape = obj["shape"]
-                colour = next(c for c in rng.permutation(list(COLOURS)) if _count(scene, shape, c) == 0)
-                obj = {"shape": shape, "colour": colour}
-            text = f"is there a {colour} {_shape_word(obj['shape'], rng)}?"
-            answer = "yes" if _count(scene, obj["shape"], colour) else "no"
+    unique_shape = [obj for obj in objects if _count(scene, shape=obj["shape"]) == 1]
+    for index in rng.permutation(len(unique_shape))[:quota["what color is the"]]:
+        obj = unique_shape[index]
+        text = f"what color is the {_shape_word(obj['shape'], rng)}?"
+        questions.append({"question_type": "what color is the", "text": text, "answer": obj["colour"]})
+    unique_colour = [obj for obj in objects if _count(scene, colour=obj["colour"]) == 1]
+    for index in rng.permutation(len(unique_colour))[:quota["what shape is the"]]:
+        obj = unique_colour[index]
+        text = (f"what shape is the {_pick(rng, COLOUR_WORDS.get(obj['colour'], (obj['colour'],)))} "
+                f"{_pick(rng, ('object', 'thing', 'shape'))}?")
+        questions.append({"question_type": "what shape is the", "text": text, "answer": obj["shape"]})
+    asked: set[str] = set()
+    for _ in range(quota["how many"]):
+        in_scene = sorted({obj["shape"] for obj in objects} - asked, key=SHAPES.index)
+        pool = in_scene if in_scene and rng.random() < 0.6 else [shape for shape in SHAPES if shape not in asked]
+        shape = _pick(rng, pool)
+        asked.add(shape)
+        text = f"how many {_shape_word(shape, rng, plural=True)} are there?"
+        questions.append({"question_type": "how many", "text": text, "answer": str(_count(scene, shape=shape))})
+    asked_pairs: set[tuple[str, str]] = set()
+    for index in rng.permutation(len(objects))[:quota["is there a"] // 2]:
+        present = objects[index]
+        while True:  # an absent pair near the present one: its colour changed, or its shape (4 objects of 64 pairs)
+            if rng.random() < 0.5:
+                colour, shape = _pick(rng, list(COLOURS)), present["shape"]
+            else:
+                colour, shape = present["colour"], _pick(rng, SHAPES)
+            if _count(scene, shape, colour) == 0 and (colour, shape) not in asked_pairs:
+                break
+        asked_pairs.add((colour, shape))
+        pair = [(present["colour"], present["shape"], "yes"), (colour, shape, "no")]
+        for colour, shape, answer in (pair if rng.random() < 0.5 else pair[::-1]):
+            text = f"is there a {colour} {_shape_word(shape, rng)}?"
             questions.append({"question_type": "is there a", "text": text, "answer": answer})
-    return questions
+    return [questions[index] for index in rng.permutation(len(questions))]
 
 
 def _count_phrase(count: int, shape: str, rng: np.random.Generator) -> str:
@@ -440,15 +508,15 @@ NUM_NLVR2_TEMPLATES = 5
 
 
 def nlvr2_statement(left: dict, right: dict, rng: np.random.Generator, want_true: bool) -> tuple[str, bool]:
-    """A statement about a pair of scenes and its truth: a template drawn uniformly, then a statement of it whose
-    truth is `want_true` (another template when this one has none for the pair)."""
+    """A statement about a pair of scenes and its truth, always `want_true`: a template drawn uniformly, then a
+    statement of it with that truth (another template when this one has none for the pair). Every pair has both:
+    "the left image shows ⟨its count of one of its shapes⟩" is true, with that count changed by one it is false."""
     for template in rng.permutation(NUM_NLVR2_TEMPLATES):
         wanted = [candidate for candidate in _nlvr2_candidates(int(template), left, right, rng)
                   if candidate[1] == want_true]
         if wanted:
             return wanted[rng.integers(len(wanted))]
-    candidates = _nlvr2_candidates(0, left, right, rng)
-    return candidates[rng.integers(len(candidates))]
+    raise RuntimeError(f"no {'true' if want_true else 'false'} statement for the pair: scenes without objects?")
 
 
 def _absent_pair(scene: dict, rng: np.random.Generator) -> tuple[str, str]:
@@ -532,12 +600,13 @@ def _image_columns(scene_id: str, scene: dict, regions: dict, suffix: str = "") 
     }
 
 
-def _scene_rows(scene_id: str, scene: dict, regions: dict, rng: np.random.Generator, answers: dict) -> dict:
+def _scene_rows(scene_id: str, scene: dict, regions: dict, rng: np.random.Generator, answers: dict,
+                questions_per_scene: int = DEFAULT_QUESTIONS_PER_SCENE) -> dict:
     """The pre-training, VQA, SNLI-VE and RefCOCO rows of one scene."""
     image = _image_columns(scene_id, scene, regions)
     rows = {"pretrain": [dict(image, text=text) for text in scene["captions"][:2]], "vqa": [], "snli_ve": [],
             "refcoco": []}
-    for number, question in enumerate(vqa_questions(scene, rng)):
+    for number, question in enumerate(vqa_questions(scene, rng, questions_per_scene)):
         answers.setdefault(question["answer"], len(answers))
         rows["vqa"].append(dict(image, question_id=f"{scene_id}-q{number}", text=question["text"],
                                 question_type=question["question_type"], answer_ids=[answers[question["answer"]]],
@@ -555,10 +624,11 @@ def _scene_rows(scene_id: str, scene: dict, regions: dict, rng: np.random.Genera
     return rows
 
 
-def _split_rows(scenes: list[tuple[str, dict, dict]], rng: np.random.Generator, answers: dict) -> dict[str, list]:
+def _split_rows(scenes: list[tuple[str, dict, dict]], rng: np.random.Generator, answers: dict,
+                questions_per_scene: int = DEFAULT_QUESTIONS_PER_SCENE) -> dict[str, list]:
     rows: dict[str, list] = {task: [] for task in TASKS}
     for scene_id, scene, regions in scenes:
-        for task, task_rows in _scene_rows(scene_id, scene, regions, rng, answers).items():
+        for task, task_rows in _scene_rows(scene_id, scene, regions, rng, answers, questions_per_scene).items():
             rows[task] += task_rows
     # Every scene is the left image of one pair (its right neighbour, cyclically), with a true and a false statement.
     for left, right in zip(scenes, scenes[1:] + scenes[:1]):
@@ -577,8 +647,10 @@ FEATURES = {"pretrain": pretrain_features, "vqa": vqa_features, "nlvr2": nlvr2_f
 
 def build_synthetic_corpus(output, num_scenes: int = 2000, seed: int = 0, feature_dim: int = DEFAULT_FEATURE_DIM,
                            validation_fraction: float = 0.1, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
-                           progress: bool = False) -> dict:
+                           progress: bool = False, questions_per_scene: int = DEFAULT_QUESTIONS_PER_SCENE) -> dict:
     """Generate `num_scenes` scenes and write the pre-training corpus and the four task datasets under `output`.
+
+    `questions_per_scene` is the `num_questions` of `vqa_questions`: VQA questions per scene where the scene allows.
 
     Deterministic for a seed. The corpus is written to a temporary folder beside `output` and moved into place
     whole, so an interrupted run leaves nothing half-written; running again replaces an earlier synthetic corpus
@@ -589,6 +661,7 @@ def build_synthetic_corpus(output, num_scenes: int = 2000, seed: int = 0, featur
 
     num_scenes = _check_positive_int(num_scenes, "num_scenes")
     feature_dim = _check_positive_int(feature_dim, "feature_dim")
+    questions_per_scene = _check_positive_int(questions_per_scene, "questions_per_scene")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     if not 0.0 < validation_fraction < 1.0:
@@ -609,11 +682,13 @@ def build_synthetic_corpus(output, num_scenes: int = 2000, seed: int = 0, featur
         scenes.append((f"synthetic-{seed}-{index:06d}", scene, regions))
     answers: dict[str, int] = {}
     splits = {"train": scenes[:num_scenes - num_validation], "validation": scenes[num_scenes - num_validation:]}
-    rows = {split: _split_rows(split_scenes, rng, answers) for split, split_scenes in splits.items()}
+    rows = {split: _split_rows(split_scenes, rng, answers, questions_per_scene)
+            for split, split_scenes in splits.items()}
     answer_vocab = sorted(answers, key=answers.get)
     # The vocabulary holds every answer of both splits (the world has about 22), in order of first appearance.
     summary = {"seed": int(seed), "num_scenes": num_scenes, "feature_dim": feature_dim, "image_size": list(image_size),
-               "shapes": list(SHAPES), "colours": list(COLOURS), "answer_vocabulary": len(answer_vocab), "rows": {}}
+               "shapes": list(SHAPES), "colours": list(COLOURS), "questions_per_scene": questions_per_scene,
+               "answer_vocabulary": len(answer_vocab), "rows": {}}
     # The corpus is written beside `output` and moved into place whole: an interrupted run leaves nothing half-written.
     root.parent.mkdir(parents=True, exist_ok=True)
     final_root, root = root, root.parent / f".{root.name}.tmp-{uuid.uuid4().hex}"
@@ -665,14 +740,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--feature-dim", type=int, default=DEFAULT_FEATURE_DIM,
                         help=f"region feature size Dv (default {DEFAULT_FEATURE_DIM})")
     parser.add_argument("--validation-fraction", type=float, default=0.1, help="share of scenes held out (0.1)")
+    parser.add_argument("--questions-per-scene", type=int, default=DEFAULT_QUESTIONS_PER_SCENE,
+                        help=f"VQA questions per scene where the scene allows (default {DEFAULT_QUESTIONS_PER_SCENE})")
     args = parser.parse_args(argv)
     try:
         summary = build_synthetic_corpus(args.output, num_scenes=args.num_scenes, seed=args.seed,
                                          feature_dim=args.feature_dim, validation_fraction=args.validation_fraction,
-                                         progress=True)
+                                         progress=True, questions_per_scene=args.questions_per_scene)
     except ValueError as error:
         parser.error(str(error).replace("num_scenes", "--num-scenes").replace("feature_dim", "--feature-dim")
-                     .replace("validation_fraction", "--validation-fraction"))
+                     .replace("validation_fraction", "--validation-fraction")
+                     .replace("questions_per_scene", "--questions-per-scene"))
     for line in _summary_lines(summary, Path(args.output)):
         print(line)
     return 0

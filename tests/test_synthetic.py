@@ -17,6 +17,7 @@ from datasets import load_from_disk
 from processing import schema
 from processing.synthetic import (
     COLOURS,
+    QUESTION_TYPES,
     SHAPE_WORDS,
     SHAPES,
     box_iou,
@@ -25,6 +26,7 @@ from processing.synthetic import (
     region_features_from_pixels,
     render_scene,
     scene_regions,
+    vqa_questions,
 )
 
 NUMBERS = {"no": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
@@ -144,29 +146,126 @@ def test_region_features_come_from_the_pixels():
         region_features_from_pixels(image, boxes, feature_dim=0)
 
 
-def test_vqa_answers_are_correct(corpus, scenes):
+def _vqa_truth(text, scene, image):
+    """(question type, answer) of a question, read from its words and the scene alone: the type the words ask for,
+    and the answer of the scene graph (colours from the rendered pixels). Raises when the question has no answer
+    of its type in the scene (a colour question about a shape that does not occur exactly once, ...)."""
+    if match := re.fullmatch(r"what color is the (\w+)\?", text):
+        (obj,) = [o for o in scene["objects"] if o["shape"] == _shape(match[1])]
+        return "what color is the", _pixel_colour(image, obj)
+    if match := re.fullmatch(r"what shape is the (\w+) (?:object|thing|shape)\?", text):
+        (obj,) = [o for o in scene["objects"] if o["colour"] == COLOUR_SYNONYMS[match[1]]]
+        return "what shape is the", obj["shape"]
+    if match := re.fullmatch(r"how many (\w+) are there\?", text):
+        return "how many", str(_count(scene, _shape(match[1])))
+    if match := re.fullmatch(r"is there a (\w+) (\w+)\?", text):
+        return "is there a", "yes" if _count(scene, _shape(match[2]), match[1]) else "no"
+    raise AssertionError(f"unexpected question {text!r}")
+
+
+def _vqa_rows(corpus, split):
     answers = json.loads((corpus / "vqa" / schema.ANSWER_VOCAB_FILE).read_text())
+    return [dict(row, answer=answers[row["answer_ids"][0]]) for row in load_from_disk(str(corpus / "vqa"))[split]]
+
+
+def test_vqa_answers_are_correct_and_of_the_type_asked(corpus, scenes):
+    """No fall-through: every question's words, its `question_type` and its answer agree, checked against an
+    independent reading of the scene (the colour of an object from its pixels)."""
     kinds = set()
     for split in ("train", "validation"):
-        for row in load_from_disk(str(corpus / "vqa"))[split]:
+        for row in _vqa_rows(corpus, split):
             scene, image, _ = scenes[row["image_id"]]
-            answer = answers[row["answer_ids"][0]]
             assert row["answer_scores"] == [1.0]
-            text = row["text"]
-            if match := re.fullmatch(r"what color is the (\w+)\?", text):
-                (obj,) = [o for o in scene["objects"] if o["shape"] == _shape(match[1])]
-                assert answer == _pixel_colour(image, obj)
-            elif match := re.fullmatch(r"what shape is the (\w+) (?:object|thing|shape)\?", text):
-                (obj,) = [o for o in scene["objects"] if o["colour"] == COLOUR_SYNONYMS[match[1]]]
-                assert answer == obj["shape"]
-            elif match := re.fullmatch(r"how many (\w+) are there\?", text):
-                assert int(answer) == _count(scene, _shape(match[1]))
-            elif match := re.fullmatch(r"is there a (\w+) (\w+)\?", text):
-                assert answer == ("yes" if _count(scene, _shape(match[2]), match[1]) else "no")
-            else:
-                raise AssertionError(f"unexpected question {text!r}")
-            kinds.add(row["question_type"])
-    assert kinds == {"what color is the", "what shape is the", "how many", "is there a"}
+            kind, answer = _vqa_truth(row["text"], scene, image)
+            assert row["question_type"] == kind, row["text"]
+            assert row["answer"] == answer, row["text"]
+            if kind == "how many":
+                assert answer in {"0", "1", "2", "3", "4"}
+            kinds.add(kind)
+    assert kinds == set(QUESTION_TYPES)
+
+
+def test_vqa_yes_no_is_exactly_balanced_in_every_split(corpus):
+    for split in ("train", "validation"):
+        rows = [row for row in _vqa_rows(corpus, split) if row["question_type"] == "is there a"]
+        answers = [row["answer"] for row in rows]
+        assert rows and answers.count("yes") == answers.count("no") == len(rows) // 2, split
+        per_scene = {}
+        for row in rows:  # in pairs: as many yes as no in every scene
+            per_scene.setdefault(row["image_id"], []).append(row["answer"])
+        assert all(pair.count("yes") == pair.count("no") > 0 for pair in per_scene.values()), split
+        # the order is seeded, not fixed: which comes first does not give the answer away
+        assert {pair[0] for pair in per_scene.values()} == {"yes", "no"}, split
+
+
+def test_vqa_questions_per_scene(corpus, scenes):
+    """Eight distinct questions per scene, two of each type where the scene supports it; a type the scene cannot
+    support is not asked and its share goes to the other types. Question ids are `{scene_id}-q{number}`."""
+    by_scene = {}
+    for split in ("train", "validation"):
+        for row in _vqa_rows(corpus, split):
+            by_scene.setdefault(row["image_id"], []).append(row)
+    assert set(by_scene) == set(scenes)
+    for scene_id, rows in by_scene.items():
+        scene = scenes[scene_id][0]
+        assert len(rows) == 8, scene_id
+        assert [row["question_id"] for row in rows] == [f"{scene_id}-q{number}" for number in range(8)]
+        assert len({row["text"] for row in rows}) == 8, [row["text"] for row in rows]  # distinct questions
+        types = [row["question_type"] for row in rows]
+        once_shapes = sum(_count(scene, shape=o["shape"]) == 1 for o in scene["objects"])
+        once_colours = sum(_count(scene, colour=o["colour"]) == 1 for o in scene["objects"])
+        assert types.count("what color is the") <= once_shapes and types.count("what shape is the") <= once_colours
+        assert types.count("is there a") % 2 == 0 and types.count("is there a") >= 2
+        if once_shapes >= 2 and once_colours >= 2:
+            assert sorted(types) == sorted(QUESTION_TYPES * 2), (scene_id, types)
+        else:  # fewer of a type the scene cannot support, its share given to the others: never fewer questions
+            assert types.count("what color is the") >= min(2, once_shapes)
+            assert types.count("what shape is the") >= min(2, once_colours)
+            assert types.count("how many") >= 2
+
+
+def test_vqa_questions_never_fall_through():
+    """A type the scene cannot support is not asked; asking for more questions than a scene holds gives the
+    distinct ones it has, and `num_questions` sets how many a scene gets."""
+    rng = np.random.default_rng(11)
+    seen_impossible = {"what color is the": 0, "what shape is the": 0}
+    for _ in range(300):
+        scene = generate_scene(rng)
+        image = render_scene(scene)
+        once_shapes = sum(_count(scene, shape=o["shape"]) == 1 for o in scene["objects"])
+        once_colours = sum(_count(scene, colour=o["colour"]) == 1 for o in scene["objects"])
+        seen_impossible["what color is the"] += once_shapes == 0
+        seen_impossible["what shape is the"] += once_colours == 0
+        supported = once_shapes + once_colours + len(SHAPES) + 2 * len(scene["objects"])
+        for num_questions in (1, 3, 8, 13):
+            questions = vqa_questions(scene, rng, num_questions)
+            if num_questions <= 8:  # every scene supports at least 10 (8 counts and an existence pair)
+                assert len(questions) == num_questions
+            else:  # all it supports, or one short where only half an existence pair would be left
+                assert min(num_questions, supported) - 1 <= len(questions) <= min(num_questions, supported)
+            for question in questions:
+                assert _vqa_truth(question["text"], scene, image) == (question["question_type"], question["answer"])
+            types = [question["question_type"] for question in questions]
+            if once_shapes == 0:
+                assert "what color is the" not in types
+            if once_colours == 0:
+                assert "what shape is the" not in types
+            existence = [question["answer"] for question in questions if question["question_type"] == "is there a"]
+            assert existence.count("yes") == existence.count("no")
+        everything = vqa_questions(scene, rng, 100)  # all the distinct questions the scene supports
+        assert len({question["text"] for question in everything}) == len(everything)
+        assert len(everything) == supported
+    assert all(seen_impossible.values()), seen_impossible  # the impossible cases did occur
+    with pytest.raises(ValueError, match="num_questions"):
+        vqa_questions(scene, rng, 0)
+
+
+def test_vqa_questions_are_deterministic_for_a_seed():
+    scene = generate_scene(np.random.default_rng(7), min_objects=3, max_objects=4)
+    first = vqa_questions(scene, np.random.default_rng(1))
+    assert first == vqa_questions(scene, np.random.default_rng(1))
+    assert len(first) == 8
+    assert any(vqa_questions(scene, np.random.default_rng(seed)) != first for seed in range(2, 6))
 
 
 def _nlvr2_truth(text, left, right):
@@ -184,13 +283,32 @@ def _nlvr2_truth(text, left, right):
     raise AssertionError(f"unexpected statement {text!r}")
 
 
-def test_nlvr2_labels_are_correct_and_balanced(corpus, scenes):
-    labels = []
-    for row in load_from_disk(str(corpus / "nlvr2"))["train"]:
-        truth = _nlvr2_truth(row["text"], scenes[row["image_id_0"]][0], scenes[row["image_id_1"]][0])
-        assert row["label"] == int(truth), row["text"]
-        labels.append(row["label"])
-    assert 0.4 <= np.mean(labels) <= 0.6
+def test_nlvr2_labels_are_correct_and_exactly_balanced(corpus, scenes):
+    """Every scene is the left image of one pair with one true and one false statement: each split is exactly
+    balanced."""
+    for split in ("train", "validation"):
+        labels, pairs = [], {}
+        for row in load_from_disk(str(corpus / "nlvr2"))[split]:
+            truth = _nlvr2_truth(row["text"], scenes[row["image_id_0"]][0], scenes[row["image_id_1"]][0])
+            assert row["label"] == int(truth), row["text"]
+            assert row["identifier"].endswith(f"-{int(truth)}")  # the statement has the truth it was drawn for
+            labels.append(row["label"])
+            pairs.setdefault((row["image_id_0"], row["image_id_1"]), []).append(row["label"])
+        assert labels.count(0) == labels.count(1) == len(labels) // 2 > 0, split
+        assert all(sorted(pair) == [0, 1] for pair in pairs.values()), split
+
+
+def test_snli_ve_has_one_hypothesis_of_each_label_per_scene(corpus, scenes):
+    """Exactly balanced in every split: each scene has one entailed, one neutral and one contradicted hypothesis."""
+    covered = set()
+    for split in ("train", "validation"):
+        per_scene = {}
+        for row in load_from_disk(str(corpus / "snli_ve"))[split]:
+            per_scene.setdefault(row["image_id"], []).append(row["label"])
+        assert per_scene and all(sorted(labels) == list(range(len(schema.SNLI_VE_LABELS)))
+                                 for labels in per_scene.values()), split
+        covered |= set(per_scene)
+    assert covered == set(scenes)
 
 
 def test_snli_ve_hypotheses_match_their_labels(corpus, scenes):
