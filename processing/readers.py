@@ -22,10 +22,13 @@ Object ids become tag names through a vocabulary file (one name per line, id = l
 Genome 1600 classes shipped in `modeling_cmal/data/vg_objects_vocab.txt`); `id_offset` is subtracted first, for
 extractors that count the background class as id 0.
 
-A corrupt image row (unparsable field, bad base64, wrong buffer size, NaN/inf, missing key, tag id outside the
-vocabulary, forbidden pickle global, ...) is skipped and counted in a `SkipCounter` under one of these reasons:
-`malformed_row`, `bad_base64`, `wrong_buffer_size`, `bad_shape`, `non_finite`, `bad_image_size`, `no_regions`,
-`tag_id_out_of_range`, `missing_key`, `unsafe_pickle`, `unreadable_file`, `duplicate_image`.
+A corrupt image row (unparsable field, bad base64, wrong buffer size, zero-width features, NaN/inf (also values
+that overflow float32), an image size that is not a positive finite integer, an inverted box or one wholly outside
+the image, missing key, tag id outside the vocabulary, forbidden pickle global, ...) is skipped and counted in a
+`SkipCounter` under one of these reasons: `malformed_row`, `bad_base64`, `wrong_buffer_size`, `bad_shape`,
+`non_finite`, `bad_image_size`, `bad_box`, `no_regions`, `tag_id_out_of_range`, `missing_key`, `unsafe_pickle`,
+`unreadable_file`, `duplicate_image`. Boxes that overlap the image but reach past its edge are kept as they are
+(the corpus builders clip them and count how many they clipped).
 """
 
 from __future__ import annotations
@@ -119,6 +122,8 @@ def _validated_regions(
     num_boxes = features.shape[0]
     if num_boxes == 0:
         raise CorruptRegionsError("no_regions", "the image has no regions")
+    if features.ndim != 2 or features.shape[1] == 0:
+        raise CorruptRegionsError("bad_shape", f"features of shape {features.shape}; expected [N, D] with D >= 1")
     if boxes.shape != (num_boxes, 4) or object_ids.shape != (num_boxes,) or scores.shape != (num_boxes,):
         raise CorruptRegionsError(
             "bad_shape",
@@ -128,9 +133,21 @@ def _validated_regions(
     width, height = image_size
     if width <= 0 or height <= 0:
         raise CorruptRegionsError("bad_image_size", f"image size {width}x{height} is not positive")
-    for name, values in (("features", features), ("boxes", boxes), ("scores", scores)):
+    for name, values in (("features", features), ("boxes", boxes), ("objects_id", object_ids),
+                         ("objects_conf", scores)):
+        if np.iscomplexobj(values):
+            raise CorruptRegionsError("bad_shape", f"{name} hold complex numbers ({values.dtype}); expected real")
+    # Finiteness after the float32 cast: a value that overflows float32 (1e300) is as corrupt as inf.
+    with np.errstate(over="ignore", invalid="ignore"):
+        features, boxes, scores = (values.astype(np.float32, copy=False) for values in (features, boxes, scores))
+    for name, values in (("features", features), ("boxes", boxes), ("scores", scores), ("objects_id", object_ids)):
         if not np.isfinite(values).all():
-            raise CorruptRegionsError("non_finite", f"{name} hold NaN or inf")
+            raise CorruptRegionsError("non_finite", f"{name} hold NaN or inf (or values beyond float32)")
+    _check_boxes(boxes, width, height)
+    int64 = np.iinfo(np.int64)
+    if object_ids.min() < int64.min or object_ids.max() > int64.max:
+        raise CorruptRegionsError(
+            "tag_id_out_of_range", f"object ids {object_ids.min()}..{object_ids.max()} leave the int64 range")
     tag_ids = object_ids.astype(np.int64) - id_offset
     if tag_ids.min() < 0 or tag_ids.max() >= len(tag_vocab):
         raise CorruptRegionsError(
@@ -140,12 +157,29 @@ def _validated_regions(
         )
     return {
         "image_id": image_id,
-        "features": features.astype(np.float32, copy=False),
-        "boxes": boxes.astype(np.float32, copy=False),
+        "features": features,
+        "boxes": boxes,
         "image_size": (int(width), int(height)),
         "tags": [tag_vocab[tag_id] for tag_id in tag_ids.tolist()],
-        "scores": scores.astype(np.float32, copy=False),
+        "scores": scores,
     }
+
+
+def _check_boxes(boxes: np.ndarray, width: int, height: int) -> None:
+    """Refuse (`bad_box`) an inverted box (x2 < x1 or y2 < y1) or one with no overlap with the image."""
+    x1, y1, x2, y2 = boxes.T
+    inverted = np.flatnonzero((x2 < x1) | (y2 < y1))
+    if inverted.size:
+        index = int(inverted[0])
+        raise CorruptRegionsError(
+            "bad_box", f"box {index} {boxes[index].tolist()} is inverted; expected x1 <= x2 and y1 <= y2 "
+                       f"({inverted.size} inverted)")
+    outside = np.flatnonzero((x1 >= width) | (y1 >= height) | (x2 <= 0) | (y2 <= 0))
+    if outside.size:
+        index = int(outside[0])
+        raise CorruptRegionsError(
+            "bad_box", f"box {index} {boxes[index].tolist()} lies wholly outside the {width}x{height} image "
+                       f"({outside.size} outside)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -179,6 +213,7 @@ def _parse_int(field: bytes, name: str) -> int:
 
 def parse_tsv_fields(fields: list[bytes], tag_vocab: list[str], *, id_offset: int = 0) -> dict:
     """The `regions` dict of one BUTD tsv line already split on tabs; raises `CorruptRegionsError`."""
+    _check_id_offset(id_offset)
     if len(fields) != len(TSV_FIELDS):
         raise CorruptRegionsError("malformed_row", f"{len(fields)} tab-separated fields, expected {len(TSV_FIELDS)}")
     row = dict(zip(TSV_FIELDS, fields))
@@ -263,10 +298,15 @@ def _read_npz_members(path: Path) -> dict[str, np.ndarray]:
         raise CorruptRegionsError("unreadable_file", f"a member cannot be unpickled ({error!r})") from None
 
 
-def _integer(array: np.ndarray, name: str) -> int:
-    if array.size != 1 or not np.issubdtype(array.dtype, np.number) or array.reshape(()) != np.round(array.reshape(())):
-        raise CorruptRegionsError("bad_shape", f"key {name!r} must be one integer, got {array.dtype} {array.shape}")
-    return int(array.reshape(()))
+def _integer(array: np.ndarray, name: str, reason: str = "bad_shape") -> int:
+    """One finite integer (int or integral float member); anything else (inf, NaN, complex, 2.5, arrays) is `reason`."""
+    real = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    if array.size != 1 or not real:
+        raise CorruptRegionsError(reason, f"key {name!r} must be one integer, got {array.dtype} {array.shape}")
+    value = array.reshape(())
+    if not np.isfinite(value) or value != np.round(value):
+        raise CorruptRegionsError(reason, f"key {name!r} must be one finite integer, got {value.item()!r}")
+    return int(value)
 
 
 def read_npz_regions(path: PathLike, tag_vocab: TagVocab = None, *, id_offset: int = 0) -> dict:
@@ -277,6 +317,7 @@ def read_npz_regions(path: PathLike, tag_vocab: TagVocab = None, *, id_offset: i
     """
     path = Path(path)
     vocab = load_tag_vocab(tag_vocab)
+    id_offset = _check_id_offset(id_offset)
     arrays = _read_npz_members(path)
     info = arrays["info"].item() if arrays["info"].shape == () and arrays["info"].dtype.hasobject else None
     if not isinstance(info, dict):
@@ -297,15 +338,17 @@ def read_npz_regions(path: PathLike, tag_vocab: TagVocab = None, *, id_offset: i
     num_boxes = _integer(arrays["num_bbox"], "num_bbox")
     if num_boxes != features.shape[0]:
         raise CorruptRegionsError("bad_shape", f"num_bbox {num_boxes} but 'x' has {features.shape[0]} rows")
-    if not np.array_equal(object_ids, np.round(object_ids)):
+    if np.iscomplexobj(object_ids) or not np.array_equal(object_ids, np.round(object_ids)):
         raise CorruptRegionsError("bad_shape", "'objects_id' holds non-integer values")
+    image_size = (_integer(arrays["image_w"], "image_w", "bad_image_size"),
+                  _integer(arrays["image_h"], "image_h", "bad_image_size"))
     return _validated_regions(
         path.stem,
         features=features,
         boxes=boxes,
         object_ids=object_ids,
         scores=scores,
-        image_size=(_integer(arrays["image_w"], "image_w"), _integer(arrays["image_h"], "image_h")),
+        image_size=image_size,
         tag_vocab=vocab,
         id_offset=id_offset,
     )
@@ -337,9 +380,17 @@ def _check_source(path: PathLike, argument: str = "path") -> Path:
     return path
 
 
+ID_OFFSET_LIMIT = 2**31
+
+
 def _check_id_offset(id_offset: int) -> int:
     if not isinstance(id_offset, int) or isinstance(id_offset, bool):
         raise TypeError(f"id_offset must be an int, got {id_offset!r}")
+    if not -ID_OFFSET_LIMIT < id_offset < ID_OFFSET_LIMIT:
+        raise ValueError(
+            f"id_offset must be an int between -{ID_OFFSET_LIMIT - 1} and {ID_OFFSET_LIMIT - 1} (usually 0, or 1 when "
+            f"id 0 is the background class), got {id_offset!r}"
+        )
     return id_offset
 
 

@@ -11,6 +11,7 @@ import base64
 import logging
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -155,6 +156,56 @@ def test_tsv_corrupt_row_reasons(tmp_path, column, value, reason):
     assert errors.counts == expected
 
 
+def _box_fields(boxes) -> list[str]:
+    regions = make_regions("img", 2, 8)
+    regions["boxes"] = np.asarray(boxes, np.float32)
+    return butd_fields(regions)
+
+
+@pytest.mark.parametrize(
+    "boxes, message",
+    [
+        ([[10, 10, 5, 20], [0, 0, 10, 10]], "box 0 .* is inverted"),             # x2 < x1
+        ([[0, 0, 10, 10], [10, 30, 20, 20]], "box 1 .* is inverted"),            # y2 < y1
+        ([[0, 0, 10, 10], [700, 10, 800, 20]], "box 1 .* wholly outside the 640x480 image"),  # right of the image
+        ([[-30, -30, -10, -10], [0, 0, 10, 10]], "box 0 .* wholly outside"),     # above and left
+        ([[0, 480, 10, 500], [0, 0, 10, 10]], "box 0 .* wholly outside"),        # starts at the bottom edge
+    ],
+)
+def test_tsv_rows_with_inverted_or_outside_boxes_are_counted_skips(tmp_path, boxes, message):
+    good = make_regions("good", 2, 8, seed=1)
+    path = tmp_path / "features.tsv"
+    write_butd_tsv(path, [_box_fields(boxes), butd_fields(good)])
+    errors = SkipCounter()
+    read = list(read_region_features(path, errors=errors))
+    assert [regions["image_id"] for regions in read] == ["good"]
+    assert errors.counts == {"bad_box": 1}
+    assert re.search(message, errors.examples["bad_box"][0]) and "line 1 (image 'img')" in errors.examples["bad_box"][0]
+
+
+def test_boxes_partly_past_the_edge_are_kept_for_the_builders_to_clip(tmp_path):
+    path = tmp_path / "features.tsv"
+    write_butd_tsv(path, [_box_fields([[-5, 10, 700, 500], [0, 0, 10, 10]])])
+    (read,) = read_region_features(path)
+    np.testing.assert_array_equal(read["boxes"][0], [-5, 10, 700, 500])
+
+
+def test_id_offset_out_of_range_is_an_argument_error(tmp_path):
+    path = tmp_path / "features.tsv"
+    write_butd_tsv(path, [butd_fields(make_regions("img", 2, 4))])
+    for call in (lambda: read_region_features(path, id_offset=2**70),
+                 lambda: RegionFeatureIndex(path, id_offset=-(2**70)),
+                 lambda: parse_tsv_fields(_box_fields([[0, 0, 1, 1], [0, 0, 1, 1]]), VG_VOCAB, id_offset=2**70)):
+        with pytest.raises(ValueError, match=r"id_offset must be an int between .* got 1180591620717411303424|"
+                                             r"id_offset must be an int between .* got -1180591620717411303424"):
+            call()
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    write_npz(folder, make_regions("img", 2, 4))
+    with pytest.raises(ValueError, match="id_offset"):
+        read_npz_regions(folder / "img.npz", id_offset=2**70)
+
+
 def test_id_offset_and_custom_vocabulary(tmp_path):
     vocab_file = tmp_path / "objects_vocab.txt"
     vocab_file.write_text("background\nstop sign,stopsign\ndog\n")
@@ -242,6 +293,45 @@ def test_npz_corrupt_file_reasons(tmp_path, overrides, reason):
     with pytest.raises(CorruptRegionsError) as raised:
         read_npz_regions(tmp_path / "img.npz")
     assert raised.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    "overrides, reason, message",
+    [
+        ({"num_bbox": np.inf}, "bad_shape", "'num_bbox' must be one finite integer, got inf"),
+        ({"num_bbox": np.complex128(2)}, "bad_shape", "'num_bbox' must be one integer, got complex128"),
+        ({"num_bbox": np.nan}, "bad_shape", "'num_bbox' must be one finite integer"),
+        ({"image_w": np.inf}, "bad_image_size", "'image_w' must be one finite integer, got inf"),
+        ({"image_h": -np.inf}, "bad_image_size", "'image_h' must be one finite integer, got -inf"),
+        ({"image_w": np.complex64(640 + 1j)}, "bad_image_size", "'image_w' must be one integer, got complex64"),
+        ({"image_h": 2.5}, "bad_image_size", "'image_h' must be one finite integer, got 2.5"),
+        ({"x": np.full((2, 8), 1e300)}, "non_finite", "features hold NaN or inf \\(or values beyond float32\\)"),
+        ({"bbox": np.full((2, 4), -1e300)}, "non_finite", "boxes hold NaN or inf"),
+        ({"x": np.ones((2, 8), np.complex128)}, "bad_shape", "features hold complex numbers"),
+        ({"x": np.zeros((2, 0), np.float32)}, "bad_shape", "features of shape \\(2, 0\\); expected \\[N, D\\] with D >= 1"),
+        ({"bbox": np.array([[0, 0, 10, 10], [50, 50, 40, 60]], np.float32)}, "bad_box", "box 1 .* is inverted"),
+        ({"bbox": np.array([[0, 0, 10, 10], [900, 0, 950, 60]], np.float32)}, "bad_box", "wholly outside the 640x480"),
+    ],
+)
+def test_npz_non_finite_complex_or_empty_members_are_counted_skips(tmp_path, overrides, reason, message):
+    """Each used to raise OverflowError / TypeError (ending the whole folder read) or to give unusable regions."""
+    write_npz(tmp_path, make_regions("bad", 2, 8), **overrides)
+    write_npz(tmp_path, make_regions("good", 2, 8, seed=1))
+    with pytest.raises(CorruptRegionsError, match=message) as raised:
+        read_npz_regions(tmp_path / "bad.npz")
+    assert raised.value.reason == reason
+    errors = SkipCounter()
+    read = list(read_region_features(tmp_path, errors=errors))
+    assert [regions["image_id"] for regions in read] == ["good"]
+    assert errors.counts == {reason: 1} and errors.examples[reason][0].startswith("bad.npz: ")
+
+
+def test_npz_zero_width_features_of_three_regions_are_a_counted_skip(tmp_path):
+    regions = make_regions("img", 3, 8)
+    write_npz(tmp_path, regions, x=np.zeros((3, 0), np.float32))
+    errors = SkipCounter()
+    assert list(read_region_features(tmp_path, errors=errors)) == []
+    assert errors.counts == {"bad_shape": 1} and "(3, 0)" in errors.examples["bad_shape"][0]
 
 
 def test_npz_unreadable_or_incomplete_files(tmp_path):

@@ -45,7 +45,7 @@ CONFIG = {
     "num_visual_layers": 1, "num_unified_layers": 1, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
 }
 READER_REASONS = {"malformed_row", "bad_base64", "wrong_buffer_size", "bad_shape", "non_finite", "bad_image_size",
-                  "no_regions", "tag_id_out_of_range", "missing_key", "unsafe_pickle", "unreadable_file"}
+                  "bad_box", "no_regions", "tag_id_out_of_range", "missing_key", "unsafe_pickle", "unreadable_file"}
 
 
 @pytest.fixture(scope="module")
@@ -341,6 +341,10 @@ def _assert_valid_regions(regions):
     assert all(np.isfinite(regions[key]).all() for key in ("features", "boxes", "scores"))
     width, height = regions["image_size"]
     assert isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0
+    assert regions["features"].shape[1] > 0
+    x1, y1, x2, y2 = regions["boxes"].T
+    assert (x1 <= x2).all() and (y1 <= y2).all()  # not inverted
+    assert (x1 < width).all() and (y1 < height).all() and (x2 > 0).all() and (y2 > 0).all()  # overlaps the image
 
 
 def _garbage_field():
@@ -452,6 +456,9 @@ _ARRAY_VALUES = st.one_of(
     st.tuples(st.integers(0, 3), st.integers(0, 5)).map(lambda shape: np.ones(shape, np.float32)),
     st.sampled_from([np.asarray(["a", "b"]), np.asarray([True, False]), np.zeros((2, 2, 2)),
                      np.asarray([1 + 2j, 3j]), np.asarray([1.5, 2.5])]),
+    # found by adversarial testing: inf / complex scalars ended the whole folder read, 1e300 overflowed float32
+    st.sampled_from([np.float64(np.inf), np.float64(-np.inf), np.complex128(2), np.complex64(3 + 1j), np.float64(1e300),
+                     np.full((2, 4), 1e300), np.zeros((3, 0), np.float32), np.asarray([[5, 5, 1, 1]], np.float32)]),
 )
 
 
