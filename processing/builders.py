@@ -9,7 +9,8 @@ into `ItemGroup`s — the items that need the same image(s), in order of first a
   index order is exactly the unsharded dataset, and every image is decoded by one shard only;
 - decodes each group's images once through a `RegionFeatureIndex` (one image in memory at a time) and streams
   the rows into `datasets.Dataset.from_generator` with the explicit `Features` of `processing/schema.py`
-  (`visual_feats` float16, `visual_pos` = boxes / (width, height, width, height) clipped to [0, 1]);
+  (`visual_feats` float16, `visual_pos` = boxes / (width, height, width, height) clipped to [0, 1]; every box
+  that reached past the image edge is counted in the summary's `clipped_boxes`, the first one logged as a warning);
 - skips and counts, never raises on, bad data: an image without features (`missing_features`), with corrupt
   features (`corrupt_features`, the row's own reason in `region_errors`), or an item the task refuses;
 - writes into a temporary sibling `.<split>.tmp-<token>` and renames it into place only when complete, so an
@@ -144,17 +145,25 @@ def format_image_id(template: str, **fields) -> str:
         raise SkipItem("bad_image_id", f"image_id_format {template!r} cannot format {fields} ({error})") from None
 
 
-def image_columns(regions: dict, suffix: str = "") -> dict:
+def image_columns(regions: dict, suffix: str = "", clipped: SkipCounter | None = None) -> dict:
     """The region columns of `processing/schema.py` for one image's `regions` dict.
 
     `visual_feats` float16 [M, D]; `visual_pos` float32 [M, 4] = boxes / (width, height, width, height) clipped
-    to [0, 1]. Features beyond the float16 range raise `CorruptRegionsError("float16_overflow")`.
+    to [0, 1]. Every box that reaches past the image edge is counted in `clipped` (reason `box_past_edge`, one
+    count per box) when one is given. Features beyond the float16 range raise
+    `CorruptRegionsError("float16_overflow")`.
     """
     width, height = regions["image_size"]
     features = regions["features"]
     if np.abs(features).max() > FLOAT16_MAX:
         raise CorruptRegionsError("float16_overflow", f"features reach {np.abs(features).max():.4g} > float16 max")
     scale = np.array([width, height, width, height], dtype=np.float32)
+    if clipped is not None:
+        boxes = regions["boxes"]
+        past = (boxes < 0).any(axis=1) | (boxes[:, [0, 2]] > width).any(axis=1) | (boxes[:, [1, 3]] > height).any(axis=1)
+        for index in np.flatnonzero(past).tolist():
+            clipped.add("box_past_edge", f"image {regions['image_id']!r} box {index} {boxes[index].tolist()} clipped "
+                                         f"to the {width}x{height} image")
     return {
         f"image_id{suffix}": regions["image_id"],
         f"image_width{suffix}": int(width),
@@ -188,6 +197,8 @@ class BuildSummary:
 
     `items` counts this shard's text-side records; each is either written (`rows_written`) or counted in
     `skipped` by reason. `region_errors` counts the feature rows that could not be decoded, by reason.
+    `clipped_boxes` counts the boxes that reached past the image edge and were clipped to it (reason
+    `box_past_edge`), once per image decoded for this shard's rows however many rows use it.
     """
 
     task: str
@@ -200,6 +211,7 @@ class BuildSummary:
     statistics: dict[str, float] = field(default_factory=dict)
     anchor_statistics: object | None = None
     shard: tuple[int, int] = (0, 1)
+    clipped_boxes: SkipCounter = field(default_factory=lambda: SkipCounter("boxes clipped to the image edge"))
 
     def format(self) -> str:
         shard_index, num_shards = self.shard
@@ -209,6 +221,7 @@ class BuildSummary:
             f"items: {self.items}   rows written: {self.rows_written}",
             self.skipped.format(),
             self.region_errors.format(),
+            self.clipped_boxes.format(),
         ]
         lines += [f"{name}: {value}" for name, value in self.statistics.items()]
         if self.anchor_statistics is not None:
@@ -482,13 +495,15 @@ def write_split(
     dataset_features = features(feature_index.feature_dim())
     _prepare_root(root, task_split, dataset_features, extra_files)
     rows_written = 0
+    clipped_boxes = SkipCounter("boxes clipped to the image edge")
+    clipped_images: set[str] = set()  # images whose boxes are already counted
     if task_columns is None:
         task_columns = _item_fields
 
     def group_rows(group: ItemGroup) -> Iterator[dict]:
         """The rows of one group's items; every item left out is counted in `skipped`."""
         try:
-            images = [_image(image_id, suffix, feature_index)
+            images = [_image(image_id, suffix, feature_index, clipped_boxes, clipped_images)
                       for image_id, suffix in zip(group.image_ids, image_suffixes, strict=True)]
         except SkipItem as error:
             for item in group.items:
@@ -540,6 +555,7 @@ def write_split(
         statistics=dict(statistics or {}),
         anchor_statistics=_anchor_statistics(root / task_split, image_suffixes, lexicon),
         shard=(shard_index, num_shards),
+        clipped_boxes=clipped_boxes,
     )
 
 
@@ -547,15 +563,20 @@ def _item_fields(item: dict, regions: list[dict]) -> dict:
     return {name: value for name, value in item.items() if name != "where"}
 
 
-def _image(image_id: str, suffix: str, feature_index: RegionFeatureIndex) -> tuple[dict, dict]:
+def _image(
+    image_id: str, suffix: str, feature_index: RegionFeatureIndex, clipped: SkipCounter, clipped_images: set[str]
+) -> tuple[dict, dict]:
     """`(regions, region columns)` of one image; `SkipItem` when it has no features or corrupt ones (the row's
-    own reason is counted in `feature_index.errors`)."""
+    own reason is counted in `feature_index.errors`). Boxes clipped to the image edge are counted in `clipped`
+    the first time the image is used (`clipped_images` holds the images already counted)."""
     if image_id not in feature_index:
         raise SkipItem("missing_features", f"no region features for image {image_id!r}")
     regions = feature_index.get(image_id)
     if regions is not None:
         try:
-            return regions, image_columns(regions, suffix)
+            columns = image_columns(regions, suffix, None if image_id in clipped_images else clipped)
+            clipped_images.add(image_id)
+            return regions, columns
         except CorruptRegionsError as error:
             feature_index.errors.add(error.reason, f"image {image_id!r}: {error}")
     raise SkipItem("corrupt_features", f"the region features of image {image_id!r} are corrupt")

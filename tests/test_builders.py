@@ -116,6 +116,10 @@ def test_coco_captions_field_by_field(tmp_path, features):
     # image 1 has regions "man", "horse", "sky": "A man riding a horse." finds two anchors, "A person on a horse." one
     assert (summary.anchor_statistics.num_captions, summary.anchor_statistics.num_anchors) == (3, 3)
     assert "anchor statistics:\n  captions: 3, with at least one anchor: 2" in summary.format()
+    # box 0 of image 1 reaches past the 640 x 480 image: clipped, and counted once although two rows use the image
+    assert summary.clipped_boxes.counts == {"box_past_edge": 1}
+    assert "boxes clipped to the image edge: 1\n  box_past_edge: 1  e.g. image 'COCO_train2014_000000000001' box 0 " \
+        "[-5.0, 10.0, 700.0, 500.0] clipped to the 640x480 image" in summary.format()
 
     dataset = load_from_disk(str(tmp_path / "out"))
     assert list(dataset) == ["train"]
@@ -126,6 +130,27 @@ def test_coco_captions_field_by_field(tmp_path, features):
     for row, image_id in zip(train, [coco_id(1), coco_id(1), coco_id(2)]):
         assert_region_columns(row, images[image_id])
     assert train[0]["visual_pos"][0] == pytest.approx([0.0, 10 / 480, 1.0, 1.0])
+
+
+def test_clipping_past_the_edge_is_counted_and_logged_never_silent(tmp_path, caplog):
+    inside, past = make_regions("000001", 2, 8, seed=1), make_regions("000002", 3, 8, seed=2)
+    past["boxes"][1] = [600, 400, 641, 470]   # right edge
+    past["boxes"][2] = [10, -1, 20, 481]      # top and bottom
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    for regions in (inside, past):
+        write_npz(folder, regions)
+    captions = write_jsonl(tmp_path / "captions.jsonl", [{"image_id": 1, "caption": "a cat"},
+                                                         {"image_id": 2, "caption": "a dog"}])
+    with caplog.at_level("WARNING"):
+        summary = build_captions(captions, folder, tmp_path / "out", split="train", image_id_format="{image_id:06d}",
+                                 progress=False)
+    assert summary.rows_written == 2 and summary.clipped_boxes.counts == {"box_past_edge": 2}
+    assert [example.split(" clipped")[0] for example in summary.clipped_boxes.examples["box_past_edge"]] == [
+        "image '000002' box 1 [600.0, 400.0, 641.0, 470.0]", "image '000002' box 2 [10.0, -1.0, 20.0, 481.0]"]
+    assert "box_past_edge (image '000002' box 1" in caplog.text
+    rows = load_from_disk(str(tmp_path / "out"))["train"]
+    assert rows[1]["visual_pos"][1] == pytest.approx([600 / 640, 400 / 480, 1.0, 470 / 480])
 
 
 def test_jsonl_captions_with_npz_features(tmp_path):
@@ -356,11 +381,11 @@ def failing_image_columns(monkeypatch, after: int):
     original = processing.builders.image_columns
     calls = []
 
-    def image_columns(regions, suffix=""):
+    def image_columns(regions, suffix="", clipped=None):
         calls.append(regions["image_id"])
         if len(calls) > after:
             raise RuntimeError("simulated crash in the middle of a build")
-        return original(regions, suffix)
+        return original(regions, suffix, clipped)
 
     monkeypatch.setattr(processing.builders, "image_columns", image_columns)
 
