@@ -91,7 +91,7 @@ def test_columns_are_the_real_builders_schema(corpus):
     expected = {"pretrain": schema.pretrain_features, "vqa": schema.vqa_features, "nlvr2": schema.nlvr2_features,
                 "snli_ve": schema.snli_ve_features, "refcoco": schema.refcoco_features}
     config = json.loads((corpus / "synthetic_config.json").read_text())
-    assert config["feature_dim"] == 32 and config["num_scenes"] == 60
+    assert config["feature_dim"] == 32 and config["num_scenes"] == 60 and config["questions_per_scene"] == 8
     for task, features in expected.items():
         dataset = load_from_disk(str(corpus / task))
         assert set(dataset) == {"train", "validation"}
@@ -376,7 +376,8 @@ def test_captions_anchor_to_regions(corpus, tokenizer):
 def test_invalid_arguments_and_a_foreign_folder(tmp_path):
     for kwargs, name in (({"num_scenes": 0}, "num_scenes"), ({"num_scenes": 3}, "num_scenes"),
                          ({"feature_dim": -1}, "feature_dim"), ({"seed": -2}, "seed"),
-                         ({"validation_fraction": 1.5}, "validation_fraction")):
+                         ({"validation_fraction": 1.5}, "validation_fraction"),
+                         ({"questions_per_scene": 0}, "questions_per_scene")):
         with pytest.raises(ValueError, match=name):
             build_synthetic_corpus(tmp_path / "x", **{"num_scenes": 20, **kwargs})
     foreign = tmp_path / "mine"
