@@ -149,14 +149,61 @@ class CmalConfig(PreTrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"CmalConfig.{name} must be a finite float >= 0, got {value!r}")
-        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range <= 0:
-            raise ValueError(f"CmalConfig.initializer_range must be a positive float, got {self.initializer_range!r}")
-        if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
-            raise ValueError(f"CmalConfig.layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}")
+        for name in ("initializer_range", "layer_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"CmalConfig.{name} must be a finite float > 0, got {value!r}")
         if not isinstance(self.use_hypersphere_normalization, bool):
             raise ValueError(
                 f"CmalConfig.use_hypersphere_normalization must be a bool, got {self.use_hypersphere_normalization!r}"
             )
+        self._validate_activation_and_padding()
+
+    def _validate_activation_and_padding(self) -> None:
+        """`hidden_act` names an activation of transformers' `ACT2FN`; `pad_token_id` is None or a word-piece id."""
+        from transformers.activations import ACT2FN
+
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+            raise ValueError(f"CmalConfig.hidden_act must be the name of an activation of transformers' ACT2FN, one "
+                             f"of {sorted(ACT2FN)}, got {self.hidden_act!r}")
+        pad = self.pad_token_id
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < self.vocab_size):
+            raise ValueError(f"CmalConfig.pad_token_id must be None or an int in [0, vocab_size = {self.vocab_size}), "
+                             f"got {pad!r}")
+
+    def __setattr__(self, key, value):
+        # Checked on assignment: transformers' own __post_init__ reads `id2label.items()` before `_validate` runs.
+        if key in ("id2label", "label2id") and value is not None:
+            self._check_label_map(key, value)
+        super().__setattr__(key, value)
+
+    @staticmethod
+    def _check_label_map(name: str, value) -> None:
+        from collections.abc import Mapping
+
+        if not isinstance(value, Mapping):
+            expected = "label id -> name" if name == "id2label" else "name -> label id"
+            raise ValueError(f"CmalConfig.{name} must be a dict ({expected}) or None, got {type(value).__name__} "
+                             f"{value!r}")
+        ids = value.keys() if name == "id2label" else value.values()
+        for label_id in ids:
+            if isinstance(label_id, bool) or not isinstance(label_id, (int, str)) or (
+                    isinstance(label_id, str) and not label_id.strip().lstrip("-").isdigit()):
+                raise ValueError(f"CmalConfig.{name} label ids must be integers (or strings of integers, as JSON "
+                                 f"keys are), got {label_id!r} in {value!r}")
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file):
+        """The fields of a `config.json`; a file that holds anything but a JSON object is a `ValueError` naming it."""
+        import json
+
+        config_dict = super()._dict_from_json_file(json_file)
+        if not isinstance(config_dict, dict):
+            kinds = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+            raise ValueError(f"{json_file} must hold a JSON object of CmalConfig fields ({{\"model_type\": \"cmal\", "
+                             f"...}}), got a JSON {kinds.get(type(config_dict), type(config_dict).__name__)}: "
+                             f"{json.dumps(config_dict)[:80]}")
+        return config_dict
 
     @classmethod
     def from_size(cls, size: str, **kwargs) -> "CmalConfig":
