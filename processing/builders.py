@@ -160,7 +160,8 @@ def image_columns(regions: dict, suffix: str = "", clipped: SkipCounter | None =
     scale = np.array([width, height, width, height], dtype=np.float32)
     if clipped is not None:
         boxes = regions["boxes"]
-        past = (boxes < 0).any(axis=1) | (boxes[:, [0, 2]] > width).any(axis=1) | (boxes[:, [1, 3]] > height).any(axis=1)
+        past = ((boxes < 0).any(axis=1) | (boxes[:, [0, 2]] > width).any(axis=1)
+                | (boxes[:, [1, 3]] > height).any(axis=1))
         for index in np.flatnonzero(past).tolist():
             clipped.add("box_past_edge", f"image {regions['image_id']!r} box {index} {boxes[index].tolist()} clipped "
                                          f"to the {width}x{height} image")
