@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, LoggerType, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, LoggerType, ProjectConfiguration, set_seed
 from accelerate.utils.other import TORCH_SAFE_GLOBALS
 from datasets import load_from_disk
 from torch.utils.data import DataLoader
@@ -66,8 +66,10 @@ RESUME_INVARIANTS = ("per_device_batch_size", "gradient_accumulation_steps", "nu
 TRACKERS = sorted(t.value for t in LoggerType) + ["none"]
 
 
-class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint file would need arbitrary unpickling (or is not a checkpoint file at all)."""
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file would need arbitrary unpickling, or the checkpoint is incomplete, corrupt or does not fit
+    this run (a missing state file, a truncated `model.safetensors`, a tensor of another shape, a malformed
+    `trainer_state.json`). The message names the file."""
 
 
 def default_tokenizer_dir() -> str:
@@ -324,7 +326,69 @@ def resolve_resume(path: str | None, checkpoint_dir: Path) -> Path | None:
     return resolved
 
 
-def verify_checkpoint(path: Path, process_index: int = 0) -> dict:
+def _model_tensor_shapes(model: torch.nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[str, set[str]]]:
+    """`(name -> shape, name -> the names sharing its storage)` of a model's state dict (tied weights are saved
+    once in `model.safetensors`)."""
+    state = model.state_dict()
+    by_storage: dict[int, set[str]] = {}
+    for name, tensor in state.items():
+        by_storage.setdefault(tensor.untyped_storage().data_ptr(), set()).add(name)
+    tied = {name: by_storage[tensor.untyped_storage().data_ptr()] for name, tensor in state.items()}
+    return {name: tuple(tensor.shape) for name, tensor in state.items()}, tied
+
+
+def _check_safetensors(file: Path, model: torch.nn.Module | None) -> None:
+    """The safetensors header must be complete (a truncated file is refused here, not by Accelerate's loader) and,
+    given the model, name exactly its tensors with their shapes (tied weights once)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as weights:
+            shapes = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UnsafeCheckpointError(f"{file} is not a complete safetensors file (truncated or corrupt?): "
+                                    f"{error}") from None
+    if model is None:
+        return
+    expected, tied = _model_tensor_shapes(model)
+    unexpected = sorted(set(shapes) - set(expected))
+    if unexpected:
+        raise UnsafeCheckpointError(f"{file} holds {len(unexpected)} tensors this model does not have, e.g. "
+                                    f"{unexpected[:3]}; it was written by another model (--model_config?)")
+    wrong = [(name, shape, expected[name]) for name, shape in shapes.items() if shape != expected[name]]
+    if wrong:
+        name, shape, want = wrong[0]
+        raise UnsafeCheckpointError(f"{file}: tensor {name!r} has shape {list(shape)}, this model expects "
+                                    f"{list(want)} ({len(wrong)} tensors of another shape; another --model_config?)")
+    missing = sorted(name for name in expected if not tied[name] & set(shapes))
+    if missing:
+        raise UnsafeCheckpointError(f"{file} lacks {len(missing)} tensors of this model, e.g. {missing[:3]}")
+
+
+def _check_trainer_state(file: Path, max_steps: int | None) -> dict:
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise UnsafeCheckpointError(f"{file} is missing or not JSON: {error}") from None
+    if not isinstance(state, dict):
+        raise UnsafeCheckpointError(f"{file} must be a JSON object with an integer step and the collator state, "
+                                    f"got {type(state).__name__}")
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise UnsafeCheckpointError(f"{file}: 'step' must be an integer >= 0, got {step!r}")
+    if max_steps is not None and step > max_steps:
+        raise UnsafeCheckpointError(f"{file}: 'step' is {step}, beyond --max_steps {max_steps}: nothing would be "
+                                    "trained. Resume with --max_steps of at least that step")
+    collator = state.get("collator")
+    seed = collator.get("seed") if isinstance(collator, dict) else None
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise UnsafeCheckpointError(f"{file}: 'collator' must be the collator state, a JSON object with an integer "
+                                    f"seed >= 0 (from CmalPretrainingCollator.state_dict()), got {collator!r}")
+    return state
+
+
+def verify_checkpoint(path: Path, process_index: int = 0, *, model: torch.nn.Module | None = None,
+                      max_steps: int | None = None) -> dict:
     """Check that resuming from `path` loads nothing but tensors and plain data, and return its trainer state.
 
     Weights must be safetensors (`model.safetensors`) or an FSDP sharded-state folder; `pytorch_model.bin` is refused.
@@ -332,7 +396,11 @@ def verify_checkpoint(path: Path, process_index: int = 0) -> dict:
     `torch.load(weights_only=True)`, which refuses any global outside tensors, containers and numpy's RNG state;
     Accelerate's own loader then reads the files that passed. Files Accelerate would unpickle without that
     restriction (`custom_checkpoint_*.pkl`) are refused: this script keeps its collator state in JSON.
-    Raises `UnsafeCheckpointError` naming the file.
+    The checkpoint must also be complete and fit the run: `optimizer.bin`, `scheduler.bin` and the RNG states of
+    this process are present, `model.safetensors` has a complete header and (given `model`) exactly the model's
+    tensors with their shapes, and `trainer_state.json` holds an integer `step` in [0, `max_steps`] and the
+    collator state. Nothing is loaded into the model, optimizer or collator here.
+    Raises `UnsafeCheckpointError` (a `ValueError`) naming the file.
     """
     names = {item.name for item in path.iterdir()}
     custom = sorted(name for name in names if re.match(r"^custom_checkpoint_\d+\.pkl$", name))
@@ -349,6 +417,12 @@ def verify_checkpoint(path: Path, process_index: int = 0) -> dict:
     if random_states not in names:
         raise UnsafeCheckpointError(f"{path}: no {random_states}; the RNG states of process {process_index} are "
                                     "needed to resume exactly")
+    # Accelerate saves the optimizer as optimizer.bin (optimizer_0/ for FSDP sharded state) and the scheduler as
+    # scheduler.bin, and loads both unconditionally.
+    for required, alternative in (("optimizer.bin", "optimizer_0"), ("scheduler.bin", None)):
+        if required not in names and alternative not in names:
+            raise UnsafeCheckpointError(f"{path / required} is missing; a checkpoint of this script holds the "
+                                        "optimizer and scheduler states (incomplete copy?)")
     for name in sorted(names):
         if not PICKLED_STATE.match(name):
             continue
@@ -361,15 +435,9 @@ def verify_checkpoint(path: Path, process_index: int = 0) -> dict:
                 f"{path / name} cannot be loaded with torch.load(weights_only=True) and is refused: it holds "
                 f"something other than tensors and plain data (tampered or corrupt?) [{first_line}]"
             ) from None
-    try:
-        state = json.loads((path / TRAINER_STATE).read_text())
-    except (OSError, ValueError) as error:
-        raise UnsafeCheckpointError(f"{path / TRAINER_STATE} is missing or not JSON: {error}") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("collator"),
-                                                                                            dict):
-        raise UnsafeCheckpointError(f"{path / TRAINER_STATE} must be a JSON object with an integer step and the "
-                                    "collator state")
-    return state
+    if "model.safetensors" in names:
+        _check_safetensors(path / "model.safetensors", model)
+    return _check_trainer_state(path / TRAINER_STATE, max_steps)
 
 
 def save_final(accelerator: Accelerator, model, processor: CmalProcessor, output_dir: Path) -> None:
@@ -419,9 +487,10 @@ def evaluate(model, eval_loader, accelerator: Accelerator, max_batches: int) -> 
                 break
             outputs = model(**batch)
             stats = [0.0] * 10
-            if outputs.amc_logits is not None and outputs.amc_labels is not None and outputs.amc_labels.numel():
-                stats[0] = (outputs.amc_logits.argmax(-1) == outputs.amc_labels).sum()
-                stats[1] = outputs.amc_labels.numel()
+            if outputs.amc_logits is not None and outputs.amc_labels is not None:
+                targeted = outputs.amc_labels != -100  # rows without an AMC target are -100
+                stats[0] = ((outputs.amc_logits.argmax(-1) == outputs.amc_labels) & targeted).sum()
+                stats[1] = targeted.sum()
             labelled = batch["labels"][batch["labels"] != -100]
             if outputs.mlm_logits is not None and labelled.numel():
                 stats[2] = (outputs.mlm_logits.argmax(-1) == labelled).sum()
@@ -554,9 +623,17 @@ def main(argv=None) -> None:
                           "from step 0")
     if resume is not None:
         try:
-            state = verify_checkpoint(resume, accelerator.process_index)
+            state = verify_checkpoint(resume, accelerator.process_index,
+                                      # FSDP state dicts are sharded: their names and shapes are not checked here
+                                      model=None if accelerator.distributed_type == DistributedType.FSDP
+                                      else accelerator.unwrap_model(model),
+                                      max_steps=args.max_steps)
         except UnsafeCheckpointError as error:
             raise SystemExit(f"--resume_from_checkpoint {str(resume)!r}: {error}") from None
+        if args.stop_after_steps is not None and state["step"] > args.stop_after_steps:
+            raise SystemExit(f"--resume_from_checkpoint {str(resume)!r}: {resume / TRAINER_STATE} is at step "
+                             f"{state['step']}, beyond --stop_after_steps {args.stop_after_steps}: nothing would be "
+                             "trained")
         for name in RESUME_INVARIANTS:
             if name in state and state[name] != run_state[name]:
                 flag = "processes (accelerate --num_processes)" if name == "num_processes" else f"--{name}"
@@ -565,8 +642,12 @@ def main(argv=None) -> None:
         if state.get("max_steps", args.max_steps) != args.max_steps:
             accelerator.print(f"Warning: the checkpoint's run had --max_steps {state['max_steps']}, this one "
                               f"{args.max_steps}: the learning-rate schedule differs from an uninterrupted run.")
+        try:  # checked by verify_checkpoint; a collator that still refuses its state stops here, before any load
+            train_collator.load_state_dict(state["collator"])
+        except (TypeError, ValueError) as error:
+            raise SystemExit(f"--resume_from_checkpoint {str(resume)!r}: {resume / TRAINER_STATE} holds a collator "
+                             f"state this collator refuses: {error}") from None
         accelerator.load_state(str(resume), load_kwargs={"weights_only": True})
-        train_collator.load_state_dict(state["collator"])
         global_step = state["step"]
         accelerator.print(f"Resumed from {resume} at step {global_step}")
 

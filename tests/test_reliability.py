@@ -18,6 +18,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -30,7 +31,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import REPO_ROOT
 from processing import CorruptRegionsError, SkipCounter, read_npz_regions, read_region_features
@@ -325,6 +326,91 @@ def test_other_unsafe_or_broken_checkpoints_are_refused(pretrain_module, referen
     with pytest.raises(pretrain_module.UnsafeCheckpointError, match="trainer_state.json is missing or not JSON"):
         pretrain_module.verify_checkpoint(bad_state)
     assert not marker.exists()
+
+
+def _broken_copy(reference_run, tmp_path, case):
+    """A copy of the reference run's newest (complete) checkpoint broken in one way; `(folder, file it names)`."""
+    newest = sorted((reference_run / "checkpoints").glob("step_*"))[-1]
+    checkpoint = tmp_path / "broken" / newest.name
+    shutil.copytree(newest, checkpoint)
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    if case in ("no_optimizer", "no_scheduler"):
+        name = "optimizer.bin" if case == "no_optimizer" else "scheduler.bin"
+        (checkpoint / name).unlink()
+        return checkpoint, name
+    if case == "truncated_weights":
+        data = (checkpoint / "model.safetensors").read_bytes()
+        (checkpoint / "model.safetensors").write_bytes(data[: len(data) // 2])
+        return checkpoint, "model.safetensors"
+    if case == "wrong_shape":
+        tensors = load_file(checkpoint / "model.safetensors")
+        tensors["amc_head.classifier.bias"] = torch.zeros(tensors["amc_head.classifier.bias"].numel() + 1)
+        save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
+        return checkpoint, "model.safetensors"
+    if case.startswith("collator"):
+        state["collator"] = {"collator_string": "seed 11", "collator_no_seed": {}, "collator_seed_text": {"seed": "x"},
+                             "collator_seed_float": {"seed": 11.5}, "collator_seed_bool": {"seed": True}}[case]
+    elif case == "step_beyond_max_steps":
+        state["step"] = STEPS + 5
+    elif case == "step_bool":
+        state["step"] = True
+    else:
+        raise AssertionError(case)
+    state_file.write_text(json.dumps(state))
+    return checkpoint, "trainer_state.json"
+
+
+BROKEN_CHECKPOINTS = {
+    "no_optimizer": r"optimizer.bin is missing",
+    "no_scheduler": r"scheduler.bin is missing",
+    "truncated_weights": r"model.safetensors is not a complete safetensors file",
+    "wrong_shape": r"model.safetensors: tensor 'amc_head.classifier.bias' has shape \[\d+\], this model expects",
+    "collator_string": r"trainer_state.json: 'collator' must be the collator state",
+    "collator_no_seed": r"trainer_state.json: 'collator' must be the collator state",
+    "collator_seed_text": r"trainer_state.json: 'collator' must be the collator state.*'seed': 'x'",
+    "collator_seed_float": r"trainer_state.json: 'collator' must be the collator state.*11.5",
+    "collator_seed_bool": r"trainer_state.json: 'collator' must be the collator state.*True",
+    "step_beyond_max_steps": rf"trainer_state.json: 'step' is {STEPS + 5}, beyond --max_steps {STEPS}",
+    "step_bool": r"trainer_state.json: 'step' must be an integer >= 0, got True",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(BROKEN_CHECKPOINTS))
+def test_incomplete_or_mismatched_checkpoint_is_refused_before_loading(pretrain_module, reference_run, run_args,
+                                                                       tmp_path, case):
+    """A complete checkpoint (it has its marker) broken in one way. Each used to end in a traceback from Accelerate
+    or safetensors (FileNotFoundError, SafetensorError, size-mismatch RuntimeError, raw ValueError) or, for a step
+    beyond --max_steps or a bool, to exit 0 having trained nothing. Now `verify_checkpoint` refuses it, and the
+    script stops with an error naming the flag and the file before it loads or trains anything."""
+    from modeling_cmal import CmalConfig, CmalForPreTraining
+
+    checkpoint, name = _broken_copy(reference_run, tmp_path, case)
+    model = CmalForPreTraining(CmalConfig.from_pretrained(reference_run))
+    with pytest.raises(pretrain_module.UnsafeCheckpointError, match=BROKEN_CHECKPOINTS[case]) as raised:
+        pretrain_module.verify_checkpoint(checkpoint, model=model, max_steps=STEPS)
+    assert isinstance(raised.value, ValueError) and str(checkpoint / name) in str(raised.value)
+
+    output = tmp_path / "run"
+    result = _run(run_args(output, "--resume_from_checkpoint", str(checkpoint)), expect_ok=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"--resume_from_checkpoint {str(checkpoint)!r}: "), result.stderr[-3000:]
+    assert str(checkpoint / name) in last_line and re.search(BROKEN_CHECKPOINTS[case], last_line)
+    assert "Traceback" not in result.stderr
+    assert not (output / "metrics.jsonl").exists() and not (output / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_resume_beyond_stop_after_steps_is_refused(reference_run, run_args, tmp_path):
+    newest = sorted((reference_run / "checkpoints").glob("step_*"))[-1]
+    output = tmp_path / "run"
+    result = _run(run_args(output, "--resume_from_checkpoint", str(newest), "--stop_after_steps", "3"),
+                  expect_ok=False)
+    assert result.returncode == 1
+    assert f"trainer_state.json is at step {STEPS}, beyond --stop_after_steps 3" in result.stderr
+    assert not (output / "metrics.jsonl").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
