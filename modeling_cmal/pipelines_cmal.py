@@ -27,6 +27,8 @@ from a folder needs `region_extractor=` for images.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 
@@ -48,21 +50,73 @@ MODEL_INPUT_NAMES = (
 # Padding of each model input when items of different lengths are batched (`batch_size > 1`); 0 for the rest.
 INPUT_PADDING = {"anchor_pairs": -1, "anchor_concept_ids": -1}
 IMAGE_SIZE_KEY = "image_size"
+IMAGE_EXPECTED = "a PIL image, a uint8 array [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], or the path of an image file"
+
+logger = logging.getLogger(__name__)
+
+
+def _describe_image(image) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return f"the path {os.fspath(image)!r}"
+    if isinstance(image, np.ndarray):
+        return f"an array of shape {tuple(image.shape)} and dtype {image.dtype}"
+    if isinstance(image, Image.Image):
+        return f"a {image.mode} PIL image"
+    return type(image).__name__
 
 
 def _load_image(image, argument: str) -> Image.Image:
-    """A PIL image, a numpy `[H, W]` / `[H, W, 3]` uint8 array or a path → an RGB PIL image."""
+    """A PIL image, a numpy uint8 array (`[H, W]`, `[H, W, 1]`, `[H, W, 3]`, `[H, W, 4]`) or a path → an RGB PIL
+    image of at least 1 x 1 pixels; anything else is a `ValueError` naming `argument`, the value and what is
+    expected."""
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
-            raise ValueError(f"{argument} must be a PIL image, a uint8 array or an existing image file, got the path "
-                             f"{os.fspath(image)!r}, which is not a file")
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim in (2, 3):
-        return Image.fromarray(image).convert("RGB")
-    raise ValueError(f"{argument} must be a PIL image, a uint8 array [H, W, 3] or a path, got {type(image).__name__}")
+            raise ValueError(f"{argument} must be {IMAGE_EXPECTED}; got {_describe_image(image)}, which is not a file")
+        try:
+            with Image.open(image) as opened:
+                rgb = opened.convert("RGB")  # decodes the whole file: a truncated one fails here
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise ValueError(f"{argument} must be {IMAGE_EXPECTED}; got {_describe_image(image)}, which PIL cannot "
+                             f"read as an image (not an image, truncated or corrupt: {error})") from None
+    elif isinstance(image, Image.Image):
+        rgb = image.convert("RGB")
+    elif isinstance(image, np.ndarray) and image.dtype == np.uint8 and (
+            image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
+        rgb = Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image).convert("RGB")
+    else:
+        raise ValueError(f"{argument} must be {IMAGE_EXPECTED}; got {_describe_image(image)}")
+    if rgb.width < 1 or rgb.height < 1:
+        raise ValueError(f"{argument} must be an image of at least 1 x 1 pixels; got {_describe_image(image)} of "
+                         f"{rgb.width}x{rgb.height} pixels")
+    return rgb
+
+
+def _saved_weight_names(folder) -> set[str] | None:
+    """Names of the tensors in a model folder's safetensors weights (one file or a sharded index), None when the
+    folder (a local path or a Hub id already in the cache) has none that can be read."""
+    from transformers.utils import cached_file
+
+    def find(name):
+        try:
+            return cached_file(folder, name, local_files_only=True, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except Exception:  # an id that is neither a folder nor cached: nothing to compare with
+            return None
+
+    try:
+        index = find("model.safetensors.index.json")
+        if index:
+            with open(index) as handle:
+                return set(json.load(handle)["weight_map"])
+        weights = find("model.safetensors")
+        if not weights:
+            return None
+        from safetensors import safe_open
+
+        with safe_open(weights, framework="pt") as opened:
+            return set(opened.keys())
+    except Exception:  # an unreadable file is from_pretrained's to report; this is only a warning
+        return None
 
 
 def _pad_to(tensor: torch.Tensor, shape: Sequence[int], value) -> torch.Tensor:
@@ -105,6 +159,30 @@ class CmalPipeline(Pipeline):
         if region_extractor is None:
             region_extractor = getattr(self.processor, "region_extractor", None)
         self.region_extractor = region_extractor
+        self._warn_about_weights_not_in_the_folder()
+
+    def _warn_about_weights_not_in_the_folder(self) -> None:
+        """A head whose weights were not in the folder the model came from was initialised at random: its answers
+        are random however confident they look (a pre-training folder has no task head; image-text matching is
+        the exception, its `itm_head` is pre-trained). Says so in a warning naming the folder and the weights."""
+        folder = getattr(self.model.config, "_name_or_path", None) or getattr(self.model, "name_or_path", None)
+        saved = _saved_weight_names(folder) if folder else None
+        if saved is None:  # built in memory, or no readable weight file: nothing to compare with
+            return
+        prefix = f"{self.model.base_model_prefix}."
+        saved |= {prefix + name for name in saved if not name.startswith(prefix)}
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
+        missing = sorted(name for name in self.model.state_dict() if name not in saved and name not in tied)
+        if missing:
+            head = sorted({name.split(".")[0] for name in missing if not name.startswith(prefix)})
+            part = f"head {', '.join(head)}" if head else "weights"
+            logger.warning(
+                f"{self.task_name}: the folder {folder!r} has no weights for the {type(self.model).__name__} {part} "
+                f"({len(missing)} tensors, e.g. {', '.join(missing[:3])}): the head was not in the folder and was "
+                "initialised at random, so the answers of this pipeline are random, however confident their scores "
+                "look. Load a folder fine-tuned for this task (examples/finetune_*.py); from a pre-training folder "
+                "only cmal-image-text-matching is meaningful."
+            )
 
     # ---------------------------------------------------------------------------------------------------------
     # Inputs
@@ -195,17 +273,39 @@ class CmalPipeline(Pipeline):
     # ---------------------------------------------------------------------------------------------------------
 
     def _detect(self, images: list, argument: str) -> list[dict]:
-        """Regions dicts (pixel boxes with `image_size`) of `images` through the region extractor."""
-        return self.region_extractor([_load_image(image, argument) for image in images])
+        """Regions dicts (pixel boxes with `image_size`) of `images` through the region extractor, one image at a
+        time, so that an image the detector cannot take is named (`image`, or `images[i]` for a pair)."""
+        regions = []
+        for index, image in enumerate(images):
+            name = argument if len(images) == 1 and argument == "image" else f"{argument}[{index}]"
+            rgb = _load_image(image, name)
+            try:
+                regions.append(self.region_extractor([rgb])[0])
+            except ValueError as error:
+                raise ValueError(f"{name} ({_describe_image(image)}, {rgb.width}x{rgb.height} pixels) cannot go "
+                                 f"through the region extractor: {error}") from error
+        return regions
 
     def _encode(self, texts: list[str], regions: list[dict]) -> dict:
         encoding = self.processor(text=texts, regions=regions, return_tensors="pt")
         return {name: encoding[name] for name in MODEL_INPUT_NAMES if name in encoding}
 
+    def _check_feature_width(self, model_inputs: dict, argument: str) -> None:
+        """Each item's features must have the model's width: checked per item, so that a batch (which pads every
+        axis) refuses a narrow item exactly as a call with that item alone does."""
+        expected = self.model.config.visual_feat_dim
+        width = model_inputs["visual_feats"].shape[-1]
+        if width != expected:
+            source = "the region extractor gives features" if argument in ("image", "images") else "features"
+            raise ValueError(f"{argument}: {source} of width {width}; this model expects config.visual_feat_dim = "
+                             f"{expected} (features [M, {expected}])")
+
     def preprocess(self, item) -> dict:
         self._check_item(item)
-        regions = self._detect([item["image"]], "image")[0] if item.get("image") is not None else item["regions"]
+        argument = "image" if item.get("image") is not None else "regions"
+        regions = self._detect([item["image"]], "image")[0] if argument == "image" else item["regions"]
         model_inputs = self._encode([item["text"]], [regions])
+        self._check_feature_width(model_inputs, argument)
         image_size = regions.get("image_size")
         model_inputs[IMAGE_SIZE_KEY] = None if image_size is None else tuple(float(value) for value in image_size)
         return model_inputs
@@ -239,6 +339,10 @@ class CmalPipeline(Pipeline):
                 batch[name] = values
                 continue
             shape = [max(sizes) for sizes in zip(*(value.shape for value in values))]
+            if name in ("visual_feats", "visual_pos") and len({tensor.shape[-1] for tensor in values}) > 1:
+                # never zero-pad the feature axis: preprocess refuses such an item; this guards custom preprocessing
+                raise ValueError(f"{name} of the batch items have different widths "
+                                 f"{[tensor.shape[-1] for tensor in values]}; expected one width")
             value = pad_token_id if name == "input_ids" else INPUT_PADDING.get(name, 0)
             batch[name] = torch.cat([_pad_to(tensor, [tensor.shape[0], *shape[1:]], value) for tensor in values])
         return batch
@@ -322,8 +426,10 @@ class CmalVisualReasoningPipeline(CmalPipeline):
 
     def preprocess(self, item) -> dict:
         self._check_item(item)
-        regions = self._detect(item["images"], "images") if item.get("images") is not None else list(item["regions"])
+        argument = "images" if item.get("images") is not None else "regions"
+        regions = self._detect(item["images"], "images") if argument == "images" else list(item["regions"])
         encoding = self._encode([item["text"]] * 2, regions)
+        self._check_feature_width(encoding, argument)
         # Both rows carry the same text; the image inputs get an image axis: [2, ...] → [1, 2, ...].
         return {name: value[:1] if name in ("input_ids", "attention_mask", "token_type_ids") else value.unsqueeze(0)
                 for name, value in encoding.items()}

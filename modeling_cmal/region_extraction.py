@@ -27,13 +27,23 @@ def _shorten(value: object, limit: int = 80) -> str:
 
 def _as_rgb(image, index: int) -> Image.Image:
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and (
+        rgb = image.convert("RGB")
+    elif isinstance(image, np.ndarray) and image.dtype == np.uint8 and (
         image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))
     ):
-        return Image.fromarray(image.squeeze(2) if image.ndim == 3 and image.shape[2] == 1 else image).convert("RGB")
-    raise ValueError(f"images[{index}] must be a PIL image or a uint8 array [H, W] / [H, W, 1|3|4], got "
-                     f"{type(image).__name__}{getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}".rstrip())
+        rgb = Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image).convert("RGB")
+    else:
+        raise ValueError(f"images[{index}] must be a PIL image or a uint8 array [H, W] / [H, W, 1|3|4], got "
+                         f"{type(image).__name__}{getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}".rstrip())
+    if rgb.width < 1 or rgb.height < 1:
+        raise ValueError(f"images[{index}] must be an image of at least 1 x 1 pixels, got {rgb.width}x{rgb.height} "
+                         f"({type(image).__name__}{getattr(image, 'shape', '')})")
+    return rgb
+
+
+# What an image processor or detector raises for an image it cannot take (too small or too elongated to resize,
+# smaller than a convolution kernel, ...).
+_DETECTOR_INPUT_ERRORS = (ValueError, RuntimeError, ZeroDivisionError, IndexError, TypeError)
 
 
 class CmalRegionExtractor:
@@ -99,13 +109,40 @@ class CmalRegionExtractor:
         rgb_images = [_as_rgb(image, index) for index, image in enumerate(image_list)]
         regions = []
         for start in range(0, len(rgb_images), self.batch_size):
-            regions.extend(self._detect(rgb_images[start: start + self.batch_size]))
+            regions.extend(self._detect(rgb_images[start: start + self.batch_size], start))
         return regions[0] if single else regions
 
-    @torch.no_grad()
-    def _detect(self, images: list[Image.Image]) -> list[dict]:
+    def _run_detector(self, images: list[Image.Image]):
         inputs = self.image_processor(images=images, return_tensors="pt").to(self.model.device, dtype=self.model.dtype)
-        outputs = self.model(**inputs)
+        return self.model(**inputs)
+
+    def _run_detector_naming_the_image(self, images: list[Image.Image], start: int):
+        """The detector's outputs; an image it cannot take is a `ValueError` naming it (`images[i]`, its size)."""
+        try:
+            return self._run_detector(images)
+        except _DETECTOR_INPUT_ERRORS as error:
+            failed = 0
+            if len(images) > 1:  # find the image: run each alone
+                failed = None
+                for offset, image in enumerate(images):
+                    try:
+                        self._run_detector([image])
+                    except _DETECTOR_INPUT_ERRORS as single_error:
+                        failed, error = offset, single_error
+                        break
+                if failed is None:  # every image goes through alone: not an image's fault
+                    raise
+            image = images[failed]
+            raise ValueError(
+                f"images[{start + failed}] of {image.width}x{image.height} pixels cannot go through the detector "
+                f"({type(self.image_processor).__name__} + {type(self.model).__name__}: {type(error).__name__}: "
+                f"{str(error).strip()[:300]}); expected an image whose sides the detector's image processor can "
+                "resize (this one is too small or too elongated for it)"
+            ) from error
+
+    @torch.no_grad()
+    def _detect(self, images: list[Image.Image], start: int = 0) -> list[dict]:
+        outputs = self._run_detector_naming_the_image(images, start)
         for name in ("logits", "pred_boxes", "last_hidden_state"):
             if getattr(outputs, name, None) is None:
                 raise ValueError(f"{type(self.model).__name__} outputs have no {name}; CmalRegionExtractor needs a "

@@ -378,3 +378,134 @@ def test_an_image_path_that_is_not_a_file_is_named(processor, tiny_detector):
 def test_a_pipeline_refuses_the_wrong_head(processor):
     with pytest.raises(ValueError, match="CmalForQuestionAnswering"):
         pipeline("cmal-vqa", model=make_model("cmal-visual-entailment", processor), processor=processor, device=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad items in a batch, bad images, heads that were not in the folder (issue 17)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["cmal-vqa", "cmal-visual-reasoning", "cmal-referring-expression"])
+def test_an_item_with_narrow_features_is_refused_in_a_batch_as_alone(task, processor, photo_regions):
+    """With batch_size=2 a narrow item used to be zero-padded to the model's width and scored."""
+    pipe = pipeline(task, model=make_model(task, processor), processor=processor, device=-1)
+    narrow = {**photo_regions["coffee"], "features": photo_regions["coffee"]["features"][:, : FEATURE_DIM - 4]}
+    good_item = task_inputs(task, photo_regions)
+    narrow_item = {"text": good_item["text"],
+                   "regions": (narrow, narrow) if task == "cmal-visual-reasoning" else narrow}
+    message = (rf"regions: features of width {FEATURE_DIM - 4}; this model expects config.visual_feat_dim = "
+               rf"{FEATURE_DIM}")
+    with pytest.raises(ValueError, match=message):
+        pipe(narrow_item)
+    with pytest.raises(ValueError, match=message):
+        pipe([good_item, narrow_item], batch_size=2)
+    with pytest.raises(ValueError, match=message):
+        pipe([narrow_item, good_item, good_item], batch_size=3)
+    assert len(pipe([good_item, good_item], batch_size=2)) == 2
+
+
+@pytest.fixture(scope="module")
+def image_pipelines(processor, tiny_detector):
+    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    extractor = CmalRegionExtractor(AutoModelForObjectDetection.from_pretrained(tiny_detector),
+                                    AutoImageProcessor.from_pretrained(tiny_detector), score_threshold=0.0, top_k=4)
+    return {task: pipeline(task, model=make_model(task, processor), processor=processor, device=-1,
+                           region_extractor=extractor) for task in ("cmal-vqa", "cmal-visual-reasoning")}
+
+
+@pytest.fixture(scope="module")
+def bad_image_files(tmp_path_factory):
+    import io
+
+    folder = tmp_path_factory.mktemp("bad_images")
+    (folder / "notes.png").write_text("not an image, although it is called .png")
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    (folder / "truncated.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return folder
+
+
+BAD_IMAGES = {
+    "non-image file": ("notes.png", r"image must be a PIL image, a uint8 array .* or the path of an image file; got "
+                                    r"the path '.*notes.png', which PIL cannot read as an image"),
+    "truncated PNG": ("truncated.png", r"image must be .*; got the path '.*truncated.png', which PIL cannot read as "
+                                       r"an image \(not an image, truncated or corrupt: image file is truncated"),
+    "[H, W, 5]": (np.zeros((20, 20, 5), np.uint8), r"image must be a PIL image, a uint8 array \[H, W\], \[H, W, 1\], "
+                                                   r"\[H, W, 3\] or \[H, W, 4\].*; got an array of shape \(20, 20, 5\)"),
+    "[H, W, 2]": (np.zeros((20, 20, 2), np.uint8), r"image must be .*; got an array of shape \(20, 20, 2\)"),
+    "float array": (np.zeros((20, 20, 3), np.float32), r"image must be .*; got an array of shape \(20, 20, 3\) and "
+                                                       r"dtype float32"),
+    "0x0 array": (np.zeros((0, 0, 3), np.uint8), r"image must be an image of at least 1 x 1 pixels; got an array of "
+                                                 r"shape \(0, 0, 3\) and dtype uint8 of 0x0 pixels"),
+    "0x0 PIL": (Image.new("RGB", (0, 0)), r"image must be an image of at least 1 x 1 pixels; got a RGB PIL image of "
+                                          r"0x0 pixels"),
+    "2000x1": (np.zeros((1, 2000, 3), np.uint8), r"image \(an array of shape \(1, 2000, 3\) and dtype uint8, 2000x1 "
+                                                 r"pixels\) cannot go through the region extractor: .*expected an image "
+                                                 r"whose sides the detector's image processor can resize"),
+    "1x2000": (Image.new("RGB", (1, 2000)), r"image \(a RGB PIL image, 1x2000 pixels\) cannot go through the region "
+                                            r"extractor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGES))
+def test_a_bad_image_is_a_value_error_naming_the_argument_the_value_and_what_is_expected(case, image_pipelines,
+                                                                                          bad_image_files):
+    """Each used to raise UnidentifiedImageError, OSError, TypeError, ZeroDivisionError or a detector error."""
+    image, message = BAD_IMAGES[case]
+    if isinstance(image, str):
+        image = str(bad_image_files / image)
+    with pytest.raises(ValueError, match=message):
+        image_pipelines["cmal-vqa"](text="what is it?", image=image)
+    # the second image of a pair is named as images[1]
+    pair_message = message.replace("image must", r"images\[1\] must").replace(r"^image \(", r"images\[1\] \(")
+    if pair_message.startswith(r"image \("):
+        pair_message = r"images\[1\] \(" + pair_message[len(r"image \("):]
+    with pytest.raises(ValueError, match=pair_message):
+        image_pipelines["cmal-visual-reasoning"](text="two cups", images=(np.zeros((30, 40, 3), np.uint8), image))
+
+
+def test_one_channel_and_grey_arrays_are_accepted_as_grey_images(image_pipelines):
+    grey = np.random.default_rng(0).integers(0, 255, (30, 40), dtype=np.uint8)
+    pipe = image_pipelines["cmal-vqa"]
+    assert_same_result(pipe(text="what is it?", image=grey[:, :, None]), pipe(text="what is it?", image=grey))
+
+
+def _pretraining_folder(processor, folder):
+    from modeling_cmal import CmalForPreTraining
+
+    torch.manual_seed(0)
+    config = make_model("cmal-image-text-matching", processor).config
+    CmalForPreTraining(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("task, head", [("cmal-vqa", "answer_head, task_pooler"),
+                                        ("cmal-visual-entailment", "classifier, task_pooler"),
+                                        ("cmal-visual-reasoning", "classifier, task_pooler"),
+                                        ("cmal-referring-expression", "region_scorer")])
+def test_a_pipeline_warns_when_its_head_was_not_in_the_folder(task, head, processor, tmp_path, caplog,
+                                                              photo_regions):
+    """A pre-training folder has no task head: the pipeline runs a random one. It says so, naming the folder."""
+    folder = _pretraining_folder(processor, tmp_path / "pretrained")
+    with caplog.at_level("WARNING", logger="modeling_cmal.pipelines_cmal"):
+        pipe = pipeline(task, model=folder, device=-1)
+    warnings = [record.getMessage() for record in caplog.records if record.name == "modeling_cmal.pipelines_cmal"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"{task}: the folder {folder!r} has no weights for the ")
+    assert f" head {head} (" in warnings[0] and "the head was not in the folder" in warnings[0]
+    assert "initialised at random" in warnings[0]
+    pipe(**task_inputs(task, photo_regions))  # a warning, not a refusal
+
+
+def test_no_warning_for_image_text_matching_from_pre_training_or_a_fine_tuned_folder(processor, tmp_path, caplog):
+    pretrained = _pretraining_folder(processor, tmp_path / "pretrained")
+    fine_tuned = tmp_path / "vqa"
+    make_model("cmal-vqa", processor).save_pretrained(fine_tuned)
+    processor.save_pretrained(fine_tuned)
+    with caplog.at_level("WARNING", logger="modeling_cmal.pipelines_cmal"):
+        pipeline("cmal-image-text-matching", model=pretrained, device=-1)  # its itm_head is pre-trained
+        pipeline("cmal-vqa", model=str(fine_tuned), device=-1)
+        pipeline("cmal-vqa", model=make_model("cmal-vqa", processor), processor=processor, device=-1)  # in memory
+    assert not [record for record in caplog.records if record.name == "modeling_cmal.pipelines_cmal"]

@@ -151,3 +151,42 @@ def test_top_k_style_detections_are_traced_to_their_queries_by_box():
     assert queries.tolist() == [3, 1, 1, 0, 2]
     aligned = CmalRegionExtractor._trace_queries(query_boxes.clone(), query_boxes)
     assert aligned.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("detector", ["yolos", "detr"])
+@pytest.mark.parametrize("size", [(2000, 1), (1, 2000)])
+def test_an_image_the_detector_cannot_take_is_named_with_its_size(request, detector, size):
+    """2000 x 1 and 1 x 2000 used to end in a detector error naming no image (a ValueError about SizeDict from
+    YOLOS' image processor, a RuntimeError about the kernel size from DETR's backbone)."""
+    extractor = CmalRegionExtractor(*request.getfixturevalue(detector), score_threshold=0.0)
+    width, height = size
+    with pytest.raises(ValueError, match=rf"images\[0\] of {width}x{height} pixels cannot go through the detector "
+                                         r"\(.*\); expected an image whose sides the detector's image processor can "
+                                         r"resize"):
+        extractor(Image.new("RGB", size))
+    # in a list the failing image is found and named; the others go through when given alone
+    with pytest.raises(ValueError, match=rf"images\[2\] of {width}x{height} pixels"):
+        extractor([np.zeros((40, 60, 3), np.uint8), np.zeros((30, 30), np.uint8), np.zeros((height, width, 3),
+                                                                                            np.uint8)])
+    assert len(extractor([np.zeros((40, 60, 3), np.uint8), np.zeros((30, 30), np.uint8)])) == 2
+
+
+@pytest.mark.parametrize("image, message", [
+    (np.zeros((0, 0, 3), np.uint8), r"images\[0\] must be an image of at least 1 x 1 pixels, got 0x0"),
+    (np.zeros((0, 5), np.uint8), r"images\[0\] must be an image of at least 1 x 1 pixels, got 5x0"),
+    (Image.new("RGB", (0, 0)), r"images\[0\] must be an image of at least 1 x 1 pixels, got 0x0"),
+    (np.zeros((8, 8, 5), np.uint8), r"images\[0\] must be a PIL image or a uint8 array .*\(8, 8, 5\)"),
+    (np.zeros((8, 8, 2), np.uint8), r"images\[0\] must be a PIL image or a uint8 array .*\(8, 8, 2\)"),
+])
+def test_empty_images_and_wrong_channel_counts_are_named(yolos, image, message):
+    # 0 x 0 used to be a ZeroDivisionError from the image processor
+    with pytest.raises(ValueError, match=message):
+        CmalRegionExtractor(*yolos)(image)
+
+
+def test_one_channel_arrays_are_grey_images(yolos):
+    extractor = CmalRegionExtractor(*yolos, score_threshold=0.0, top_k=3)
+    grey = np.random.default_rng(0).integers(0, 255, (40, 60), dtype=np.uint8)
+    one_channel, plain = extractor(grey[:, :, None]), extractor(grey)
+    np.testing.assert_array_equal(one_channel["features"], plain["features"])
+    assert one_channel["image_size"] == (60, 40)
