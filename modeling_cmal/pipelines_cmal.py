@@ -111,10 +111,9 @@ def _saved_weight_names(folder) -> set[str] | None:
         weights = find("model.safetensors")
         if not weights:
             return None
-        from safetensors import safe_open
-
-        with safe_open(weights, framework="pt") as opened:
-            return set(opened.keys())
+        with open(weights, "rb") as handle:  # the safetensors header: 8-byte little-endian length, then JSON
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        return {name for name in header if name != "__metadata__"}
     except Exception:  # an unreadable file is from_pretrained's to report; this is only a warning
         return None
 
