@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .configuration_cmal import CmalConfig
+from .configuration_cmal import ANCHOR_ACTIONS, ANCHOR_RATE_FIELDS, CmalConfig
 from .processing_cmal import CmalProcessor
 
 IGNORE_INDEX = -100
+ACTION_MASK_TEXT, ACTION_MASK_REGION = ANCHOR_ACTIONS.index("mask_text"), ANCHOR_ACTIONS.index("mask_region")
 DEFAULT_MLM_PROBABILITY = 0.15
 DEFAULT_ITM_NEGATIVE_RATE = 0.5
 DEFAULT_ITM_CLEAN_RATE = 0.2
@@ -57,8 +58,9 @@ class CmalPretrainingCollator:
     `visual_pos` `[M, 4]` normalised, `tags`, `scores`, `image_id`) into a batch of torch tensors for
     `CmalForPreTraining`: the processor's outputs plus
 
-    - `anchor_actions` sampled per anchor (every piece of an anchor gets its action): fill text, fill region and
-      mask both at the config's rates, keep otherwise;
+    - `anchor_actions` sampled per anchor (every piece of an anchor gets its action): fill text, fill region, mask
+      both, mask text and mask region at the config's rates, keep otherwise (AMC targets: the mask-text and
+      mask-region anchors, see `CmalForPreTraining`);
     - ITM: with probability `itm_negative_rate` a row's image is paired with the caption of another row of the
       batch whose `image_id` differs (when there is one; rows without `image_id` count as different images).
       The anchors of such a pair are found anew for the new caption and image, so that filling does not give
@@ -77,8 +79,8 @@ class CmalPretrainingCollator:
         processor: the `CmalProcessor` (tokenizer, lexicon, `max_regions`).
         config: a `CmalConfig` giving the anchor action rates (and checked against the processor's vocabulary and
             lexicon sizes). Without it, rates default to `CmalConfig`'s defaults.
-        anchor_fill_text_rate, anchor_fill_region_rate, anchor_mask_both_rate: explicit rates; they override the
-            config's. Keep is 1 minus their sum.
+        anchor_fill_text_rate, anchor_fill_region_rate, anchor_mask_both_rate, anchor_mask_text_rate,
+            anchor_mask_region_rate: explicit rates; they override the config's. Keep is 1 minus their sum.
         mlm_probability: defaults to 0.15 (0 when `config.mlm_loss_weight` is 0).
         itm_negative_rate: defaults to 0.5 (0 when `config.itm_loss_weight` is 0).
         itm_clean_rate: defaults to 0.2 (0 when `config.itm_loss_weight` is 0).
@@ -100,6 +102,8 @@ class CmalPretrainingCollator:
     anchor_fill_text_rate: float | None = None
     anchor_fill_region_rate: float | None = None
     anchor_mask_both_rate: float | None = None
+    anchor_mask_text_rate: float | None = None
+    anchor_mask_region_rate: float | None = None
     mlm_probability: float | None = None
     itm_negative_rate: float | None = None
     itm_clean_rate: float | None = None
@@ -112,7 +116,7 @@ class CmalPretrainingCollator:
         if not callable(self.processor) or not all(hasattr(self.processor, name) for name in ("tokenizer", "lexicon")):
             raise ValueError(f"processor must be a CmalProcessor, got {type(self.processor).__name__}")
         defaults = self.config if self.config is not None else CmalConfig
-        for name in ("anchor_fill_text_rate", "anchor_fill_region_rate", "anchor_mask_both_rate"):
+        for name in ANCHOR_RATE_FIELDS:
             if getattr(self, name) is None:
                 setattr(self, name, getattr(defaults, name))
         if self.mlm_probability is None:
@@ -124,15 +128,13 @@ class CmalPretrainingCollator:
         if self.itm_clean_rate is None:
             off = self.config is not None and self.config.itm_loss_weight == 0
             self.itm_clean_rate = 0.0 if off else DEFAULT_ITM_CLEAN_RATE
-        for name in ("anchor_fill_text_rate", "anchor_fill_region_rate", "anchor_mask_both_rate",
-                     "mlm_probability", "itm_negative_rate", "itm_clean_rate"):
+        for name in (*ANCHOR_RATE_FIELDS, "mlm_probability", "itm_negative_rate", "itm_clean_rate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a float in [0, 1], got {value!r}")
-        total = self.anchor_fill_text_rate + self.anchor_fill_region_rate + self.anchor_mask_both_rate
+        total = sum(getattr(self, name) for name in ANCHOR_RATE_FIELDS)
         if total > 1.0 + 1e-9:
-            raise ValueError(f"anchor_fill_text_rate + anchor_fill_region_rate + anchor_mask_both_rate must be at "
-                             f"most 1, got {total}")
+            raise ValueError(f"{' + '.join(ANCHOR_RATE_FIELDS)} must be at most 1, got {total}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         tokenizer = self.processor.tokenizer
@@ -146,10 +148,9 @@ class CmalPretrainingCollator:
                 raise ValueError(f"the processor's tokenizer has {len(tokenizer)} pieces but config.vocab_size is "
                                  f"{self.config.vocab_size}")
         self._special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-        # Upper bounds of the uniform draw for fill text (1), fill region (2) and mask both (3); keep (0) above.
-        self._action_bounds = torch.tensor(np.cumsum(
-            [self.anchor_fill_text_rate, self.anchor_fill_region_rate, self.anchor_mask_both_rate]
-        ), dtype=torch.float64)
+        # Upper bounds of the uniform draw for actions 1, 2, ... in ANCHOR_ACTIONS order; keep (0) above the last.
+        self._action_bounds = torch.tensor(np.cumsum([getattr(self, name) for name in ANCHOR_RATE_FIELDS]),
+                                           dtype=torch.float64)
         self._generator = torch.Generator()
 
     # ----------------------------------------------------------------------------------------------------------
@@ -208,8 +209,22 @@ class CmalPretrainingCollator:
         batch["anchor_actions"][clean] = 0
         batch["input_ids"][clean] = original_ids[clean]
         batch["labels"][clean] = IGNORE_INDEX
+        self._hide_masked_anchors(batch)
         batch["itm_labels"] = itm_labels
         return batch
+
+    def _hide_masked_anchors(self, batch: dict) -> None:
+        """Hides what a *mask text* or *mask region* anchor must not see, at the encoders' input: the word's pieces
+        become [MASK], the region's features zeros (its box stays). CMAP masks the slots after the uni-modal
+        encoders; without this, the word would still be read off its neighbours' text states (and the region off the
+        other regions'), and AMC would be solvable inside one modality."""
+        pieces, regions = batch["anchor_pairs"][..., 0], batch["anchor_pairs"][..., 1]
+        actions = batch["anchor_actions"]
+        sample = torch.arange(pieces.shape[0]).unsqueeze(1).expand_as(pieces)
+        hide_text = (actions == ACTION_MASK_TEXT) & (pieces >= 0)
+        batch["input_ids"][sample[hide_text], pieces[hide_text]] = self.processor.tokenizer.mask_token_id
+        hide_region = (actions == ACTION_MASK_REGION) & (regions >= 0)
+        batch["visual_feats"][sample[hide_region], regions[hide_region]] = 0.0
 
     def _pair_captions(self, rows: list[Mapping], generator: torch.Generator) -> tuple[list[int], torch.Tensor]:
         """The row whose caption goes with each row's image, and the ITM labels (0 where that is another image)."""

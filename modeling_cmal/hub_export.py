@@ -128,7 +128,6 @@ def _config_table(model) -> str:
         ("region feature dimension (`visual_feat_dim`)", str(config.visual_feat_dim)),
         ("word-piece vocabulary", _format_value(config.vocab_size)),
         ("anchor concepts (AMC classes, lexicon size)", _format_value(config.num_anchor_concepts)),
-        ("hypersphere normalisation (UMSE)", str(config.use_hypersphere_normalization)),
         ("anchor action at inference", f"`{config.default_anchor_action}`"),
     ]
     if type(model).__name__ in ("CmalForQuestionAnswering", "CmalForVisualEntailment", "CmalForVisualReasoning"):

@@ -3,8 +3,10 @@
 Data flow (see DESIGN.md): word pieces and detected regions are encoded by two uni-modal encoders whose outputs
 are L2-normalised onto two hyperspheres (UMSE); at anchor pairs (a word and a region naming the same concept)
 content is swapped between the modalities while every slot keeps its own position (CMAP); a unified encoder
-runs over ``[CLS] text [SEP] regions`` (USE); the pre-training heads classify the anchor concept at every filled
-or masked anchor slot (AMC), predict masked words (MLM) and tell matched from mismatched pairs (ITM).
+runs over ``[CLS] text [SEP] regions`` (USE); the pre-training heads classify the anchor concept at the slots whose
+own content was masked while their partner stayed in place (AMC: readable only through the other modality),
+predict masked words (MLM) and tell matched from mismatched pairs (ITM). Task heads read the pooled `[CLS]` together
+with an attention summary of every slot of the hybrid sequence (`CmalTaskPooler`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -28,7 +31,9 @@ from transformers.utils import ModelOutput
 
 from .configuration_cmal import ANCHOR_ACTIONS, CmalConfig
 
-ACTION_KEEP, ACTION_FILL_TEXT, ACTION_FILL_REGION, ACTION_MASK_BOTH = range(len(ANCHOR_ACTIONS))
+ACTION_KEEP, ACTION_FILL_TEXT, ACTION_FILL_REGION, ACTION_MASK_BOTH, ACTION_MASK_TEXT, ACTION_MASK_REGION = range(
+    len(ANCHOR_ACTIONS)
+)
 TEXT_TYPE, REGION_TYPE = 0, 1
 
 
@@ -75,11 +80,18 @@ class CmalForPreTrainingOutput(ModelOutput):
         Weighted sum of the objectives whose targets were given.
     amc_loss / mlm_loss / itm_loss / itc_loss (`torch.FloatTensor` of shape `()`, *optional*):
         Each objective's unweighted loss.
-    amc_logits (`torch.FloatTensor` of shape `(num_anchor_slots, num_anchor_concepts)`):
-        Concept logits at every filled or masked anchor slot: first the text slots (first piece of each anchor
-        word), then the region slots, in anchor order.
-    amc_labels (`torch.LongTensor` of shape `(num_anchor_slots,)`): the concept id of each row of `amc_logits`.
-    amc_slot_is_text (`torch.BoolTensor` of shape `(num_anchor_slots,)`): which rows are text slots.
+    amc_logits (`torch.FloatTensor` of shape `(batch_size, num_anchor_rows, num_anchor_concepts)`):
+        Concept logits at each anchor row's AMC slot (see `anchor_targets`): the word's first piece for *mask
+        text*, the region slot for *mask region*.
+    amc_labels (`torch.LongTensor` of shape `(batch_size, num_anchor_rows)`): the concept of each row that has an
+        AMC target, -100 elsewhere (other pieces of a word, other actions, padding).
+    amc_slot_is_text (`torch.BoolTensor` of shape `(batch_size, num_anchor_rows)`): rows whose target is a text
+        slot.
+    amc_pairing_loss (`torch.FloatTensor` of shape `()`, *optional*): AMC's mapping term (part of `amc_loss`).
+    amc_pairing_logits (`torch.FloatTensor` of shape `(batch_size, num_anchor_rows, num_regions)`): similarity of
+        each anchor row's word (text hypersphere) with every region of its image (visual hypersphere).
+    amc_pairing_labels (`torch.LongTensor` of shape `(batch_size, num_anchor_rows)`): the row's own region, -100
+        where the row has no mapping target (see `anchor_pairing_targets`).
     mlm_logits (`torch.FloatTensor`): `(num_labelled_pieces, vocab_size)` at the positions where `labels` is
         set, or `(batch_size, text_length, vocab_size)` when no `labels` are given.
     itm_logits (`torch.FloatTensor` of shape `(batch_size, 2)`): mismatch / match logits.
@@ -96,6 +108,9 @@ class CmalForPreTrainingOutput(ModelOutput):
     amc_logits: torch.FloatTensor | None = None
     amc_labels: torch.LongTensor | None = None
     amc_slot_is_text: torch.BoolTensor | None = None
+    amc_pairing_loss: torch.FloatTensor | None = None
+    amc_pairing_logits: torch.FloatTensor | None = None
+    amc_pairing_labels: torch.LongTensor | None = None
     mlm_logits: torch.FloatTensor | None = None
     itm_logits: torch.FloatTensor | None = None
     itc_logits: torch.FloatTensor | None = None
@@ -316,13 +331,10 @@ class CmalHypersphere(nn.Module):
 
     def __init__(self, config: CmalConfig):
         super().__init__()
-        self.normalize = config.use_hypersphere_normalization
         self.scale = nn.Parameter(torch.tensor(math.sqrt(config.hidden_size)))
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`[B, L, H]` → (unit-norm embeddings `[B, L, H]`, scaled content `[B, L, H]`)."""
-        if not self.normalize:
-            return hidden_states, hidden_states
         embeds = F.normalize(hidden_states, dim=-1)
         return embeds, embeds * self.scale
 
@@ -335,7 +347,10 @@ class CmalAssociativePrompt(nn.Module):
     - fill text: text slot j receives region i's content, region slot i holds the region mask vector;
     - fill region: region slot i receives the mean content of the word's pieces, those text slots hold the text
       mask vector;
-    - mask both: text slot j and region slot i hold their modality's mask vector.
+    - mask both: text slot j and region slot i hold their modality's mask vector;
+    - mask text / mask region: nothing changes here. The word (its pieces are [MASK]) or the region (its features
+      are zeros) was hidden at the encoder's input by the pre-training collator, so its slot holds what the
+      encoder made of the context, and its partner stays as it is: AMC reads the concept from there.
     """
 
     def __init__(self, config: CmalConfig):
@@ -363,8 +378,9 @@ class CmalAssociativePrompt(nn.Module):
 
         fill_text = actions == ACTION_FILL_TEXT
         fill_region = actions == ACTION_FILL_REGION
-        mask_text = fill_region | (actions == ACTION_MASK_BOTH)
-        mask_region = fill_text | (actions == ACTION_MASK_BOTH)
+        mask_both = actions == ACTION_MASK_BOTH
+        mask_text = fill_region | mask_both
+        mask_region = fill_text | mask_both
 
         text_is_filled = torch.zeros(text_flat.shape[0], dtype=torch.bool, device=text_flat.device)
         text_is_filled[text_slot[fill_text]] = True
@@ -498,7 +514,7 @@ def validate_cmal_inputs(
             b, k = bad.nonzero()[0].tolist()
             raise ValueError(
                 f"anchor_actions[{b}, {k}] = {anchor_actions[b, k].item()}; expected 0 (keep), 1 (fill text), "
-                "2 (fill region) or 3 (mask both)"
+                "2 (fill region), 3 (mask both), 4 (mask text) or 5 (mask region)"
             )
     if anchor_concept_ids is not None:
         bad = ~padding & ((anchor_concept_ids < 0) | (anchor_concept_ids >= config.num_anchor_concepts))
@@ -536,6 +552,8 @@ class CmalPreTrainedModel(PreTrainedModel):
             init.normal_(module.region_mask_embedding, std=self.config.initializer_range)
         elif isinstance(module, CmalLMPredictionHead):
             init.zeros_(module.bias)
+        elif isinstance(module, CmalAnchorPairingHead):
+            init.constant_(module.logit_scale, math.log(1 / self.config.anchor_pairing_temperature))
         elif isinstance(module, CmalContrastiveHead):
             init.constant_(module.logit_scale, math.log(1 / 0.07))
 
@@ -612,7 +630,8 @@ class CmalModel(CmalPreTrainedModel):
             anchor_concept_ids (`torch.LongTensor` of shape `(batch_size, num_anchor_rows)`, *optional*): the
                 concept of each row (AMC targets; only validated here).
             anchor_actions (`torch.LongTensor` of shape `(batch_size, num_anchor_rows)`, *optional*): 0 keep,
-                1 fill text, 2 fill region, 3 mask both; defaults to `config.default_anchor_action`.
+                1 fill text, 2 fill region, 3 mask both, 4 mask text, 5 mask region; defaults to
+                `config.default_anchor_action` (the one policy of fine-tuning and inference).
             inputs_embeds (`torch.FloatTensor` of shape `(batch_size, text_length, hidden_size)`, *optional*):
                 instead of `input_ids`.
             output_attentions / output_hidden_states / return_dict (`bool`, *optional*).
@@ -794,41 +813,72 @@ class CmalContrastiveHead(nn.Module):
         return logits_per_text, logits_per_image, targets
 
 
-def select_anchor_slots(anchor_pairs, anchor_actions, anchor_concept_ids, text_length):
-    """Slots that AMC classifies: for each anchor with an action other than keep, the first piece of its word
-    (text slot) and its region (region slot), as positions in the hybrid sequence.
+def _first_piece_rows(anchor_pairs: torch.Tensor) -> torch.Tensor:
+    """`[B, K]` bool: the row of each anchor's first piece (the rows of one anchor share its region; its first piece
+    is the row with no smaller piece of that region)."""
+    pieces, regions = anchor_pairs[..., 0], anchor_pairs[..., 1]
+    valid = pieces >= 0
+    same_anchor = (regions.unsqueeze(2) == regions.unsqueeze(1)) & valid.unsqueeze(1)
+    return valid & ~(same_anchor & (pieces.unsqueeze(1) < pieces.unsqueeze(2))).any(-1)
 
-    `anchor_pairs` `[B, K, 2]`, `anchor_actions` / `anchor_concept_ids` `[B, K]` → (batch index `[S]`, hybrid
-    position `[S]`, concept `[S]`, is-text `[S]`), text slots first.
+
+def anchor_pairing_targets(anchor_pairs: torch.Tensor, anchor_actions: torch.Tensor) -> torch.Tensor:
+    """The region each anchor word must be mapped to, per row `[B, K]` (-100 where there is none): the first piece
+    of every anchor except *mask region* ones, whose region is hidden at the input (pointing at it would be
+    pointing at the one blank region)."""
+    regions = anchor_pairs[..., 1]
+    has_target = _first_piece_rows(anchor_pairs) & (anchor_actions != ACTION_MASK_REGION)
+    return torch.where(has_target, regions, torch.full_like(regions, -100))
+
+
+class CmalAnchorPairingHead(nn.Module):
+    """AMC's mapping term on the two hyperspheres: the cosine similarity of an anchor word's text embedding with
+    every region embedding of its image, times a learned inverse temperature, classified towards its own region.
+
+    The word's state comes from the text encoder alone and carries no box, so the partner can be found only by
+    content: this is where the two hyperspheres meet, and what makes the content that CMAP moves between them
+    comparable."""
+
+    def __init__(self, config: CmalConfig):
+        super().__init__()
+        # One element, not a 0-dim tensor: FSDP2 shards every parameter along its first dimension.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / config.anchor_pairing_temperature)))
+        self.max_logit_scale = math.log(1 / config.anchor_pairing_min_temperature)
+
+    def forward(self, text_embeds, image_embeds, anchor_pairs, visual_attention_mask) -> torch.Tensor:
+        """`text_embeds` `[B, N, H]`, `image_embeds` `[B, M, H]` (unit norm), `anchor_pairs` `[B, K, 2]`,
+        `visual_attention_mask` `[B, M]` → logits `[B, K, M]` (padding regions get the dtype's minimum)."""
+        pieces = anchor_pairs[..., 0].clamp(min=0)
+        words = text_embeds.gather(1, pieces.unsqueeze(-1).expand(-1, -1, text_embeds.shape[-1]))
+        scale = self.logit_scale.clamp(max=self.max_logit_scale).exp()
+        logits = scale * torch.einsum("bkh,bmh->bkm", words.to(image_embeds.dtype), image_embeds)
+        return logits.masked_fill((visual_attention_mask == 0).unsqueeze(1), torch.finfo(logits.dtype).min)
+
+
+def anchor_targets(anchor_pairs, anchor_actions, anchor_concept_ids, text_length):
+    """Where AMC classifies and what: one slot per anchor row, laid out like the rows (a fixed shape).
+
+    An anchor has an AMC target when its own content was masked while its partner stayed in place, in its own
+    modality and slot: *mask text* (the word is masked, the region it names is intact; the target sits at the
+    word's first piece) and *mask region* (the region is masked, its box stays, the word that names it is intact;
+    the target sits at the region slot). The concept can then be read only through the other modality, found
+    from the context; never from the slot's own content, and never by matching a box (no content moved). Filled
+    anchors carry no AMC target: their slot holds the partner's own state, from which the concept is a copy.
+
+    `anchor_pairs` `[B, K, 2]`, `anchor_actions` / `anchor_concept_ids` `[B, K]` → (hybrid-sequence position of
+    each row's slot `[B, K]`, concept target `[B, K]` with -100 where the row has none, is-text-target `[B, K]`).
     """
     pieces, regions = anchor_pairs[..., 0], anchor_pairs[..., 1]
-    active = (pieces >= 0) & (anchor_actions != ACTION_KEEP)
-    batch_size, _ = pieces.shape
-    # All rows of one anchor share (batch, region); its first piece is the smallest piece position.
-    num_regions_bound = int(regions.max().item()) + 1 if regions.numel() else 1
-    key = torch.arange(batch_size, device=pieces.device).unsqueeze(1) * num_regions_bound + regions.clamp(min=0)
-    first_piece = torch.full((batch_size * num_regions_bound,), torch.iinfo(torch.long).max, device=pieces.device)
-    first_piece = first_piece.scatter_reduce(0, key[active], pieces[active], reduce="amin")
-    is_first = active & (pieces == first_piece[key.clamp(min=0)])
-    batch_index, row = is_first.nonzero(as_tuple=True)
-    text_positions = pieces[batch_index, row]
-    region_positions = text_length + regions[batch_index, row]
-    concepts = anchor_concept_ids[batch_index, row]
-    num_anchors = batch_index.shape[0]
-    is_text = torch.cat(
-        [torch.ones(num_anchors, dtype=torch.bool, device=pieces.device),
-         torch.zeros(num_anchors, dtype=torch.bool, device=pieces.device)]
-    )
-    return (
-        torch.cat([batch_index, batch_index]),
-        torch.cat([text_positions, region_positions]),
-        torch.cat([concepts, concepts]),
-        is_text,
-    )
+    is_first = _first_piece_rows(anchor_pairs)
+    text_target = is_first & (anchor_actions == ACTION_MASK_TEXT)
+    region_target = is_first & (anchor_actions == ACTION_MASK_REGION)
+    positions = torch.where(region_target, text_length + regions.clamp(min=0), pieces.clamp(min=0))
+    labels = torch.where(text_target | region_target, anchor_concept_ids, torch.full_like(anchor_concept_ids, -100))
+    return positions, labels, text_target
 
 
 class CmalForPreTraining(CmalPreTrainedModel):
-    """CMAL with its pre-training objectives: AMC, MLM (tied decoder) and ITM (+ optional ITC)."""
+    """CMAL with its pre-training objectives: AMC (mapping + concept), MLM (tied decoder) and ITM (+ optional ITC)."""
 
     _tied_weights_keys = {"cls.decoder.weight": "cmal.text_embeddings.word_embeddings.weight",
                           "cls.decoder.bias": "cls.bias"}
@@ -838,6 +888,7 @@ class CmalForPreTraining(CmalPreTrainedModel):
         self.cmal = CmalModel(config)
         self.cls = CmalLMPredictionHead(config)
         self.amc_head = CmalConceptHead(config)
+        self.amc_pairing_head = CmalAnchorPairingHead(config)
         self.itm_head = nn.Linear(config.hidden_size, 2)
         # Created only when used, so that a switched-off contrastive objective has no parameters at all.
         self.itc_head = CmalContrastiveHead(config) if config.itc_loss_weight > 0 else None
@@ -874,8 +925,10 @@ class CmalForPreTraining(CmalPreTrainedModel):
             labels (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*): MLM targets, -100 ignored.
             itm_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): 1 the caption matches the image,
                 0 it does not.
-        AMC needs no extra labels: its targets are `anchor_concept_ids` at the anchors whose `anchor_actions` are
-        not keep. Each objective's loss is computed when its targets are present and its config weight is > 0;
+        AMC needs no extra labels (its loss is computed when `anchor_concept_ids` are given): its concept term
+        classifies `anchor_concept_ids` at the *mask text* and *mask region* anchors (`anchor_targets`), its mapping
+        term maps every other anchor word to its own region (`anchor_pairing_targets`); `amc_loss` is their sum.
+        Each objective's loss is computed when its targets are present and its config weight is > 0;
         `loss` is their weighted sum. ITC (when `config.itc_loss_weight > 0`) is computed whenever `itm_labels`
         are given, over the pairs with `itm_labels == 1`, symmetric (mean of the text-to-image and image-to-text
         cross-entropies), with the matched pairs of every process as negatives.
@@ -902,20 +955,43 @@ class CmalForPreTraining(CmalPreTrainedModel):
         # loss times zero, so that every parameter is in the graph and DDP does not wait for missing gradients.
         unused_heads: list[torch.Tensor] = []
         amc_logits = amc_labels = amc_slot_is_text = mlm_logits = itm_logits = itc_logits = None
+        amc_pairing_logits = amc_pairing_labels = amc_pairing_loss = None
 
         if config.amc_loss_weight > 0 and anchor_pairs is not None and anchor_pairs.shape[1] > 0:
             actions = anchor_actions if anchor_actions is not None else self.cmal.default_anchor_actions(anchor_pairs)
             concepts = anchor_concept_ids if anchor_concept_ids is not None else torch.full_like(actions, -100)
-            batch_index, positions, amc_labels, amc_slot_is_text = select_anchor_slots(
-                anchor_pairs, actions, concepts, text_length
-            )
-            amc_logits = self.amc_head(sequence_output[batch_index, positions])
-            if anchor_concept_ids is not None and amc_labels.numel() > 0:
-                # Averaged over both modalities: each modality's mean cross-entropy counts once.
-                per_slot = F.cross_entropy(amc_logits.float(), amc_labels, reduction="none")
-                losses["amc"] = 0.5 * (per_slot[amc_slot_is_text].mean() + per_slot[~amc_slot_is_text].mean())
-            elif anchor_concept_ids is not None:
-                unused_heads.append(amc_logits)
+            positions, amc_labels, amc_slot_is_text = anchor_targets(anchor_pairs, actions, concepts, text_length)
+            slots = sequence_output.gather(1, positions.unsqueeze(-1).expand(-1, -1, sequence_output.shape[-1]))
+            amc_logits = self.amc_head(slots)
+            if anchor_concept_ids is not None:
+                # Each modality's mean cross-entropy counts once (averaged over the modalities that have targets).
+                per_slot = F.cross_entropy(amc_logits.flatten(0, 1).float(), amc_labels.flatten(), reduction="none",
+                                           ignore_index=-100).view_as(amc_labels)
+                has_target = amc_labels != -100
+                side_means, sides = [], 0
+                for side in (has_target & amc_slot_is_text, has_target & ~amc_slot_is_text):
+                    count = side.sum()
+                    side_means.append((per_slot * side).sum() / count.clamp(min=1))
+                    sides = sides + (count > 0).to(per_slot.dtype)
+                amc_terms = []
+                if has_target.any():
+                    amc_terms.append((side_means[0] + side_means[1]) / sides)
+                else:
+                    unused_heads.append(amc_logits)
+                # The mapping term: each anchor word → its own region among the image's regions (hyperspheres).
+                amc_pairing_labels = anchor_pairing_targets(anchor_pairs, actions)
+                region_mask = (visual_attention_mask if visual_attention_mask is not None
+                               else torch.ones_like(outputs.image_embeds[..., 0], dtype=torch.long))
+                amc_pairing_logits = self.amc_pairing_head(outputs.text_embeds, outputs.image_embeds, anchor_pairs,
+                                                           region_mask)
+                if (amc_pairing_labels != -100).any():
+                    amc_pairing_loss = F.cross_entropy(amc_pairing_logits.flatten(0, 1).float(),
+                                                       amc_pairing_labels.flatten(), ignore_index=-100)
+                    amc_terms.append(amc_pairing_loss)
+                else:
+                    unused_heads.append(amc_pairing_logits)
+                if amc_terms:
+                    losses["amc"] = sum(amc_terms)
 
         if config.mlm_loss_weight > 0:
             text_output = sequence_output[:, :text_length]
@@ -967,6 +1043,9 @@ class CmalForPreTraining(CmalPreTrainedModel):
             amc_logits=amc_logits,
             amc_labels=amc_labels,
             amc_slot_is_text=amc_slot_is_text,
+            amc_pairing_loss=amc_pairing_loss,
+            amc_pairing_logits=amc_pairing_logits,
+            amc_pairing_labels=amc_pairing_labels,
             mlm_logits=mlm_logits,
             itm_logits=itm_logits,
             itc_logits=itc_logits,
@@ -989,7 +1068,9 @@ class CmalTaskOutput(ModelOutput):
     loss (`torch.FloatTensor` of shape `()`, *optional*): returned when `labels` are given.
     logits (`torch.FloatTensor`): `(batch_size, num_labels)` for classification heads, `(batch_size, num_regions)`
         for referring expressions (padding regions get the dtype's minimum).
-    pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)` or `(batch_size, 2 * hidden_size)`).
+    pooler_output (`torch.FloatTensor`): what the head classified: `(batch_size, 2 * hidden_size)` (`CmalTaskPooler`:
+        pooled `[CLS]` and slot summary) for VQA and SNLI-VE, `(batch_size, 4 * hidden_size)` for NLVR2 (both images),
+        the trunk's pooled `[CLS]` `(batch_size, hidden_size)` for referring expressions and image-text matching.
     hidden_states / attentions: the unified encoder's, when asked for.
     """
 
@@ -998,6 +1079,47 @@ class CmalTaskOutput(ModelOutput):
     pooler_output: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class CmalTaskPooler(nn.Module):
+    """What a task head reads: the pooled `[CLS]` state together with a summary of the whole hybrid sequence, each
+    attention head of the summary weighting the slots by their match with the `[CLS]` state.
+
+    Measured on the synthetic world: a head that reads only the pooled `[CLS]` does not learn to route a question
+    word to the region it names at small scale (VQA stays at the answer prior, from scratch and pre-trained alike),
+    while the information is linearly readable at the slots; the summary lets the head reach the slot that holds
+    it (the region a question names, the filled word).
+    """
+
+    def __init__(self, config: CmalConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_size = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, sequence_output: torch.Tensor, pooled_output: torch.Tensor,
+                slot_mask: torch.Tensor) -> torch.Tensor:
+        """`sequence_output` `[B, L, H]`, `pooled_output` `[B, H]`, `slot_mask` `[B, L]` (1 real slot, 0 padding)
+        → `[B, 2H]`: the pooled output, then the summary."""
+        batch_size, length, hidden_size = sequence_output.shape
+        query = self.query(sequence_output[:, 0]).view(batch_size, 1, self.num_heads, self.head_size)
+        key = self.key(sequence_output).view(batch_size, length, self.num_heads, self.head_size)
+        scores = (query * key).sum(-1) * self.head_size**-0.5  # [B, L, heads]
+        scores = scores.masked_fill((slot_mask == 0).unsqueeze(-1), torch.finfo(scores.dtype).min)
+        weights = scores.softmax(dim=1).unsqueeze(-1)  # over the slots
+        values = sequence_output.view(batch_size, length, self.num_heads, self.head_size)
+        summary = (weights * values).sum(1).reshape(batch_size, hidden_size)
+        return torch.cat([pooled_output, summary], dim=-1)
+
+
+def _slot_mask(sequence_output: torch.Tensor, num_regions: int, attention_mask, visual_attention_mask) -> torch.Tensor:
+    """The `[B, N + M]` mask of real slots of the hybrid sequence (every slot real where a mask is not given)."""
+    batch_size, length = sequence_output.shape[:2]
+    ones = partial(torch.ones, dtype=torch.long, device=sequence_output.device)
+    text_mask = attention_mask if attention_mask is not None else ones(batch_size, length - num_regions)
+    region_mask = visual_attention_mask if visual_attention_mask is not None else ones(batch_size, num_regions)
+    return torch.cat([text_mask.to(torch.long), region_mask.to(torch.long)], dim=1)
 
 
 class CmalClassificationHead(nn.Module):
@@ -1030,7 +1152,8 @@ class CmalForQuestionAnswering(CmalPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.cmal = CmalModel(config)
-        self.answer_head = CmalClassificationHead(config, config.hidden_size, config.num_labels)
+        self.task_pooler = CmalTaskPooler(config)
+        self.answer_head = CmalClassificationHead(config, 2 * config.hidden_size, config.num_labels)
         self.post_init()
 
     def forward(
@@ -1048,7 +1171,10 @@ class CmalForQuestionAnswering(CmalPreTrainedModel):
             inputs_embeds=inputs_embeds, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states, return_dict=True,
         )
-        logits = self.answer_head(outputs.pooler_output)
+        pooled = self.task_pooler(outputs.last_hidden_state, outputs.pooler_output,
+                                  _slot_mask(outputs.last_hidden_state, visual_feats.shape[1], attention_mask,
+                                             visual_attention_mask))
+        logits = self.answer_head(pooled)
         loss = None
         if labels is not None:
             if labels.shape != logits.shape:
@@ -1056,7 +1182,7 @@ class CmalForQuestionAnswering(CmalPreTrainedModel):
                     f"labels must be soft scores of shape {tuple(logits.shape)} (batch, num_labels), got {tuple(labels.shape)}"
                 )
             loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="sum") / logits.shape[0]
-        output = CmalTaskOutput(loss=loss, logits=logits, pooler_output=outputs.pooler_output,
+        output = CmalTaskOutput(loss=loss, logits=logits, pooler_output=pooled,
                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
         return output if return_dict else output.to_tuple()
 
@@ -1069,7 +1195,8 @@ class CmalForVisualEntailment(CmalPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.cmal = CmalModel(config)
-        self.classifier = CmalClassificationHead(config, config.hidden_size, config.num_labels)
+        self.task_pooler = CmalTaskPooler(config)
+        self.classifier = CmalClassificationHead(config, 2 * config.hidden_size, config.num_labels)
         self.post_init()
 
     def forward(
@@ -1087,9 +1214,12 @@ class CmalForVisualEntailment(CmalPreTrainedModel):
             inputs_embeds=inputs_embeds, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states, return_dict=True,
         )
-        logits = self.classifier(outputs.pooler_output)
+        pooled = self.task_pooler(outputs.last_hidden_state, outputs.pooler_output,
+                                  _slot_mask(outputs.last_hidden_state, visual_feats.shape[1], attention_mask,
+                                             visual_attention_mask))
+        logits = self.classifier(pooled)
         loss = _classification_loss(logits, labels)
-        output = CmalTaskOutput(loss=loss, logits=logits, pooler_output=outputs.pooler_output,
+        output = CmalTaskOutput(loss=loss, logits=logits, pooler_output=pooled,
                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
         return output if return_dict else output.to_tuple()
 
@@ -1117,7 +1247,8 @@ class CmalForVisualReasoning(CmalPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.cmal = CmalModel(config)
-        self.classifier = CmalClassificationHead(config, 2 * config.hidden_size, config.num_labels)
+        self.task_pooler = CmalTaskPooler(config)
+        self.classifier = CmalClassificationHead(config, 4 * config.hidden_size, config.num_labels)
         self.post_init()
 
     def forward(
@@ -1146,7 +1277,10 @@ class CmalForVisualReasoning(CmalPreTrainedModel):
             anchor_actions=per_image(anchor_actions), inputs_embeds=repeat_text(inputs_embeds),
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
         )
-        pooled = outputs.pooler_output.view(visual_feats.shape[0], -1)
+        image_summaries = self.task_pooler(outputs.last_hidden_state, outputs.pooler_output,
+                                           _slot_mask(outputs.last_hidden_state, visual_feats.shape[2],
+                                                      repeat_text(attention_mask), per_image(visual_attention_mask)))
+        pooled = image_summaries.view(visual_feats.shape[0], -1)
         logits = self.classifier(pooled)
         loss = _classification_loss(logits, labels)
         output = CmalTaskOutput(loss=loss, logits=logits, pooler_output=pooled,

@@ -174,7 +174,9 @@ class CmalProcessor(ProcessorMixin):
             return_tensors (`None`, `"np"` or `"pt"`): `"pt"` torch tensors, `"np"` numpy arrays; `None` python
                 lists as the tokenizer gives them, except `visual_feats` and `visual_pos`, numpy float32 arrays.
             anchor_action (`str` or `int`): the action of every anchor, one of `keep`, `fill_text`,
-                `fill_region`, `mask_both` (or 0-3); the pre-training collator samples them instead.
+                `fill_region`, `mask_both`, `mask_text`, `mask_region` (or 0-5); the pre-training collator samples
+                them instead, and the task collators leave them out (the model applies
+                `config.default_anchor_action`).
 
         Returns:
             `BatchFeature` with `input_ids`, `token_type_ids`, `attention_mask` `[B, N]` (when text is given);

@@ -14,6 +14,8 @@ from modeling_cmal.modeling_cmal import (
     ACTION_FILL_TEXT,
     ACTION_KEEP,
     ACTION_MASK_BOTH,
+    ACTION_MASK_REGION,
+    ACTION_MASK_TEXT,
 )
 
 B, N, M, DV, C, V = 3, 7, 5, 11, 13, 99
@@ -40,7 +42,7 @@ def make_inputs(seed: int = 0, with_anchors: bool = True) -> dict:
     inputs["visual_attention_mask"][2, 3:] = 0
     if with_anchors:
         # sample 0: a two-piece word (pieces 1, 2) filled into region 0, piece 4 fills text from region 3
-        # sample 1: mask both on (3, 1), keep on (5, 2); sample 2: one fill-region anchor and padding
+        # sample 1: mask text on (3, 1), mask region on (5, 2); sample 2: one fill-region anchor and padding
         inputs["anchor_pairs"] = torch.tensor([
             [[1, 0], [2, 0], [4, 3]],
             [[3, 1], [5, 2], [-1, -1]],
@@ -49,7 +51,7 @@ def make_inputs(seed: int = 0, with_anchors: bool = True) -> dict:
         inputs["anchor_concept_ids"] = torch.tensor([[4, 4, 7], [2, 9, -1], [11, -1, -1]])
         inputs["anchor_actions"] = torch.tensor([
             [ACTION_FILL_REGION, ACTION_FILL_REGION, ACTION_FILL_TEXT],
-            [ACTION_MASK_BOTH, ACTION_KEEP, ACTION_KEEP],
+            [ACTION_MASK_TEXT, ACTION_MASK_REGION, ACTION_KEEP],
             [ACTION_FILL_REGION, ACTION_KEEP, ACTION_KEEP],
         ])
     return inputs
@@ -86,14 +88,17 @@ def test_associative_prompt_moves_content_and_masks_the_partner():
     # fill text: piece 4 holds region 3's content; region 3 holds the region mask
     torch.testing.assert_close(new_text[0, 4], regions[0, 3])
     torch.testing.assert_close(new_regions[0, 3], region_mask)
-    # mask both
-    torch.testing.assert_close(new_text[1, 3], text_mask)
-    torch.testing.assert_close(new_regions[1, 1], region_mask)
-    # keep and untouched slots
-    torch.testing.assert_close(new_text[1, 5], text[1, 5])
-    torch.testing.assert_close(new_regions[1, 2], regions[1, 2])
-    for b, slots in ((0, [0, 3, 5, 6]), (1, [0, 1, 2, 4, 6]), (2, [0, 1, 3, 4, 5, 6])):
+    # mask text / mask region: hidden at the encoders' input by the collator; CMAP leaves both slots as they are
+    torch.testing.assert_close(new_text[1], text[1])
+    torch.testing.assert_close(new_regions[1], regions[1])
+    for b, slots in ((0, [0, 3, 5, 6]), (2, [0, 1, 3, 4, 5, 6])):
         torch.testing.assert_close(new_text[b, slots], text[b, slots])
+    # mask both: both slots hold their modality's mask vector
+    both = torch.full_like(inputs["anchor_actions"], ACTION_MASK_BOTH)
+    both_text, both_regions = prompt(text, regions, inputs["anchor_pairs"], both)
+    torch.testing.assert_close(both_text[1, 3], text_mask)
+    torch.testing.assert_close(both_regions[1, 1], region_mask)
+    torch.testing.assert_close(both_regions[1, 2], region_mask)
 
 
 def test_filled_slot_keeps_its_own_position_and_type():
@@ -117,17 +122,43 @@ def test_amc_targets_and_losses():
     model = CmalForPreTraining(make_config()).eval()
     inputs = make_inputs()
     outputs = model(**inputs)
-    # non-keep anchors in order: (0: region 0, first piece 1, concept 4), (0: piece 4, region 3, concept 7),
-    # (1: piece 3, region 1, concept 2), (2: piece 2, region 1, concept 11); text slots first, then regions
-    assert outputs.amc_labels.tolist() == [4, 7, 2, 11, 4, 7, 2, 11]
-    assert outputs.amc_slot_is_text.tolist() == [True] * 4 + [False] * 4
-    expected = F.cross_entropy(outputs.amc_logits, outputs.amc_labels, reduction="none")
-    torch.testing.assert_close(outputs.amc_loss, 0.5 * (expected[:4].mean() + expected[4:].mean()))
+    # Only the anchors whose own content is masked while the partner stays have targets: sample 1's mask-text
+    # anchor (piece 3 → concept 2, a text slot) and mask-region anchor (region 2 → concept 9, a region slot). The
+    # filled anchors of samples 0 and 2 have none: their slot holds the partner's own state.
+    assert outputs.amc_logits.shape == (B, 3, C)
+    assert outputs.amc_labels.tolist() == [[-100, -100, -100], [2, 9, -100], [-100, -100, -100]]
+    assert outputs.amc_slot_is_text.tolist() == [[False] * 3, [True, False, False], [False] * 3]
+    sequence = CmalModel.forward(model.cmal, **inputs).last_hidden_state
+    torch.testing.assert_close(outputs.amc_logits[1, 0], model.amc_head(sequence[1, 3]))
+    torch.testing.assert_close(outputs.amc_logits[1, 1], model.amc_head(sequence[1, N + 2]))
+    text_loss = F.cross_entropy(outputs.amc_logits[1, 0:1], torch.tensor([2]))
+    region_loss = F.cross_entropy(outputs.amc_logits[1, 1:2], torch.tensor([9]))
+    # The mapping term: every anchor word but the mask-region ones → its own region, on the hyperspheres.
+    assert outputs.amc_pairing_labels.tolist() == [[0, -100, 3], [1, -100, -100], [1, -100, -100]]
+    similarity = torch.einsum("bkh,bmh->bkm", outputs.text_embeds.gather(
+        1, inputs["anchor_pairs"][..., :1].clamp(min=0).expand(-1, -1, 32)), outputs.image_embeds)
+    scale = model.amc_pairing_head.logit_scale.exp()
+    torch.testing.assert_close(outputs.amc_pairing_logits[0, 0], scale * similarity[0, 0])
+    assert (outputs.amc_pairing_logits[2, :, 3:] == torch.finfo(torch.float32).min).all()  # padding regions
+    pairing = F.cross_entropy(outputs.amc_pairing_logits.flatten(0, 1), outputs.amc_pairing_labels.flatten(),
+                              ignore_index=-100)
+    torch.testing.assert_close(outputs.amc_pairing_loss, pairing)
+    torch.testing.assert_close(outputs.amc_loss, 0.5 * (text_loss + region_loss) + pairing)
     changed = dict(inputs, anchor_concept_ids=inputs["anchor_concept_ids"].clone())
-    changed["anchor_concept_ids"][0, 2] = 8
+    changed["anchor_concept_ids"][1, 1] = 8
     assert model(**changed).amc_loss != outputs.amc_loss
-    keep_only = dict(inputs, anchor_actions=torch.zeros_like(inputs["anchor_actions"]))
-    assert model(**keep_only).amc_loss is None
+    # A word of several pieces has one target, at its first piece; one modality alone is its own mean.
+    text_only = dict(inputs, anchor_actions=torch.tensor([[ACTION_MASK_TEXT] * 3, [ACTION_KEEP] * 3,
+                                                         [ACTION_KEEP] * 3]))
+    result = model(**text_only)
+    assert result.amc_labels[0].tolist() == [4, -100, 7] and result.amc_slot_is_text[0].tolist() == [True, False, True]
+    expected = F.cross_entropy(result.amc_logits[0, [0, 2]], torch.tensor([4, 7]))
+    torch.testing.assert_close(result.amc_loss - result.amc_pairing_loss, expected)
+    # Kept anchors have no concept target, only the mapping term; without anchors there is no AMC loss.
+    keep_only = model(**dict(inputs, anchor_actions=torch.zeros_like(inputs["anchor_actions"])))
+    assert (keep_only.amc_labels == -100).all()
+    torch.testing.assert_close(keep_only.amc_loss, keep_only.amc_pairing_loss)
+    assert model(**make_inputs(with_anchors=False)).amc_loss is None
 
 
 def test_loss_weights_and_mlm_logits_only_where_labelled():
@@ -246,7 +277,7 @@ def test_invalid_config_values_name_the_field(field, value):
     (lambda i: i["anchor_pairs"].__setitem__((0, 0, 0), N), "anchor_pairs\\[0, 0\\]"),
     (lambda i: i["anchor_pairs"].__setitem__((0, 0, 1), M), "region index"),
     (lambda i: i.update(visual_feats=torch.randn(B, M, DV + 1)), "visual_feat_dim"),
-    (lambda i: i["anchor_actions"].__setitem__((0, 0), 4), "anchor_actions"),
+    (lambda i: i["anchor_actions"].__setitem__((0, 0), 6), "anchor_actions"),
     (lambda i: i["anchor_concept_ids"].__setitem__((0, 0), C), "num_anchor_concepts"),
 ])
 def test_bad_inputs_raise_clear_errors(change, message):
