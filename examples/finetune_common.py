@@ -246,6 +246,9 @@ class CmalTaskCollator:
         texts = [str(row["text"]) for row in rows for _ in suffixes]
         regions = [region_inputs(row, suffix) for row in rows for suffix in suffixes]
         batch = dict(self.processor(text=texts, regions=regions, return_tensors="pt"))
+        # One anchor policy for fine-tuning and inference: the model applies `config.default_anchor_action`, as the
+        # pipelines do (the processor's own default, keep, would silently differ from the config's).
+        batch.pop("anchor_actions", None)
         if len(suffixes) > 1:
             # Text inputs once per sample, image inputs with an image axis: [B * I, ...] → [B, I, ...].
             batch = {key: value[:: len(suffixes)] if key in TEXT_INPUTS
