@@ -1,14 +1,18 @@
 """CMAL quickstart — the project's main job, on the embedded synthetic world (no downloads, a laptop CPU).
 
-    python examples/quickstart.py                     # about 5 minutes on a 2-core CPU
-    python examples/quickstart.py --preset smoke      # under a minute: the same steps, tiny sizes
+    python examples/quickstart.py                     # about 9 minutes on an idle 2-core CPU (measured)
+    python examples/quickstart.py --preset smoke      # a few minutes: the same steps, tiny sizes
 
 Steps: build a synthetic corpus (scenes of coloured shapes with captions and the four downstream tasks) →
 pre-train a small CMAL (AMC + MLM + ITM) with `examples/pretrain.py` → reload it through `AutoModelForPreTraining`
-with `trust_remote_code` and measure AMC accuracy against chance → fine-tune a VQA head with Trainer
-(`examples/finetune_vqa.py`) from the pre-trained model and from scratch → answer a few questions through the
-`cmal-vqa` pipeline. Everything lands in `--output_dir` (default `outputs/quickstart`), including
-`loss_curves.png` and `summary.json`.
+with `trust_remote_code` in a process where this package cannot be imported and measure AMC accuracy against chance
+→ fine-tune each of the four tasks (VQA, NLVR2, SNLI-VE, RefCOCO+) with Trainer, from the pre-trained model and
+from the same architecture freshly initialised, with the same budget → evaluate each pre-trained fine-tuned model
+again with the validation images shuffled across samples (how much the head uses the image) → answer a few
+questions through the `cmal-vqa` pipeline. It ends with a table of the three scores per task; everything lands in
+`--output_dir` (default `outputs/quickstart`), including `loss_curves.png` and `summary.json`
+(`summary["tasks"][task] = {"pretrained": ..., "scratch": ..., "images_shuffled": ...}`, scores in [0, 1]).
+Deterministic for `--seed`.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 PRESETS = {
-    # scenes, pre-training steps, fine-tuning epochs, model sizes
-    "default": dict(num_scenes=1500, pretrain_steps=600, finetune_epochs=6, hidden_size=128, num_attention_heads=4,
-                    intermediate_size=256, num_text_layers=2, num_visual_layers=1, num_unified_layers=2),
-    "smoke": dict(num_scenes=200, pretrain_steps=20, finetune_epochs=1, hidden_size=32, num_attention_heads=2,
-                  intermediate_size=64, num_text_layers=1, num_visual_layers=1, num_unified_layers=1),
+    # scenes, pre-training steps, fine-tuning budget (the same from pre-trained and from scratch), model sizes
+    "default": dict(num_scenes=1500, pretrain_steps=600, finetune_epochs=3, finetune_samples=3000,
+                    finetune_learning_rate=3e-4, hidden_size=128, num_attention_heads=4, intermediate_size=256,
+                    num_text_layers=2, num_visual_layers=1, num_unified_layers=2),
+    "smoke": dict(num_scenes=200, pretrain_steps=20, finetune_epochs=1, finetune_samples=200,
+                  finetune_learning_rate=3e-4, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                  num_text_layers=1, num_visual_layers=1, num_unified_layers=1),
 }
 MODEL_FIELDS = ("hidden_size", "num_attention_heads", "intermediate_size", "num_text_layers", "num_visual_layers",
                 "num_unified_layers")
@@ -58,6 +64,13 @@ def run_step(title: str, command: list[str], log_file: Path) -> float:
     return elapsed
 
 
+# The four downstream tasks: fine-tuning script and metric (each in [0, 1]).
+TASKS = {
+    "vqa": dict(script="examples/finetune_vqa.py", metric="vqa_accuracy"),
+    "nlvr2": dict(script="examples/finetune_nlvr2.py", metric="accuracy"),
+    "snli_ve": dict(script="examples/finetune_snli_ve.py", metric="accuracy"),
+    "refcoco": dict(script="examples/finetune_refcoco.py", metric="iou_accuracy"),
+}
 RELOAD_AND_SCORE = """
 import json, sys
 # As on a machine that has transformers but not this package: the model must come from the folder's code.
@@ -72,8 +85,9 @@ correct = total = 0
 with torch.no_grad():
     for batch in torch.load(batches_file, weights_only=True):
         outputs = model(**batch)
-        correct += (outputs.amc_logits.argmax(-1) == outputs.amc_labels).sum().item()
-        total += outputs.amc_labels.numel()
+        targeted = outputs.amc_labels != -100
+        correct += ((outputs.amc_logits.argmax(-1) == outputs.amc_labels) & targeted).sum().item()
+        total += targeted.sum().item()
 print(json.dumps({"correct": correct, "total": total,
                   "model_class": type(model).__module__ + "." + type(model).__name__}))
 """
@@ -88,7 +102,10 @@ def amc_accuracy_after_reload(pretrained_dir: Path, validation_path: Path, seed:
     from transformers import AutoConfig
 
     from modeling_cmal.collator_cmal import CmalPretrainingCollator
+    from modeling_cmal.configuration_cmal import ANCHOR_ACTIONS
     from modeling_cmal.processing_cmal import CmalProcessor
+
+    amc_actions = torch.tensor([ANCHOR_ACTIONS.index("mask_text"), ANCHOR_ACTIONS.index("mask_region")])
 
     config = AutoConfig.from_pretrained(pretrained_dir)
     collator = CmalPretrainingCollator(CmalProcessor.from_pretrained(pretrained_dir), config, seed=seed)
@@ -98,8 +115,8 @@ def amc_accuracy_after_reload(pretrained_dir: Path, validation_path: Path, seed:
     batches_file = work_dir / "amc_validation_batches.pt"
     torch.save(batches, batches_file)
     counts = torch.zeros(config.num_anchor_concepts)
-    for batch in batches:  # AMC targets: one concept per anchor (sample, region) whose action is not keep
-        active = (batch["anchor_pairs"][..., 0] >= 0) & (batch["anchor_actions"] != 0)
+    for batch in batches:  # AMC targets: one concept per mask-text or mask-region anchor (sample, region)
+        active = (batch["anchor_pairs"][..., 0] >= 0) & torch.isin(batch["anchor_actions"], amc_actions)
         anchors = {(sample, region): concept for sample, (_, region), concept in zip(
             active.nonzero()[:, 0].tolist(), batch["anchor_pairs"][active].tolist(),
             batch["anchor_concept_ids"][active].tolist())}
@@ -129,9 +146,30 @@ def write_untrained_copy(pretrained_dir: Path, target: Path, seed: int) -> Path:
     return target
 
 
-def read_eval_accuracy(finetune_dir: Path) -> float:
+def read_eval_score(finetune_dir: Path, task: str) -> float:
+    """The task's metric in [0, 1], from the `eval_results.json` the fine-tuning script wrote."""
     results = json.loads((finetune_dir / "eval_results.json").read_text())
-    return results["eval_vqa_accuracy"]
+    return float(results[f"eval_{TASKS[task]['metric']}"])
+
+
+def write_shuffled_validation(task_dir: Path, target: Path, seed: int) -> Path:
+    """The task's validation split with every sample's image taken from another image (`images_shuffled`), as a
+    task folder the fine-tuning script evaluates: one training row (the script reads the schema from it), the
+    answer vocabulary where there is one."""
+    import shutil
+
+    from datasets import DatasetDict, disable_progress_bars, load_from_disk
+
+    from processing.controls import images_shuffled
+    from processing.schema import ANSWER_VOCAB_FILE
+
+    disable_progress_bars()  # the stage's own line says what happens; four bars per task would bury the table
+    dataset = load_from_disk(str(task_dir))
+    DatasetDict({"train": dataset["train"].select(range(1)),
+                 "validation": images_shuffled(dataset["validation"], seed=seed)}).save_to_disk(str(target))
+    if (task_dir / ANSWER_VOCAB_FILE).is_file():
+        shutil.copy(task_dir / ANSWER_VOCAB_FILE, target / ANSWER_VOCAB_FILE)
+    return target
 
 
 def plot_curves(metrics_file: Path, png: Path) -> None:
@@ -189,6 +227,34 @@ def answer_questions(vqa_dir: Path, vqa_path: Path, count: int = 5) -> list[dict
     return shown
 
 
+def finetune_command(task: str, start: Path, dataset: Path, target: Path, preset: dict, seed: int) -> list[str]:
+    """One fine-tuning run: the same budget from any starting point; the last step is evaluated on the whole
+    validation split (no checkpoint selection on it)."""
+    return [sys.executable, TASKS[task]["script"], "--model_name_or_path", str(start), "--dataset_path", str(dataset),
+            "--output_dir", str(target), "--num_train_epochs", str(preset["finetune_epochs"]),
+            "--max_train_samples", str(preset["finetune_samples"]), "--per_device_train_batch_size", "32",
+            "--per_device_eval_batch_size", "64", "--learning_rate", str(preset["finetune_learning_rate"]),
+            "--warmup_steps", "20", "--eval_strategy", "no", "--save_strategy", "no", "--seed", str(seed),
+            "--report_to", "none", "--do_train", "--do_eval"]
+
+
+def evaluate_command(task: str, model: Path, dataset: Path, target: Path) -> list[str]:
+    return [sys.executable, TASKS[task]["script"], "--model_name_or_path", str(model), "--dataset_path", str(dataset),
+            "--output_dir", str(target), "--per_device_eval_batch_size", "64", "--report_to", "none", "--do_eval"]
+
+
+def task_table(scores: dict[str, dict[str, float]]) -> list[str]:
+    """The closing table: per task, the three scores and the two differences that matter."""
+    lines = [f"    {'task':<9}{'pre-trained':>13}{'scratch':>10}{'images shuffled':>17}"
+             f"{'pre − scratch':>15}{'pre − shuffled':>16}"]
+    for task, row in scores.items():
+        lines.append(f"    {task:<9}{row['pretrained']:>13.3f}{row['scratch']:>10.3f}{row['images_shuffled']:>17.3f}"
+                     f"{row['pretrained'] - row['scratch']:>+15.3f}{row['pretrained'] - row['images_shuffled']:>+16.3f}")
+    mean_gain = sum(row["pretrained"] - row["scratch"] for row in scores.values()) / len(scores)
+    lines.append(f"    mean over tasks of pre-trained − scratch: {mean_gain:+.3f}")
+    return lines
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
@@ -197,8 +263,9 @@ def main(argv=None) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     data, pretrained = output / "data", output / "pretrained"
     timings = {}
+    started = time.perf_counter()
 
-    timings["data"] = run_step("1/5 Build the synthetic corpus", [
+    timings["data"] = run_step("1/6 Build the synthetic corpus", [
         sys.executable, "-m", "processing.synthetic", "--output", str(data), "--num-scenes", str(preset["num_scenes"]),
         "--seed", str(args.seed)], logs / "data.log")
 
@@ -211,40 +278,47 @@ def main(argv=None) -> None:
         "--eval_steps", str(max(10, preset["pretrain_steps"] // 6)), "--checkpointing_steps",
         str(preset["pretrain_steps"]), "--seed", str(args.seed), "--max_text_length", "40"]
     # Only the widths come from the preset: the script sizes the vocabulary, lexicon and features from the data.
-    timings["pretrain"] = run_step("2/5 Pre-train CMAL (AMC + MLM + ITM)", pretrain_command, logs / "pretrain.log")
+    timings["pretrain"] = run_step("2/6 Pre-train CMAL (AMC + MLM + ITM)", pretrain_command, logs / "pretrain.log")
     plot_curves(pretrained / "metrics.jsonl", output / "loss_curves.png")
     for line in loss_curve_lines(pretrained / "metrics.jsonl"):
         print(line)
 
-    print("\n=== 3/5 Reload through AutoModelForPreTraining(trust_remote_code=True), AMC on held-out captions")
+    print("\n=== 3/6 Reload through AutoModelForPreTraining(trust_remote_code=True), AMC on held-out captions")
     amc = amc_accuracy_after_reload(pretrained, data / "pretrain", args.seed, output)
     print(f"    AMC accuracy {amc['amc_accuracy']:.3f} vs chance {amc['amc_chance']:.3f} over {amc['amc_slots']} slots")
 
     scratch = write_untrained_copy(pretrained, output / "scratch", args.seed)
-    finetune = {}
-    for name, start in (("pretrained", pretrained), ("scratch", scratch)):
-        target = output / f"vqa_{name}"
-        command = [sys.executable, "examples/finetune_vqa.py", "--model_name_or_path", str(start), "--dataset_path",
-                   str(data / "vqa"), "--output_dir", str(target), "--num_train_epochs", str(preset["finetune_epochs"]),
-                   "--per_device_train_batch_size", "32", "--learning_rate", "3e-4", "--seed", str(args.seed),
-                   "--report_to", "none"]
-        timings[f"vqa_{name}"] = run_step(f"4/5 Fine-tune VQA from {name}", command, logs / f"vqa_{name}.log")
-        finetune[name] = read_eval_accuracy(target)
+    scores: dict[str, dict[str, float]] = {}
+    for task in TASKS:
+        scores[task] = {}
+        for name, start in (("pretrained", pretrained), ("scratch", scratch)):
+            target = output / f"{task}_{name}"
+            command = finetune_command(task, start, data / task, target, preset, args.seed)
+            timings[f"{task}_{name}"] = run_step(f"4/6 Fine-tune {task} from {name}", command,
+                                                 logs / f"{task}_{name}.log")
+            scores[task][name] = read_eval_score(target, task)
+        shuffled_data = write_shuffled_validation(data / task, output / "data_images_shuffled" / task, args.seed)
+        target = output / f"{task}_pretrained_images_shuffled"
+        timings[f"{task}_images_shuffled"] = run_step(
+            f"5/6 Evaluate the pre-trained {task} model with the validation images shuffled",
+            evaluate_command(task, output / f"{task}_pretrained", shuffled_data, target), logs / f"{task}_shuffled.log")
+        scores[task]["images_shuffled"] = read_eval_score(target, task)
 
-    print("\n=== 5/5 Answer questions through pipeline('cmal-vqa', trust_remote_code=True)")
+    print("\n=== 6/6 Answer questions through pipeline('cmal-vqa', trust_remote_code=True)")
     examples = answer_questions(output / "vqa_pretrained", data / "vqa")
     for item in examples:
         print(f"    Q: {item['question']:<45} predicted: {item['predicted']:<8} truth: {item['truth']}")
 
-    summary = {"preset": args.preset, **amc, "vqa_accuracy_pretrained": finetune["pretrained"],
-               "vqa_accuracy_scratch": finetune["scratch"], "examples": examples,
+    timings["total"] = time.perf_counter() - started
+    summary = {"preset": args.preset, "seed": args.seed, **amc, "tasks": scores, "examples": examples,
                "seconds": {key: round(value, 1) for key, value in timings.items()}}
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("\n=== Summary")
-    print(f"    AMC accuracy (held-out)        {amc['amc_accuracy']:.3f}   chance {amc['amc_chance']:.3f}")
-    print(f"    VQA accuracy, pre-trained CMAL {finetune['pretrained']:.3f}")
-    print(f"    VQA accuracy, from scratch     {finetune['scratch']:.3f}")
-    print(f"    Loss curves: {output / 'loss_curves.png'}   Summary: {output / 'summary.json'}")
+    print("\n=== Summary (validation split, whole)")
+    print(f"    AMC accuracy (held-out)  {amc['amc_accuracy']:.3f}   chance {amc['amc_chance']:.3f}")
+    for line in task_table(scores):
+        print(line)
+    print(f"    {timings['total']:.0f} s in all.   Loss curves: {output / 'loss_curves.png'}   "
+          f"Summary: {output / 'summary.json'}")
 
 
 if __name__ == "__main__":

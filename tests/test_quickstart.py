@@ -14,15 +14,53 @@ def test_quickstart_smoke_preset_runs_every_step(tmp_path):
     output = tmp_path / "quickstart"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run([sys.executable, "examples/quickstart.py", "--preset", "smoke", "--output_dir", str(output)],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())
     # the model was reloaded as remote code, not from the installed package
     assert summary["model_class"].startswith("transformers_modules"), summary["model_class"]
     assert 0.0 <= summary["amc_chance"] < 1.0 and summary["amc_slots"] > 0
-    for key in ("amc_accuracy", "vqa_accuracy_pretrained", "vqa_accuracy_scratch"):
-        assert 0.0 <= summary[key] <= 1.0, key
+    assert 0.0 <= summary["amc_accuracy"] <= 1.0
+    # The closing table: per task the pre-trained, from-scratch and images-shuffled scores, in [0, 1].
+    assert set(summary["tasks"]) == {"vqa", "nlvr2", "snli_ve", "refcoco"}
+    for task, scores in summary["tasks"].items():
+        assert set(scores) == {"pretrained", "scratch", "images_shuffled"}, task
+        assert all(0.0 <= value <= 1.0 for value in scores.values()), (task, scores)
     assert len(summary["examples"]) == 5 and all(item["predicted"] for item in summary["examples"])
     assert (output / "loss_curves.png").stat().st_size > 10_000
-    for line in ("AMC accuracy", "VQA accuracy, pre-trained CMAL", "VQA accuracy, from scratch"):
+    for line in ("AMC accuracy", "pre-trained", "scratch", "images shuffled", "mean over tasks of pre-trained"):
         assert line in result.stdout
+    for task in summary["tasks"]:
+        assert any(row.split()[:1] == [task] for row in result.stdout.splitlines()), task
+
+
+def test_images_shuffled_gives_every_row_another_image(synthetic_corpus):
+    """The control of the closing table: text and labels stay, every image column comes from another image, and
+    referring-expression labels are recomputed against the new regions."""
+    import numpy as np
+    from datasets import load_from_disk
+
+    from processing.controls import IMAGE_COLUMNS, images_shuffled
+
+    for task in ("vqa", "nlvr2", "refcoco"):
+        rows = load_from_disk(str(synthetic_corpus / task))["validation"]
+        shuffled = images_shuffled(rows, seed=0)
+        assert shuffled.column_names == rows.column_names and len(shuffled) == len(rows)
+        assert shuffled["text"] == rows["text"]
+        for suffix in ("_0", "_1") if task == "nlvr2" else ("",):
+            assert all(a != b for a, b in zip(shuffled[f"image_id{suffix}"], rows[f"image_id{suffix}"]))
+            by_id = {image_id: feats for image_id, feats in zip(rows[f"image_id{suffix}"],
+                                                                rows[f"visual_feats{suffix}"])}
+            for image_id, feats in zip(shuffled[f"image_id{suffix}"], shuffled[f"visual_feats{suffix}"]):
+                np.testing.assert_array_equal(np.asarray(feats), np.asarray(by_id[image_id]))
+        assert images_shuffled(rows, seed=0)["image_id" if task != "nlvr2" else "image_id_0"] == \
+            shuffled["image_id" if task != "nlvr2" else "image_id_0"]
+        if task == "refcoco":
+            for row in shuffled:
+                assert len(row["region_ious"]) == len(row["visual_pos"])
+                assert row["label"] == int(np.argmax(row["region_ious"]))
+        elif task == "vqa":
+            assert shuffled["answer_ids"] == rows["answer_ids"]
+    assert set(IMAGE_COLUMNS) >= {"visual_feats", "visual_pos", "tags"}
+    with pytest.raises(ValueError, match="at least 2 different images"):
+        images_shuffled(rows.select([0]), seed=0)

@@ -1,0 +1,79 @@
+"""Controls for evaluating vision-language heads: the same rows with each sample's image taken from another image.
+
+A head that scores the same with shuffled images does not use the image; the gap between a model's score on the
+real rows and on `images_shuffled` rows measures how much it does. Used by the quickstart and the ablation study.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from datasets import Dataset, concatenate_datasets
+
+# The columns that describe an image in every task schema (`processing/schema.py`); NLVR2 has them once per image,
+# with the suffixes `_0` and `_1`.
+IMAGE_COLUMNS = ("image_id", "image_width", "image_height", "visual_feats", "visual_pos", "tags", "scores")
+
+
+def _image_suffixes(dataset: Dataset) -> list[str]:
+    suffixes = [suffix for suffix in ("", "_0", "_1") if f"visual_feats{suffix}" in dataset.column_names]
+    if not suffixes:
+        raise ValueError(f"dataset has no visual_feats column (columns: {dataset.column_names}); expected a task "
+                         "split written by processing")
+    return suffixes
+
+
+def _partner_rows(image_ids: list[str], rng: np.random.Generator) -> np.ndarray:
+    """For every row, a row of another image: the distinct images are put in a random cycle and each image takes
+    the next one's regions, so no row keeps its own image (whatever the number of rows per image)."""
+    distinct = list(dict.fromkeys(image_ids))
+    if len(distinct) < 2:
+        raise ValueError(f"images_shuffled needs rows of at least 2 different images, got {len(distinct)}")
+    order = rng.permutation(len(distinct))
+    partner = {distinct[order[i]]: distinct[order[(i + 1) % len(order)]] for i in range(len(order))}
+    first_row = {}
+    for row, image_id in enumerate(image_ids):
+        first_row.setdefault(image_id, row)
+    return np.asarray([first_row[partner[image_id]] for image_id in image_ids], dtype=np.int64)
+
+
+def _box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
+    x1, y1 = np.maximum(boxes[:, 0], box[0]), np.maximum(boxes[:, 1], box[1])
+    x2, y2 = np.minimum(boxes[:, 2], box[2]), np.minimum(boxes[:, 3], box[3])
+    intersection = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    union = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) + (box[2] - box[0]) * (box[3] - box[1])
+    union = union - intersection
+    return np.where(union > 0, intersection / np.maximum(union, 1e-12), 0.0)
+
+
+def images_shuffled(dataset: Dataset, seed: int = 0) -> Dataset:
+    """`dataset` with every row's image columns (regions, boxes, tags, scores, ids, sizes) replaced by those of a
+    row of another image; text and labels stay. Each image column set (`_0`, `_1` for NLVR2) is shuffled on its
+    own. Referring-expression rows (`target_box`, `region_ious`) get `region_ious` and `label` recomputed against
+    the new image's boxes (the referred box, in normalised coordinates, stays where it was).
+
+    Deterministic for `seed`. Raises `ValueError` for a split without image columns or with a single image.
+    """
+    if not isinstance(dataset, Dataset):
+        raise ValueError(f"dataset must be a datasets.Dataset (one split), got {type(dataset).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    rng = np.random.default_rng(seed)
+    shuffled = dataset
+    for suffix in _image_suffixes(dataset):
+        columns = [f"{name}{suffix}" for name in IMAGE_COLUMNS if f"{name}{suffix}" in dataset.column_names]
+        id_column = f"image_id{suffix}"
+        image_ids = ([str(value) for value in dataset[id_column]] if id_column in dataset.column_names
+                     else [str(row) for row in range(len(dataset))])
+        source = dataset.select(_partner_rows(image_ids, rng)).select_columns(columns)
+        shuffled = concatenate_datasets([shuffled.remove_columns(columns), source], axis=1)
+    if "target_box" in shuffled.column_names and "region_ious" in shuffled.column_names:
+        def relabel(row):
+            ious = _box_iou(np.asarray(row["visual_pos"], dtype=np.float64).reshape(-1, 4),
+                            np.asarray(row["target_box"], dtype=np.float64))
+            return {"region_ious": ious.astype(np.float32).tolist(), "label": int(np.argmax(ious)) if len(ious) else 0}
+
+        shuffled = shuffled.map(relabel, desc="referred boxes against the new regions")
+    return shuffled.select_columns(dataset.column_names)
+
+
+__all__ = ["IMAGE_COLUMNS", "images_shuffled"]
