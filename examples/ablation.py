@@ -6,11 +6,10 @@
 From the same seeds, the same data and the same number of steps, every variant is pre-trained and then fine-tuned
 and evaluated on the four synthetic downstream tasks (VQA, NLVR2, SNLI-VE, RefCOCO+). The variants:
 
-- `cmal`: full CMAL (AMC + MLM + ITM, swap filling at anchors, two hyperspheres, uni-modal encoders);
-- `no_amc`: without AMC (`amc_loss_weight=0`); the collator still fills anchors;
-- `masking`: the filling replaced by masking both sides (collator rates fill text = fill region = 0, mask both =
-  the sum of the three rates, so the same share of anchors is touched);
-- `no_hypersphere`: without the hypersphere normalisation of the uni-modal outputs;
+- `cmal`: full CMAL (AMC at mask-text / mask-region anchors + MLM + ITM, swap filling at anchors, uni-modal
+  encoders);
+- `no_amc`: without AMC (`amc_loss_weight=0`); the collator still fills and masks anchors;
+- `no_filling`: without swap filling (fill text = fill region = 0; their share of anchors is kept);
 - `single_stream`: without the uni-modal encoders (`num_text_layers = num_visual_layers = 0`); the unified encoder
   gets the text encoder's layers, so the text path keeps its depth;
 - `contrastive`: contrastive learning instead of association: ITC + MLM + ITM, no AMC, no anchor filling;
@@ -19,9 +18,15 @@ and evaluated on the four synthetic downstream tasks (VQA, NLVR2, SNLI-VE, RefCO
 Then a data-efficiency curve: the downstream score against the number of pre-training captions (nested subsets of
 the pre-training split, fixed number of steps) for full CMAL and the contrastive baseline.
 
+Every variant sees the same seeds (the seed fixes the initialisation, the batch order and the collator's draws),
+so the runs are paired across variants: each variant's difference to full CMAL is taken seed by seed, and its 95 %
+confidence interval comes from the t distribution over the seeds. Every task is evaluated on its whole validation
+split (unless `--max_eval_samples` says otherwise).
+
 Everything runs in this process with a plain torch loop. Written under `--output_dir`: `results.json` (every run),
-`ablation.md` and `ablation.png` (mean ± std over seeds per task), `data_efficiency.md` and `data_efficiency.png`,
-and `corpus/` (the synthetic corpus, unless `--corpus_dir` points at one).
+`ablation.md` and `ablation.png` (mean and 95 % confidence interval over seeds per task, and the paired differences
+to full CMAL), `data_efficiency.md` and `data_efficiency.png`, and `corpus/` (the synthetic corpus, unless
+`--corpus_dir` points at one).
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -54,6 +58,7 @@ from pretrain import default_tokenizer_dir, parameter_groups  # noqa: E402
 
 from modeling_cmal import CMAL_SIZES, CmalConfig, CmalForPreTraining  # noqa: E402
 from modeling_cmal.collator_cmal import CmalPretrainingCollator  # noqa: E402
+from modeling_cmal.configuration_cmal import ANCHOR_RATE_FIELDS  # noqa: E402
 from modeling_cmal.processing_cmal import CmalProcessor  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------------
@@ -69,10 +74,9 @@ class Variant:
 
 
 VARIANTS = {
-    "cmal": Variant("CMAL (full)", "AMC + MLM + ITM, swap filling, two hyperspheres, uni-modal encoders"),
-    "no_amc": Variant("w/o AMC", "amc_loss_weight = 0 (anchors are still filled)"),
-    "masking": Variant("masking instead of filling", "fill text = fill region = 0, mask both = sum of the rates"),
-    "no_hypersphere": Variant("w/o hypersphere", "use_hypersphere_normalization = False"),
+    "cmal": Variant("CMAL (full)", "AMC + MLM + ITM, swap filling, uni-modal encoders"),
+    "no_amc": Variant("w/o AMC", "amc_loss_weight = 0 (anchors are still filled and masked)"),
+    "no_filling": Variant("w/o swap filling", "anchor_fill_text_rate = anchor_fill_region_rate = 0 (kept instead)"),
     "single_stream": Variant("w/o uni-modal encoders", "num_text_layers = num_visual_layers = 0; the unified "
                              "encoder takes the text layers (same text depth)"),
     "contrastive": Variant("contrastive (ITC + MLM + ITM)", "itc_loss_weight = 1, amc_loss_weight = 0, no anchor "
@@ -80,7 +84,7 @@ VARIANTS = {
     "no_pretraining": Variant("no pre-training", "the full CMAL trunk fine-tuned from random initialisation",
                               pretrained=False),
 }
-ANCHOR_RATES = ("anchor_fill_text_rate", "anchor_fill_region_rate", "anchor_mask_both_rate")
+ANCHOR_RATES = ANCHOR_RATE_FIELDS
 
 
 def variant_fields(name: str, base: dict) -> dict:
@@ -91,11 +95,8 @@ def variant_fields(name: str, base: dict) -> dict:
     defaults = CmalConfig(**base)
     if name == "no_amc":
         fields["amc_loss_weight"] = 0.0
-    elif name == "masking":
-        fields.update(anchor_fill_text_rate=0.0, anchor_fill_region_rate=0.0,
-                      anchor_mask_both_rate=sum(getattr(defaults, rate) for rate in ANCHOR_RATES))
-    elif name == "no_hypersphere":
-        fields["use_hypersphere_normalization"] = False
+    elif name == "no_filling":
+        fields.update(anchor_fill_text_rate=0.0, anchor_fill_region_rate=0.0)
     elif name == "single_stream":
         fields.update(num_text_layers=0, num_visual_layers=0,
                       num_unified_layers=defaults.num_text_layers + defaults.num_unified_layers)
@@ -112,11 +113,11 @@ TASKS = {"vqa": VqaTask, "nlvr2": Nlvr2Task, "snli_ve": SnliVeTask, "refcoco": R
 TASK_LABELS = {"vqa": "VQA", "nlvr2": "NLVR2", "snli_ve": "SNLI-VE", "refcoco": "RefCOCO+"}
 
 PRESETS = {
-    "tiny": dict(model_config="tiny", corpus_scenes=60, seeds=[0, 1], pretrain_steps=6, finetune_steps=4,
+    "tiny": dict(model_config="tiny", corpus_scenes=60, seeds=[0, 1, 2], pretrain_steps=6, finetune_steps=4,
                  batch_size=8, max_eval_samples=16, pretrain_learning_rate=1e-3, finetune_learning_rate=1e-3,
                  data_fractions=[0.0, 0.3, 1.0], max_text_length=32),
-    "small": dict(model_config="small_cpu", corpus_scenes=1200, seeds=[0, 1, 2], pretrain_steps=500,
-                  finetune_steps=200, batch_size=32, max_eval_samples=300, pretrain_learning_rate=5e-4,
+    "small": dict(model_config="small_cpu", corpus_scenes=1200, seeds=[0, 1, 2, 3, 4], pretrain_steps=300,
+                  finetune_steps=150, batch_size=32, max_eval_samples=None, pretrain_learning_rate=5e-4,
                   finetune_learning_rate=3e-4, data_fractions=[0.0, 0.1, 0.3, 1.0], max_text_length=32),
 }
 # Model sizes beyond CMAL_SIZES: a CPU-sized model for the README study.
@@ -159,7 +160,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     overrides.add_argument("--pretrain_steps", type=int, default=None)
     overrides.add_argument("--finetune_steps", type=int, default=None, help="optimizer steps per task")
     overrides.add_argument("--batch_size", type=int, default=None)
-    overrides.add_argument("--max_eval_samples", type=int, default=None, help="validation rows per task")
+    overrides.add_argument("--max_eval_samples", type=int, default=None,
+                           help="validation rows per task (default of the small preset: the whole split)")
     overrides.add_argument("--pretrain_learning_rate", type=float, default=None)
     overrides.add_argument("--finetune_learning_rate", type=float, default=None)
     overrides.add_argument("--data_fractions", type=_float_list, default=None,
@@ -173,13 +175,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     for name in ("corpus_scenes", "pretrain_steps", "finetune_steps", "batch_size", "max_eval_samples",
                  "max_text_length"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
     for name in ("pretrain_learning_rate", "finetune_learning_rate"):
         if not math.isfinite(getattr(args, name)) or getattr(args, name) <= 0:
             parser.error(f"--{name} must be a positive number, got {getattr(args, name)}")
-    if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
-        parser.error(f"--seeds must be distinct ints >= 0, got {args.seeds}")
+    if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        parser.error(f"--seeds must be at least 2 distinct ints >= 0 (confidence intervals need them), got "
+                     f"{args.seeds}")
     for flag, names, known in (("--variants", args.variants, VARIANTS), ("--tasks", args.tasks, TASKS),
                                ("--efficiency_variants", args.efficiency_variants, VARIANTS)):
         unknown = [name for name in names if name not in known]
@@ -359,19 +362,37 @@ def run_variant(name: str, fields: dict, pretrain_rows: list, tasks: dict, proce
 # --------------------------------------------------------------------------------------------------------------
 
 
-def mean_std(values: list[float]) -> dict:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return {"mean": float(np.mean(values)), "std": float(statistics.stdev(values)) if len(values) > 1 else 0.0}
+def interval(values: list[float]) -> dict:
+    """Mean, sample standard deviation and the half-width of the 95 % confidence interval of the mean (Student's t
+    over the seeds)."""
+    from scipy.stats import t as student_t
+
+    values = np.asarray(values, dtype=np.float64)
+    count = len(values)
+    std = float(values.std(ddof=1)) if count > 1 else 0.0
+    half_width = float(student_t.ppf(0.975, count - 1) * std / math.sqrt(count)) if count > 1 else float("nan")
+    return {"mean": float(values.mean()), "std": std, "ci95": half_width, "n": count}
 
 
 def summarise(runs: list[dict], tasks: list[str]) -> dict:
-    summary = {task: mean_std([run["scores"][task] for run in runs]) for task in tasks}
-    summary["mean"] = mean_std([run["mean_score"] for run in runs])
+    summary = {task: interval([run["scores"][task] for run in runs]) for task in tasks}
+    summary["mean"] = interval([run["mean_score"] for run in runs])
     return summary
 
 
-def _cell(stats: dict) -> str:
-    return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
+def paired_differences(runs: list[dict], reference: list[dict], tasks: list[str]) -> dict:
+    """Seed-by-seed differences `run - reference` (same seeds, same order) per task and for the mean score."""
+    if [run["seed"] for run in runs] != [run["seed"] for run in reference]:
+        raise ValueError("paired differences need the same seeds in the same order")
+    differences = {task: interval([run["scores"][task] - ref["scores"][task] for run, ref in zip(runs, reference)])
+                   for task in tasks}
+    differences["mean"] = interval([run["mean_score"] - ref["mean_score"] for run, ref in zip(runs, reference)])
+    return differences
+
+
+def _cell(stats: dict, signed: bool = False) -> str:
+    mean = f"{100 * stats['mean']:+.1f}" if signed else f"{100 * stats['mean']:.1f}"
+    return f"{mean} ± {100 * stats['ci95']:.1f}"
 
 
 def ablation_table(results: dict) -> str:
@@ -384,14 +405,56 @@ def ablation_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def difference_table(results: dict) -> str:
+    """Each variant minus full CMAL, paired by seed (positive: the variant scores higher)."""
+    tasks = results["tasks"]
+    lines = ["| variant − full CMAL | " + " | ".join(TASK_LABELS[task] for task in tasks) + " | mean |",
+             "|" + "---|" * (len(tasks) + 2)]
+    for name, variant in results["variants"].items():
+        if "difference_to_cmal" in variant:
+            cells = [_cell(variant["difference_to_cmal"][key], signed=True) for key in [*tasks, "mean"]]
+            lines.append(f"| {VARIANTS[name].label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def efficiency_table(results: dict) -> str:
     curves = results["data_efficiency"]
-    sizes = next(iter(curves.values()))["pretrain_rows"]
-    lines = ["| variant | " + " | ".join(f"{size} captions" if size else "no pre-training" for size in sizes) + " |",
+    first = next(iter(curves.values()))
+    sizes, fractions = first["pretrain_rows"], first["fractions"]
+    lines = ["| variant | " + " | ".join(f"{fraction:.0%} ({size} captions)" if size else "no pre-training"
+                                         for size, fraction in zip(sizes, fractions)) + " |",
              "|" + "---|" * (len(sizes) + 1)]
     for name, curve in curves.items():
         lines.append(f"| {VARIANTS[name].label} | " + " | ".join(_cell(point) for point in curve["summary"]) + " |")
     return "\n".join(lines)
+
+
+def fraction_reaching(curve: dict, target: float) -> float | None:
+    """The smallest share of the pre-training corpus at which `curve`'s mean score reaches `target`, linearly
+    interpolated between the measured shares; None when no measured share reaches it."""
+    fractions = curve["fractions"]
+    means = [point["mean"] for point in curve["summary"]]
+    for index, (fraction, mean) in enumerate(zip(fractions, means)):
+        if mean >= target:
+            if index == 0:
+                return fraction
+            previous_fraction, previous_mean = fractions[index - 1], means[index - 1]
+            return previous_fraction + (target - previous_mean) / (mean - previous_mean) * (fraction - previous_fraction)
+    return None
+
+
+def efficiency_finding(results: dict) -> str | None:
+    curves = results["data_efficiency"]
+    if "cmal" not in curves or "contrastive" not in curves:
+        return None
+    target = curves["contrastive"]["summary"][-1]["mean"]
+    fraction = fraction_reaching(curves["cmal"], target)
+    if fraction is None:
+        return (f"CMAL does not reach the contrastive baseline's full-data mean score ({100 * target:.1f} %) at any "
+                "measured share of the pre-training corpus.")
+    return (f"CMAL reaches the contrastive baseline's full-data mean score ({100 * target:.1f} %) at "
+            f"{fraction:.0%} of the pre-training corpus (linear interpolation between the measured shares; "
+            "compare the confidence intervals above before reading much into it).")
 
 
 def write_markdown(results: dict, output_dir: Path) -> None:
@@ -399,20 +462,24 @@ def write_markdown(results: dict, output_dir: Path) -> None:
     setting_line = (f"Preset `{settings['preset']}`: model `{settings['model_config']}`, "
                     f"{results['corpus_scenes']} synthetic scenes ({results['pretrain_rows']} pre-training "
                     f"captions), {settings['pretrain_steps']} pre-training steps, {settings['finetune_steps']} "
-                    f"fine-tuning steps per task, batch {settings['batch_size']}, seeds {settings['seeds']}.")
+                    f"fine-tuning steps per task, batch {settings['batch_size']}, seeds {settings['seeds']}, "
+                    f"{'the whole validation split' if settings['max_eval_samples'] is None else str(settings['max_eval_samples']) + ' validation rows'} per task.")
     metric_line = ("Validation scores in % (VQA: VQA accuracy; NLVR2, SNLI-VE: accuracy; RefCOCO+: accuracy at "
-                   "IoU ≥ 0.5), mean ± sample standard deviation over the seeds.")
+                   "IoU ≥ 0.5): mean ± half-width of the 95 % confidence interval over the seeds (Student's t).")
     (output_dir / "ablation.md").write_text(
         "# CMAL ablation on the synthetic world\n\n" + setting_line + " " + metric_line + "\n\n"
         + ablation_table(results) + "\n\n"
+        + "Paired by seed (the same seeds, data and batch order for every variant), in points:\n\n"
+        + difference_table(results) + "\n\n"
         + "\n".join(f"- **{VARIANTS[name].label}** (`{name}`): {VARIANTS[name].description}"
                     for name in results["variants"]) + "\n")
     if results.get("data_efficiency"):
+        finding = efficiency_finding(results)
         (output_dir / "data_efficiency.md").write_text(
             "# Data efficiency: downstream score against pre-training corpus size\n\n" + setting_line
             + " Pre-training corpora are nested subsets of the pre-training split, always with the same number of "
-            "steps. Mean of the task scores in %, mean ± sample standard deviation over the seeds.\n\n"
-            + efficiency_table(results) + "\n")
+            "steps. Mean of the task scores in %, mean ± half-width of the 95 % confidence interval over the "
+            "seeds.\n\n" + efficiency_table(results) + "\n" + (f"\n{finding}\n" if finding else ""))
 
 
 def write_charts(results: dict, output_dir: Path) -> None:
@@ -431,11 +498,11 @@ def write_charts(results: dict, output_dir: Path) -> None:
         summary = results["variants"][name]["summary"]
         axis.bar(positions + (index - (len(names) - 1) / 2) * width,
                  [100 * summary[group]["mean"] for group in groups], width,
-                 yerr=[100 * summary[group]["std"] for group in groups], capsize=2, label=VARIANTS[name].label)
+                 yerr=[100 * summary[group]["ci95"] for group in groups], capsize=2, label=VARIANTS[name].label)
     axis.set_xticks(positions, [TASK_LABELS.get(group, "mean") for group in groups])
     axis.set_ylabel("validation score (%)")
     axis.set_ylim(bottom=0)
-    axis.set_title(f"CMAL ablation ({len(results['settings']['seeds'])} seeds, mean ± std)")
+    axis.set_title(f"CMAL ablation ({len(results['settings']['seeds'])} seeds, mean and 95 % CI)")
     axis.legend(fontsize=8, ncol=2)
     figure.tight_layout()
     figure.savefig(output_dir / "ablation.png", dpi=120)
@@ -451,9 +518,9 @@ def write_charts(results: dict, output_dir: Path) -> None:
             if group == "mean":
                 points = curve["summary"]
             else:
-                points = [mean_std([run["scores"][group] for run in runs]) for runs in curve["runs"]]
+                points = [interval([run["scores"][group] for run in runs]) for runs in curve["runs"]]
             means = np.asarray([100 * point["mean"] for point in points])
-            stds = np.asarray([100 * point["std"] for point in points])
+            stds = np.asarray([100 * point["ci95"] for point in points])
             # Sizes span orders of magnitude and start at 0 (no pre-training): evenly spaced, labelled by size.
             axis.errorbar(np.arange(len(sizes)), means, yerr=stds, marker="o", capsize=3, label=VARIANTS[name].label)
             axis.set_xticks(np.arange(len(sizes)), [str(size) for size in sizes])
@@ -546,19 +613,30 @@ def main(argv=None) -> dict:
         results["variants"][name] = {"label": VARIANTS[name].label, "description": VARIANTS[name].description,
                                      "config": variant_fields(name, fields), "runs": runs,
                                      "summary": summarise(runs, args.tasks)}
+    if "cmal" in args.variants:
+        reference = results["variants"]["cmal"]["runs"]
+        for name in args.variants:
+            if name != "cmal":
+                results["variants"][name]["difference_to_cmal"] = paired_differences(
+                    results["variants"][name]["runs"], reference, args.tasks)
     for name in args.efficiency_variants:
         point_runs = [[cache[(name, size, seed)] for seed in args.seeds] for size in subset_sizes]
         results["data_efficiency"][name] = {
             "fractions": args.data_fractions, "pretrain_rows": subset_sizes, "runs": point_runs,
-            "summary": [mean_std([run["mean_score"] for run in runs]) for runs in point_runs]}
+            "summary": [interval([run["mean_score"] for run in runs]) for runs in point_runs]}
     results["seconds"] = round(time.perf_counter() - started, 1)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     write_markdown(results, output_dir)
     write_charts(results, output_dir)
     print(ablation_table(results))
+    if "cmal" in args.variants and len(args.variants) > 1:
+        print(difference_table(results))
     written = "results.json, ablation.md, ablation.png"
     if results["data_efficiency"]:
         print(efficiency_table(results))
+        finding = efficiency_finding(results)
+        if finding:
+            print(finding)
         written += ", data_efficiency.md, data_efficiency.png"
     print(f"Wrote {written} to {output_dir} in {results['seconds']:.0f} s")
     return results

@@ -172,11 +172,25 @@ def _actions(batch) -> set[int]:
 
 def test_full_cmal_fills_and_trains_every_head(ablation, variant_setup):
     model, batch, outputs = _pretraining_step(ablation, variant_setup, "cmal")
-    assert {1, 2} <= _actions(batch)
+    assert {1, 2, 4, 5} <= _actions(batch)
     assert outputs.amc_loss is not None and outputs.itc_loss is None and model.itc_head is None
-    assert all(parameter.grad is not None for parameter in model.amc_head.parameters())
+    assert outputs.amc_pairing_loss is not None
+    for head in (model.amc_head, model.amc_pairing_head):
+        assert all(parameter.grad is not None for parameter in head.parameters())
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(outputs.text_embeds.norm(dim=-1)[real], torch.ones(int(real.sum())))
+
+
+def test_confidence_intervals_and_the_share_that_reaches_a_score(ablation):
+    stats = ablation.interval([0.5, 0.6, 0.7])
+    # mean 0.6, sample std 0.1, t(0.975, 2) = 4.303: half-width 4.303 * 0.1 / sqrt(3)
+    assert stats["mean"] == pytest.approx(0.6) and stats["std"] == pytest.approx(0.1)
+    assert stats["ci95"] == pytest.approx(4.302653 * 0.1 / 3 ** 0.5, rel=1e-5)
+    curve = {"fractions": [0.0, 0.1, 0.3, 1.0],
+             "summary": [{"mean": value} for value in (0.40, 0.44, 0.52, 0.56)]}
+    assert ablation.fraction_reaching(curve, 0.48) == pytest.approx(0.2)
+    assert ablation.fraction_reaching(curve, 0.40) == 0.0
+    assert ablation.fraction_reaching(curve, 0.60) is None
 
 
 def test_without_amc_the_amc_head_gets_no_gradient(ablation, variant_setup):
@@ -185,23 +199,17 @@ def test_without_amc_the_amc_head_gets_no_gradient(ablation, variant_setup):
     assert outputs.amc_loss is None and outputs.amc_logits is None
     torch.testing.assert_close(outputs.loss, outputs.mlm_loss + outputs.itm_loss)
     assert all(parameter.grad is None for parameter in model.amc_head.parameters())
-    assert {1, 2} <= _actions(batch), "without AMC the anchors are still filled"
+    assert {1, 2, 4, 5} <= _actions(batch), "without AMC the anchors are still filled and masked"
 
 
-def test_masking_variant_never_fills(ablation, variant_setup):
+def test_without_filling_no_anchor_is_filled(ablation, variant_setup):
     _, fields, _ = variant_setup
-    _, batch, outputs = _pretraining_step(ablation, variant_setup, "masking")
-    assert _actions(batch) == {0, 3}
-    masking, full = (CmalConfig(**ablation.variant_fields(name, fields)) for name in ("masking", "cmal"))
-    assert masking.anchor_keep_rate == pytest.approx(full.anchor_keep_rate)
+    _, batch, outputs = _pretraining_step(ablation, variant_setup, "no_filling")
+    assert _actions(batch) <= {0, 4, 5} and {4, 5} <= _actions(batch)
+    no_filling, full = (CmalConfig(**ablation.variant_fields(name, fields)) for name in ("no_filling", "cmal"))
+    assert no_filling.anchor_keep_rate == pytest.approx(
+        full.anchor_keep_rate + full.anchor_fill_text_rate + full.anchor_fill_region_rate)
     assert outputs.amc_loss is not None
-
-
-def test_without_hypersphere_the_embeddings_are_not_unit_norm(ablation, variant_setup):
-    model, batch, outputs = _pretraining_step(ablation, variant_setup, "no_hypersphere")
-    assert model.config.use_hypersphere_normalization is False
-    norms = outputs.text_embeds.norm(dim=-1)[batch["attention_mask"].bool()]
-    assert not torch.allclose(norms, torch.ones_like(norms))
 
 
 def test_single_stream_has_no_unimodal_encoder_layers(ablation, variant_setup):
@@ -237,11 +245,11 @@ def test_variants_differ_from_full_cmal_only_where_intended(ablation, variant_se
         changed[name] = {key for key in full if variant[key] != full[key]}
     assert changed["cmal"] == set() and changed["no_pretraining"] == set()
     assert changed["no_amc"] == {"amc_loss_weight"}
-    assert changed["masking"] == {"anchor_fill_text_rate", "anchor_fill_region_rate", "anchor_mask_both_rate"}
-    assert changed["no_hypersphere"] == {"use_hypersphere_normalization"}
+    assert changed["no_filling"] == {"anchor_fill_text_rate", "anchor_fill_region_rate"}
     assert changed["single_stream"] == {"num_text_layers", "num_visual_layers", "num_unified_layers"}
+    # (anchor_mask_both_rate is 0 in full CMAL already)
     assert changed["contrastive"] == {"amc_loss_weight", "itc_loss_weight", "anchor_fill_text_rate",
-                                      "anchor_fill_region_rate", "anchor_mask_both_rate"}
+                                      "anchor_fill_region_rate", "anchor_mask_text_rate", "anchor_mask_region_rate"}
     with pytest.raises(ValueError, match="variant must be one of"):
         ablation.variant_fields("no_such_variant", fields)
 
@@ -283,8 +291,7 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((tmp_path / "results.json").read_text())
     variants = results["variants"]
-    assert list(variants) == ["cmal", "no_amc", "masking", "no_hypersphere", "single_stream", "contrastive",
-                              "no_pretraining"]
+    assert list(variants) == ["cmal", "no_amc", "no_filling", "single_stream", "contrastive", "no_pretraining"]
     seeds = results["settings"]["seeds"]
     for name, variant in variants.items():
         assert [run["seed"] for run in variant["runs"]] == seeds
@@ -296,6 +303,15 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert "amc_loss" not in variants["no_amc"]["runs"][0]["pretrain_losses"]
     table = (tmp_path / "ablation.md").read_text()
     assert "| CMAL (full) |" in table and "±" in table and "| contrastive (ITC + MLM + ITM) |" in table
+    assert "95 % confidence interval" in table and "variant − full CMAL" in table
+    # Paired differences: seed by seed against full CMAL, with their own interval.
+    for name, variant in variants.items():
+        if name != "cmal":
+            difference = variant["difference_to_cmal"]["mean"]
+            expected = [run["mean_score"] - ref["mean_score"]
+                        for run, ref in zip(variant["runs"], variants["cmal"]["runs"])]
+            assert difference["mean"] == pytest.approx(sum(expected) / len(expected))
+            assert difference["n"] == len(seeds) and difference["ci95"] >= 0
     curves = results["data_efficiency"]
     assert set(curves) == {"cmal", "contrastive"}
     for curve in curves.values():
