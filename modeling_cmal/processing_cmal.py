@@ -156,7 +156,7 @@ class CmalProcessor(ProcessorMixin):
     # ----------------------------------------------------------------------------------------------------------
 
     def __call__(self, text=None, regions=None, images=None, *, padding=True, truncation=True, max_length=None,
-                 return_tensors=None, anchor_action="keep") -> BatchFeature:
+                 return_tensors=None, anchor_action=None) -> BatchFeature:
         r"""
         Args:
             text (`str` or list of `str`): one caption per image; `""` gives `[CLS] [SEP]`.
@@ -173,10 +173,10 @@ class CmalProcessor(ProcessorMixin):
                 anchor rows of the batch.
             return_tensors (`None`, `"np"` or `"pt"`): `"pt"` torch tensors, `"np"` numpy arrays; `None` python
                 lists as the tokenizer gives them, except `visual_feats` and `visual_pos`, numpy float32 arrays.
-            anchor_action (`str` or `int`): the action of every anchor, one of `keep`, `fill_text`,
-                `fill_region`, `mask_both`, `mask_text`, `mask_region` (or 0-5); the pre-training collator samples
-                them instead, and the task collators leave them out (the model applies
-                `config.default_anchor_action`).
+            anchor_action (`str` or `int`, *optional*): give every anchor this action (`keep`, `fill_text`,
+                `fill_region`, `mask_both`, `mask_text`, `mask_region`, or 0-5) in `anchor_actions`. By default
+                there is no `anchor_actions` output, and the model applies `config.default_anchor_action`: the
+                one policy of fine-tuning and inference (the pre-training collator draws actions itself).
 
         Returns:
             `BatchFeature` with `input_ids`, `token_type_ids`, `attention_mask` `[B, N]` (when text is given);
@@ -193,7 +193,7 @@ class CmalProcessor(ProcessorMixin):
         """
         if return_tensors not in RETURN_TENSORS:
             raise ValueError(f"return_tensors must be one of {RETURN_TENSORS}, got {_shorten(return_tensors)}")
-        action = self._action_code(anchor_action)
+        action = None if anchor_action is None else self._action_code(anchor_action)
         if text is None and regions is None and images is None:
             raise ValueError("give text=, regions= (or images=), or both")
         texts = self._checked_texts(text) if text is not None else None
@@ -438,7 +438,8 @@ class CmalProcessor(ProcessorMixin):
         return rows
 
     @staticmethod
-    def _stack_anchors(rows: list[list[tuple[int, int, int]]], action: int) -> dict[str, np.ndarray]:
+    def _stack_anchors(rows: list[list[tuple[int, int, int]]], action: int | None) -> dict[str, np.ndarray]:
+        """Anchor rows padded to the batch's most; `anchor_actions` only when an action was asked for."""
         num_rows = max(len(sample_rows) for sample_rows in rows)
         anchor_pairs = np.full((len(rows), num_rows, 2), -1, dtype=np.int64)
         anchor_concept_ids = np.full((len(rows), num_rows), -1, dtype=np.int64)
@@ -448,9 +449,11 @@ class CmalProcessor(ProcessorMixin):
                 table = np.asarray(sample_rows, dtype=np.int64)
                 anchor_pairs[index, : len(table)] = table[:, :2]
                 anchor_concept_ids[index, : len(table)] = table[:, 2]
-                anchor_actions[index, : len(table)] = action
-        return {"anchor_pairs": anchor_pairs, "anchor_concept_ids": anchor_concept_ids,
-                "anchor_actions": anchor_actions}
+                anchor_actions[index, : len(table)] = action or 0
+        stacked = {"anchor_pairs": anchor_pairs, "anchor_concept_ids": anchor_concept_ids}
+        if action is not None:
+            stacked["anchor_actions"] = anchor_actions
+        return stacked
 
     @staticmethod
     def _convert(data: dict, return_tensors: str | None) -> dict:

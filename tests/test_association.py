@@ -46,7 +46,7 @@ def _probe_features(model, processor, rows) -> tuple[np.ndarray, np.ndarray]:
                                          "tags": list(row["tags"]), "scores": row["scores"]} for row in chunk],
                                return_tensors="pt"))
         # The model's one anchor policy (config.default_anchor_action), as at fine-tuning and inference.
-        batch.pop("anchor_actions")
+        batch.pop("anchor_actions", None)
         batch.pop("anchor_concept_ids")
         states = model.cmal(**batch).last_hidden_state
         for index, row in enumerate(chunk):

@@ -88,7 +88,8 @@ def test_real_photo_coffee_anchors_every_piece_of_cup_saucer_spoon(processor, se
         ("##r", 1, lexicon.concept_id("saucer")),
         ("spoon", 2, lexicon.concept_id("spoon")),
     ]
-    assert outputs["anchor_actions"].tolist() == [[0, 0, 0, 0]]
+    # No actions unless asked for: the model applies its config's one policy (default_anchor_action).
+    assert "anchor_actions" not in outputs
     width, height = regions["image_size"]
     expected_pos = torch.tensor(regions["boxes"], dtype=torch.float32) / torch.tensor([width, height, width, height])
     torch.testing.assert_close(outputs["visual_pos"][0], expected_pos)
@@ -140,7 +141,7 @@ def test_repeated_words_pair_one_to_one_by_score(processor):
 def test_no_anchor_gives_k_zero(processor):
     outputs = processor(text="a photo of the blue sky", regions=regions_for(["dog", "car"]), return_tensors="pt")
     assert outputs["anchor_pairs"].shape == (1, 0, 2)
-    assert outputs["anchor_concept_ids"].shape == outputs["anchor_actions"].shape == (1, 0)
+    assert outputs["anchor_concept_ids"].shape == (1, 0)
     assert outputs["anchor_pairs"].dtype == torch.long
     no_tags = processor(text="a dog", regions={"features": np.ones((1, 4)), "boxes": [[0, 0, 1, 1]]})
     assert no_tags["anchor_pairs"] == [[]]
@@ -175,11 +176,12 @@ def test_truncated_words_get_no_anchor(bert_dir):
 
 def test_anchor_action_is_given_to_every_anchor_row(processor):
     regions = regions_for(["cup", "saucer"])
-    for action, code in (("fill_text", 1), ("fill_region", 2), ("mask_both", 3), (2, 2)):
+    for action, code in (("keep", 0), ("fill_text", 1), ("fill_region", 2), ("mask_both", 3), ("mask_text", 4),
+                         ("mask_region", 5), (2, 2)):
         outputs = processor(text=["a cup on a saucer", "a cup"], regions=[regions, regions], anchor_action=action,
                             return_tensors="pt")
         assert outputs["anchor_actions"].tolist() == [[code, code, code], [code, 0, 0]]
-    for bad in ("fill", 4, -1, True, None):
+    for bad in ("fill", 6, -1, True):
         with pytest.raises(ValueError, match="anchor_action"):
             processor(text="a cup", regions=regions, anchor_action=bad)
 
@@ -546,7 +548,7 @@ def test_any_input_gives_valid_tensors_or_value_error(tokenizer, call):
     assert (tensors["visual_pos"][..., 2:] >= tensors["visual_pos"][..., :2]).all()
     assert set(tensors["visual_attention_mask"].unique().tolist()) <= {0, 1}
     pairs = tensors["anchor_pairs"].reshape(batch_size, -1, 2)  # lists of K = 0 rows lose their last axis
-    assert pairs.shape[:2] == tensors["anchor_concept_ids"].shape == tensors["anchor_actions"].shape
+    assert pairs.shape[:2] == tensors["anchor_concept_ids"].shape and "anchor_actions" not in tensors
     real = pairs[..., 0] >= 0
     assert ((pairs[..., 0] < text_length) & (pairs[..., 1] >= 0) & (pairs[..., 1] < num_regions))[real].all()
     assert (tensors["anchor_concept_ids"][real] >= 0).all() and (tensors["anchor_concept_ids"][~real] == -1).all()
