@@ -1,6 +1,6 @@
 """CMAL quickstart — the project's main job, on the embedded synthetic world (no downloads, a laptop CPU).
 
-    python examples/quickstart.py                     # about 9 minutes on an idle 2-core CPU (measured)
+    python examples/quickstart.py                     # 13 minutes on an idle 2-core CPU (measured: 803 s)
     python examples/quickstart.py --preset smoke      # a few minutes: the same steps, tiny sizes
 
 Steps: build a synthetic corpus (scenes of coloured shapes with captions and the four downstream tasks) →
