@@ -858,10 +858,11 @@ class CmalAnchorPairingHead(nn.Module):
 def anchor_targets(anchor_pairs, anchor_actions, anchor_concept_ids, text_length):
     """Where AMC classifies and what: one slot per anchor row, laid out like the rows (a fixed shape).
 
-    An anchor has an AMC target when its own content was masked while its partner stayed in place, in its own
-    modality and slot: *mask text* (the word is masked, the region it names is intact; the target sits at the
-    word's first piece) and *mask region* (the region is masked, its box stays, the word that names it is intact;
-    the target sits at the region slot). The concept can then be read only through the other modality, found
+    An anchor has an AMC target when its own content was hidden at the encoder's input (by the pre-training
+    collator) while its partner stayed in place, in its own modality and slot: *mask text* (the word's pieces are
+    [MASK], the region it names is intact; the target sits at the word's first piece) and *mask region* (the
+    region's features are zeros, its box stays, the word that names it is intact; the target sits at the region
+    slot). The concept can then be read only through the other modality, found
     from the context; never from the slot's own content, and never by matching a box (no content moved). Filled
     anchors carry no AMC target: their slot holds the partner's own state, from which the concept is a copy.
 

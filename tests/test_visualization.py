@@ -165,7 +165,6 @@ def test_regions_beyond_max_regions_keep_their_tags(visualize_attention, trained
 
 def test_tsne_points_lie_on_the_two_hyperspheres(tsne, trained_folder):
     model, processor = tsne.load_model_and_processor(str(trained_folder))
-    assert model.config.use_hypersphere_normalization
     examples = tsne.synthetic_examples(8, FEATURE_DIM, seed=0)
     points, concepts, is_word = tsne.anchor_embeddings(model, processor, examples, batch_size=3)
     assert points.shape == (len(concepts), model.config.hidden_size) and is_word.sum() == (~is_word).sum()
