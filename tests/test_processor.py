@@ -354,7 +354,10 @@ def test_return_tensors_variants_hold_the_same_values(processor):
     as_torch = processor(text=texts, regions=regions, return_tensors="pt")
     as_numpy = processor(text=texts, regions=regions, return_tensors="np")
     as_lists = processor(text=texts, regions=regions)
-    assert list(as_torch) == list(as_numpy) == list(as_lists) == processor.model_input_names
+    # Everything the model takes but anchor_actions, which the processor gives only when asked for (anchor_action=).
+    expected = [name for name in processor.model_input_names if name != "anchor_actions"]
+    assert list(as_torch) == list(as_numpy) == list(as_lists) == expected
+    assert list(processor(text=texts, regions=regions, anchor_action="keep")) == processor.model_input_names
     for name, value in as_torch.items():
         assert isinstance(value, torch.Tensor)
         assert value.dtype == (torch.float32 if name in ("visual_feats", "visual_pos") else torch.long), name
