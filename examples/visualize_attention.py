@@ -11,7 +11,7 @@ with the share of the word's attention that the region receives; the anchor's ow
 
 Images: `--image synthetic` (default) renders a scene of the synthetic world (`processing.synthetic`) with exact
 boxes and tags; `--image coffee` uses scikit-image's public-domain photo `skimage.data.coffee()` with the
-hand-written caption, boxes and tags of `../shared/data/real_image_seeds.json`. Region features come from the
+hand-written caption, boxes and tags of `examples/data/real_image_seeds.json`. Region features come from the
 pixels inside each box (`processing.synthetic.region_features_from_pixels`), the detector-free featuriser the
 synthetic world uses, so the model must have been trained on such features (`visual_feat_dim` must match).
 """
@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from modeling_cmal import CmalModel  # noqa: E402
 from modeling_cmal.processing_cmal import CmalProcessor  # noqa: E402
 
-REAL_IMAGE_SEEDS = REPO_ROOT.parent / "shared" / "data" / "real_image_seeds.json"
+REAL_IMAGE_SEEDS = REPO_ROOT / "examples" / "data" / "real_image_seeds.json"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--caption must not be empty")
     if args.image == "coffee" and not Path(args.real_image_seeds).is_file():
         parser.error(f"--real_image_seeds {args.real_image_seeds!r} is not a file (the annotations of the photos, "
-                     "../shared/data/real_image_seeds.json beside the repository)")
+                     "examples/data/real_image_seeds.json of the repository)")
     return args
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from datasets import Dataset, concatenate_datasets
 
+from .refcoco import box_iou
+
 # The columns that describe an image in every task schema (`processing/schema.py`); NLVR2 has them once per image,
 # with the suffixes `_0` and `_1`.
 IMAGE_COLUMNS = ("image_id", "image_width", "image_height", "visual_feats", "visual_pos", "tags", "scores")
@@ -36,15 +38,6 @@ def _partner_rows(image_ids: list[str], rng: np.random.Generator) -> np.ndarray:
     return np.asarray([first_row[partner[image_id]] for image_id in image_ids], dtype=np.int64)
 
 
-def _box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
-    x1, y1 = np.maximum(boxes[:, 0], box[0]), np.maximum(boxes[:, 1], box[1])
-    x2, y2 = np.minimum(boxes[:, 2], box[2]), np.minimum(boxes[:, 3], box[3])
-    intersection = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    union = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) + (box[2] - box[0]) * (box[3] - box[1])
-    union = union - intersection
-    return np.where(union > 0, intersection / np.maximum(union, 1e-12), 0.0)
-
-
 def images_shuffled(dataset: Dataset, seed: int = 0) -> Dataset:
     """`dataset` with every row's image columns (regions, boxes, tags, scores, ids, sizes) replaced by those of a
     row of another image; text and labels stay. Each image column set (`_0`, `_1` for NLVR2) is shuffled on its
@@ -68,9 +61,8 @@ def images_shuffled(dataset: Dataset, seed: int = 0) -> Dataset:
         shuffled = concatenate_datasets([shuffled.remove_columns(columns), source], axis=1)
     if "target_box" in shuffled.column_names and "region_ious" in shuffled.column_names:
         def relabel(row):
-            ious = _box_iou(np.asarray(row["visual_pos"], dtype=np.float64).reshape(-1, 4),
-                            np.asarray(row["target_box"], dtype=np.float64))
-            return {"region_ious": ious.astype(np.float32).tolist(), "label": int(np.argmax(ious)) if len(ious) else 0}
+            ious = box_iou(np.asarray(row["visual_pos"]).reshape(-1, 4), row["target_box"])
+            return {"region_ious": ious.tolist(), "label": int(np.argmax(ious)) if len(ious) else 0}
 
         shuffled = shuffled.map(relabel, desc="referred boxes against the new regions")
     return shuffled.select_columns(dataset.column_names)

@@ -17,7 +17,7 @@ TEST_DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_data_dir() -> pathlib.Path:
+def test_data_dir() -> pathlib.Path:
     """The test data carried by the repository (`tests/data/`), so that a clone with nothing beside it tests itself.
 
     `real_image_seeds.json`: hand-written annotations of public-domain photos shipped by scikit-image.

@@ -452,8 +452,8 @@ def test_scores_from_arrays():
     assert find_anchors(["cup"], ["cup", "cup"], lexicon, list(scores)) == [AnchorMatch(0, 1, 1, 0)]
 
 
-def test_real_image_captions(shared_data_dir):
-    seeds = json.loads((shared_data_dir / "real_image_seeds.json").read_text())
+def test_real_image_captions(test_data_dir):
+    seeds = json.loads((test_data_dir / "real_image_seeds.json").read_text())
     tags = {image: [region["tag"] for region in regions] for image, regions in seeds["regions"].items()}
     found = {image: [anchored(caption, tags[image]) for caption in seeds["captions"][image]] for image in tags}
     assert found["coffee"] == [

@@ -26,19 +26,21 @@ REPO_ROOT = TESTS_DIR.parent
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_tests_carry_their_own_data(shared_data_dir):
-    assert shared_data_dir == TESTS_DIR / "data"
-    seeds = json.loads((shared_data_dir / "real_image_seeds.json").read_text())
+def test_tests_carry_their_own_data(test_data_dir):
+    assert test_data_dir == TESTS_DIR / "data"
+    seeds = json.loads((test_data_dir / "real_image_seeds.json").read_text())
     assert {"astronaut", "chelsea", "coffee"} <= set(seeds["images"])
-    vocab = shared_data_dir / "vg_objects_vocab.txt"
+    vocab = test_data_dir / "vg_objects_vocab.txt"
     # one copy of the Visual Genome list: the test data links to the one the package ships
     assert vocab.resolve() == (REPO_ROOT / "modeling_cmal" / "data" / "vg_objects_vocab.txt").resolve()
     assert len(vocab.read_text().splitlines()) == 1600
 
 
-def test_no_test_reads_the_shared_folder_beside_the_repository():
+def test_no_test_or_program_reads_the_shared_folder_beside_the_repository():
+    """A user's clone has no ../shared: neither the tests nor the example programs may read it."""
     pattern = re.compile(r"""(\.\./shared|["']shared["']|SHARED_DIR)""")
-    offenders = [f"{path.name}:{number}" for path in sorted(TESTS_DIR.glob("*.py")) if path.name != Path(__file__).name
+    files = [*TESTS_DIR.glob("*.py"), *(TESTS_DIR.parent / "examples").glob("*.py")]
+    offenders = [f"{path.parent.name}/{path.name}:{number}" for path in sorted(files) if path.name != Path(__file__).name
                  for number, line in enumerate(path.read_text().splitlines(), start=1) if pattern.search(line)]
     assert offenders == []
 

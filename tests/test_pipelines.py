@@ -58,9 +58,9 @@ def make_model(task, processor, seed=0, **overrides):
 
 
 @pytest.fixture(scope="module")
-def photo_regions(shared_data_dir):
+def photo_regions(test_data_dir):
     """Hand-written boxes and tags of two real photos (pixels, with image_size), seeded random features."""
-    seeds = json.loads((shared_data_dir / "real_image_seeds.json").read_text())
+    seeds = json.loads((test_data_dir / "real_image_seeds.json").read_text())
     rng = np.random.default_rng(0)
     regions = {}
     for name in ("coffee", "astronaut"):

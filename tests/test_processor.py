@@ -27,8 +27,8 @@ def processor(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def seeds(shared_data_dir):
-    return json.loads((shared_data_dir / "real_image_seeds.json").read_text())
+def seeds(test_data_dir):
+    return json.loads((test_data_dir / "real_image_seeds.json").read_text())
 
 
 def photo_regions(seeds, name: str) -> dict:
@@ -265,8 +265,8 @@ def test_tag_ids_need_and_use_the_tag_vocabulary(tokenizer, processor):
         with_vocabulary(text=caption, regions=by_id)
 
 
-def test_tag_vocabulary_from_a_file(tokenizer, shared_data_dir):
-    processor = CmalProcessor(tokenizer=tokenizer, tag_vocabulary=shared_data_dir / "vg_objects_vocab.txt")
+def test_tag_vocabulary_from_a_file(tokenizer, test_data_dir):
+    processor = CmalProcessor(tokenizer=tokenizer, tag_vocabulary=test_data_dir / "vg_objects_vocab.txt")
     assert len(processor.tag_vocabulary) == 1600
     with pytest.raises(ValueError, match="tag_vocabulary"):
         CmalProcessor(tokenizer=tokenizer, tag_vocabulary=["cup", ""])

@@ -121,10 +121,10 @@ def test_tsne_figure_from_the_command_line(trained_folder, tmp_path):
     assert_png(output, min_width=400)
 
 
-def test_attention_figure_of_the_coffee_photo(visualize_attention, trained_folder, tmp_path, shared_data_dir):
+def test_attention_figure_of_the_coffee_photo(visualize_attention, trained_folder, tmp_path, test_data_dir):
     output = visualize_attention.main(["--model_name_or_path", str(trained_folder), "--output",
                                        str(tmp_path / "coffee.png"), "--image", "coffee", "--real_image_seeds",
-                                       str(shared_data_dir / "real_image_seeds.json")])
+                                       str(test_data_dir / "real_image_seeds.json")])
     assert_png(output, min_width=400)
 
 
