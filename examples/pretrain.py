@@ -89,6 +89,15 @@ def default_tokenizer_dir() -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _bool(text: str) -> bool:
+    """`true` / `false` (also yes / no, 1 / 0) as transformers' argument parser reads them."""
+    if text.lower() in ("true", "yes", "1"):
+        return True
+    if text.lower() in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data and model")
@@ -103,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max_text_length", type=int, default=40)
     data.add_argument("--max_regions", type=int, default=36)
     data.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training rows")
+    # Named and defaulted as in transformers.TrainingArguments.
+    data.add_argument("--dataloader_num_workers", type=int, default=0,
+                      help="worker processes that collate batches (0: in the main process)")
+    data.add_argument("--dataloader_pin_memory", type=_bool, nargs="?", const=True, default=True,
+                      help="pin batches in page-locked memory")
+    data.add_argument("--dataloader_persistent_workers", type=_bool, nargs="?", const=True, default=False,
+                      help="keep the workers alive between epochs (needs --dataloader_num_workers > 0)")
+    data.add_argument("--dataloader_prefetch_factor", type=int, default=None,
+                      help="batches each worker loads ahead (needs --dataloader_num_workers > 0)")
     train = parser.add_argument_group("optimisation")
     train.add_argument("--max_steps", type=int, default=1000, help="optimizer steps (sets the LR schedule)")
     train.add_argument("--stop_after_steps", type=int, default=None,
@@ -148,6 +166,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("max_train_samples", "stop_after_steps"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             refuse(name, "a positive integer")
+    if args.dataloader_num_workers < 0:
+        refuse("dataloader_num_workers", "an integer >= 0")
+    if args.dataloader_prefetch_factor is not None and args.dataloader_prefetch_factor <= 0:
+        refuse("dataloader_prefetch_factor", "a positive integer")
+    for name in ("dataloader_prefetch_factor", "dataloader_persistent_workers"):
+        if getattr(args, name) not in (None, False) and args.dataloader_num_workers == 0:
+            refuse(name, "left unset with --dataloader_num_workers 0 (it applies to worker processes)")
     if args.stop_after_steps is not None and args.stop_after_steps > args.max_steps:
         refuse("stop_after_steps", f"at most --max_steps ({args.max_steps})")
     if args.warmup_steps is not None and not 0 <= args.warmup_steps <= args.max_steps:
@@ -586,11 +611,15 @@ def main(argv=None) -> None:
     eval_collator = CmalPretrainingCollator(processor, config, seed=args.seed + 1)
     # Own generators: iterating a loader must not draw from the global torch RNG (dropout's), or a run resumed in
     # the middle of an epoch would see other dropout masks than the run that never stopped.
+    # The collator's draws depend only on its seed and the rows, so workers collate the batches the main process would.
+    loading = dict(num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+                   persistent_workers=args.dataloader_persistent_workers,
+                   prefetch_factor=args.dataloader_prefetch_factor)
     train_loader = DataLoader(train_split.with_format("numpy"), batch_size=args.per_device_batch_size, shuffle=True,
                               collate_fn=train_collator, drop_last=True,
-                              generator=torch.Generator().manual_seed(args.seed))
+                              generator=torch.Generator().manual_seed(args.seed), **loading)
     eval_loader = DataLoader(dataset["validation"].with_format("numpy"), batch_size=args.per_device_batch_size,
-                             collate_fn=eval_collator, generator=torch.Generator().manual_seed(args.seed))
+                             collate_fn=eval_collator, generator=torch.Generator().manual_seed(args.seed), **loading)
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, args.max_steps // 10)

@@ -118,19 +118,22 @@ def test_two_processes_match_one_process_with_accumulation(synthetic_corpus, syn
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("loading", [[], ["--dataloader_num_workers", "2", "--dataloader_persistent_workers",
+                                          "--dataloader_prefetch_factor", "2"]], ids=["in_process", "2_workers"])
 def test_stop_and_resume_reproduces_uninterrupted_run(synthetic_corpus, synthetic_corpus_info, processor_sizes,
-                                                      tmp_path):
+                                                      tmp_path, loading):
     """Stop after step 3 (`--stop_after_steps`, same `--max_steps`, so the same LR schedule), resume from `latest`:
     every loss and the final weights equal the uninterrupted run's. Dropout is on, so the torch RNG states must be
     restored; 48 rows at batch 8 make 6 steps an epoch, so the resumed run also crosses an epoch boundary (seeded
-    sampler, `skip_first_batches`), and an evaluation (step 2, 4, ...) sits between checkpoint and resume."""
+    sampler, `skip_first_batches`), and an evaluation (step 2, 4, ...) sits between checkpoint and resume. With
+    DataLoader workers too: the collator's draws depend on its seed and the rows only, not on the process."""
     config = _config_file(tmp_path, synthetic_corpus_info, processor_sizes, hidden_dropout_prob=0.1,
                           attention_probs_dropout_prob=0.1)
     steps, stop_at = 8, 3
     common = _common(synthetic_corpus, tmp_path / "unused", config, steps)
     del common[common.index("--output_dir"):common.index("--output_dir") + 2]
     common += ["--per_device_batch_size", "8", "--checkpointing_steps", "2", "--eval_steps", "2",
-               "--max_train_samples", "48"]
+               "--max_train_samples", "48", *loading]
     full = tmp_path / "full"
     _run(["--output_dir", str(full)] + common)
 
@@ -280,6 +283,9 @@ def _refusal(pretrain_module, capsys, argv):
     ("--init_from_bert", "/no/such/bert", "--init_from_bert must be an existing folder, got '/no/such/bert'"),
     ("--resume_from_checkpoint", "/no/such/checkpoint",
      "--resume_from_checkpoint must be `latest` or a checkpoint folder, got '/no/such/checkpoint'"),
+    ("--dataloader_num_workers", "-1", "--dataloader_num_workers must be an integer >= 0, got -1"),
+    ("--dataloader_prefetch_factor", "2", "--dataloader_prefetch_factor must be left unset with "
+                                          "--dataloader_num_workers 0"),
     ("--mixed_precision", "fp8", "argument --mixed_precision: invalid choice: 'fp8'"),
     ("--max_steps", "ten", "argument --max_steps: invalid int value: 'ten'"),
 ])
