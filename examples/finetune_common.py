@@ -187,12 +187,31 @@ class FinetuneTask:
     image_suffixes: tuple[str, ...] = ("",)
     # Batch entries that only the metric reads; they are kept away from the model.
     metric_inputs: tuple[str, ...] = ()
+    # Columns the task reads besides the region columns of each image, and what builds a corpus that has them.
+    task_columns: tuple[str, ...] = ("text", "label")
+    corpus_name: str
+    build_command: str
+    synthetic_folder: str  # the task's folder in a corpus of `python -m processing.synthetic`
 
     def setup(self, dataset: DatasetDict, dataset_path: Path, processor: CmalProcessor) -> list[str] | None:
         """Called once, before the model is built: reads what the task needs beyond the rows and returns the class
         names for `config.id2label` (None when the head has no label vocabulary)."""
         feature = dataset["train"].features.get("label")
         return list(feature.names) if isinstance(feature, ClassLabel) else None
+
+    def check_columns(self, rows: Dataset, split: str, dataset_path: str) -> None:
+        """Refuses a split without the columns this task reads (e.g. a pre-training corpus given to the VQA script),
+        naming the corpus it expects and the command that builds one."""
+        region_columns = [f"{name}{suffix}" for suffix in self.image_suffixes
+                          for name in ("visual_feats", "visual_pos", "tags", "scores")]
+        missing = [name for name in [*self.task_columns, self.id_column, *region_columns] if name not in rows.features]
+        if missing:
+            raise SystemExit(
+                f"--dataset_path {dataset_path!r}: the {split!r} split has no column {', '.join(map(repr, missing))}; "
+                f"this script needs a {self.corpus_name} corpus (columns {', '.join(self.task_columns)}, "
+                f"{self.id_column} and the region columns), built by `{self.build_command}`, or the "
+                f"{self.synthetic_folder}/ folder of `python -m processing.synthetic --output DIR`"
+            )
 
     def labelled(self, rows: Dataset) -> np.ndarray:
         """Which rows have a label (a `ClassLabel` is -1 where the label is hidden)."""
@@ -283,6 +302,7 @@ def load_splits(task: FinetuneTask, data_args: DataArguments,
             raise SystemExit(f"{flag}: --dataset_path {str(path)!r} has no split {split!r} (its splits: "
                              f"{', '.join(dataset)})")
         rows = dataset[split]
+        task.check_columns(rows, split, str(path))
         if role != "predict":
             labelled = task.labelled(rows)
             if not labelled.all():

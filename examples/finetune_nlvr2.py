@@ -20,6 +20,9 @@ from modeling_cmal import CmalForVisualReasoning
 class Nlvr2Task(FinetuneTask):
     model_class = CmalForVisualReasoning
     id_column = "identifier"
+    corpus_name = "NLVR2"
+    build_command = "python -m processing build nlvr2 --annotations FILE ..."
+    synthetic_folder = "nlvr2"
     image_suffixes = ("_0", "_1")
 
 

@@ -28,6 +28,10 @@ class RefcocoTask(FinetuneTask):
     metric_name = "iou_accuracy"
     metric_names = ("iou_accuracy", "mean_iou")
     id_column = "ref_id"
+    task_columns = ("text", "label", "region_ious", "image_width", "image_height")
+    corpus_name = "RefCOCO+"
+    build_command = "python -m processing build refcoco --refs FILE ..."
+    synthetic_folder = "refcoco"
     metric_inputs = ("region_ious",)
     max_regions: int
 

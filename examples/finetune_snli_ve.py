@@ -17,6 +17,9 @@ from modeling_cmal import CmalForVisualEntailment
 class SnliVeTask(FinetuneTask):
     model_class = CmalForVisualEntailment
     id_column = "pair_id"
+    corpus_name = "SNLI-VE"
+    build_command = "python -m processing build snli_ve --annotations FILE ..."
+    synthetic_folder = "snli_ve"
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ class VqaTask(FinetuneTask):
     metric_name = "vqa_accuracy"
     metric_names = ("vqa_accuracy",)
     id_column = "question_id"
+    task_columns = ("text", "answer_ids", "answer_scores")
+    corpus_name = "VQA"
+    build_command = "python -m processing build vqa --questions FILE ..."
+    synthetic_folder = "vqa"
 
     num_answers: int
 

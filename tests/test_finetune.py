@@ -333,6 +333,25 @@ def test_invalid_arguments_stop_the_run_naming_flag_and_value(flags, message, re
         run_finetuning(SnliVeTask(), [*argv, *flags])
 
 
+@pytest.mark.parametrize("task_name", ["vqa", "nlvr2", "snli_ve", "refcoco"])
+def test_a_corpus_of_another_task_is_refused_naming_the_corpus_and_its_builder(task_name, synthetic_corpus, tmp_path):
+    """A pre-training corpus (or another task's) used to end in a raw `Column 'answer_ids' doesn't exist`."""
+    import importlib
+
+    from finetune_common import run_finetuning
+
+    class_names = {"vqa": "VqaTask", "nlvr2": "Nlvr2Task", "snli_ve": "SnliVeTask", "refcoco": "RefcocoTask"}
+    task = getattr(importlib.import_module(SCRIPTS[task_name].removesuffix(".py")), class_names[task_name])()
+    argv = ["--model_name_or_path", "tiny", "--dataset_path", str(synthetic_corpus / "pretrain"),
+            "--output_dir", str(tmp_path), "--report_to", "none"]
+    with pytest.raises(SystemExit) as raised:
+        run_finetuning(task, argv)
+    message = str(raised.value)
+    assert message.startswith(f"--dataset_path {str(synthetic_corpus / 'pretrain')!r}: the 'train' split has no column")
+    assert f"needs a {task.corpus_name} corpus" in message and f"python -m processing build {task_name}" in message
+    assert f"{task_name}/ folder of `python -m processing.synthetic" in message
+
+
 def test_argument_defaults_json_file_and_no_evaluation(tmp_path):
     from finetune_common import parse_arguments
     from finetune_refcoco import RefcocoTask
