@@ -286,7 +286,9 @@ class CmalPipeline(Pipeline):
         return regions
 
     def _encode(self, texts: list[str], regions: list[dict]) -> dict:
-        encoding = self.processor(text=texts, regions=regions, return_tensors="pt")
+        # Cut where the model's positions end (the processor warns, naming the pieces and anchors lost).
+        max_length = min(self.processor.tokenizer.model_max_length, self.model.config.max_position_embeddings)
+        encoding = self.processor(text=texts, regions=regions, max_length=max_length, return_tensors="pt")
         return {name: encoding[name] for name in MODEL_INPUT_NAMES if name in encoding}
 
     def _check_feature_width(self, model_inputs: dict, argument: str) -> None:

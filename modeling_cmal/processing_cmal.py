@@ -9,6 +9,7 @@ Remote code: this module imports only the standard library, numpy, torch, transf
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import BatchFeature
+from transformers import AutoTokenizer, BatchFeature, BertTokenizer
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import cached_file
 
@@ -25,6 +26,13 @@ from .configuration_cmal import ANCHOR_ACTIONS
 from .region_extraction import CmalRegionExtractor
 
 LEXICON_FILE = "concept_lexicon.json"
+# The bert-base-uncased WordPiece vocabulary (Apache-2.0; md5 64800d5d8528ce344256daf115d4965e), the default tokenizer.
+DEFAULT_VOCAB_FILE = Path(__file__).resolve().parent / "data" / "bert_base_uncased_vocab.txt"
+DEFAULT_MODEL_MAX_LENGTH = 512
+# A folder holds a tokenizer when it has one of these (fast serialisation, WordPiece/BPE vocabularies, sentencepiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
+PROCESSOR_FILES = ("processor_config.json", LEXICON_FILE)
 TEXT_INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
 VISUAL_INPUT_NAMES = ("visual_feats", "visual_pos", "visual_attention_mask")
 ANCHOR_INPUT_NAMES = ("anchor_pairs", "anchor_concept_ids", "anchor_actions")
@@ -32,8 +40,15 @@ REGION_KEYS = ("features", "boxes", "image_size", "tags", "scores", "image_id")
 RETURN_TENSORS = (None, "np", "pt")
 # Normalised boxes may stray this far outside [0, 1] (rounding of pixel boxes) before they count as an error.
 NORMALIZED_BOX_TOLERANCE = 1e-3
+# Pixel boxes may reach this far past the image edge (rounding) before clipping them is worth a warning.
+PIXEL_BOX_TOLERANCE = 0.5
+# A box reaching past the edge by more than this share of the side, while every box fits the swapped size, means
+# that image_size was given as (height, width).
+SWAPPED_SIZE_OVERSHOOT = 0.05
 # Keyword arguments of `from_pretrained` that the Hub file lookup takes.
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +60,8 @@ class _ImageRegions:
     boxes: np.ndarray
     tags: list[str] | None
     scores: list[float] | None
+    # Pixel boxes of the input that reached past the image edge and were clipped to it (before selection).
+    clipped_boxes: int = 0
 
     @property
     def num_regions(self) -> int:
@@ -70,14 +87,56 @@ def _number_array(value, name: str) -> np.ndarray:
     return array
 
 
+def default_tokenizer(model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> BertTokenizer:
+    """The fast bert-base-uncased tokenizer (lower-casing WordPiece, 30,522 pieces) from the vocabulary bundled
+    with the package (`modeling_cmal/data/bert_base_uncased_vocab.txt`), the tokenizer of CMAL's BERT-initialised
+    models. `model_max_length` is the longest caption in pieces, special tokens included (truncation cuts there)."""
+    if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length < 3:
+        raise ValueError(f"model_max_length must be an int >= 3 ([CLS], a piece, [SEP]), got {_shorten(model_max_length)}")
+    if not DEFAULT_VOCAB_FILE.is_file():
+        raise ValueError(f"the bundled vocabulary {str(DEFAULT_VOCAB_FILE)!r} is missing (this copy of modeling_cmal "
+                         "has no data/ folder, e.g. remote code); pass tokenizer= a tokenizer or a tokenizer folder")
+    # `BertTokenizer(vocab_file=...)` is ignored in transformers 5 (every word becomes [UNK]): give the vocabulary.
+    lines = DEFAULT_VOCAB_FILE.read_text(encoding="utf-8").splitlines()
+    return BertTokenizer(vocab={piece: index for index, piece in enumerate(lines)}, do_lower_case=True,
+                         model_max_length=model_max_length)
+
+
+def _check_tokenizer_folder(folder, argument: str) -> Path:
+    """`folder` as a Path when it is a folder holding tokenizer files; otherwise a `ValueError` naming `argument`."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"{argument} {str(folder)!r} is not a folder (it {'is a file' if path.exists() else 'does not exist'}"
+                         f"); expected a folder written by CmalProcessor.save_pretrained or a tokenizer's "
+                         "save_pretrained (tokenizer.json, vocab.txt, ...)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        present = sorted(entry.name for entry in path.iterdir())[:8]
+        raise ValueError(f"{argument} {str(folder)!r} holds no tokenizer files (none of {', '.join(TOKENIZER_FILES)}; "
+                         f"it has {present or 'nothing'}); expected a folder written by CmalProcessor.save_pretrained "
+                         "or a tokenizer's save_pretrained. For the bundled bert-base-uncased vocabulary use "
+                         "CmalProcessor() (tokenizer=None), or save a processor into the folder first")
+    return path
+
+
+def _looks_like_a_path(name) -> bool:
+    """True when `name` can only be meant as a local path (a Hub id is `name` or `namespace/name`)."""
+    text = os.fspath(name)
+    return (isinstance(name, os.PathLike) or os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1
+            or os.path.exists(text))
+
+
 class CmalProcessor(ProcessorMixin):
     r"""
     Builds CMAL inputs from captions and the detected regions of their images (or the images themselves, through
     a region extractor).
 
     Args:
-        tokenizer (`BertTokenizer`): a fast tokenizer (word ids are needed to find anchors); its settings
-            (`model_max_length`, `padding_side`, ...) are saved with the processor.
+        tokenizer (`BertTokenizer`, a folder path, or `None`): a fast tokenizer (word ids are needed to find
+            anchors), or the path of a folder holding one (`AutoTokenizer.from_pretrained(folder)`); its settings
+            (`model_max_length`, `padding_side`, ...) are saved with the processor. `None` (the default) is the
+            bert-base-uncased tokenizer from the vocabulary bundled with the package, `model_max_length` 512
+            (`default_tokenizer()`; the vocabulary of the BERT checkpoints that `load_bert_weights` reads). A
+            tokenizer of another length: `CmalProcessor(tokenizer=default_tokenizer(model_max_length=64))`.
         lexicon (`ConceptLexicon` or its `to_dict()` form, *optional*): the anchor concepts; defaults to
             `ConceptLexicon.default()`. Its size is `config.num_anchor_concepts` of the model.
         tag_vocabulary (list of str or a path to a file of one name per line, *optional*): class names of the
@@ -99,7 +158,15 @@ class CmalProcessor(ProcessorMixin):
     def __init__(self, tokenizer=None, lexicon=None, tag_vocabulary=None, max_regions=36, region_extractor=None,
                  **kwargs):
         if tokenizer is None:
-            raise ValueError("tokenizer is required: a fast BertTokenizer, e.g. BertTokenizer.from_pretrained(folder)")
+            tokenizer = default_tokenizer()
+        elif isinstance(tokenizer, (str, os.PathLike)):
+            folder = _check_tokenizer_folder(tokenizer, "tokenizer")
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            except (OSError, ValueError) as error:
+                raise ValueError(f"tokenizer {str(tokenizer)!r}: the tokenizer files of this folder cannot be loaded "
+                                 f"({type(error).__name__}: {str(error).strip()[:200]}); expected a folder written by "
+                                 "a fast tokenizer's save_pretrained") from error
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(f"tokenizer must be a fast tokenizer (anchors need its word ids), got "
                              f"{type(tokenizer).__name__} with is_fast=False")
@@ -164,11 +231,15 @@ class CmalProcessor(ProcessorMixin):
                 for an image without regions), `boxes` `[M, 4]` as `x1, y1, x2, y2` in pixels with `image_size`
                 `(width, height)`, or normalised to `[0, 1]` without it, optional `tags` (`M` class names, or ids
                 of `tag_vocabulary`; without tags there are no anchors), optional `scores` (`M` confidences),
-                optional `image_id` (ignored). Pixel boxes are clipped to the image; a box that does not touch
-                the image at all is an error.
+                optional `image_id` (ignored). `image_size` is `(width, height)`, as PIL's `Image.size`; sizes
+                whose boxes fit only the swapped `(height, width)` are refused. Pixel boxes that reach past the
+                image edge are clipped to it, with a warning giving the count; a box that does not touch the
+                image at all is an error.
             images: a PIL image, an `[H, W(, C)]` uint8 array or a list of them, instead of `regions`; needs a
                 `region_extractor`.
-            padding, truncation, max_length: the tokenizer's, for the text. Regions are always padded to the
+            padding, truncation, max_length: the tokenizer's, for the text (`max_length` defaults to the
+                tokenizer's `model_max_length`). A caption cut by truncation logs a warning naming how many word
+                pieces and anchors were lost. Regions are always padded to the
                 longest image of the batch (`padding="max_length"`: to `max_regions`); anchors to the most
                 anchor rows of the batch.
             return_tensors (`None`, `"np"` or `"pt"`): `"pt"` torch tensors, `"np"` numpy arrays; `None` python
@@ -234,10 +305,15 @@ class CmalProcessor(ProcessorMixin):
             data.update({name: encoding[name] for name in TEXT_INPUT_NAMES})
         if region_list is not None:
             data.update(self._stack_regions(region_list, pad_to_max=padding == "max_length"))
+        rows = None
         if encoding is not None and region_list is not None:
             rows = [self._anchor_rows(encoding.encodings[index], texts[index], image_regions)
                     for index, image_regions in enumerate(region_list)]
             data.update(self._stack_anchors(rows, action))
+        if encoding is not None and truncation not in (False, "do_not_truncate"):
+            self._warn_about_truncation(encoding, texts, region_list, rows, max_length)
+        if region_list is not None:
+            self._warn_about_clipped_boxes(region_list)
         return BatchFeature(self._convert(data, return_tensors))
 
     @staticmethod
@@ -286,7 +362,7 @@ class CmalProcessor(ProcessorMixin):
         if features.shape[1] == 0:
             raise ValueError(f"{where}['features'] has shape {features.shape}; expected Dv >= 1")
         num_regions = features.shape[0]
-        boxes = self._normalized_boxes(regions, num_regions, where)
+        boxes, clipped_boxes = self._normalized_boxes(regions, num_regions, where)
         tags = self._tag_names(regions.get("tags"), num_regions, where)
         scores = self._checked_scores(regions.get("scores"), num_regions, where)
         if num_regions > self.max_regions:
@@ -297,11 +373,12 @@ class CmalProcessor(ProcessorMixin):
             features, boxes = features[keep], boxes[keep]
             tags = None if tags is None else [tags[i] for i in keep]
             scores = None if scores is None else [scores[i] for i in keep]
-        return _ImageRegions(features, boxes, tags, scores)
+        return _ImageRegions(features, boxes, tags, scores, clipped_boxes)
 
     @staticmethod
-    def _normalized_boxes(regions: Mapping, num_regions: int, where: str) -> np.ndarray:
-        """Boxes `[M, 4]` checked (finite, x1 <= x2, y1 <= y2, on the image) and normalised to `[0, 1]`."""
+    def _normalized_boxes(regions: Mapping, num_regions: int, where: str) -> tuple[np.ndarray, int]:
+        """Boxes `[M, 4]` checked (finite, x1 <= x2, y1 <= y2, on the image) and normalised to `[0, 1]`, and how
+        many pixel boxes reached past the image edge and were clipped to it."""
         boxes = _number_array(regions["boxes"], f"{where}['boxes']").astype(np.float64)
         if boxes.size == 0 and num_regions == 0:
             boxes = boxes.reshape(0, 4)
@@ -322,12 +399,28 @@ class CmalProcessor(ProcessorMixin):
                 row = int(np.flatnonzero(outside)[0])
                 raise ValueError(f"{where}['boxes'][{row}] = {boxes[row].tolist()} is outside [0, 1]; boxes without "
                                  "image_size must be normalised (pixel boxes need image_size=(width, height))")
-            return np.clip(boxes, 0.0, 1.0).astype(np.float32)
+            return np.clip(boxes, 0.0, 1.0).astype(np.float32), 0
         size = _number_array(image_size, f"{where}['image_size']").astype(np.float64)
         if size.shape != (2,) or not np.isfinite(size).all() or (size <= 0).any():
             raise ValueError(f"{where}['image_size'] must be (width, height), two positive numbers, "
                              f"got {_shorten(image_size)}")
         width, height = size
+        past_edge = (boxes[:, :2] < -PIXEL_BOX_TOLERANCE).any(axis=1) | (boxes[:, 2] > width + PIXEL_BOX_TOLERANCE) | \
+            (boxes[:, 3] > height + PIXEL_BOX_TOLERANCE)
+        if past_edge.any() and width != height:
+            # Far past the edge of (width, height) yet inside (height, width): the size was given the other way round.
+            overshoot = max((boxes[:, 2].max() - width) / width, (boxes[:, 3].max() - height) / height)
+            fits_swapped = (boxes >= -PIXEL_BOX_TOLERANCE).all() and \
+                (boxes[:, [0, 2]] <= height + PIXEL_BOX_TOLERANCE).all() and \
+                (boxes[:, [1, 3]] <= width + PIXEL_BOX_TOLERANCE).all()
+            if fits_swapped and overshoot > SWAPPED_SIZE_OVERSHOOT:
+                row = int(np.argmax(np.maximum(boxes[:, 2] / width, boxes[:, 3] / height)))
+                raise ValueError(
+                    f"{where}['image_size'] = ({width:g}, {height:g}) looks like (height, width): {where}['boxes'][{row}]"
+                    f" = {boxes[row].tolist()} reaches {overshoot:.0%} past the edge of a {width:g} x {height:g} image, "
+                    f"while every box fits a {height:g} x {width:g} one. image_size is (width, height), as PIL's "
+                    f"Image.size; give image_size=({height:g}, {width:g}) if that is the image"
+                )
         # A box is kept (clipped) if it touches the image; one wholly outside is almost surely a size mix-up.
         outside = (boxes[:, 0] > width) | (boxes[:, 2] < 0) | (boxes[:, 1] > height) | (boxes[:, 3] < 0)
         if outside.any():
@@ -335,7 +428,20 @@ class CmalProcessor(ProcessorMixin):
             raise ValueError(f"{where}['boxes'][{row}] = {boxes[row].tolist()} lies outside the image of size "
                              f"(width, height) = ({width:g}, {height:g}); expected a box that overlaps the image")
         scale = np.array([width, height, width, height])
-        return (np.clip(boxes, 0.0, scale) / scale).astype(np.float32)
+        return (np.clip(boxes, 0.0, scale) / scale).astype(np.float32), int(past_edge.sum())
+
+    @staticmethod
+    def _warn_about_clipped_boxes(region_list: list[_ImageRegions]) -> None:
+        """Boxes past the image edge are clipped to it (as the corpus builders do); says how many, in which images."""
+        clipped = [(index, image_regions.clipped_boxes) for index, image_regions in enumerate(region_list)
+                   if image_regions.clipped_boxes]
+        if clipped:
+            examples = ", ".join(f"regions[{index}]: {count}" for index, count in clipped[:5])
+            logger.warning(
+                f"CmalProcessor: {sum(count for _, count in clipped)} boxes in {len(clipped)} of {len(region_list)} "
+                f"images reach past the image edge (image_size) and were clipped to it ({examples}"
+                f"{', ...' if len(clipped) > 5 else ''}); check image_size = (width, height) if that is unexpected"
+            )
 
     def _tag_names(self, tags, num_regions: int | None, where: str) -> list[str] | None:
         """Tag names (ids looked up in `tag_vocabulary`), one per region when `num_regions` is given."""
@@ -437,6 +543,43 @@ class CmalProcessor(ProcessorMixin):
                 rows.extend((position, match.region_index, match.concept_id) for position in pieces)
         return rows
 
+    def _uncut_anchor_count(self, encoding, text: str, image_regions: _ImageRegions) -> int:
+        """How many anchors the whole caption has (truncation undone: the overflowing pieces put back)."""
+        if not image_regions.tags:
+            return 0
+        spans: dict[int, list[int]] = {}
+        for part in (encoding, *encoding.overflowing):
+            for word, (start, end) in zip(part.word_ids, part.offsets):
+                if word is not None:
+                    span = spans.setdefault(word, [start, end])
+                    span[0], span[1] = min(span[0], start), max(span[1], end)
+        words = [text[start:end] for _, (start, end) in sorted(spans.items())]
+        return len(find_anchors(words, image_regions.tags, self.lexicon, image_regions.scores))
+
+    def _warn_about_truncation(self, encoding, texts: list[str], region_list, rows, max_length: int | None) -> None:
+        """A caption longer than `max_length` is cut: says how many pieces, and how many anchors, were lost."""
+        cut = []
+        for index, sample in enumerate(encoding.encodings):
+            if not sample.overflowing:
+                continue
+            lost_pieces = sum(word is not None for part in sample.overflowing for word in part.word_ids)
+            lost_anchors = 0
+            if region_list is not None:
+                kept_anchors = len({region for _, region, _ in rows[index]})
+                lost_anchors = max(self._uncut_anchor_count(sample, texts[index], region_list[index]) - kept_anchors, 0)
+            cut.append((index, lost_pieces, lost_anchors))
+        if not cut:
+            return
+        limit = max_length if max_length is not None else self.tokenizer.model_max_length
+        examples = "; ".join(f"text[{index}]: {pieces} pieces, {anchors} anchors" for index, pieces, anchors in cut[:3])
+        logger.warning(
+            f"CmalProcessor: {len(cut)} of {len(texts)} captions are longer than {limit} pieces (max_length, special "
+            f"tokens included) and were cut: {sum(pieces for _, pieces, _ in cut)} word pieces and "
+            f"{sum(anchors for _, _, anchors in cut)} anchors (words past the cut, or cut in part) are lost "
+            f"({examples}{'; ...' if len(cut) > 3 else ''}). Give shorter captions or a larger max_length (at most "
+            "the model's config.max_position_embeddings)"
+        )
+
     @staticmethod
     def _stack_anchors(rows: list[list[tuple[int, int, int]]], action: int | None) -> dict[str, np.ndarray]:
         """Anchor rows padded to the batch's most; `anchor_actions` only when an action was asked for."""
@@ -527,13 +670,34 @@ class CmalProcessor(ProcessorMixin):
         return processor_dict, unused_kwargs
 
     @classmethod
+    def _from_pretrained_naming_the_source(cls, pretrained_model_name_or_path, **kwargs):
+        """`ProcessorMixin.from_pretrained`, with a `ValueError` naming `pretrained_model_name_or_path` for a folder
+        that does not exist or holds no tokenizer, and for a Hub id that cannot be found."""
+        argument = "pretrained_model_name_or_path"
+        if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            raise ValueError(f"{argument} must be a folder path or a Hub repository id (str), got "
+                             f"{_shorten(pretrained_model_name_or_path)}")
+        folder = Path(pretrained_model_name_or_path).expanduser() / kwargs.get("subfolder", "")
+        if folder.is_dir() or _looks_like_a_path(pretrained_model_name_or_path):
+            _check_tokenizer_folder(folder, argument)
+            return super().from_pretrained(os.fspath(Path(pretrained_model_name_or_path).expanduser()), **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except OSError as error:  # huggingface_hub's errors (not found, offline, bad id) are OSErrors
+            raise ValueError(
+                f"{argument} {str(pretrained_model_name_or_path)!r} is not a local folder, and as a Hub repository "
+                f"id it cannot be loaded ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]}); expected "
+                "a folder written by CmalProcessor.save_pretrained, or the id of a Hub repository holding one"
+            ) from error
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Loads a processor saved by `save_pretrained`. `lexicon=`, `tag_vocabulary=`, `max_regions=` and
         `region_extractor=` override what the folder holds."""
         # Kept away from the tokenizer's `from_pretrained`, which would store them in its own config.
         overrides = {name: kwargs.pop(name) for name in ("lexicon", "tag_vocabulary", "max_regions",
                                                           "region_extractor") if name in kwargs}
-        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        processor = cls._from_pretrained_naming_the_source(pretrained_model_name_or_path, **kwargs)
         if not overrides:
             return processor
         settings = {"lexicon": processor.lexicon, "tag_vocabulary": processor.tag_vocabulary,

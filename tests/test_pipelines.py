@@ -465,6 +465,16 @@ def test_a_bad_image_is_a_value_error_naming_the_argument_the_value_and_what_is_
         image_pipelines["cmal-visual-reasoning"](text="two cups", images=(np.zeros((30, 40, 3), np.uint8), image))
 
 
+@pytest.mark.parametrize("case", ["[H, W, 5]", "0x0 array", "non-image file", "2000x1"])
+def test_a_bad_image_in_a_batch_is_refused_as_alone(case, image_pipelines, bad_image_files):
+    image, message = BAD_IMAGES[case]
+    if isinstance(image, str):
+        image = str(bad_image_files / image)
+    good = {"text": "what is it?", "image": np.zeros((30, 40, 3), np.uint8)}
+    with pytest.raises(ValueError, match=message):
+        image_pipelines["cmal-vqa"]([good, {"text": "what is it?", "image": image}], batch_size=2)
+
+
 def test_one_channel_and_grey_arrays_are_accepted_as_grey_images(image_pipelines):
     grey = np.random.default_rng(0).integers(0, 255, (30, 40), dtype=np.uint8)
     pipe = image_pipelines["cmal-vqa"]
@@ -509,3 +519,35 @@ def test_no_warning_for_image_text_matching_from_pre_training_or_a_fine_tuned_fo
         pipeline("cmal-vqa", model=str(fine_tuned), device=-1)
         pipeline("cmal-vqa", model=make_model("cmal-vqa", processor), processor=processor, device=-1)  # in memory
     assert not [record for record in caplog.records if record.name == "modeling_cmal.pipelines_cmal"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Folders without a processor, captions longer than the model's positions (issue 17)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_model_folder_without_tokenizer_files_is_named(processor, tmp_path):
+    """Used to end in "You need to have sentencepiece or tiktoken installed" from the tokenizer loader."""
+    folder = tmp_path / "model_only"
+    make_model("cmal-vqa", processor).save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"pretrained_model_name_or_path '.*model_only' holds no tokenizer files "
+                                         r"\(none of tokenizer.json, vocab.txt"):
+        pipeline("cmal-vqa", model=str(folder), device=-1)
+    processor.save_pretrained(folder)
+    assert pipeline("cmal-vqa", model=str(folder), device=-1)(text="a cup?", regions={
+        "features": np.zeros((2, FEATURE_DIM), np.float32), "boxes": [[0, 0, 0.5, 0.5]] * 2, "tags": ["cup", "dog"]})
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_a_caption_longer_than_the_models_positions_is_cut_there_with_a_warning(batch_size, processor, photo_regions,
+                                                                                caplog):
+    pipe = pipeline("cmal-vqa", model=make_model("cmal-vqa", processor, max_position_embeddings=16),
+                    processor=processor, device=-1)
+    long_question = "is there " + "a very small and " * 6 + "red cup?"
+    items = [{"text": long_question, "regions": photo_regions["coffee"]}, {"text": "a cup?",
+                                                                           "regions": photo_regions["coffee"]}]
+    with caplog.at_level("WARNING", logger="modeling_cmal.processing_cmal"):
+        results = pipe(items, batch_size=batch_size)
+    assert len(results) == 2
+    assert "1 of 1 captions are longer than 16 pieces (max_length, special tokens included) and were cut" in \
+        caplog.text and "anchors (words past the cut, or cut in part) are lost" in caplog.text

@@ -306,15 +306,127 @@ def test_invalid_regions_are_refused_naming_the_sample(processor, change, messag
         processor(text=["a cup", "a dog"], regions=regions)
 
 
-def test_boxes_partly_outside_the_image_are_clipped(processor):
-    regions = regions_for(["dog", "cat"])
-    regions.update(boxes=[[-20, 10, 50, 120], [60, -5, 130, 40]], image_size=(100, 100))
-    outputs = processor(text="a dog", regions=regions, return_tensors="np")
-    np.testing.assert_allclose(outputs["visual_pos"][0], [[0, 0.1, 0.5, 1.0], [0.6, 0, 1.0, 0.4]], rtol=1e-6)
-    regions.update(boxes=[[0, 0, 1.0004, 1], [0, 0, 0.5, 0.5]], image_size=None)
+def test_boxes_partly_outside_the_image_are_clipped_with_a_warning_giving_the_count(processor, caplog):
+    regions = regions_for(["dog", "cat", "cup"])
+    regions.update(boxes=[[-20, 10, 50, 120], [60, -5, 130, 40], [10, 10, 20, 20]], image_size=(100, 100))
+    with caplog.at_level("WARNING", logger="modeling_cmal.processing_cmal"):
+        outputs = processor(text=["a dog", "a cup"], regions=[regions, regions_for(["cup"])], return_tensors="np")
+    np.testing.assert_allclose(outputs["visual_pos"][0, :2], [[0, 0.1, 0.5, 1.0], [0.6, 0, 1.0, 0.4]], rtol=1e-6)
+    assert "2 boxes in 1 of 2 images reach past the image edge (image_size) and were clipped to it (regions[0]: 2)" \
+        in caplog.text
+    caplog.clear()
+    regions.update(boxes=[[0, 0, 100.3, 100], [0, 0, 50, 50], [10, 10, 20, 20]])  # rounding: clipped silently
+    with caplog.at_level("WARNING", logger="modeling_cmal.processing_cmal"):
+        processor(text="a dog", regions=regions)
+    regions.update(boxes=[[0, 0, 1.0004, 1], [0, 0, 0.5, 0.5], [0, 0, 1, 1]])
     del regions["image_size"]
-    outputs = processor(text="a dog", regions=regions, return_tensors="np")
-    assert outputs["visual_pos"].max() == 1.0
+    with caplog.at_level("WARNING", logger="modeling_cmal.processing_cmal"):
+        outputs = processor(text="a dog", regions=regions, return_tensors="np")
+    assert outputs["visual_pos"].max() == 1.0 and not caplog.text
+
+
+def test_an_image_size_given_as_height_width_is_refused_when_only_the_swapped_size_fits(processor, caplog):
+    """A 600 x 400 (width x height) photo whose size was given as (400, 600): boxes reach far past x = 400."""
+    regions = regions_for(["cup", "dog"])
+    regions.update(boxes=[[0, 0, 500, 300], [10, 10, 550, 380]], image_size=(400, 600))
+    with pytest.raises(ValueError, match=r"regions\[0\]\['image_size'\] = \(400, 600\) looks like \(height, width\): "
+                                         r"regions\[0\]\['boxes'\]\[1\] = \[10.0, 10.0, 550.0, 380.0\] reaches 38% past "
+                                         r"the edge .* give image_size=\(600, 400\)"):
+        processor(text="a cup", regions=regions)
+    # the right size goes through; a box a little past the edge of a portrait image is clipped, not refused
+    regions.update(image_size=(600, 400))
+    processor(text="a cup", regions=regions)
+    regions.update(boxes=[[0, 0, 300, 410], [10, 10, 200, 380]], image_size=(600, 400))
+    with caplog.at_level("WARNING", logger="modeling_cmal.processing_cmal"):
+        outputs = processor(text="a cup", regions=regions, return_tensors="np")
+    assert outputs["visual_pos"][0, 0, 3] == 1.0 and "1 boxes in 1 of 1 images" in caplog.text
+
+
+def test_a_caption_cut_by_truncation_warns_naming_the_pieces_and_anchors_lost(bert_dir, caplog):
+    from transformers import BertTokenizer
+
+    processor = CmalProcessor(tokenizer=BertTokenizer.from_pretrained(str(bert_dir), model_max_length=12))
+    long_caption = "one two three four five six seven eight nine ten a cup and a dog"
+    regions = regions_for(["cup", "dog"])
+    with caplog.at_level("WARNING", logger="modeling_cmal.processing_cmal"):
+        outputs = processor(text=[long_caption, "a cup"], regions=[regions, regions], return_tensors="pt")
+    assert outputs["input_ids"].shape[1] == 12 and anchored(processor, outputs, 0) == []
+    assert ("1 of 2 captions are longer than 12 pieces (max_length, special tokens included) and were cut: 5 word "
+            "pieces and 2 anchors") in caplog.text
+    assert "text[0]: 5 pieces, 2 anchors" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="modeling_cmal.processing_cmal"):
+        processor(text=long_caption, max_length=8)  # text only: the pieces are counted
+        assert "were cut: 9 word pieces and 0 anchors" in caplog.text
+        caplog.clear()
+        processor(text=long_caption, max_length=64)
+        processor(text=["a cup"] * 3, regions=[regions] * 3)
+    assert not caplog.text
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The default tokenizer, a tokenizer folder, folders that are not a processor (issue 17)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_the_default_tokenizer_is_the_bundled_bert_base_uncased(tokenizer):
+    import hashlib
+
+    from modeling_cmal.processing_cmal import DEFAULT_VOCAB_FILE, default_tokenizer
+
+    assert hashlib.md5(DEFAULT_VOCAB_FILE.read_bytes()).hexdigest() == "64800d5d8528ce344256daf115d4965e"
+    processor = CmalProcessor()
+    assert processor.tokenizer.is_fast and len(processor.tokenizer) == 30522
+    assert processor.tokenizer.model_max_length == 512
+    text = "A Man rides his BIKE past the coffee-shop, unaffable!"
+    assert processor.tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert "[UNK]" not in processor.tokenizer.tokenize(text)
+    outputs = processor(text="a cup on a saucer", regions=regions_for(["cup", "saucer"]))
+    assert [piece for piece, _, _ in anchored(processor, outputs)] == ["cup", "sauce", "##r"]  # every piece
+    assert default_tokenizer(model_max_length=64).model_max_length == 64
+    with pytest.raises(ValueError, match=r"model_max_length must be an int >= 3"):
+        default_tokenizer(model_max_length=2)
+
+
+def test_the_tokenizer_may_be_a_folder_path(bert_dir, tokenizer, tmp_path):
+    for folder in (str(bert_dir), bert_dir):
+        processor = CmalProcessor(tokenizer=folder)
+        assert processor.tokenizer.is_fast and processor.tokenizer("a cup")["input_ids"] == \
+            tokenizer("a cup")["input_ids"]
+    with pytest.raises(ValueError, match=r"tokenizer '.*nowhere' is not a folder \(it does not exist\); expected a "
+                                         r"folder written by CmalProcessor.save_pretrained"):
+        CmalProcessor(tokenizer=str(tmp_path / "nowhere"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"tokenizer '.*' holds no tokenizer files \(none of tokenizer.json, vocab.txt"
+                                         r".*it has \['config.json'\]\)"):
+        CmalProcessor(tokenizer=tmp_path)
+    with pytest.raises(ValueError, match=r"tokenizer '.*config.json' is not a folder \(it is a file\)"):
+        CmalProcessor(tokenizer=tmp_path / "config.json")
+
+
+def test_from_pretrained_names_a_folder_that_is_missing_or_holds_no_tokenizer(tmp_path):
+    from transformers import AutoProcessor
+
+    missing = tmp_path / "no" / "such" / "folder"
+    with pytest.raises(ValueError, match=r"pretrained_model_name_or_path '.*/no/such/folder' is not a folder \(it "
+                                         r"does not exist\)"):
+        CmalProcessor.from_pretrained(missing)
+    with pytest.raises(ValueError, match=r"pretrained_model_name_or_path '.*/no/such/folder' is not a folder"):
+        CmalProcessor.from_pretrained(str(missing))
+    with pytest.raises(ValueError, match=r"pretrained_model_name_or_path 'outputs/no-such-run' is not a local folder, "
+                                         r"and as a Hub repository id it cannot be loaded"):
+        CmalProcessor.from_pretrained("outputs/no-such-run")
+    model_folder = tmp_path / "model"
+    model_folder.mkdir()
+    (model_folder / "config.json").write_text(json.dumps({"model_type": "cmal"}))
+    (model_folder / "model.safetensors").write_bytes(b"")
+    message = r"pretrained_model_name_or_path '.*model' holds no tokenizer files .*it has \['config.json', "
+    with pytest.raises(ValueError, match=message):
+        CmalProcessor.from_pretrained(model_folder)
+    import modeling_cmal  # noqa: F401  (AutoProcessor knows cmal in-process)
+
+    with pytest.raises(ValueError, match=message):
+        AutoProcessor.from_pretrained(model_folder)
 
 
 def test_mismatched_lists_and_bad_text_are_refused(processor):
