@@ -2,10 +2,12 @@
 
 Words and detector tags are normalised the same way (lower case, accents stripped, punctuation split off like
 BERT's basic tokenizer, every word made singular by English rules plus an irregular list) and looked up in a
-`ConceptLexicon`, which maps aliases (`bike`, `bicycle`) to concept ids; a few detector classes that are other
-kinds of words in captions (`short`, `white`, `two`) name their concept in tags only. `find_anchors` then pairs
-words with regions one-to-one, longest multi-word alias first. The concept id of a pair is the AMC label, so the
-lexicon travels with the processor. `anchor_statistics` reports how well a corpus anchors.
+`ConceptLexicon`, which maps aliases (`bike`, `bicycle`) to concept ids and knows which concepts are kinds of
+others (`woman` of `person`, `puppy` of `dog`); a few detector classes that are other kinds of words in captions
+(`short`, `white`, `two`) name their concept in tags only. `find_anchors` then pairs words with regions
+one-to-one, longest multi-word alias first, same concept before kinds (a detector's `person` anchors "woman").
+The concept id of a pair is the AMC label (for kinds the broader concept, which both sides name), so the lexicon
+travels with the processor. `anchor_statistics` reports how well a corpus anchors.
 
 Remote code: this module imports only the Python standard library.
 """
@@ -239,12 +241,21 @@ class ConceptLexicon:
     never move; `extend` only appends. Every alias is normalised (`normalize_phrase`) and names exactly one
     concept. A concept's canonical name is one of its aliases.
 
+    **Kinds.** An alias that is the name of *another* concept says that concept is a kind of this one:
+    `{"person": ["woman"], "woman": ["lady"]}` keeps `woman` a concept of its own and makes it a kind of `person`.
+    A tag alias that is another concept's name says the reverse (a region with that tag may show this concept):
+    `tag_aliases={"woman": ["person"]}` also makes `woman` a kind of `person`. Kinds are transitive (`puppy` →
+    `dog` → `animal`) and must not form a cycle. After the exact pairs, `find_anchors` pairs a caption word and a
+    region when the concept of one is a kind of the other's ("a woman" ↔ tag `person`, "an animal" ↔ tag `dog`),
+    and the pair carries the *broader* concept: the one both the word and the tag name, so that the AMC target can
+    be read from either modality (a `person` region does not say `woman`; the word "animal" does not say `dog`).
+
     Args:
         concepts: `{name: aliases}`, or a sequence of names and `(name, aliases)` pairs; aliases is a sequence of
-            strings.
+            strings, the words that name the concept in captions and tags (or, as above, its kinds).
         head_noun_fallback: when a phrase is no alias, use its last word (`"squash racket"` → `racket`), and let
             `find_anchors` pair words and regions that share a head concept (`racket` ↔ `tennis racket`) after
-            the exact pairs.
+            the exact pairs and kinds.
         tag_aliases: `{name: aliases}` that name a concept in detector tags only, for tags that are words of
             another kind in a caption (Visual Genome's `short` is shorts, the caption word "short" an adjective).
 
@@ -265,29 +276,60 @@ class ConceptLexicon:
         self._build([(name, aliases, extra_tags.get(name, ())) for name, aliases in entries], head_noun_fallback)
 
     def _build(self, entries: list[tuple[str, Sequence[str], Sequence[str]]], head_noun_fallback: bool) -> None:
-        """Index `(name, aliases, tag aliases)` entries; aliases that normalise alike within a concept are dropped."""
-        names, aliases_of, tag_aliases_of = [], [], []
-        caption_index: dict[str, int] = {}
-        tag_index: dict[str, int] = {}
+        """Index `(name, aliases, tag aliases)` entries; aliases that normalise alike within a concept are dropped.
+
+        Names are indexed first, so that an alias naming a later concept is a kind, whatever the order.
+        """
+        names = [name for name, _, _ in entries]
+        name_index: dict[str, int] = {}
+        for concept_id, name in enumerate(names):
+            key = normalize_phrase(name)
+            if not key:
+                raise ValueError(f"concept name {name!r} in concepts normalises to nothing; expected a word or phrase")
+            if key in name_index:
+                raise ValueError(f"concept name {name!r} in concepts normalises to {key!r}, the name of concept "
+                                 f"{names[name_index[key]]!r}; expected distinct names")
+            name_index[key] = concept_id
+        caption_index, tag_index = dict(name_index), dict(name_index)
+        is_tag_only: set[str] = set()
+        broader: list[set[int]] = [set() for _ in names]
+        aliases_of, tag_aliases_of = [], []
         for concept_id, (name, aliases, tag_aliases) in enumerate(entries):
-            names.append(name)
             kept_aliases, kept_tag_aliases = [], []
-            for alias in (name, *aliases):
-                key = _alias_key(alias, name, tag_index, names, concept_id)
-                if key not in caption_index or alias == name:
-                    caption_index[key] = tag_index[key] = concept_id
-                    if alias != name:
-                        kept_aliases.append(alias)
-            for alias in tag_aliases:
-                key = _alias_key(alias, name, tag_index, names, concept_id)
-                if key not in tag_index:
+            for argument, given, kept in (("concepts", aliases, kept_aliases), ("tag_aliases", tag_aliases,
+                                                                                kept_tag_aliases)):
+                for alias in given:
+                    key = _alias_key(alias, name, argument)
+                    other = name_index.get(key, concept_id)
+                    if other != concept_id:  # another concept's name: a kind
+                        pair = (other, concept_id) if argument == "concepts" else (concept_id, other)
+                        if pair[1] not in broader[pair[0]]:
+                            broader[pair[0]].add(pair[1])
+                            kept.append(alias)
+                        continue
+                    owner = tag_index.get(key, concept_id)
+                    if owner != concept_id:
+                        held = "a tag alias" if key in is_tag_only else "an alias"
+                        raise ValueError(
+                            f"{argument}[{name!r}]: alias {alias!r} normalises to {key!r}, already {held} of "
+                            f"concept {names[owner]!r}; expected an alias of one concept only (an alias that "
+                            f"is another concept's name, such as {names[owner]!r}, makes that concept a kind of "
+                            f"{name!r})"
+                        )
+                    if key in tag_index:
+                        continue  # this concept's already
                     tag_index[key] = concept_id
-                    kept_tag_aliases.append(alias)
+                    if argument == "concepts":
+                        caption_index[key] = concept_id
+                    else:
+                        is_tag_only.add(key)
+                    kept.append(alias)
             aliases_of.append(tuple(kept_aliases))
             tag_aliases_of.append(tuple(kept_tag_aliases))
         self._names = tuple(names)
         self._aliases = tuple(aliases_of)
         self._tag_aliases = tuple(tag_aliases_of)
+        self._broader = _transitive_kinds(broader, names)
         self._head_noun_fallback = head_noun_fallback
         self._caption_index = caption_index
         self._tag_index = tag_index
@@ -329,6 +371,15 @@ class ConceptLexicon:
             raise ValueError(f"tag must be a str, got {_shorten(tag)} ({type(tag).__name__})")
         exact, head = self._tag_concepts(tag)
         return exact if exact is not None else head
+
+    def broader_concept_ids(self, concept_id: int) -> list[int]:
+        """Ids of the concepts that concept `concept_id` is a kind of, transitively, nearest first (then by id)."""
+        if isinstance(concept_id, bool) or not isinstance(concept_id, numbers.Integral) or not (
+            0 <= concept_id < len(self._names)
+        ):
+            raise ValueError(f"concept_id must be an int in [0, {len(self._names)}), got {_shorten(concept_id)}")
+        steps = self._broader.get(int(concept_id), {})
+        return sorted(steps, key=lambda broader: (steps[broader], broader))
 
     def _tag_concepts(self, tag: str) -> tuple[int | None, int | None]:
         """`(concept of the whole tag, concept of its head noun or else of the whole tag)`; the head only with
@@ -385,10 +436,14 @@ class ConceptLexicon:
     ) -> ConceptLexicon:
         """A new lexicon with `concepts` appended; old ids are kept.
 
-        A name that is already an alias adds its aliases to that concept instead of making a new one.
+        A name that is already an alias adds its aliases to that concept instead of making a new one. An alias
+        or tag alias that another concept already has (its name or any of its aliases) makes a kind, as in the
+        constructor: `extend({"person": ["woman", "lady"]})` makes `woman` a kind of `person` (tags `person` then
+        anchor the words "woman" and "lady", the pair labelled `person`); `extend({"dog": ["pup"]})` adds the
+        word "pup" to `dog`. `extend({}, tag_aliases={"woman": ["person"]})` makes the same kind.
         """
         merged = [[name, list(aliases), list(tags)] for name, aliases, tags in self._entries()]
-        new_entries = _concept_entries(concepts)
+        new_entries = [(name, self._names_of_known(aliases)) for name, aliases in _concept_entries(concepts)]
         for name, aliases in new_entries:
             existing = self._caption_index.get(normalize_phrase(name))
             if existing is None:
@@ -398,10 +453,18 @@ class ConceptLexicon:
         names = [entry[0] for entry in merged]
         for name, tags in _tag_alias_entries(tag_aliases, [name for name, _ in new_entries] + names).items():
             existing = self._caption_index.get(normalize_phrase(name))
-            merged[existing if existing is not None else names.index(name)][2].extend(tags)
+            merged[existing if existing is not None else names.index(name)][2].extend(self._names_of_known(tags))
         lexicon = ConceptLexicon.__new__(ConceptLexicon)
         lexicon._build([tuple(entry) for entry in merged], self._head_noun_fallback)
         return lexicon
+
+    def _names_of_known(self, aliases: Sequence[object]) -> list[object]:
+        """`aliases` with each caption alias of a concept of this lexicon replaced by that concept's name."""
+        known = []
+        for alias in aliases:
+            concept = self._caption_index.get(normalize_phrase(alias)) if isinstance(alias, str) else None
+            known.append(alias if concept is None else self._names[concept])
+        return known
 
     def _entries(self) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
         return list(zip(self._names, self._aliases, self._tag_aliases))
@@ -441,24 +504,34 @@ class ConceptLexicon:
 
     def save(self, path: str | Path) -> None:
         """Write the lexicon as a JSON file."""
+        if not isinstance(path, (str, Path)):
+            raise ValueError(f"path must be a str or Path to write the lexicon to, got {_shorten(path)}")
         Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> ConceptLexicon:
         """Read a lexicon written by `save`."""
+        if not isinstance(path, (str, Path)):
+            raise ValueError(f"path must be a str or Path of a lexicon JSON file, got {_shorten(path)}")
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"path {str(path)!r} cannot be read as a lexicon JSON file: {error}") from error
         except json.JSONDecodeError as error:
             raise ValueError(f"path {str(path)!r} is not a JSON lexicon file: {error}") from error
         return cls.from_dict(data)
 
     @classmethod
     def default(cls, *, head_noun_fallback: bool = False) -> ConceptLexicon:
-        """The COCO-80 + Visual Genome 1600 lexicon with the synonyms of `data/concept_synonyms.json`.
+        """The COCO-80 + Visual Genome 1600 lexicon with the synonyms and kinds of `data/concept_synonyms.json`
+        (`person` ⊃ man, woman, child, player, …; `dog` ⊃ puppy; `truck` ⊃ pickup truck; `animal` ⊃ the COCO
+        animals; …).
 
         Built once per process and shared: a lexicon never changes after construction.
         """
-        return _default_lexicon(bool(head_noun_fallback))
+        if not isinstance(head_noun_fallback, bool):
+            raise ValueError(f"head_noun_fallback must be a bool, got {_shorten(head_noun_fallback)}")
+        return _default_lexicon(head_noun_fallback)
 
     # ----------------------------------------------------------------------------------------------------------
     # Python protocol: immutable, so copies are the object itself; pickles as its dict form.
@@ -494,20 +567,40 @@ class ConceptLexicon:
 _TAG_CACHE_SIZE = 1 << 16
 
 
-def _alias_key(alias: object, name: str, tag_index: dict[str, int], names: list[str], concept_id: int) -> str:
-    """The normalised alias, checked to be new or already this concept's."""
+def _alias_key(alias: object, name: str, argument: str) -> str:
+    """The normalised alias of concept `name`, given in `argument`; checked to be a non-empty phrase."""
     if not isinstance(alias, str):
-        raise ValueError(f"alias {_shorten(alias)} of concept {name!r} must be a str")
+        raise ValueError(f"{argument}[{name!r}]: alias {_shorten(alias)} ({type(alias).__name__}) must be a str")
     key = normalize_phrase(alias)
     if not key:
-        raise ValueError(f"alias {alias!r} of concept {name!r} is empty; expected a word or phrase")
-    owner = tag_index.get(key, concept_id)
-    if owner != concept_id:
-        raise ValueError(
-            f"alias {alias!r} of concept {name!r} normalises to {key!r}, which concept {names[owner]!r} already "
-            "has; an alias must name exactly one concept"
-        )
+        raise ValueError(f"{argument}[{name!r}]: alias {alias!r} normalises to nothing; expected a word or phrase")
     return key
+
+
+def _transitive_kinds(broader: list[set[int]], names: Sequence[str]) -> dict[int, dict[int, int]]:
+    """`{concept: {broader concept: steps}}` from each concept's direct broader concepts; a cycle is refused."""
+    closure: dict[int, dict[int, int]] = {}
+    for concept, direct in enumerate(broader):
+        if not direct:
+            continue
+        steps = {parent: 1 for parent in direct}
+        path_to = {parent: (concept, parent) for parent in direct}
+        frontier = list(direct)
+        while frontier:
+            following = []
+            for parent in frontier:
+                for grandparent in broader[parent]:
+                    if grandparent not in steps:
+                        steps[grandparent] = steps[parent] + 1
+                        path_to[grandparent] = (*path_to[parent], grandparent)
+                        following.append(grandparent)
+            frontier = following
+        if concept in steps:
+            cycle = " → ".join(repr(names[member]) for member in path_to[concept])
+            raise ValueError(f"concepts and tag_aliases make concept {names[concept]!r} a kind of itself ({cycle}); "
+                             "expected kinds without a cycle")
+        closure[concept] = steps
+    return closure
 
 
 def _concept_entries(concepts: object) -> list[tuple[str, tuple[str, ...]]]:
@@ -530,9 +623,9 @@ def _concept_entries(concepts: object) -> list[tuple[str, tuple[str, ...]]]:
     entries = []
     for name, aliases in items:
         if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"concept name {_shorten(name)} must be a non-empty str")
+            raise ValueError(f"concept name {_shorten(name)} in concepts must be a non-empty str")
         if isinstance(aliases, (str, bytes)) or not isinstance(aliases, Sequence):
-            raise ValueError(f"aliases of concept {name!r} must be a sequence of str, got {_shorten(aliases)}")
+            raise ValueError(f"concepts[{name!r}] must be a sequence of str (its aliases), got {_shorten(aliases)}")
         entries.append((name, tuple(aliases)))
     return entries
 
@@ -546,9 +639,11 @@ def _tag_alias_entries(tag_aliases: object, names: Sequence[str]) -> dict[str, t
     entries = {}
     for name, aliases in tag_aliases.items():
         if name not in known:
-            raise ValueError(f"tag_aliases names concept {_shorten(name)}, which is not one of the concepts")
+            raise ValueError(f"tag_aliases key {_shorten(name)} is not a concept name; expected one of the concepts' "
+                             "names")
         if isinstance(aliases, (str, bytes)) or not isinstance(aliases, Sequence):
-            raise ValueError(f"tag aliases of concept {name!r} must be a sequence of str, got {_shorten(aliases)}")
+            raise ValueError(f"tag_aliases[{name!r}] must be a sequence of str (its tag aliases), "
+                             f"got {_shorten(aliases)}")
         entries[name] = tuple(aliases)
     return entries
 
@@ -562,7 +657,8 @@ def _default_lexicon(head_noun_fallback: bool) -> ConceptLexicon:
     """COCO classes first (in COCO order), then the Visual Genome classes, then synonym groups of neither.
 
     A class joins the synonym group that one of its names normalises into, or the concept of an earlier class
-    with the same normal form ("men" → man); a class listed as a tag alias names its concept in tags only.
+    with the same normal form ("men" → man); a class listed as a tag alias names its concept in tags only. Each
+    word of a kinds entry that names a concept becomes a kind of the entry's concept, any other word its alias.
     """
     table = json.loads((_DATA_DIR / "concept_synonyms.json").read_text(encoding="utf-8"))
     group_name = {normalize_phrase(alias): group[0] for group in table["synonyms"] for alias in group}
@@ -583,6 +679,11 @@ def _default_lexicon(head_noun_fallback: bool) -> ConceptLexicon:
     for name, aliases in table["tag_aliases"].items():
         concepts.setdefault(name, [])
         tag_aliases.setdefault(name, []).extend(aliases)
+    concept_of = {normalize_phrase(alias): name for name, aliases in concepts.items() for alias in (name, *aliases)}
+    for broader, kinds in table["kinds"].items():
+        concepts[concept_of[normalize_phrase(broader)]].extend(
+            concept_of.get(normalize_phrase(kind), kind) for kind in kinds
+        )
     return ConceptLexicon(concepts, head_noun_fallback=head_noun_fallback, tag_aliases=tag_aliases)
 
 
@@ -612,8 +713,11 @@ def find_anchors(
     Words are grouped into the longest lexicon aliases, left to right (`"tennis racket"` is one span); each span
     is served in that order by the best free region of its concept: higher `scores` first, then lower index.
     A concept may be paired several times ("a cup next to a cup" and two cup regions: two anchors), but every
-    word and every region is in at most one pair. With `lexicon.head_noun_fallback`, spans and regions left over
-    are then paired the same way by head concept (`racket` ↔ `tennis racket`), the pair carrying the head's id.
+    word and every region is in at most one pair. Spans and regions left over are then paired by kind (see
+    `ConceptLexicon`: "a woman" ↔ tag `person`, "an animal" ↔ tag `dog`), each span taking the free region of
+    the nearest related concept (then score, then index); the pair carries the broader concept's id, the one
+    both sides name. With `lexicon.head_noun_fallback`, what is still left is paired the same way as the exact
+    pairs by head concept (`racket` ↔ `tennis racket`), the pair carrying the head's id.
 
     Args:
         words: the caption's words, e.g. from the tokenizer's word ids or `split_words`; each is normalised.
@@ -643,12 +747,53 @@ def _pair(
         return spans, []
     region_concepts = [lexicon._tag_concepts(tag) for tag in tags]
     anchors, unpaired_spans, used_regions = _pair_spans(spans, region_concepts, 2, 0, scores, set())
+    if lexicon._broader and unpaired_spans and len(used_regions) < len(tags):
+        kind_anchors, unpaired_spans, used_regions = _pair_kinds(
+            unpaired_spans, region_concepts, lexicon._broader, scores, used_regions
+        )
+        anchors.extend(kind_anchors)
     if lexicon.head_noun_fallback and unpaired_spans and len(used_regions) < len(tags):
         head_anchors, _, _ = _pair_spans(unpaired_spans, region_concepts, 3, 1, scores, used_regions)
-        if head_anchors:
-            anchors.extend(head_anchors)
-            anchors.sort(key=lambda anchor: anchor.word_start)
+        anchors.extend(head_anchors)
+    if len(anchors) > 1:
+        anchors.sort(key=lambda anchor: anchor.word_start)
     return spans, anchors
+
+
+def _pair_kinds(
+    spans: list[tuple[int, int, int, int, str]],
+    region_concepts: list[tuple[int | None, int | None]],
+    broader: dict[int, dict[int, int]],
+    scores: list[float] | None,
+    used_regions: set[int],
+) -> tuple[list[AnchorMatch], list[tuple[int, int, int, int, str]], set[int]]:
+    """Serve `spans` in order with free regions whose concept is broader or narrower than the span's:
+    `(anchors carrying the broader concept, spans left over, regions used)`."""
+    free = [index for index, (concept, _) in enumerate(region_concepts)
+            if concept is not None and index not in used_regions]  # fmt: skip
+    anchors, unpaired = [], []
+    used = set(used_regions)
+    for span in spans:
+        word_concept = span[2]
+        best = None
+        for index in free:
+            region_concept = region_concepts[index][0]
+            if region_concept in broader.get(word_concept, ()):
+                steps, concept = broader[word_concept][region_concept], region_concept
+            elif word_concept in broader.get(region_concept, ()):
+                steps, concept = broader[region_concept][word_concept], word_concept
+            else:
+                continue
+            rank = (steps, -scores[index] if scores is not None else 0.0, index)
+            if best is None or rank < best[0]:
+                best = (rank, index, concept)
+        if best is None:
+            unpaired.append(span)
+        else:
+            free.remove(best[1])
+            used.add(best[1])
+            anchors.append(AnchorMatch(span[0], span[1], best[1], best[2]))
+    return anchors, unpaired, used
 
 
 def _pair_spans(

@@ -172,17 +172,25 @@ def test_lexicon_concept_names_is_a_copy():
 @pytest.mark.parametrize(
     "concepts, message",
     [
-        ({"bike": ["cycle"], "bicycle": ["bikes"]},
-         r"alias 'bikes' of concept 'bicycle' normalises to 'bike', which concept 'bike' already has"),
-        (["cup", "cups"], r"alias 'cups' of concept 'cups' normalises to 'cup', which concept 'cup' already has"),
-        ({"": []}, r"concept name '' must be a non-empty str"),
-        ({"  ": []}, r"concept name '  ' must be a non-empty str"),
+        ({"bike": ["cycle"], "bicycle": ["cycles"]},
+         r"concepts\['bicycle'\]: alias 'cycles' normalises to 'cycle', already an alias of concept 'bike'; expected "
+         r"an alias of one concept only \(an alias that is another concept's name, such as 'bike', makes that "
+         r"concept a kind of 'bicycle'\)"),
+        (["cup", "cups"], r"concept name 'cups' in concepts normalises to 'cup', the name of concept 'cup'; expected "
+                          r"distinct names"),
+        ({"": []}, r"concept name '' in concepts must be a non-empty str"),
+        ({"  ": []}, r"concept name '  ' in concepts must be a non-empty str"),
+        ({3: []}, r"concept name 3 in concepts must be a non-empty str"),
+        ({"\x00": []}, r"concept name '\\x00' in concepts normalises to nothing; expected a word or phrase"),
         ([3], r"concepts\[0\] must be a name or a \(name, aliases\) pair, got 3"),
         ([("cup", ["mug"], "extra")], r"concepts\[0\] must be a name or a \(name, aliases\) pair"),
-        ({"cup": "mug"}, r"aliases of concept 'cup' must be a sequence of str, got 'mug'"),
-        ({"cup": [None]}, r"alias None of concept 'cup' must be a str"),
+        ({"cup": "mug"}, r"concepts\['cup'\] must be a sequence of str \(its aliases\), got 'mug'"),
+        ({"cup": [None]}, r"concepts\['cup'\]: alias None \(NoneType\) must be a str"),
         ({"cup": ["!?"]}, None),
-        ({"cup": ["\x00"]}, r"alias '\\x00' of concept 'cup' is empty"),
+        ({"cup": ["\x00"]}, r"concepts\['cup'\]: alias '\\x00' normalises to nothing; expected a word or phrase"),
+        ({"a": ["b"], "b": ["c"], "c": ["a"]},
+         r"concepts and tag_aliases make concept 'a' a kind of itself \('a' → 'c' → 'b' → 'a'\); expected kinds "
+         r"without a cycle"),
         ("cup", r"concepts must be a mapping \{name: aliases\} or a sequence"),
         (None, r"concepts must be a mapping"),
     ],
@@ -198,12 +206,23 @@ def test_lexicon_rejects_bad_concepts(concepts, message):
 def test_lexicon_rejects_bad_options():
     with pytest.raises(ValueError, match="head_noun_fallback must be a bool, got 'yes'"):
         ConceptLexicon(["cup"], head_noun_fallback="yes")
-    with pytest.raises(ValueError, match="tag_aliases names concept 'mug', which is not one of the concepts"):
+    with pytest.raises(ValueError, match="head_noun_fallback must be a bool, got 1"):
+        ConceptLexicon.default(head_noun_fallback=1)
+    with pytest.raises(ValueError, match="tag_aliases key 'mug' is not a concept name; expected one of the concepts'"):
         ConceptLexicon(["cup"], tag_aliases={"mug": ["cup"]})
-    with pytest.raises(ValueError, match="alias 'cups' of concept 'mug' normalises to 'cup', which concept 'cup'"):
-        ConceptLexicon(["cup", "mug"], tag_aliases={"mug": ["cups"]})
-    with pytest.raises(ValueError, match="tag aliases of concept 'cup' must be a sequence of str, got 'mug'"):
+    with pytest.raises(ValueError, match=r"tag_aliases\['mug'\]: alias 'beakers' normalises to 'beaker', already an "
+                                         r"alias of concept 'cup'"):  # fmt: skip
+        ConceptLexicon({"cup": ["beaker"], "mug": []}, tag_aliases={"mug": ["beakers"]})
+    with pytest.raises(ValueError, match=r"concepts\['mug'\]: alias 'beaker' normalises to 'beaker', already a tag "
+                                         r"alias of concept 'cup'"):  # fmt: skip
+        ConceptLexicon({"cup": [], "mug": ["beaker"]}, tag_aliases={"cup": ["beaker"]})
+    with pytest.raises(ValueError, match=r"tag_aliases\['cup'\] must be a sequence of str \(its tag aliases\), got "
+                                         r"'mug'"):  # fmt: skip
         ConceptLexicon(["cup"], tag_aliases={"cup": "mug"})
+    with pytest.raises(ValueError, match=r"tag_aliases must be a mapping \{concept name: aliases\}, got \['cup'\]"):
+        ConceptLexicon(["cup"], tag_aliases=["cup"])
+    with pytest.raises(ValueError, match=r"tag_aliases\['cup'\]: alias 3 \(int\) must be a str"):
+        ConceptLexicon(["cup"], tag_aliases={"cup": [3]})
 
 
 def test_tag_aliases_name_a_concept_in_tags_only():
@@ -232,11 +251,105 @@ def test_extend_keeps_ids_and_adds_aliases():
     assert extended.concept_id("plates") == extended.tag_concept_id("dish") == 2
     assert extended.concept_id("dish") is None
     assert lexicon.concept_id("velocipede") is None and len(lexicon) == 2  # the original is unchanged
-    with pytest.raises(ValueError, match="alias 'bike' of concept 'scooter' normalises to 'bike', which concept "
-                                         "'bicycle' already has"):  # fmt: skip
-        lexicon.extend({"scooter": ["bike"]})
+    with pytest.raises(ValueError, match=r"concepts\['scooter'\]: alias 'vespa' normalises to 'vespa', already a "
+                                         r"tag alias of concept 'saucer'"):  # fmt: skip
+        extended.extend({"scooter": ["vespa"]}, tag_aliases={"saucer": ["vespa"]})
+    with pytest.raises(ValueError, match=r"concepts\[0\] must be a name or a \(name, aliases\) pair, got 3"):
+        lexicon.extend([3])
+    with pytest.raises(ValueError, match="tag_aliases key 'mug' is not a concept name"):
+        lexicon.extend(["saucer"], tag_aliases={"mug": ["cup"]})
     default = ConceptLexicon.default()
     assert default.extend(["rhombicosidodecahedron"]).concept_id("rhombicosidodecahedron") == len(default)
+
+
+def test_an_alias_that_names_another_concept_makes_a_kind():
+    names = ["person", "woman", "dog", "puppy"]
+    via_extend = ConceptLexicon(names).extend({"person": ["woman"], "dog": ["puppy"]})
+    via_tag_aliases = ConceptLexicon(names, tag_aliases={"woman": ["person"], "puppy": ["dogs"]})
+    via_constructor = ConceptLexicon({"person": ["women"], "woman": [], "dog": ["puppies"], "puppy": []})
+    person, woman, dog, puppy = range(4)
+    for lexicon in (via_extend, via_tag_aliases, via_constructor):
+        assert lexicon.concept_names == names  # no concept added, every id kept
+        assert lexicon.concept_id("woman") == lexicon.tag_concept_id("woman") == woman
+        assert lexicon.tag_concept_id("person") == person and lexicon.concept_id("puppy") == puppy
+        assert lexicon.broader_concept_ids(woman) == [person] and lexicon.broader_concept_ids(puppy) == [dog]
+        assert lexicon.broader_concept_ids(person) == [] == lexicon.broader_concept_ids(dog)
+        # Both directions pair, labelled with the broader concept: the one that both the word and the tag name.
+        words = split_words("a woman walks her puppy")
+        assert find_anchors(words, ["dog", "person"], lexicon) == [AnchorMatch(1, 2, 1, person),
+                                                                    AnchorMatch(4, 5, 0, dog)]
+        assert find_anchors(split_words("a person and a dog"), ["puppy", "woman"], lexicon) == [
+            AnchorMatch(1, 2, 1, person), AnchorMatch(4, 5, 0, dog)]
+        assert ConceptLexicon.from_dict(lexicon.to_dict()) == lexicon
+        assert ConceptLexicon.from_dict(lexicon.to_dict()).broader_concept_ids(woman) == [person]
+
+
+def test_issue_calls_on_the_default_lexicon():
+    default = ConceptLexicon.default()
+    person, woman = default.concept_id("person"), default.concept_id("woman")
+    for lexicon in (default.extend({"person": ["woman"]}), default.extend({}, tag_aliases={"woman": ["person"]}),
+                    default.extend({"dog": ["puppy"]})):
+        assert len(lexicon) == len(default) and lexicon.concept_names == default.concept_names
+        assert person in lexicon.broader_concept_ids(woman)
+    # An existing alias of another concept (not only its name) makes that concept a kind, too.
+    extended = default.extend({"tool": ["lady"]})
+    assert default.concept_id("tool") in extended.broader_concept_ids(woman)
+    # A new word is a new alias of the concept it is given to.
+    assert default.concept_id("doggo") is None
+    assert default.extend({"dog": ["doggo"]}).concept_id("doggos") == default.concept_id("dog")
+
+
+def test_kinds_pair_after_exact_pairs_nearest_first():
+    lexicon = ConceptLexicon({"animal": ["dog"], "dog": ["puppy"], "puppy": [], "person": ["man", "woman"],
+                              "man": [], "woman": []})  # fmt: skip
+    animal, dog, puppy, person = range(4)
+    assert lexicon.broader_concept_ids(puppy) == [dog, animal]  # transitive, nearest first
+    # Same concept first, whatever the order of words and regions.
+    assert anchored("a man next to a person", ["person", "man"], lexicon) == [("man", "man"), ("person", "person")]
+    assert anchored("a woman next to a man", ["person", "man"], lexicon) == [("woman", "person"), ("man", "man")]
+    # The nearest related region, then the higher score, then the lower index.
+    assert find_anchors(["puppy"], ["animal", "dog"], lexicon) == [AnchorMatch(0, 1, 1, dog)]
+    assert find_anchors(["puppy"], ["animal"], lexicon) == [AnchorMatch(0, 1, 0, animal)]
+    assert find_anchors(["animal"], ["puppy"], lexicon) == [AnchorMatch(0, 1, 0, animal)]
+    assert find_anchors(["man"], ["person", "person"], lexicon, [0.2, 0.9]) == [AnchorMatch(0, 1, 1, person)]
+    assert find_anchors(["man"], ["person", "person"], lexicon) == [AnchorMatch(0, 1, 0, person)]
+    # Siblings are no kinds of each other.
+    assert anchored("a man", ["woman"], lexicon) == [] and anchored("a dog", ["man"], lexicon) == []
+    # One-to-one across passes: the kind pair only takes what the exact pairs left.
+    assert anchored("a man and a woman", ["man", "person"], lexicon) == [("man", "man"), ("woman", "person")]
+    assert anchored("a man and a woman", ["person"], lexicon) == [("man", "person")]
+
+
+def test_kinds_with_head_noun_fallback():
+    lexicon = ConceptLexicon({"racket": [], "tennis racket": [], "person": ["player"], "player": []},
+                             head_noun_fallback=True)
+    racket, person = 0, 2
+    words = split_words("a player with a squash racket")
+    assert find_anchors(words, ["tennis racket", "person"], lexicon) == [AnchorMatch(1, 2, 1, person),
+                                                                         AnchorMatch(5, 6, 0, racket)]
+
+
+def test_broader_concept_ids_rejects_bad_ids():
+    lexicon = ConceptLexicon(["cup"])
+    for bad in (1, -1, "0", None, True, 0.0):
+        with pytest.raises(ValueError, match=r"concept_id must be an int in \[0, 1\), got "):
+            lexicon.broader_concept_ids(bad)
+
+
+def test_lexicon_calls_reject_bad_arguments(tmp_path):
+    lexicon = ConceptLexicon(["cup"])
+    with pytest.raises(ValueError, match=r"phrase must be a str, got 3 \(int\)"):
+        lexicon.concept_id(3)
+    with pytest.raises(ValueError, match=r"tag must be a str, got None \(NoneType\)"):
+        lexicon.tag_concept_id(None)
+    with pytest.raises(ValueError, match="path must be a str or Path of a lexicon JSON file, got 3"):
+        ConceptLexicon.load(3)
+    with pytest.raises(ValueError, match="cannot be read as a lexicon JSON file"):
+        ConceptLexicon.load(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="path must be a str or Path to write the lexicon to, got None"):
+        lexicon.save(None)
+    with pytest.raises(ValueError, match=r"concepts must be a mapping .*, got 'cup'"):
+        lexicon.extend("cup")
 
 
 def test_round_trips(tmp_path):
@@ -330,6 +443,87 @@ def test_default_lexicon_keeps_concepts_apart():
         assert lexicon.concept_id(word) is None and lexicon.tag_concept_id(word) is not None, word
     assert lexicon.tag_concept_id("short") == lexicon.concept_id("shorts")
     assert lexicon.tag_concept_id("man's head") == lexicon.concept_id("head")
+
+
+def test_kinds_table_adds_no_concept():
+    known = {normalize_phrase(alias) for group in SYNONYM_TABLE["synonyms"] for alias in group}
+    known |= {normalize_phrase(name) for name in (*COCO_CLASSES, *VG_CLASSES)}
+    assert [name for name in SYNONYM_TABLE["kinds"] if normalize_phrase(name) not in known] == []
+    tag_only = {normalize_phrase(alias) for aliases in SYNONYM_TABLE["tag_aliases"].values() for alias in aliases}
+    assert [word for words in SYNONYM_TABLE["kinds"].values() for word in words
+            if normalize_phrase(word) in tag_only] == []  # fmt: skip
+
+
+# The words captions use for objects that COCO detectors tag (also the Visual Genome classes among them).
+CAPTION_WORDS = {
+    "person": ["man", "men", "woman", "women", "girl", "girls", "lady", "ladies", "boy", "boys", "child",
+               "children", "kid", "kids", "people", "persons", "guy", "baby", "toddler", "teenager", "player",
+               "players", "tennis player", "skier", "surfer", "skateboarder", "snowboarder", "batter", "catcher",
+               "umpire", "rider", "biker", "cyclist", "spectators", "pedestrian", "police officer", "chef",
+               "mother", "father", "bride", "groom", "passenger", "worker", "students", "tourists"],
+    "bicycle": ["bike", "bikes", "mountain bike"], "car": ["cars", "taxi", "cab", "suv", "van", "jeep", "sedan"],
+    "motorcycle": ["motorbike", "moped", "scooter", "dirt bike"], "airplane": ["plane", "jet", "airliner", "jets"],
+    "bus": ["buses", "school bus", "double decker bus"], "train": ["locomotive", "subway", "train car", "tram"],
+    "truck": ["pickup truck", "pickup", "fire truck", "van", "lorry", "dump truck"],
+    "boat": ["sailboat", "ship", "canoe", "kayak", "yacht", "ferry"], "traffic light": ["stoplight"],
+    "fire hydrant": ["hydrant"], "stop sign": ["sign"], "parking meter": ["meter"], "bench": ["park bench"],
+    "bird": ["duck", "seagull", "pigeons", "goose", "swan", "parrot"], "cat": ["kitten", "kittens", "kitty"],
+    "dog": ["puppy", "puppies", "pup", "doggy"], "horse": ["pony", "ponies", "foal"], "sheep": ["lamb", "lambs", "ram"],
+    "cow": ["calf", "bull", "cattle", "ox"], "bear": ["polar bear", "cub", "grizzly bear"],
+    "elephant": ["baby elephant"], "backpack": ["bag", "rucksack"], "umbrella": ["parasol"],
+    "handbag": ["purse", "bag"], "tie": ["bow tie", "necktie"], "suitcase": ["luggage", "bag"],
+    "sports ball": ["ball", "soccer ball", "tennis ball", "football"], "baseball bat": ["bat"],
+    "baseball glove": ["glove", "mitt"], "skateboard": ["board"], "surfboard": ["board"], "skis": ["ski"],
+    "tennis racket": ["racket", "racquet"], "bottle": ["water bottle", "wine bottle"], "wine glass": ["glass"],
+    "cup": ["mug", "coffee cup"], "fork": ["utensil"], "banana": ["fruit"], "orange": ["tangerine"],
+    "sandwich": ["hamburger", "burger", "sub"], "hot dog": ["hotdog"], "pizza": ["pizza slice"],
+    "donut": ["doughnut"], "cake": ["cupcake"], "chair": ["armchair", "stool"], "couch": ["sofa"],
+    "potted plant": ["plant", "houseplant"], "dining table": ["table", "coffee table"], "tv": ["television", "monitor"],
+    "laptop": ["computer", "laptop computer"], "remote": ["controller", "remote control"],
+    "cell phone": ["phone", "cellphone", "smartphone"], "oven": ["stove"], "refrigerator": ["fridge", "freezer"],
+    "teddy bear": ["teddy", "stuffed animal", "toy"], "hair drier": ["hair dryer", "blow dryer"],
+    "toothbrush": ["tooth brush"],
+}  # fmt: skip
+# The other direction: a caption's broader word, a detector's narrower tag.
+for _tag in ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe"):
+    CAPTION_WORDS.setdefault(_tag, []).append("animal")
+for _tag in ("bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat"):
+    CAPTION_WORDS[_tag].append("vehicle")
+
+
+@pytest.mark.parametrize("tag, word", [(tag, word) for tag, words in CAPTION_WORDS.items() for word in words])
+def test_coco_tags_anchor_the_words_of_captions(tag, word):
+    lexicon = ConceptLexicon.default()
+    words = split_words(f"there is the {word} here")
+    anchors = find_anchors(words, ["tree", tag], lexicon)
+    assert [(anchor.word_start, anchor.word_end, anchor.region_index) for anchor in anchors] == [
+        (3, 3 + len(split_words(word)), 1)]
+    # The pair's concept is the broader of the two (or their one concept): both the word and the tag name it.
+    word_concept, tag_concept = lexicon.concept_id(word), lexicon.tag_concept_id(tag)
+    concept = anchors[0].concept_id
+    assert concept in {word_concept, tag_concept}
+    narrower = word_concept if concept == tag_concept else tag_concept
+    assert narrower == concept or concept in lexicon.broader_concept_ids(narrower)
+
+
+# The plural people write for each COCO class where it is not the name plus "s".
+COCO_PLURALS = {
+    "person": "people", "bus": "buses", "bench": "benches", "sheep": "sheep", "skis": "skis", "knife": "knives",
+    "sandwich": "sandwiches", "broccoli": "broccoli", "couch": "couches", "mouse": "mice", "scissors": "scissors",
+    "wine glass": "wine glasses", "toothbrush": "toothbrushes", "tv": "tvs",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", COCO_CLASSES)
+def test_every_coco_class_anchors_its_name_and_plural(name):
+    lexicon = ConceptLexicon.default()
+    plural = COCO_PLURALS.get(name, f"{name}s")
+    for caption, word in ((f"a photo of a {name} today", name), (f"two {plural} in a row", plural)):
+        words = split_words(caption)
+        start = words.index(split_words(word)[0])
+        assert find_anchors(words, [name], lexicon) == [
+            AnchorMatch(start, start + len(split_words(word)), 0, lexicon.tag_concept_id(name))], caption
+
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -474,13 +668,15 @@ def test_real_image_captions(test_data_dir):
 
 
 WORDS = ["a", "cup", "cups", "man", "men", "tennis", "racket", "traffic", "light", "t", "-", "shirt", "'", "s",
-         "guy", "of", "short", "shorts", "hot", "dog", "tennis racket", ""]  # fmt: skip
+         "guy", "of", "short", "shorts", "hot", "dog", "tennis racket", "", "person", "woman", "boy", "player",
+         "puppy", "animal", "pickup", "truck"]  # fmt: skip
 TAGS = ["cup", "man", "men", "tennis racket", "racket", "traffic light", "light", "t-shirt", "short", "dog",
-        "hot dog", "red car", "", "galaxy"]  # fmt: skip
+        "hot dog", "red car", "", "galaxy", "person", "people", "child", "animal", "truck", "pickup truck"]  # fmt: skip
 
 
 def _reference_anchors(words, tags, lexicon, scores):
-    """Longest alias first by brute force over every span, then each span takes the best free region."""
+    """Longest alias first by brute force over every span, then each span takes the best free region of its
+    concept, then of the nearest kind."""
     spans, start = [], 0
     while start < len(words):
         for end in range(len(words), start, -1):
@@ -492,14 +688,29 @@ def _reference_anchors(words, tags, lexicon, scores):
         else:
             start += 1
     free = list(range(len(tags)))
-    anchors = []
+    anchors, unpaired = [], []
     for start, end, concept in spans:
         candidates = [index for index in free if lexicon.tag_concept_id(tags[index]) == concept]
         if candidates:
             region = min(candidates, key=lambda index: (-(scores[index] if scores else 0.0), index))
             free.remove(region)
             anchors.append(AnchorMatch(start, end, region, concept))
-    return anchors
+        else:
+            unpaired.append((start, end, concept))
+    # Then kinds: the region whose concept is nearest above or below the span's, labelled with the broader one.
+    for start, end, concept in unpaired:
+        related = []
+        for index in free:
+            tag_concept = lexicon.tag_concept_id(tags[index])
+            for narrower, broader in ((concept, tag_concept), (tag_concept, concept)):
+                if tag_concept is not None and broader in lexicon.broader_concept_ids(narrower):
+                    steps = lexicon._broader[narrower][broader]
+                    related.append(((steps, -(scores[index] if scores else 0.0), index), index, broader))
+        if related:
+            _, region, broader = min(related)
+            free.remove(region)
+            anchors.append(AnchorMatch(start, end, region, broader))
+    return sorted(anchors, key=lambda anchor: anchor.word_start)
 
 
 @settings(max_examples=300, deadline=None)
@@ -543,9 +754,12 @@ def test_anchors_are_one_to_one_or_value_error(words, tags, scores, fallback):
         assert 0 <= anchor.word_start < anchor.word_end <= len(words)
         assert 0 <= anchor.region_index < len(tags)
         assert 0 <= anchor.concept_id < len(lexicon)
-        if not fallback:
-            assert anchor.concept_id == lexicon.concept_id(" ".join(words[anchor.word_start : anchor.word_end]))
-            assert anchor.concept_id == lexicon.tag_concept_id(tags[anchor.region_index])
+        if not fallback:  # one concept, or the broader of a kind pair
+            word_concept = lexicon.concept_id(" ".join(words[anchor.word_start : anchor.word_end]))
+            tag_concept = lexicon.tag_concept_id(tags[anchor.region_index])
+            assert anchor.concept_id in {word_concept, tag_concept}
+            narrower = word_concept if anchor.concept_id == tag_concept else tag_concept
+            assert narrower == anchor.concept_id or anchor.concept_id in lexicon.broader_concept_ids(narrower)
 
 
 # --------------------------------------------------------------------------------------------------------------
