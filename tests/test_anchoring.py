@@ -489,6 +489,8 @@ for _tag in ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", 
     CAPTION_WORDS.setdefault(_tag, []).append("animal")
 for _tag in ("bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat"):
     CAPTION_WORDS[_tag].append("vehicle")
+for _tag in ("banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake"):
+    CAPTION_WORDS.setdefault(_tag, []).append("food")
 
 
 @pytest.mark.parametrize("tag, word", [(tag, word) for tag, words in CAPTION_WORDS.items() for word in words])
@@ -798,3 +800,12 @@ def test_anchor_statistics_rejects_bad_rows():
         anchor_statistics([], [], top_k=-1)
     with pytest.raises(ValueError, match="lexicon must be a ConceptLexicon or None"):
         anchor_statistics([], [], ["cup"])
+
+
+def test_readme_example_extending_the_lexicon(capsys):
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    start = readme.index("```python\n", readme.index("Extending the lexicon")) + len("```python\n")
+    example = readme[start : readme.index("```", start)]
+    exec(compile(example, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [line[2:] for line in example.splitlines() if line.startswith("# ")] and len(printed) == 4
