@@ -28,6 +28,7 @@ from modeling_cmal.anchoring import (
 DEFAULT_LEXICON_SIZE = 1363
 DATA_DIR = Path(anchoring.__file__).parent / "data"
 VG_CLASSES = [line.strip() for line in (DATA_DIR / "vg_objects_vocab.txt").read_text().splitlines() if line.strip()]
+OPEN_IMAGES_CLASSES = (DATA_DIR / "open_images_classes.txt").read_text(encoding="utf-8").splitlines()
 SYNONYM_TABLE = json.loads((DATA_DIR / "concept_synonyms.json").read_text(encoding="utf-8"))
 
 
@@ -410,6 +411,7 @@ def test_synonym_table_only_merges_known_classes():
     known = {normalize_phrase(name) for name in (*COCO_CLASSES, *VG_CLASSES)}
     for group in SYNONYM_TABLE["synonyms"]:
         assert {normalize_phrase(alias) for alias in group} & known, f"synonym group {group} adds a concept"
+    known |= {normalize_phrase(name) for name in OPEN_IMAGES_CLASSES}
     for name, aliases in SYNONYM_TABLE["tag_aliases"].items():
         assert {normalize_phrase(alias) for alias in aliases} <= known, name
 
@@ -526,6 +528,38 @@ def test_every_coco_class_anchors_its_name_and_plural(name):
         assert find_anchors(words, [name], lexicon) == [
             AnchorMatch(start, start + len(split_words(word)), 0, lexicon.tag_concept_id(name))], caption
 
+
+
+# Open Images boxable classes that no concept of the default lexicon fits: a new concept would change the AMC label
+# space of every model trained with it, so these anchor nothing until one is added knowingly.
+OPEN_IMAGES_WITHOUT_CONCEPT = {
+    "Accordion", "Auto part", "Band-aid", "Banjo", "Bathroom accessory", "Beehive", "Binoculars", "Bomb",
+    "Bow and arrow", "Cannon", "Cello", "Cooking spray", "Diaper", "Dice", "Eraser", "Fashion accessory", "Flute",
+    "French horn", "Harmonica", "Harp", "Honeycomb", "Maracas", "Missile", "Musical instrument", "Oboe",
+    "Office supplies", "Pencil sharpener", "Rocket", "Ruler", "Saxophone", "Trombone", "Trumpet", "Violin",
+}  # fmt: skip
+_TAG_ONLY = {normalize_phrase(alias) for aliases in SYNONYM_TABLE["tag_aliases"].values() for alias in aliases}
+
+
+def test_open_images_classes_name_concepts():
+    assert len(OPEN_IMAGES_CLASSES) == len(set(OPEN_IMAGES_CLASSES)) == 601
+    lexicon = ConceptLexicon.default()
+    assert {name for name in OPEN_IMAGES_CLASSES if lexicon.tag_concept_id(name) is None} == OPEN_IMAGES_WITHOUT_CONCEPT
+    # Qualified names ("Bat (Animal)") and lists ("Luggage and bags") are tags only.
+    assert lexicon.tag_concept_id("Bat (Animal)") == lexicon.concept_id("animal") != lexicon.concept_id("bat")
+    assert lexicon.tag_concept_id("Luggage and bags") == lexicon.concept_id("bag")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [name for name in OPEN_IMAGES_CLASSES
+     if name not in OPEN_IMAGES_WITHOUT_CONCEPT and normalize_phrase(name) not in _TAG_ONLY],
+)  # fmt: skip
+def test_open_images_classes_anchor_their_names(name):
+    words = split_words(f"a photo of {name.lower()} today")
+    anchors = find_anchors(words, ["cloud", name], ConceptLexicon.default())
+    assert [(anchor.word_start, anchor.word_end, anchor.region_index) for anchor in anchors] == [
+        (3, 3 + len(split_words(name)), 1)]
 
 
 # --------------------------------------------------------------------------------------------------------------
