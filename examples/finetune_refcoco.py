@@ -18,7 +18,7 @@ import torch
 from transformers import EvalPrediction
 
 from finetune_common import FinetuneTask, run_finetuning
-from modeling_cmal import CmalForReferringExpression
+from modeling_cmal import CmalForReferringExpression, select_top_regions
 
 IOU_THRESHOLD = 0.5
 
@@ -40,12 +40,8 @@ class RefcocoTask(FinetuneTask):
         return None
 
     def kept_regions(self, row) -> np.ndarray:
-        """Indices of the row's regions that the model sees, in order: CmalProcessor keeps all of them, or the
-        `max_regions` of highest score (stable on ties) in their input order."""
-        scores = np.asarray(row["scores"])
-        if len(scores) <= self.max_regions:
-            return np.arange(len(scores))
-        return np.sort(np.argsort(-scores, kind="stable")[: self.max_regions])
+        """Indices of the row's regions that the model sees, in order: the processor's own selection."""
+        return select_top_regions(row["scores"], self.max_regions, len(row["visual_pos"]))
 
     def targets(self, rows, batch):
         """`labels` (the referred region among the kept ones) and their `region_ious` `[B, M]`."""

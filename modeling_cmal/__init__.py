@@ -47,8 +47,9 @@ from .pipelines_cmal import (
     CmalVisualQuestionAnsweringPipeline,
     CmalVisualReasoningPipeline,
 )
-from .processing_cmal import CmalProcessor
+from .processing_cmal import CmalProcessor, default_tokenizer
 from .region_extraction import CmalRegionExtractor
+from .region_processing_cmal import CmalRegionProcessor, select_top_regions
 
 _AUTO_CLASSES = {
     AutoModel: CmalModel,
@@ -90,6 +91,7 @@ __all__ = [
     "CmalProcessor",
     "CmalReferringExpressionPipeline",
     "CmalRegionExtractor",
+    "CmalRegionProcessor",
     "CmalTaskOutput",
     "CmalVisualEntailmentPipeline",
     "CmalVisualQuestionAnsweringPipeline",
@@ -97,6 +99,8 @@ __all__ = [
     "anchor_statistics",
     "bert_to_cmal_key_mapping",
     "convert_bert_state_dict",
+    "default_tokenizer",
     "find_anchors",
     "load_bert_weights",
+    "select_top_regions",
 ]

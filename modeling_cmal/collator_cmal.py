@@ -193,7 +193,7 @@ class CmalPretrainingCollator:
         batch = self.processor(
             text=[str(rows[source]["text"]) for source in caption_rows],
             regions=[
-                {"features": row["visual_feats"], "boxes": row["visual_pos"], "tags": row.get("tags"),
+                {"visual_feats": row["visual_feats"], "visual_pos": row["visual_pos"], "tags": row.get("tags"),
                  "scores": row.get("scores")}
                 for row in rows
             ],

@@ -17,8 +17,9 @@ Importing this module registers the five tasks with `transformers.pipelines.PIPE
 package is not installed. Inputs are keywords (`pipe(text=..., regions=...)`), a dict with the same keys, or a list
 of such dicts (a list of results comes back; `batch_size=` batches them through the model).
 
-`regions` is the processor's per-image dict: `features` `[M, Dv]`, `boxes` `[M, 4]` (`x1, y1, x2, y2`, pixels with
-`image_size` `(width, height)` or normalised to `[0, 1]` without it), `tags` `[M]`, optional `scores` `[M]`.
+`regions` is the processor's per-image dict: `visual_feats` `[M, Dv]`, `visual_pos` `[M, 4]` (`x1, y1, x2, y2`,
+pixels with `image_size` `(width, height)` or normalised to `[0, 1]` without it), `tags` `[M]`, optional `scores`
+`[M]`.
 `image` (a PIL image, a numpy `[H, W, 3]` uint8 array or a path) needs a region extractor (`CmalRegionExtractor`
 around a transformers object detector): pass one when building the pipeline (`pipeline(..., region_extractor=
 extractor)`), or pass a processor that has one. The processor does not save its extractor, so a pipeline loaded
@@ -35,7 +36,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.nn import functional as F
 from transformers import Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
@@ -243,7 +243,7 @@ class CmalPipeline(Pipeline):
 
     def _check_visual_input(self, name: str, value) -> None:
         if name == "regions" and not isinstance(value, Mapping):
-            raise ValueError(f"regions must be a dict with features, boxes and tags (one image), got "
+            raise ValueError(f"regions must be a dict with visual_feats, visual_pos and tags (one image), got "
                              f"{type(value).__name__}")
         if name == "image":
             self._check_region_extractor(name)
@@ -252,7 +252,7 @@ class CmalPipeline(Pipeline):
         if self.region_extractor is None:
             raise ValueError(
                 f"{name}= needs a region extractor: build the pipeline with region_extractor=CmalRegionExtractor(...) "
-                "or pass regions= (features, boxes, tags of each image)"
+                "or pass regions= (visual_feats, visual_pos, tags of each image)"
             )
 
     def _sanitize_parameters(self, top_k=None, **unexpected):
@@ -297,9 +297,9 @@ class CmalPipeline(Pipeline):
         expected = self.model.config.visual_feat_dim
         width = model_inputs["visual_feats"].shape[-1]
         if width != expected:
-            source = "the region extractor gives features" if argument in ("image", "images") else "features"
+            source = "the region extractor gives visual_feats" if argument in ("image", "images") else "visual_feats"
             raise ValueError(f"{argument}: {source} of width {width}; this model expects config.visual_feat_dim = "
-                             f"{expected} (features [M, {expected}])")
+                             f"{expected} (visual_feats [M, {expected}])")
 
     def preprocess(self, item) -> dict:
         self._check_item(item)
@@ -421,7 +421,7 @@ class CmalVisualReasoningPipeline(CmalPipeline):
             raise ValueError(f"{name} must be a pair (left, right) for cmal-visual-reasoning, got "
                              f"{type(value).__name__}{'' if not isinstance(value, Sequence) else f' of {len(value)}'}")
         if name == "regions" and not all(isinstance(regions, Mapping) for regions in value):
-            raise ValueError("regions must be a pair of dicts with features, boxes and tags")
+            raise ValueError("regions must be a pair of dicts with visual_feats, visual_pos and tags")
         if name == "images":
             self._check_region_extractor(name)
 

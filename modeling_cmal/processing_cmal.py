@@ -1,8 +1,10 @@
 """CmalProcessor: captions and detected regions → CMAL model inputs, anchors included.
 
-The processor tokenises the text with a fast BERT tokenizer, validates, selects and pads the regions of each
-image, and runs the anchor operator ⊕ (`anchoring.find_anchors`) on the tokenizer's own words, so that every
-piece of a word that names the concept of a region is paired with that region.
+Shaped like transformers' multimodal processors (ViltProcessor, CLIPProcessor): a tokenizer and an image processor,
+here `CmalRegionProcessor` (`region_processing_cmal.py`), which validates, normalises, selects and pads the regions
+of each image. On top of the two, the processor runs the anchor operator ⊕ (`anchoring.find_anchors`) on the
+tokenizer's own words, so that every piece of a word that names the concept of a kept region is paired with that
+region. The concept lexicon travels with the processor as one extra file, `concept_lexicon.json`.
 
 Remote code: this module imports only the standard library, numpy, torch, transformers and its siblings.
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,13 @@ from transformers.utils import cached_file
 from .anchoring import ConceptLexicon, anchor_statistics, find_anchors
 from .configuration_cmal import ANCHOR_ACTIONS
 from .region_extraction import CmalRegionExtractor
+from .region_processing_cmal import (
+    RETURN_TENSORS,
+    VISUAL_INPUT_NAMES,
+    CmalRegionProcessor,
+    RegionSelection,
+    _shorten,
+)
 
 LEXICON_FILE = "concept_lexicon.json"
 # The bert-base-uncased WordPiece vocabulary (Apache-2.0; md5 64800d5d8528ce344256daf115d4965e), the default tokenizer.
@@ -32,59 +40,16 @@ DEFAULT_MODEL_MAX_LENGTH = 512
 # A folder holds a tokenizer when it has one of these (fast serialisation, WordPiece/BPE vocabularies, sentencepiece).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
                    "sentencepiece.bpe.model")
-PROCESSOR_FILES = ("processor_config.json", LEXICON_FILE)
 TEXT_INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
-VISUAL_INPUT_NAMES = ("visual_feats", "visual_pos", "visual_attention_mask")
 ANCHOR_INPUT_NAMES = ("anchor_pairs", "anchor_concept_ids", "anchor_actions")
-REGION_KEYS = ("features", "boxes", "image_size", "tags", "scores", "image_id")
-RETURN_TENSORS = (None, "np", "pt")
-# Normalised boxes may stray this far outside [0, 1] (rounding of pixel boxes) before they count as an error.
-NORMALIZED_BOX_TOLERANCE = 1e-3
-# Pixel boxes may reach this far past the image edge (rounding) before clipping them is worth a warning.
-PIXEL_BOX_TOLERANCE = 0.5
-# A box reaching past the edge by more than this share of the side, while every box fits the swapped size, means
-# that image_size was given as (height, width).
-SWAPPED_SIZE_OVERSHOOT = 0.05
+# Settings of the region processor that `CmalProcessor(...)` and `from_pretrained(..., name=value)` also take.
+REGION_SETTINGS = ("max_regions", "tag_vocabulary")
+# `__init__` arguments that are settings, not sub-processors: kept away from the tokenizer's `from_pretrained`.
+PROCESSOR_SETTINGS = ("lexicon", *REGION_SETTINGS, "region_extractor")
 # Keyword arguments of `from_pretrained` that the Hub file lookup takes.
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _ImageRegions:
-    """One image's regions after validation and selection: `features` still in the caller's dtype (cast while
-    stacking), `boxes` normalised float32, `tags` names (or None), `scores` (or None)."""
-
-    features: np.ndarray
-    boxes: np.ndarray
-    tags: list[str] | None
-    scores: list[float] | None
-    # Pixel boxes of the input that reached past the image edge and were clipped to it (before selection).
-    clipped_boxes: int = 0
-
-    @property
-    def num_regions(self) -> int:
-        return self.features.shape[0]
-
-
-def _shorten(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _number_array(value, name: str) -> np.ndarray:
-    """`value` (numpy, torch, nested lists) as a numeric numpy array, in its own dtype where it is numeric."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        value = (value.float() if value.is_floating_point() else value).numpy()
-    try:
-        array = np.asarray(value)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{name} must be an array of numbers, got {_shorten(value)} ({error})") from error
-    if array.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must be an array of numbers, got {_shorten(value)} (dtype {array.dtype})")
-    return array
 
 
 def default_tokenizer(model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> BertTokenizer:
@@ -92,7 +57,8 @@ def default_tokenizer(model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> BertT
     with the package (`modeling_cmal/data/bert_base_uncased_vocab.txt`), the tokenizer of CMAL's BERT-initialised
     models. `model_max_length` is the longest caption in pieces, special tokens included (truncation cuts there)."""
     if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length < 3:
-        raise ValueError(f"model_max_length must be an int >= 3 ([CLS], a piece, [SEP]), got {_shorten(model_max_length)}")
+        raise ValueError(f"model_max_length must be an int >= 3 ([CLS], a piece, [SEP]), got "
+                         f"{_shorten(model_max_length)}")
     if not DEFAULT_VOCAB_FILE.is_file():
         raise ValueError(f"the bundled vocabulary {str(DEFAULT_VOCAB_FILE)!r} is missing (this copy of modeling_cmal "
                          "has no data/ folder, e.g. remote code); pass tokenizer= a tokenizer or a tokenizer folder")
@@ -106,9 +72,10 @@ def _check_tokenizer_folder(folder, argument: str) -> Path:
     """`folder` as a Path when it is a folder holding tokenizer files; otherwise a `ValueError` naming `argument`."""
     path = Path(folder).expanduser()
     if not path.is_dir():
-        raise ValueError(f"{argument} {str(folder)!r} is not a folder (it {'is a file' if path.exists() else 'does not exist'}"
-                         f"); expected a folder written by CmalProcessor.save_pretrained or a tokenizer's "
-                         "save_pretrained (tokenizer.json, vocab.txt, ...)")
+        state = "is a file" if path.exists() else "does not exist"
+        raise ValueError(f"{argument} {str(folder)!r} is not a folder (it {state}); expected a folder written by "
+                         "CmalProcessor.save_pretrained or a tokenizer's save_pretrained (tokenizer.json, vocab.txt, "
+                         "...)")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         present = sorted(entry.name for entry in path.iterdir())[:8]
         raise ValueError(f"{argument} {str(folder)!r} holds no tokenizer files (none of {', '.join(TOKENIZER_FILES)}; "
@@ -137,29 +104,46 @@ class CmalProcessor(ProcessorMixin):
             bert-base-uncased tokenizer from the vocabulary bundled with the package, `model_max_length` 512
             (`default_tokenizer()`; the vocabulary of the BERT checkpoints that `load_bert_weights` reads). A
             tokenizer of another length: `CmalProcessor(tokenizer=default_tokenizer(model_max_length=64))`.
+        image_processor (`CmalRegionProcessor`, *optional*): validates, normalises, selects (`max_regions`) and
+            pads the regions; by default `CmalRegionProcessor(max_regions=..., tag_vocabulary=...)` of the two
+            arguments below. `processor.image_processor` is it, as in transformers' multimodal processors.
         lexicon (`ConceptLexicon` or its `to_dict()` form, *optional*): the anchor concepts; defaults to
             `ConceptLexicon.default()`. Its size is `config.num_anchor_concepts` of the model.
         tag_vocabulary (list of str or a path to a file of one name per line, *optional*): class names of the
-            detector, so that `tags` may be given as ids (id = position in the list).
-        max_regions (`int`, defaults to 36): regions kept per image; more are cut to the `max_regions` of highest
-            score (stable: ties keep the earlier region; without scores the first ones), kept in their input order.
+            detector, so that `tags` may be given as ids (id = position in the list). A setting of the region
+            processor; given with `image_processor=`, it replaces that one's.
+        max_regions (`int`, *optional*, defaults to 36): regions kept per image; more are cut to the
+            `max_regions` of highest score (`select_top_regions`). A setting of the region processor, like
+            `tag_vocabulary`.
         region_extractor (`CmalRegionExtractor` or any callable images → regions dicts, *optional*): lets
             `processor(text=..., images=...)` detect regions itself. It is **not saved** with the processor (it is a
             whole detection model): give it again after `from_pretrained`, or set `processor.region_extractor`.
 
-    `save_pretrained` writes the tokenizer files, `processor_config.json` (settings, tag vocabulary and, when the
-    class is registered for `AutoProcessor`, the `auto_map` that `trust_remote_code` loading needs) and the lexicon
-    as `concept_lexicon.json`; `from_pretrained` reads them back (a folder without processor files gives the
-    default lexicon). `batch_decode` and `decode` are the tokenizer's.
+    `save_pretrained` and `from_pretrained` are `ProcessorMixin`'s: the tokenizer files, `processor_config.json` (the
+    region processor's settings under `image_processor`, and the `auto_map` that `trust_remote_code` loading needs
+    when the class is registered for `AutoProcessor`), plus the lexicon as `concept_lexicon.json`.
+    `from_pretrained(folder, max_regions=..., lexicon=..., tag_vocabulary=..., region_extractor=...)` overrides what
+    the folder holds. A folder saved before the region processor existed (`max_regions` and `tag_vocabulary` at the
+    top of `processor_config.json`) and a folder with only a tokenizer (default lexicon and regions) load too.
+    `batch_decode` and `decode` are the tokenizer's.
     """
 
-    # `save_pretrained` and `from_pretrained` find sub-processors by these `__init__` parameter names: only
-    # `tokenizer` is one; the other parameters are settings, written to `processor_config.json` by `to_dict`.
-    def __init__(self, tokenizer=None, lexicon=None, tag_vocabulary=None, max_regions=36, region_extractor=None,
-                 **kwargs):
+    # `ProcessorMixin` finds the sub-processors by these `__init__` parameter names: `tokenizer` and
+    # `image_processor`; the other parameters are settings (the lexicon has its own file).
+    def __init__(self, tokenizer=None, image_processor=None, lexicon=None, tag_vocabulary=None, max_regions=None,
+                 region_extractor=None, **kwargs):
+        tokenizer = self._checked_tokenizer(tokenizer)
+        image_processor = self._checked_region_processor(image_processor, max_regions=max_regions,
+                                                         tag_vocabulary=tag_vocabulary)
+        self.lexicon = lexicon
+        self.region_extractor = region_extractor
+        super().__init__(tokenizer, image_processor, **kwargs)
+
+    @staticmethod
+    def _checked_tokenizer(tokenizer):
         if tokenizer is None:
-            tokenizer = default_tokenizer()
-        elif isinstance(tokenizer, (str, os.PathLike)):
+            return default_tokenizer()
+        if isinstance(tokenizer, (str, os.PathLike)):
             folder = _check_tokenizer_folder(tokenizer, "tokenizer")
             try:
                 tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -168,8 +152,31 @@ class CmalProcessor(ProcessorMixin):
                                  f"({type(error).__name__}: {str(error).strip()[:200]}); expected a folder written by "
                                  "a fast tokenizer's save_pretrained") from error
         if not getattr(tokenizer, "is_fast", False):
-            raise ValueError(f"tokenizer must be a fast tokenizer (anchors need its word ids), got "
-                             f"{type(tokenizer).__name__} with is_fast=False")
+            raise ValueError(f"tokenizer must be a fast tokenizer (anchors need its word ids), a tokenizer folder or "
+                             f"None, got {type(tokenizer).__name__} with is_fast=False")
+        return tokenizer
+
+    @staticmethod
+    def _checked_region_processor(image_processor, **settings):
+        """The region processor: `image_processor` (with any of `settings` that are given replacing its own), or a
+        `CmalRegionProcessor` of the settings."""
+        given = {name: value for name, value in settings.items() if value is not None}
+        if image_processor is None:
+            return CmalRegionProcessor(**given)
+        # Duck-typed: a CmalRegionProcessor of another copy of the module (remote code next to a local package).
+        if not all(callable(getattr(image_processor, name, None)) for name in ("select", "pad", "kept_regions")):
+            raise ValueError(f"image_processor must be a CmalRegionProcessor, got {type(image_processor).__name__}")
+        if not given:
+            return image_processor
+        own = {name: getattr(image_processor, name) for name in REGION_SETTINGS}
+        return type(image_processor)(**{**own, **given})
+
+    @property
+    def lexicon(self) -> ConceptLexicon:
+        return self._lexicon
+
+    @lexicon.setter
+    def lexicon(self, lexicon) -> None:
         if lexicon is None:
             lexicon = ConceptLexicon.default()
         elif isinstance(lexicon, Mapping):
@@ -179,29 +186,17 @@ class CmalProcessor(ProcessorMixin):
             lexicon = ConceptLexicon.from_dict(lexicon.to_dict())
         elif not isinstance(lexicon, ConceptLexicon):
             raise ValueError(f"lexicon must be a ConceptLexicon, its to_dict() form or None, got {_shorten(lexicon)}")
-        if isinstance(max_regions, bool) or not isinstance(max_regions, int) or max_regions < 1:
-            raise ValueError(f"max_regions must be an int >= 1, got {_shorten(max_regions)}")
-        self.lexicon = lexicon
-        self.tag_vocabulary = self._checked_tag_vocabulary(tag_vocabulary)
-        self.max_regions = max_regions
-        self.region_extractor = region_extractor
-        super().__init__(tokenizer, **kwargs)
+        self._lexicon = lexicon
 
-    @staticmethod
-    def _checked_tag_vocabulary(tag_vocabulary) -> list[str] | None:
-        if tag_vocabulary is None:
-            return None
-        if isinstance(tag_vocabulary, (str, os.PathLike)):
-            path = Path(tag_vocabulary)
-            if not path.is_file():
-                raise ValueError(f"tag_vocabulary {str(path)!r} is not a file; expected a list of class names or a "
-                                 "file of one name per line")
-            return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not isinstance(tag_vocabulary, Sequence) or not all(
-            isinstance(name, str) and name.strip() for name in tag_vocabulary
-        ):
-            raise ValueError(f"tag_vocabulary must be a list of non-empty class names, got {_shorten(tag_vocabulary)}")
-        return [str(name) for name in tag_vocabulary]
+    @property
+    def max_regions(self) -> int:
+        """Regions kept per image (the region processor's)."""
+        return self.image_processor.max_regions
+
+    @property
+    def tag_vocabulary(self) -> list[str] | None:
+        """The detector's class names for tag ids (the region processor's)."""
+        return self.image_processor.tag_vocabulary
 
     @property
     def region_extractor(self):
@@ -223,31 +218,33 @@ class CmalProcessor(ProcessorMixin):
     # ----------------------------------------------------------------------------------------------------------
 
     def __call__(self, text=None, regions=None, images=None, *, padding=True, truncation=True, max_length=None,
-                 return_tensors=None, anchor_action=None) -> BatchFeature:
+                 return_tensors=None, anchor_action=None, return_region_indices=False) -> BatchFeature:
         r"""
         Args:
             text (`str` or list of `str`): one caption per image; `""` gives `[CLS] [SEP]`.
-            regions (`dict` or list of `dict`): per image `features` `[M, Dv]` (numpy, torch or lists; `[0, Dv]`
-                for an image without regions), `boxes` `[M, 4]` as `x1, y1, x2, y2` in pixels with `image_size`
-                `(width, height)`, or normalised to `[0, 1]` without it, optional `tags` (`M` class names, or ids
-                of `tag_vocabulary`; without tags there are no anchors), optional `scores` (`M` confidences),
-                optional `image_id` (ignored). `image_size` is `(width, height)`, as PIL's `Image.size`; sizes
-                whose boxes fit only the swapped `(height, width)` are refused. Pixel boxes that reach past the
-                image edge are clipped to it, with a warning giving the count; a box that does not touch the
-                image at all is an error.
+            regions (`dict` or list of `dict`): per image `visual_feats` `[M, Dv]` (numpy, torch or lists; `[0, Dv]`
+                for an image without regions), `visual_pos` `[M, 4]` as `x1, y1, x2, y2` in pixels with
+                `image_size` `(width, height)`, or normalised to `[0, 1]` without it, optional `tags` (`M` class
+                names, or ids of `tag_vocabulary`; without tags there are no anchors), optional `scores` (`M`
+                confidences), optional `image_id` (ignored): the columns of the corpus and the names of the model.
+                `features` / `boxes` (the earlier names) still work, with a deprecation warning. `image_size` is
+                `(width, height)`, as PIL's `Image.size`; sizes whose boxes fit only the swapped `(height, width)`
+                are refused. Pixel boxes that reach past the image edge are clipped to it, with a warning giving the
+                count; a box that does not touch the image at all is an error (`CmalRegionProcessor`).
             images: a PIL image, an `[H, W(, C)]` uint8 array or a list of them, instead of `regions`; needs a
                 `region_extractor`.
             padding, truncation, max_length: the tokenizer's, for the text (`max_length` defaults to the
                 tokenizer's `model_max_length`). A caption cut by truncation logs a warning naming how many word
-                pieces and anchors were lost. Regions are always padded to the
-                longest image of the batch (`padding="max_length"`: to `max_regions`); anchors to the most
-                anchor rows of the batch.
+                pieces and anchors were lost. Regions are always padded to the longest image of the batch
+                (`padding="max_length"`: to `max_regions`); anchors to the most anchor rows of the batch.
             return_tensors (`None`, `"np"` or `"pt"`): `"pt"` torch tensors, `"np"` numpy arrays; `None` python
                 lists as the tokenizer gives them, except `visual_feats` and `visual_pos`, numpy float32 arrays.
             anchor_action (`str` or `int`, *optional*): give every anchor this action (`keep`, `fill_text`,
                 `fill_region`, `mask_both`, `mask_text`, `mask_region`, or 0-5) in `anchor_actions`. By default
                 there is no `anchor_actions` output, and the model applies `config.default_anchor_action`: the
                 one policy of fine-tuning and inference (the pre-training collator draws actions itself).
+            return_region_indices (`bool`, defaults to `False`): also return `region_indices` `[B, M]`, the input
+                index of each kept region (-1 on padding); not a model input.
 
         Returns:
             `BatchFeature` with `input_ids`, `token_type_ids`, `attention_mask` `[B, N]` (when text is given);
@@ -280,18 +277,16 @@ class CmalProcessor(ProcessorMixin):
                                        or max_length < special_pieces):
             raise ValueError(f"max_length must be None or an int >= {special_pieces} (the special tokens), "
                              f"got {_shorten(max_length)}")
-        region_list = None
+        selections = None
         if regions is not None:
-            region_list = [regions] if isinstance(regions, Mapping) else regions
-            if isinstance(region_list, (str, bytes)) or not isinstance(region_list, Sequence):
-                raise ValueError(f"regions must be a dict (one image) or a list of dicts, got {_shorten(regions)}")
-            if texts is not None and len(region_list) != len(texts):
-                raise ValueError(f"text has {len(texts)} captions but regions has {len(region_list)} images; "
+            if texts is not None and isinstance(regions, Sequence) and not isinstance(regions, (str, bytes)) and \
+                    len(regions) != len(texts):
+                raise ValueError(f"text has {len(texts)} captions but regions has {len(regions)} images; "
                                  "expected one image per caption")
-            if not region_list:
-                raise ValueError("regions is an empty list; expected at least one image")
-            region_list = [self._parse_regions(image_regions, index) for index, image_regions in
-                           enumerate(region_list)]
+            selections = self.image_processor.select(regions)
+            if texts is not None and len(selections) != len(texts):
+                raise ValueError(f"text has {len(texts)} captions but regions has {len(selections)} images; "
+                                 "expected one image per caption")
 
         data: dict = {}
         encoding = None
@@ -303,17 +298,19 @@ class CmalProcessor(ProcessorMixin):
                 raise ValueError(f"padding={padding!r} leaves captions of different lengths, which make no tensor; "
                                  "use padding=True (or return_tensors=None)")
             data.update({name: encoding[name] for name in TEXT_INPUT_NAMES})
-        if region_list is not None:
-            data.update(self._stack_regions(region_list, pad_to_max=padding == "max_length"))
+        if selections is not None:
+            visual = self.image_processor.pad(selections, padding="max_length" if padding == "max_length" else True)
+            region_indices = visual.pop("region_indices")
+            data.update(visual)
+            if return_region_indices:
+                data["region_indices"] = region_indices
         rows = None
-        if encoding is not None and region_list is not None:
-            rows = [self._anchor_rows(encoding.encodings[index], texts[index], image_regions)
-                    for index, image_regions in enumerate(region_list)]
+        if encoding is not None and selections is not None:
+            rows = [self._anchor_rows(encoding.encodings[index], texts[index], selection)
+                    for index, selection in enumerate(selections)]
             data.update(self._stack_anchors(rows, action))
         if encoding is not None and truncation not in (False, "do_not_truncate"):
-            self._warn_about_truncation(encoding, texts, region_list, rows, max_length)
-        if region_list is not None:
-            self._warn_about_clipped_boxes(region_list)
+            self._warn_about_truncation(encoding, texts, selections, rows, max_length)
         return BatchFeature(self._convert(data, return_tensors))
 
     @staticmethod
@@ -341,191 +338,16 @@ class CmalProcessor(ProcessorMixin):
         return [str(caption) for caption in texts]
 
     # ----------------------------------------------------------------------------------------------------------
-    # Regions
-    # ----------------------------------------------------------------------------------------------------------
-
-    def _parse_regions(self, regions, index: int) -> _ImageRegions:
-        """Validates one image's regions dict and keeps its top `max_regions`."""
-        where = f"regions[{index}]"
-        if not isinstance(regions, Mapping):
-            raise ValueError(f"{where} must be a dict with features, boxes and tags, got {_shorten(regions)}")
-        unknown = sorted(str(key) for key in regions if key not in REGION_KEYS)
-        if unknown:
-            raise ValueError(f"{where} has unknown keys {unknown}; expected some of {list(REGION_KEYS)}")
-        for key in ("features", "boxes"):
-            if regions.get(key) is None:
-                raise ValueError(f"{where} has no {key!r}; expected features [M, Dv] and boxes [M, 4]")
-        features = _number_array(regions["features"], f"{where}['features']")
-        if features.ndim != 2:
-            raise ValueError(f"{where}['features'] must be 2-D [M, Dv] (an image without regions: shape [0, Dv]), "
-                             f"got shape {features.shape}")
-        if features.shape[1] == 0:
-            raise ValueError(f"{where}['features'] has shape {features.shape}; expected Dv >= 1")
-        num_regions = features.shape[0]
-        boxes, clipped_boxes = self._normalized_boxes(regions, num_regions, where)
-        tags = self._tag_names(regions.get("tags"), num_regions, where)
-        scores = self._checked_scores(regions.get("scores"), num_regions, where)
-        if num_regions > self.max_regions:
-            if scores is None:
-                keep = np.arange(self.max_regions)
-            else:
-                keep = np.sort(np.argsort(-np.asarray(scores), kind="stable")[: self.max_regions])
-            features, boxes = features[keep], boxes[keep]
-            tags = None if tags is None else [tags[i] for i in keep]
-            scores = None if scores is None else [scores[i] for i in keep]
-        return _ImageRegions(features, boxes, tags, scores, clipped_boxes)
-
-    @staticmethod
-    def _normalized_boxes(regions: Mapping, num_regions: int, where: str) -> tuple[np.ndarray, int]:
-        """Boxes `[M, 4]` checked (finite, x1 <= x2, y1 <= y2, on the image) and normalised to `[0, 1]`, and how
-        many pixel boxes reached past the image edge and were clipped to it."""
-        boxes = _number_array(regions["boxes"], f"{where}['boxes']").astype(np.float64)
-        if boxes.size == 0 and num_regions == 0:
-            boxes = boxes.reshape(0, 4)
-        if boxes.ndim != 2 or boxes.shape[1] != 4:
-            raise ValueError(f"{where}['boxes'] must have shape [M, 4] (x1, y1, x2, y2), got shape {boxes.shape}")
-        if boxes.shape[0] != num_regions:
-            raise ValueError(f"{where}['boxes'] has {boxes.shape[0]} rows but features has {num_regions}; "
-                             "expected one box per region")
-        bad = ~np.isfinite(boxes).all(axis=1) | (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{where}['boxes'][{row}] = {boxes[row].tolist()}; expected finite x1, y1, x2, y2 with "
-                             "x1 <= x2 and y1 <= y2")
-        image_size = regions.get("image_size")
-        if image_size is None:
-            outside = ((boxes < -NORMALIZED_BOX_TOLERANCE) | (boxes > 1 + NORMALIZED_BOX_TOLERANCE)).any(axis=1)
-            if outside.any():
-                row = int(np.flatnonzero(outside)[0])
-                raise ValueError(f"{where}['boxes'][{row}] = {boxes[row].tolist()} is outside [0, 1]; boxes without "
-                                 "image_size must be normalised (pixel boxes need image_size=(width, height))")
-            return np.clip(boxes, 0.0, 1.0).astype(np.float32), 0
-        size = _number_array(image_size, f"{where}['image_size']").astype(np.float64)
-        if size.shape != (2,) or not np.isfinite(size).all() or (size <= 0).any():
-            raise ValueError(f"{where}['image_size'] must be (width, height), two positive numbers, "
-                             f"got {_shorten(image_size)}")
-        width, height = size
-        past_edge = (boxes[:, :2] < -PIXEL_BOX_TOLERANCE).any(axis=1) | (boxes[:, 2] > width + PIXEL_BOX_TOLERANCE) | \
-            (boxes[:, 3] > height + PIXEL_BOX_TOLERANCE)
-        if past_edge.any() and width != height:
-            # Far past the edge of (width, height) yet inside (height, width): the size was given the other way round.
-            overshoot = max((boxes[:, 2].max() - width) / width, (boxes[:, 3].max() - height) / height)
-            fits_swapped = (boxes >= -PIXEL_BOX_TOLERANCE).all() and \
-                (boxes[:, [0, 2]] <= height + PIXEL_BOX_TOLERANCE).all() and \
-                (boxes[:, [1, 3]] <= width + PIXEL_BOX_TOLERANCE).all()
-            if fits_swapped and overshoot > SWAPPED_SIZE_OVERSHOOT:
-                row = int(np.argmax(np.maximum(boxes[:, 2] / width, boxes[:, 3] / height)))
-                raise ValueError(
-                    f"{where}['image_size'] = ({width:g}, {height:g}) looks like (height, width): {where}['boxes'][{row}]"
-                    f" = {boxes[row].tolist()} reaches {overshoot:.0%} past the edge of a {width:g} x {height:g} image, "
-                    f"while every box fits a {height:g} x {width:g} one. image_size is (width, height), as PIL's "
-                    f"Image.size; give image_size=({height:g}, {width:g}) if that is the image"
-                )
-        # A box is kept (clipped) if it touches the image; one wholly outside is almost surely a size mix-up.
-        outside = (boxes[:, 0] > width) | (boxes[:, 2] < 0) | (boxes[:, 1] > height) | (boxes[:, 3] < 0)
-        if outside.any():
-            row = int(np.flatnonzero(outside)[0])
-            raise ValueError(f"{where}['boxes'][{row}] = {boxes[row].tolist()} lies outside the image of size "
-                             f"(width, height) = ({width:g}, {height:g}); expected a box that overlaps the image")
-        scale = np.array([width, height, width, height])
-        return (np.clip(boxes, 0.0, scale) / scale).astype(np.float32), int(past_edge.sum())
-
-    @staticmethod
-    def _warn_about_clipped_boxes(region_list: list[_ImageRegions]) -> None:
-        """Boxes past the image edge are clipped to it (as the corpus builders do); says how many, in which images."""
-        clipped = [(index, image_regions.clipped_boxes) for index, image_regions in enumerate(region_list)
-                   if image_regions.clipped_boxes]
-        if clipped:
-            examples = ", ".join(f"regions[{index}]: {count}" for index, count in clipped[:5])
-            logger.warning(
-                f"CmalProcessor: {sum(count for _, count in clipped)} boxes in {len(clipped)} of {len(region_list)} "
-                f"images reach past the image edge (image_size) and were clipped to it ({examples}"
-                f"{', ...' if len(clipped) > 5 else ''}); check image_size = (width, height) if that is unexpected"
-            )
-
-    def _tag_names(self, tags, num_regions: int | None, where: str) -> list[str] | None:
-        """Tag names (ids looked up in `tag_vocabulary`), one per region when `num_regions` is given."""
-        if tags is None:
-            return None
-        if isinstance(tags, torch.Tensor):
-            tags = tags.tolist()
-        if isinstance(tags, (str, bytes)) or not isinstance(tags, (Sequence, np.ndarray)):
-            raise ValueError(f"{where}['tags'] must be a list of class names or ids, got {_shorten(tags)}")
-        if num_regions is not None and len(tags) != num_regions:
-            raise ValueError(f"{where}['tags'] has {len(tags)} entries but features has {num_regions} rows; "
-                             "expected one tag per region")
-        names = []
-        for row, tag in enumerate(tags):
-            if isinstance(tag, str):
-                names.append(tag)
-            elif isinstance(tag, (int, np.integer)) and not isinstance(tag, (bool, np.bool_)):
-                names.append(self._tag_name(int(tag), f"{where}['tags'][{row}]"))
-            else:
-                raise ValueError(f"{where}['tags'][{row}] = {_shorten(tag)}; expected a class name (str) or an id "
-                                 "(int) of tag_vocabulary")
-        return names
-
-    def _tag_name(self, tag_id: int, where: str) -> str:
-        if self.tag_vocabulary is None:
-            raise ValueError(f"{where} is the id {tag_id}, but the processor has no tag_vocabulary; give class "
-                             "names, or build the processor with tag_vocabulary=[...]")
-        if not 0 <= tag_id < len(self.tag_vocabulary):
-            raise ValueError(f"{where} is the id {tag_id}; expected an id in [0, {len(self.tag_vocabulary)}) of "
-                             "tag_vocabulary")
-        return self.tag_vocabulary[tag_id]
-
-    @staticmethod
-    def _checked_scores(scores, num_regions: int, where: str) -> list[float] | None:
-        if scores is None:
-            return None
-        array = _number_array(scores, f"{where}['scores']").astype(np.float64)
-        if array.ndim != 1 or array.shape[0] != num_regions:
-            raise ValueError(f"{where}['scores'] has shape {array.shape}; expected [{num_regions}], one score per "
-                             "region")
-        if not np.isfinite(array).all():
-            row = int(np.flatnonzero(~np.isfinite(array))[0])
-            raise ValueError(f"{where}['scores'][{row}] = {array[row]}; expected a finite number")
-        return array.tolist()
-
-    def _stack_regions(self, region_list: list[_ImageRegions], pad_to_max: bool) -> dict[str, np.ndarray]:
-        feature_dim = region_list[0].features.shape[1]
-        for index, image_regions in enumerate(region_list):
-            if image_regions.features.shape[1] != feature_dim:
-                raise ValueError(f"regions[{index}]['features'] has {image_regions.features.shape[1]} dimensions "
-                                 f"but regions[0] has {feature_dim}; expected the same Dv for every image")
-        counts = [image_regions.num_regions for image_regions in region_list]
-        # M >= 1 even when no image has a region: the model always gets a region axis (that one row is masked).
-        num_slots = max(self.max_regions if pad_to_max else max(counts), 1)
-        batch_size = len(region_list)
-        visual_feats = np.zeros((batch_size, num_slots, feature_dim), dtype=np.float32)
-        visual_pos = np.zeros((batch_size, num_slots, 4), dtype=np.float32)
-        visual_attention_mask = np.zeros((batch_size, num_slots), dtype=np.int64)
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflow to inf is caught just below
-            for index, (image_regions, count) in enumerate(zip(region_list, counts)):
-                visual_feats[index, :count] = image_regions.features
-                visual_pos[index, :count] = image_regions.boxes
-                visual_attention_mask[index, :count] = 1
-        if not np.isfinite(visual_feats).all():
-            for index, count in enumerate(counts):
-                bad = ~np.isfinite(visual_feats[index, :count])
-                if bad.any():
-                    row, column = (int(value) for value in np.argwhere(bad)[0])
-                    raise ValueError(f"regions[{index}]['features'][{row}, {column}] = "
-                                     f"{float(region_list[index].features[row, column])} (as float32: "
-                                     f"{visual_feats[index, row, column]}); expected finite float32 numbers")
-        return {"visual_feats": visual_feats, "visual_pos": visual_pos, "visual_attention_mask": visual_attention_mask}
-
-    # ----------------------------------------------------------------------------------------------------------
     # Anchors
     # ----------------------------------------------------------------------------------------------------------
 
-    def _anchor_rows(self, encoding, text: str, image_regions: _ImageRegions) -> list[tuple[int, int, int]]:
+    def _anchor_rows(self, encoding, text: str, selection: RegionSelection) -> list[tuple[int, int, int]]:
         """`(piece position, region index, concept id)` of every piece of every anchored word.
 
         The words are the tokenizer's (its word ids), their text cut from the caption by the pieces' offsets. A
         word that truncation cut in part is left out, so an anchor always covers all pieces of its word.
         """
-        if not image_regions.tags:
+        if not selection.tags:
             return []
         cut_words = {word for part in encoding.overflowing for word in part.word_ids if word is not None}
         pieces_of_word: dict[int, list[int]] = {}
@@ -538,14 +360,14 @@ class CmalProcessor(ProcessorMixin):
         word_pieces = list(pieces_of_word.values())
         words = [text[offsets[pieces[0]][0]: offsets[pieces[-1]][1]] for pieces in word_pieces]
         rows = []
-        for match in find_anchors(words, image_regions.tags, self.lexicon, image_regions.scores):
+        for match in find_anchors(words, selection.tags, self.lexicon, selection.scores):
             for pieces in word_pieces[match.word_start: match.word_end]:
                 rows.extend((position, match.region_index, match.concept_id) for position in pieces)
         return rows
 
-    def _uncut_anchor_count(self, encoding, text: str, image_regions: _ImageRegions) -> int:
+    def _uncut_anchor_count(self, encoding, text: str, selection: RegionSelection) -> int:
         """How many anchors the whole caption has (truncation undone: the overflowing pieces put back)."""
-        if not image_regions.tags:
+        if not selection.tags:
             return 0
         spans: dict[int, list[int]] = {}
         for part in (encoding, *encoding.overflowing):
@@ -554,9 +376,9 @@ class CmalProcessor(ProcessorMixin):
                     span = spans.setdefault(word, [start, end])
                     span[0], span[1] = min(span[0], start), max(span[1], end)
         words = [text[start:end] for _, (start, end) in sorted(spans.items())]
-        return len(find_anchors(words, image_regions.tags, self.lexicon, image_regions.scores))
+        return len(find_anchors(words, selection.tags, self.lexicon, selection.scores))
 
-    def _warn_about_truncation(self, encoding, texts: list[str], region_list, rows, max_length: int | None) -> None:
+    def _warn_about_truncation(self, encoding, texts: list[str], selections, rows, max_length: int | None) -> None:
         """A caption longer than `max_length` is cut: says how many pieces, and how many anchors, were lost."""
         cut = []
         for index, sample in enumerate(encoding.encodings):
@@ -564,9 +386,9 @@ class CmalProcessor(ProcessorMixin):
                 continue
             lost_pieces = sum(word is not None for part in sample.overflowing for word in part.word_ids)
             lost_anchors = 0
-            if region_list is not None:
+            if selections is not None:
                 kept_anchors = len({region for _, region, _ in rows[index]})
-                lost_anchors = max(self._uncut_anchor_count(sample, texts[index], region_list[index]) - kept_anchors, 0)
+                lost_anchors = max(self._uncut_anchor_count(sample, texts[index], selections[index]) - kept_anchors, 0)
             cut.append((index, lost_pieces, lost_anchors))
         if not cut:
             return
@@ -622,34 +444,18 @@ class CmalProcessor(ProcessorMixin):
             where = f"regions_list[{index}]"
             if not isinstance(regions, Mapping) or regions.get("tags") is None:
                 raise ValueError(f"{where} must be a dict with tags, got {_shorten(regions)}")
-            names = self._tag_names(regions["tags"], None, where)
-            scores = self._checked_scores(regions.get("scores"), len(names), where)
-            if len(names) > self.max_regions:
-                keep = range(self.max_regions) if scores is None else \
-                    sorted(np.argsort(-np.asarray(scores), kind="stable")[: self.max_regions].tolist())
-                names = [names[i] for i in keep]
-            tags.append(names)
+            names = self.image_processor.tag_names(regions["tags"], None, where)
+            scores = self.image_processor.checked_scores(regions.get("scores"), len(names), where)
+            tags.append([names[i] for i in self.image_processor.kept_regions(scores, len(names))])
         return anchor_statistics(texts, tags, self.lexicon, top_k=top_k)
 
     # ----------------------------------------------------------------------------------------------------------
-    # Saving and loading
+    # Saving and loading: ProcessorMixin's, plus the lexicon file
     # ----------------------------------------------------------------------------------------------------------
 
-    def to_dict(self) -> dict:
-        """The settings written to `processor_config.json` (the tokenizer and the lexicon have files of their own;
-        the region extractor is not saved)."""
-        output = {
-            "processor_class": type(self).__name__,
-            "max_regions": self.max_regions,
-            "tag_vocabulary": self.tag_vocabulary,
-            "lexicon_file": LEXICON_FILE,
-        }
-        if getattr(self, "auto_map", None):
-            output["auto_map"] = self.auto_map
-        return output
-
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
-        """Writes the tokenizer, `processor_config.json` and `concept_lexicon.json` into `save_directory`."""
+        """`ProcessorMixin.save_pretrained` (tokenizer files, `processor_config.json`), then the lexicon as
+        `concept_lexicon.json`; pushed to the Hub after both are written."""
         repo_id = kwargs.pop("repo_id", None)
         hub_kwargs = {key: kwargs.pop(key) for key in ("commit_message", "token", "private") if key in kwargs}
         files = super().save_pretrained(save_directory, push_to_hub=False)
@@ -661,48 +467,66 @@ class CmalProcessor(ProcessorMixin):
 
     @classmethod
     def get_processor_dict(cls, pretrained_model_name_or_path, **kwargs):
-        processor_dict, unused_kwargs = super().get_processor_dict(pretrained_model_name_or_path, **kwargs)
-        lexicon_file = processor_dict.pop("lexicon_file", None)
-        if lexicon_file is not None:
-            path = cached_file(pretrained_model_name_or_path, lexicon_file,
-                               **{key: kwargs[key] for key in HUB_KWARGS if key in kwargs})
+        """`ProcessorMixin.get_processor_dict`, with the lexicon read from `concept_lexicon.json` (when the folder
+        has one; otherwise the default lexicon). A name that is not a folder, or a folder without a tokenizer, is a
+        `ValueError` naming `pretrained_model_name_or_path`."""
+        _check_pretrained_source(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+        try:
+            processor_dict, unused_kwargs = super().get_processor_dict(pretrained_model_name_or_path, **kwargs)
+        except OSError as error:  # huggingface_hub's errors (not found, offline, bad id) are OSErrors
+            raise _hub_error(pretrained_model_name_or_path, error) from error
+        # Folders saved before 2026-12 name the file; it has always been LEXICON_FILE.
+        lexicon_file = processor_dict.pop("lexicon_file", LEXICON_FILE)
+        path = cached_file(pretrained_model_name_or_path, lexicon_file, _raise_exceptions_for_missing_entries=False,
+                           **{key: kwargs[key] for key in HUB_KWARGS if key in kwargs})
+        if path is not None and "lexicon" not in kwargs:
             processor_dict["lexicon"] = ConceptLexicon.load(path)
         return processor_dict, unused_kwargs
 
     @classmethod
-    def _from_pretrained_naming_the_source(cls, pretrained_model_name_or_path, **kwargs):
-        """`ProcessorMixin.from_pretrained`, with a `ValueError` naming `pretrained_model_name_or_path` for a folder
-        that does not exist or holds no tokenizer, and for a Hub id that cannot be found."""
-        argument = "pretrained_model_name_or_path"
-        if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
-            raise ValueError(f"{argument} must be a folder path or a Hub repository id (str), got "
-                             f"{_shorten(pretrained_model_name_or_path)}")
-        folder = Path(pretrained_model_name_or_path).expanduser() / kwargs.get("subfolder", "")
-        if folder.is_dir() or _looks_like_a_path(pretrained_model_name_or_path):
-            _check_tokenizer_folder(folder, argument)
-            return super().from_pretrained(os.fspath(Path(pretrained_model_name_or_path).expanduser()), **kwargs)
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        """The tokenizer as `ProcessorMixin` loads it, and the region processor from the `image_processor` entry of
+        `processor_config.json` as this module's `CmalRegionProcessor` (so that remote code needs no
+        `AutoImageProcessor` registry). A folder saved before the region processor existed, or holding only a
+        tokenizer, has no such entry: the region processor then comes from the top-level settings, which
+        `__init__` receives."""
+        for name in PROCESSOR_SETTINGS:  # settings go to __init__, not into the tokenizer's config
+            kwargs.pop(name, None)
+        subfolder = kwargs.pop("subfolder", "")
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except OSError as error:  # huggingface_hub's errors (not found, offline, bad id) are OSErrors
-            raise ValueError(
-                f"{argument} {str(pretrained_model_name_or_path)!r} is not a local folder, and as a Hub repository "
-                f"id it cannot be loaded ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]}); expected "
-                "a folder written by CmalProcessor.save_pretrained, or the id of a Hub repository holding one"
-            ) from error
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Loads a processor saved by `save_pretrained`. `lexicon=`, `tag_vocabulary=`, `max_regions=` and
-        `region_extractor=` override what the folder holds."""
-        # Kept away from the tokenizer's `from_pretrained`, which would store them in its own config.
-        overrides = {name: kwargs.pop(name) for name in ("lexicon", "tag_vocabulary", "max_regions",
-                                                          "region_extractor") if name in kwargs}
-        processor = cls._from_pretrained_naming_the_source(pretrained_model_name_or_path, **kwargs)
-        if not overrides:
-            return processor
-        settings = {"lexicon": processor.lexicon, "tag_vocabulary": processor.tag_vocabulary,
-                    "max_regions": processor.max_regions, "region_extractor": processor.region_extractor}
-        return cls(processor.tokenizer, **{**settings, **overrides})
+            tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path,
+                                                            subfolder=subfolder, **kwargs)
+        except OSError as error:  # a Hub id without a tokenizer, or that cannot be reached
+            raise _hub_error(pretrained_model_name_or_path, error) from error
+        saved = (processor_dict or {}).get("image_processor")
+        if saved is None:
+            return [tokenizer, CmalRegionProcessor()]
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"pretrained_model_name_or_path {str(pretrained_model_name_or_path)!r}: the "
+                             f"image_processor entry of processor_config.json is {_shorten(saved)}; expected the "
+                             "settings of a CmalRegionProcessor (max_regions, tag_vocabulary)")
+        return [tokenizer, CmalRegionProcessor.from_dict({name: saved[name] for name in REGION_SETTINGS
+                                                          if name in saved})]
 
 
-__all__ = ["LEXICON_FILE", "CmalProcessor", "CmalRegionExtractor"]
+def _check_pretrained_source(pretrained_model_name_or_path, subfolder: str = "") -> None:
+    """A `ValueError` naming `pretrained_model_name_or_path` when it is not a str / path, or is meant as a local
+    folder that does not exist or holds no tokenizer files."""
+    argument = "pretrained_model_name_or_path"
+    if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+        raise ValueError(f"{argument} must be a folder path or a Hub repository id (str), got "
+                         f"{_shorten(pretrained_model_name_or_path)}")
+    folder = Path(pretrained_model_name_or_path).expanduser() / subfolder
+    if folder.is_dir() or _looks_like_a_path(pretrained_model_name_or_path):
+        _check_tokenizer_folder(folder, argument)
+
+
+def _hub_error(pretrained_model_name_or_path, error: OSError) -> ValueError:
+    return ValueError(
+        f"pretrained_model_name_or_path {str(pretrained_model_name_or_path)!r} is not a local folder, and as a Hub "
+        f"repository id it cannot be loaded ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]}); "
+        "expected a folder written by CmalProcessor.save_pretrained, or the id of a Hub repository holding one"
+    )
+
+
+__all__ = ["LEXICON_FILE", "CmalProcessor", "CmalRegionExtractor", "CmalRegionProcessor", "default_tokenizer"]

@@ -59,8 +59,8 @@ class CmalRegionExtractor:
         batch_size (`int`, defaults to 8): images per forward pass.
 
     Calling it with one image (a PIL image or a uint8 array) gives one dict, with a list a list of dicts:
-    `features` float32 `[K, D]` (D = the detector's hidden size), `boxes` float32 `[K, 4]` (x1, y1, x2, y2 in
-    pixels, clipped to the image), `image_size` `(width, height)`, `tags` (K class names), `scores` float32 `[K]`,
+    `visual_feats` float32 `[K, D]` (D = the detector's hidden size), `visual_pos` float32 `[K, 4]` (x1, y1, x2, y2
+    in pixels, clipped to the image), `image_size` `(width, height)`, `tags` (K class names), `scores` float32 `[K]`,
     sorted by score. `CmalProcessor(..., region_extractor=extractor)` runs it for `processor(images=...)`.
     """
 
@@ -169,8 +169,8 @@ class CmalRegionExtractor:
             kept = torch.nonzero(scores > self.score_threshold).flatten()
             order = kept[torch.argsort(-scores[kept], stable=True)][: self.top_k]
             regions.append({
-                "features": query_states[index, queries[order]].cpu().numpy(),
-                "boxes": torch.minimum(boxes[order].clamp(min=0), scale).numpy(),
+                "visual_feats": query_states[index, queries[order]].cpu().numpy(),
+                "visual_pos": torch.minimum(boxes[order].clamp(min=0), scale).numpy(),
                 "image_size": (width, height),
                 "tags": [id2label[int(label)] for label in detected["labels"][order].tolist()],
                 "scores": scores[order].numpy(),

@@ -65,7 +65,8 @@ def batches(collator, rows, batch_size=32):
 
 
 def regions_of(row: dict) -> dict:
-    return {"features": row["visual_feats"], "boxes": row["visual_pos"], "tags": row["tags"], "scores": row["scores"]}
+    return {"visual_feats": row["visual_feats"], "visual_pos": row["visual_pos"], "tags": row["tags"],
+            "scores": row["scores"]}
 
 
 def caption_sources(processor, rows, batch) -> list[int]:

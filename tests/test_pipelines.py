@@ -66,8 +66,8 @@ def photo_regions(test_data_dir):
     for name in ("coffee", "astronaut"):
         annotated = seeds["regions"][name]
         regions[name] = {
-            "features": rng.normal(size=(len(annotated), FEATURE_DIM)).astype(np.float32),
-            "boxes": [region["box"] for region in annotated],
+            "visual_feats": rng.normal(size=(len(annotated), FEATURE_DIM)).astype(np.float32),
+            "visual_pos": [region["box"] for region in annotated],
             "tags": [region["tag"] for region in annotated],
             "image_size": tuple(seeds["images"][name]["size"]),
         }
@@ -110,7 +110,7 @@ def expected_result(task, model, processor, text, regions, top_k=1):
     if task == "cmal-referring-expression":
         probabilities = logits.softmax(-1)
         index = probabilities.argmax().item()
-        return {"box": [float(value) for value in regions["boxes"][index]], "score": probabilities[index].item(),
+        return {"box": [float(value) for value in regions["visual_pos"][index]], "score": probabilities[index].item(),
                 "region_index": index, "normalized": "image_size" not in regions}
     return {"match_probability": logits.softmax(-1)[1].item(), "is_match": logits.softmax(-1)[1].item() >= 0.5}
 
@@ -271,8 +271,8 @@ def test_batches_match_single_calls_across_region_counts(task, processor, photo_
     rng = np.random.default_rng(1)
     items = []
     for count, text in zip((1, 3, 6), ("the cup", "a spoon on a red saucer next to the cup", "what is it?")):
-        regions = {"features": rng.normal(size=(count, FEATURE_DIM)).astype(np.float32),
-                   "boxes": np.sort(rng.random((count, 2, 2)), axis=1).reshape(count, 4),
+        regions = {"visual_feats": rng.normal(size=(count, FEATURE_DIM)).astype(np.float32),
+                   "visual_pos": np.sort(rng.random((count, 2, 2)), axis=1).reshape(count, 4),
                    "tags": ["cup", "spoon", "saucer", "table", "cup", "man"][:count]}
         second = photo_regions["astronaut"] if count == 3 else photo_regions["coffee"]
         items.append({"text": text, "regions": (regions, second) if task == "cmal-visual-reasoning" else regions})
@@ -301,15 +301,15 @@ def test_referring_expression_box_is_in_pixels_only_with_an_image_size(processor
                     processor=processor, device=-1)
     with_size = pipe(text="black helmet", regions=photo_regions["astronaut"])
     index = with_size["region_index"]
-    assert with_size["box"] == pytest.approx(photo_regions["astronaut"]["boxes"][index], abs=1e-2)
+    assert with_size["box"] == pytest.approx(photo_regions["astronaut"]["visual_pos"][index], abs=1e-2)
     assert not with_size["normalized"]
     width, height = photo_regions["astronaut"]["image_size"]
-    normalised = {**photo_regions["astronaut"], "boxes": [[x1 / width, y1 / height, x2 / width, y2 / height]
-                                                          for x1, y1, x2, y2 in photo_regions["astronaut"]["boxes"]]}
+    normalised = {**photo_regions["astronaut"], "visual_pos": [[x1 / width, y1 / height, x2 / width, y2 / height]
+                                                          for x1, y1, x2, y2 in photo_regions["astronaut"]["visual_pos"]]}
     del normalised["image_size"]
     without_size = pipe(text="black helmet", regions=normalised)
     assert without_size["normalized"] and without_size["region_index"] == index
-    assert without_size["box"] == pytest.approx(normalised["boxes"][index], abs=1e-4)
+    assert without_size["box"] == pytest.approx(normalised["visual_pos"][index], abs=1e-4)
 
 
 def test_visual_reasoning_takes_a_pair_of_images_through_the_extractor(processor, tiny_detector):
@@ -343,7 +343,7 @@ BAD_CALLS = [
     ("cmal-visual-reasoning", dict(text="two cups", regions="COFFEE"), "regions"),
     ("cmal-visual-reasoning", dict(text="two cups", image="photo.png"), "image"),
     ("cmal-visual-reasoning", dict(text="two cups", images=("a.png", "b.png", "c.png")), "images"),
-    ("cmal-image-text-matching", dict(text="a cup", regions={"boxes": [[0, 0, 1, 1]]}), "features"),
+    ("cmal-image-text-matching", dict(text="a cup", regions={"visual_pos": [[0, 0, 1, 1]]}), "visual_feats"),
 ]
 
 
@@ -389,11 +389,11 @@ def test_a_pipeline_refuses_the_wrong_head(processor):
 def test_an_item_with_narrow_features_is_refused_in_a_batch_as_alone(task, processor, photo_regions):
     """With batch_size=2 a narrow item used to be zero-padded to the model's width and scored."""
     pipe = pipeline(task, model=make_model(task, processor), processor=processor, device=-1)
-    narrow = {**photo_regions["coffee"], "features": photo_regions["coffee"]["features"][:, : FEATURE_DIM - 4]}
+    narrow = {**photo_regions["coffee"], "visual_feats": photo_regions["coffee"]["visual_feats"][:, : FEATURE_DIM - 4]}
     good_item = task_inputs(task, photo_regions)
     narrow_item = {"text": good_item["text"],
                    "regions": (narrow, narrow) if task == "cmal-visual-reasoning" else narrow}
-    message = (rf"regions: features of width {FEATURE_DIM - 4}; this model expects config.visual_feat_dim = "
+    message = (rf"regions: visual_feats of width {FEATURE_DIM - 4}; this model expects config.visual_feat_dim = "
                rf"{FEATURE_DIM}")
     with pytest.raises(ValueError, match=message):
         pipe(narrow_item)
@@ -535,7 +535,7 @@ def test_a_model_folder_without_tokenizer_files_is_named(processor, tmp_path):
         pipeline("cmal-vqa", model=str(folder), device=-1)
     processor.save_pretrained(folder)
     assert pipeline("cmal-vqa", model=str(folder), device=-1)(text="a cup?", regions={
-        "features": np.zeros((2, FEATURE_DIM), np.float32), "boxes": [[0, 0, 0.5, 0.5]] * 2, "tags": ["cup", "dog"]})
+        "visual_feats": np.zeros((2, FEATURE_DIM), np.float32), "visual_pos": [[0, 0, 0.5, 0.5]] * 2, "tags": ["cup", "dog"]})
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
@@ -546,7 +546,7 @@ def test_a_caption_longer_than_the_models_positions_is_cut_there_with_a_warning(
     long_question = "is there " + "a very small and " * 6 + "red cup?"
     items = [{"text": long_question, "regions": photo_regions["coffee"]}, {"text": "a cup?",
                                                                            "regions": photo_regions["coffee"]}]
-    with caplog.at_level("WARNING", logger="modeling_cmal.processing_cmal"):
+    with caplog.at_level("WARNING", logger="modeling_cmal"):
         results = pipe(items, batch_size=batch_size)
     assert len(results) == 2
     assert "1 of 1 captions are longer than 16 pieces (max_length, special tokens included) and were cut" in \

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from modeling_cmal.anchoring import ConceptLexicon
 from modeling_cmal.processing_cmal import LEXICON_FILE, CmalProcessor
+from modeling_cmal.region_processing_cmal import CmalRegionProcessor, select_top_regions
 
 FEATURE_DIM = 8
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,14 +48,14 @@ def photo_regions(seeds, name: str) -> dict:
         features.append([*crop.mean(0), *crop.std(0), area, (x2 - x1) / max(y2 - y1, 1)])
         boxes.append(region["box"])
         tags.append(region["tag"])
-    return {"features": np.asarray(features, np.float32), "boxes": boxes, "image_size": (width, height), "tags": tags}
+    return {"visual_feats": np.asarray(features, np.float32), "visual_pos": boxes, "image_size": (width, height), "tags": tags}
 
 
 def regions_for(tags, scores=None, feature_dim=FEATURE_DIM, seed=0) -> dict:
     rng = np.random.default_rng(seed)
     regions = {
-        "features": rng.standard_normal((len(tags), feature_dim)).astype(np.float32),
-        "boxes": np.tile(np.array([[0.1, 0.2, 0.6, 0.9]], np.float32), (len(tags), 1)).reshape(-1, 4),
+        "visual_feats": rng.standard_normal((len(tags), feature_dim)).astype(np.float32),
+        "visual_pos": np.tile(np.array([[0.1, 0.2, 0.6, 0.9]], np.float32), (len(tags), 1)).reshape(-1, 4),
         "tags": list(tags),
     }
     if scores is not None:
@@ -91,9 +92,9 @@ def test_real_photo_coffee_anchors_every_piece_of_cup_saucer_spoon(processor, se
     # No actions unless asked for: the model applies its config's one policy (default_anchor_action).
     assert "anchor_actions" not in outputs
     width, height = regions["image_size"]
-    expected_pos = torch.tensor(regions["boxes"], dtype=torch.float32) / torch.tensor([width, height, width, height])
+    expected_pos = torch.tensor(regions["visual_pos"], dtype=torch.float32) / torch.tensor([width, height, width, height])
     torch.testing.assert_close(outputs["visual_pos"][0], expected_pos)
-    torch.testing.assert_close(outputs["visual_feats"][0], torch.from_numpy(regions["features"]))
+    torch.testing.assert_close(outputs["visual_feats"][0], torch.from_numpy(regions["visual_feats"]))
     assert outputs["visual_attention_mask"].tolist() == [[1, 1, 1]]
 
 
@@ -123,8 +124,9 @@ def test_multi_word_tags_take_every_piece_of_every_word(processor):
                         regions=regions_for(["traffic light", "person", "tennis racket"]))
     lexicon = processor.lexicon
     racket, light = lexicon.tag_concept_id("tennis racket"), lexicon.tag_concept_id("traffic light")
-    assert anchored(processor, outputs) == [("tennis", 2, racket), ("rack", 2, racket), ("##et", 2, racket),
-                                            ("traffic", 0, light), ("light", 0, light)]
+    person = lexicon.tag_concept_id("person")  # COCO's "person" anchors the words people use for one (issue 17)
+    assert anchored(processor, outputs) == [("player", 1, person), ("tennis", 2, racket), ("rack", 2, racket),
+                                            ("##et", 2, racket), ("traffic", 0, light), ("light", 0, light)]
 
 
 def test_repeated_words_pair_one_to_one_by_score(processor):
@@ -143,7 +145,7 @@ def test_no_anchor_gives_k_zero(processor):
     assert outputs["anchor_pairs"].shape == (1, 0, 2)
     assert outputs["anchor_concept_ids"].shape == (1, 0)
     assert outputs["anchor_pairs"].dtype == torch.long
-    no_tags = processor(text="a dog", regions={"features": np.ones((1, 4)), "boxes": [[0, 0, 1, 1]]})
+    no_tags = processor(text="a dog", regions={"visual_feats": np.ones((1, 4)), "visual_pos": [[0, 0, 1, 1]]})
     assert no_tags["anchor_pairs"] == [[]]
 
 
@@ -192,7 +194,7 @@ def test_anchor_action_is_given_to_every_anchor_row(processor):
 
 
 def test_zero_regions_are_masked_and_an_all_empty_batch_keeps_one_masked_slot(processor):
-    empty = {"features": np.zeros((0, FEATURE_DIM), np.float32), "boxes": np.zeros((0, 4)), "tags": []}
+    empty = {"visual_feats": np.zeros((0, FEATURE_DIM), np.float32), "visual_pos": np.zeros((0, 4)), "tags": []}
     mixed = processor(text=["a dog", "a dog"], regions=[regions_for(["dog", "cat"]), empty], return_tensors="pt")
     assert mixed["visual_attention_mask"].tolist() == [[1, 1], [0, 0]]
     assert mixed["visual_feats"][1].abs().sum() == 0
@@ -210,7 +212,7 @@ def test_processor_outputs_run_through_the_model(processor):
     config = CmalConfig.from_size("tiny", visual_feat_dim=FEATURE_DIM, num_anchor_concepts=len(processor.lexicon),
                                   vocab_size=len(processor.tokenizer))
     model = CmalModel(config).eval()
-    empty = {"features": np.zeros((0, FEATURE_DIM)), "boxes": np.zeros((0, 4))}
+    empty = {"visual_feats": np.zeros((0, FEATURE_DIM)), "visual_pos": np.zeros((0, 4))}
     for regions in ([regions_for(["dog", "cat"]), empty], [empty, empty]):
         inputs = processor(text=["a dog and a cat", ""], regions=regions, anchor_action="fill_text",
                            return_tensors="pt")
@@ -223,19 +225,19 @@ def test_too_many_regions_keeps_the_top_scores_in_input_order(bert_dir, tokenize
     processor = CmalProcessor(tokenizer=tokenizer, max_regions=3)
     scores = [0.1, 0.9, 0.5, 0.9, 0.3, 0.7]
     regions = regions_for(["dog", "cat", "car", "cup", "bus", "man"], scores=scores)
-    regions["features"] = np.arange(6 * FEATURE_DIM, dtype=np.float32).reshape(6, FEATURE_DIM)
+    regions["visual_feats"] = np.arange(6 * FEATURE_DIM, dtype=np.float32).reshape(6, FEATURE_DIM)
     outputs = processor(text="a man with a cup next to a dog", regions=regions, return_tensors="pt")
     kept = [1, 3, 5]  # 0.9, 0.9 (tie: both), 0.7
-    torch.testing.assert_close(outputs["visual_feats"][0], torch.from_numpy(regions["features"][kept]))
+    torch.testing.assert_close(outputs["visual_feats"][0], torch.from_numpy(regions["visual_feats"][kept]))
     assert outputs["visual_attention_mask"].tolist() == [[1, 1, 1]]
     # Region indices are positions among the kept regions; the dropped dog region gets no anchor.
     assert [(piece, region) for piece, region, _ in anchored(processor, outputs)] == [("man", 2), ("cup", 1)]
     ties = processor(text="a dog", regions=regions_for(["dog"] * 5, scores=[0.5] * 5), return_tensors="pt")
     assert ties["anchor_pairs"][0].tolist() == [[2, 0]]
     unscored = regions_for(["dog", "cat", "car", "cup"])
-    unscored["features"] = np.arange(4 * FEATURE_DIM, dtype=np.float32).reshape(4, FEATURE_DIM)
+    unscored["visual_feats"] = np.arange(4 * FEATURE_DIM, dtype=np.float32).reshape(4, FEATURE_DIM)
     first = processor(text="a cup", regions=unscored, return_tensors="pt")
-    torch.testing.assert_close(first["visual_feats"][0], torch.from_numpy(unscored["features"][:3]))
+    torch.testing.assert_close(first["visual_feats"][0], torch.from_numpy(unscored["visual_feats"][:3]))
     padded = processor(text="a cup", regions=regions_for(["cup"]), padding="max_length", max_length=12,
                        return_tensors="pt")
     assert padded["input_ids"].shape == (1, 12) and padded["visual_feats"].shape == (1, 3, FEATURE_DIM)
@@ -275,32 +277,32 @@ def test_tag_vocabulary_from_a_file(tokenizer, test_data_dir):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda r: r.update(features=np.ones(3)), r"regions\[1\]\['features'\] must be 2-D"),
-        (lambda r: r.update(features=[[1.0, 2.0], [3.0]]), r"regions\[1\]\['features'\] must be an array of numbers"),
-        (lambda r: r.update(features=[["a"] * FEATURE_DIM] * 3), r"array of numbers"),
-        (lambda r: r["features"].__setitem__((2, 5), np.nan), r"regions\[1\]\['features'\]\[2, 5\] = nan"),
-        (lambda r: r["features"].__setitem__((0, 0), np.inf), r"regions\[1\]\['features'\]\[0, 0\] = inf"),
-        (lambda r: r.update(features=np.full((3, FEATURE_DIM), 1e39)), r"\(as float32: inf\)"),
-        (lambda r: r.update(features=np.ones((3, FEATURE_DIM + 1))), r"regions\[1\]\['features'\] has 9 dimensions"),
-        (lambda r: r.update(boxes=[[0, 0, 1, 1]] * 2), r"regions\[1\]\['boxes'\] has 2 rows but features has 3"),
-        (lambda r: r.update(boxes=[[0, 0, 1]] * 3), r"shape \[M, 4\]"),
-        (lambda r: r["boxes"].__setitem__((1, 2), np.nan), r"regions\[1\]\['boxes'\]\[1\] = \[0.1\d*, 0.2\d*, nan"),
-        (lambda r: r.update(boxes=[[0.5, 0, 0.4, 1]] * 3), r"x1 <= x2"),
-        (lambda r: r.update(boxes=[[0, 0, 1.5, 1]] * 3), r"outside \[0, 1\].*image_size"),
-        (lambda r: r.update(tags=["cup"]), r"regions\[1\]\['tags'\] has 1 entries but features has 3"),
+        (lambda r: r.update(visual_feats=np.ones(3)), r"regions\[1\]\['visual_feats'\] must be 2-D"),
+        (lambda r: r.update(visual_feats=[[1.0, 2.0], [3.0]]), r"regions\[1\]\['visual_feats'\] must be an array of numbers"),
+        (lambda r: r.update(visual_feats=[["a"] * FEATURE_DIM] * 3), r"array of numbers"),
+        (lambda r: r["visual_feats"].__setitem__((2, 5), np.nan), r"regions\[1\]\['visual_feats'\]\[2, 5\] = nan"),
+        (lambda r: r["visual_feats"].__setitem__((0, 0), np.inf), r"regions\[1\]\['visual_feats'\]\[0, 0\] = inf"),
+        (lambda r: r.update(visual_feats=np.full((3, FEATURE_DIM), 1e39)), r"\(as float32: inf\)"),
+        (lambda r: r.update(visual_feats=np.ones((3, FEATURE_DIM + 1))), r"regions\[1\]\['visual_feats'\] has 9 dimensions"),
+        (lambda r: r.update(visual_pos=[[0, 0, 1, 1]] * 2), r"regions\[1\]\['visual_pos'\] has 2 rows but visual_feats has 3"),
+        (lambda r: r.update(visual_pos=[[0, 0, 1]] * 3), r"shape \[M, 4\]"),
+        (lambda r: r["visual_pos"].__setitem__((1, 2), np.nan), r"regions\[1\]\['visual_pos'\]\[1\] = \[0.1\d*, 0.2\d*, nan"),
+        (lambda r: r.update(visual_pos=[[0.5, 0, 0.4, 1]] * 3), r"x1 <= x2"),
+        (lambda r: r.update(visual_pos=[[0, 0, 1.5, 1]] * 3), r"outside \[0, 1\].*image_size"),
+        (lambda r: r.update(tags=["cup"]), r"regions\[1\]\['tags'\] has 1 entries but visual_feats has 3"),
         (lambda r: r.update(tags="cup"), r"list of class names"),
         (lambda r: r.update(scores=[0.1, 0.2]), r"regions\[1\]\['scores'\] has shape \(2,\); expected \[3\]"),
         (lambda r: r.update(scores=[0.1, float("nan"), 0.2]), r"regions\[1\]\['scores'\]\[1\] = nan"),
         (lambda r: r.update(image_size=(0, 10)), r"image_size'\] must be \(width, height\)"),
-        (lambda r: r.update(image_size=(10, 10), boxes=[[11, 0, 12, 5]] * 3), r"lies outside the image"),
+        (lambda r: r.update(image_size=(10, 10), visual_pos=[[11, 0, 12, 5]] * 3), r"lies outside the image"),
         (lambda r: r.update(box=[]), r"unknown keys \['box'\]"),
-        (lambda r: r.pop("boxes"), r"regions\[1\] has no 'boxes'"),
+        (lambda r: r.pop("visual_pos"), r"regions\[1\] has no 'visual_pos'"),
     ],
 )
 def test_invalid_regions_are_refused_naming_the_sample(processor, change, message):
     regions = [regions_for(["cup"]), regions_for(["cup", "dog", "cat"])]
-    regions[1]["features"] = regions[1]["features"].astype(np.float64)
-    regions[1]["boxes"] = regions[1]["boxes"].astype(np.float64)
+    regions[1]["visual_feats"] = regions[1]["visual_feats"].astype(np.float64)
+    regions[1]["visual_pos"] = regions[1]["visual_pos"].astype(np.float64)
     change(regions[1])
     with pytest.raises(ValueError, match=message):
         processor(text=["a cup", "a dog"], regions=regions)
@@ -308,19 +310,19 @@ def test_invalid_regions_are_refused_naming_the_sample(processor, change, messag
 
 def test_boxes_partly_outside_the_image_are_clipped_with_a_warning_giving_the_count(processor, caplog):
     regions = regions_for(["dog", "cat", "cup"])
-    regions.update(boxes=[[-20, 10, 50, 120], [60, -5, 130, 40], [10, 10, 20, 20]], image_size=(100, 100))
-    with caplog.at_level("WARNING", logger="modeling_cmal.processing_cmal"):
+    regions.update(visual_pos=[[-20, 10, 50, 120], [60, -5, 130, 40], [10, 10, 20, 20]], image_size=(100, 100))
+    with caplog.at_level("WARNING", logger="modeling_cmal"):
         outputs = processor(text=["a dog", "a cup"], regions=[regions, regions_for(["cup"])], return_tensors="np")
     np.testing.assert_allclose(outputs["visual_pos"][0, :2], [[0, 0.1, 0.5, 1.0], [0.6, 0, 1.0, 0.4]], rtol=1e-6)
     assert "2 boxes in 1 of 2 images reach past the image edge (image_size) and were clipped to it (regions[0]: 2)" \
         in caplog.text
     caplog.clear()
-    regions.update(boxes=[[0, 0, 100.3, 100], [0, 0, 50, 50], [10, 10, 20, 20]])  # rounding: clipped silently
-    with caplog.at_level("WARNING", logger="modeling_cmal.processing_cmal"):
+    regions.update(visual_pos=[[0, 0, 100.3, 100], [0, 0, 50, 50], [10, 10, 20, 20]])  # rounding: clipped silently
+    with caplog.at_level("WARNING", logger="modeling_cmal"):
         processor(text="a dog", regions=regions)
-    regions.update(boxes=[[0, 0, 1.0004, 1], [0, 0, 0.5, 0.5], [0, 0, 1, 1]])
+    regions.update(visual_pos=[[0, 0, 1.0004, 1], [0, 0, 0.5, 0.5], [0, 0, 1, 1]])
     del regions["image_size"]
-    with caplog.at_level("WARNING", logger="modeling_cmal.processing_cmal"):
+    with caplog.at_level("WARNING", logger="modeling_cmal"):
         outputs = processor(text="a dog", regions=regions, return_tensors="np")
     assert outputs["visual_pos"].max() == 1.0 and not caplog.text
 
@@ -328,16 +330,16 @@ def test_boxes_partly_outside_the_image_are_clipped_with_a_warning_giving_the_co
 def test_an_image_size_given_as_height_width_is_refused_when_only_the_swapped_size_fits(processor, caplog):
     """A 600 x 400 (width x height) photo whose size was given as (400, 600): boxes reach far past x = 400."""
     regions = regions_for(["cup", "dog"])
-    regions.update(boxes=[[0, 0, 500, 300], [10, 10, 550, 380]], image_size=(400, 600))
+    regions.update(visual_pos=[[0, 0, 500, 300], [10, 10, 550, 380]], image_size=(400, 600))
     with pytest.raises(ValueError, match=r"regions\[0\]\['image_size'\] = \(400, 600\) looks like \(height, width\): "
-                                         r"regions\[0\]\['boxes'\]\[1\] = \[10.0, 10.0, 550.0, 380.0\] reaches 38% past "
+                                         r"regions\[0\]\['visual_pos'\]\[1\] = \[10.0, 10.0, 550.0, 380.0\] reaches 38% past "
                                          r"the edge .* give image_size=\(600, 400\)"):
         processor(text="a cup", regions=regions)
     # the right size goes through; a box a little past the edge of a portrait image is clipped, not refused
     regions.update(image_size=(600, 400))
     processor(text="a cup", regions=regions)
-    regions.update(boxes=[[0, 0, 300, 410], [10, 10, 200, 380]], image_size=(600, 400))
-    with caplog.at_level("WARNING", logger="modeling_cmal.processing_cmal"):
+    regions.update(visual_pos=[[0, 0, 300, 410], [10, 10, 200, 380]], image_size=(600, 400))
+    with caplog.at_level("WARNING", logger="modeling_cmal"):
         outputs = processor(text="a cup", regions=regions, return_tensors="np")
     assert outputs["visual_pos"][0, 0, 3] == 1.0 and "1 boxes in 1 of 1 images" in caplog.text
 
@@ -348,14 +350,14 @@ def test_a_caption_cut_by_truncation_warns_naming_the_pieces_and_anchors_lost(be
     processor = CmalProcessor(tokenizer=BertTokenizer.from_pretrained(str(bert_dir), model_max_length=12))
     long_caption = "one two three four five six seven eight nine ten a cup and a dog"
     regions = regions_for(["cup", "dog"])
-    with caplog.at_level("WARNING", logger="modeling_cmal.processing_cmal"):
+    with caplog.at_level("WARNING", logger="modeling_cmal"):
         outputs = processor(text=[long_caption, "a cup"], regions=[regions, regions], return_tensors="pt")
     assert outputs["input_ids"].shape[1] == 12 and anchored(processor, outputs, 0) == []
     assert ("1 of 2 captions are longer than 12 pieces (max_length, special tokens included) and were cut: 5 word "
             "pieces and 2 anchors") in caplog.text
     assert "text[0]: 5 pieces, 2 anchors" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="modeling_cmal.processing_cmal"):
+    with caplog.at_level("WARNING", logger="modeling_cmal"):
         processor(text=long_caption, max_length=8)  # text only: the pieces are counted
         assert "were cut: 9 word pieces and 0 anchors" in caplog.text
         caplog.clear()
@@ -493,9 +495,9 @@ def test_text_only_and_regions_only_calls(processor):
 def test_inputs_as_torch_and_lists(processor):
     regions = regions_for(["cup", "dog"])
     expected = processor(text="a dog", regions=regions, return_tensors="pt")
-    as_torch = {"features": torch.from_numpy(regions["features"]).requires_grad_(),
-                "boxes": torch.from_numpy(regions["boxes"]), "tags": regions["tags"]}
-    as_lists = {"features": regions["features"].tolist(), "boxes": regions["boxes"].tolist(), "tags": regions["tags"]}
+    as_torch = {"visual_feats": torch.from_numpy(regions["visual_feats"]).requires_grad_(),
+                "visual_pos": torch.from_numpy(regions["visual_pos"]), "tags": regions["tags"]}
+    as_lists = {"visual_feats": regions["visual_feats"].tolist(), "visual_pos": regions["visual_pos"].tolist(), "tags": regions["tags"]}
     for given_regions in (as_torch, as_lists):
         outputs = processor(text="a dog", regions=given_regions, return_tensors="pt")
         for name in expected:
@@ -521,6 +523,72 @@ def test_anchor_statistics_use_the_processors_lexicon(processor, seeds):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The region processor, one top-k selection, one vocabulary for region arrays (issue 18)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_the_region_processor_selects_pads_and_says_which_regions_it_kept():
+    region_processor = CmalRegionProcessor(max_regions=2)
+    regions = [regions_for(["cup", "dog", "cat"], scores=[0.2, 0.9, 0.5]), regions_for(["cup"]),
+               {"visual_feats": np.zeros((0, FEATURE_DIM)), "visual_pos": np.zeros((0, 4))}]
+    outputs = region_processor(regions, return_tensors="pt")
+    assert set(outputs) == {"visual_feats", "visual_pos", "visual_attention_mask", "region_indices"}
+    assert outputs["visual_feats"].shape == (3, 2, FEATURE_DIM) and outputs["visual_feats"].dtype == torch.float32
+    assert outputs["region_indices"].tolist() == [[1, 2], [0, -1], [-1, -1]]
+    assert outputs["visual_attention_mask"].tolist() == [[1, 1], [1, 0], [0, 0]]
+    torch.testing.assert_close(outputs["visual_feats"][0], torch.from_numpy(regions[0]["visual_feats"][[1, 2]]))
+    assert region_processor(regions, padding="max_length")["visual_feats"].shape == (3, 2, FEATURE_DIM)
+    assert isinstance(region_processor(regions[0])["visual_pos"], np.ndarray)
+    with pytest.raises(ValueError, match=r"padding must be True, 'longest' or 'max_length'"):
+        region_processor(regions, padding="do_not_pad")
+    with pytest.raises(ValueError, match=r"max_regions must be an int >= 1, got 0"):
+        CmalRegionProcessor(max_regions=0)
+    with pytest.raises(ValueError, match=r"return_tensors must be one of"):
+        region_processor(regions, return_tensors="tf")
+    # the processor returns the same, and the kept indices on request
+    processor = CmalProcessor(image_processor=region_processor)
+    assert processor.max_regions == 2
+    combined = processor(text=["a dog and a cat", "a cup", "nothing"], regions=regions, return_tensors="pt",
+                         return_region_indices=True)
+    for name in outputs:
+        assert torch.equal(combined[name], outputs[name]), name
+    assert "region_indices" not in processor(text="a cup", regions=regions[1])
+
+
+def test_select_top_regions_is_the_one_selection():
+    assert select_top_regions([0.1, 0.9, 0.5, 0.9], 2).tolist() == [1, 3]  # ties keep the earlier region
+    assert select_top_regions([0.3, 0.9, 0.3, 0.1], 3).tolist() == [0, 1, 2]
+    assert select_top_regions([0.1, 0.2], 5).tolist() == [0, 1]
+    assert select_top_regions(None, 2, num_regions=4).tolist() == [0, 1]
+    assert CmalRegionProcessor(max_regions=1).kept_regions([0.1, 0.7]).tolist() == [1]
+    with pytest.raises(ValueError, match=r"num_regions must be an int >= 0 when scores is None"):
+        select_top_regions(None, 2)
+    with pytest.raises(ValueError, match=r"scores has shape \(2,\); expected \[3\]"):
+        select_top_regions([0.1, 0.2], 2, num_regions=3)
+    with pytest.raises(ValueError, match=r"max_regions must be an int >= 1, got True"):
+        select_top_regions([0.1], True)
+    # RefCOCO+ labels index the regions the processor kept: the fine-tuning script calls the same function
+    source = (REPO_ROOT / "examples" / "finetune_refcoco.py").read_text()
+    assert "select_top_regions(" in source and "argsort" not in source
+
+
+def test_the_earlier_region_keys_still_work_with_a_deprecation_warning(processor):
+    regions = regions_for(["cup", "dog"])
+    old = {"features": regions["visual_feats"], "boxes": regions["visual_pos"], "tags": regions["tags"]}
+    with pytest.warns(FutureWarning, match=r"the region keys 'features', 'boxes' are deprecated; use 'visual_feats', "
+                                           r"'visual_pos'"):
+        before = processor(text="a cup", regions=old, return_tensors="pt")
+    after = processor(text="a cup", regions=regions, return_tensors="pt")
+    for name in after:
+        assert torch.equal(before[name], after[name]), name
+    with pytest.raises(ValueError, match=r"regions\[0\] has both 'features' and 'visual_feats'; expected "
+                                         r"'visual_feats' only"):
+        processor(text="a cup", regions={**regions, "features": regions["visual_feats"]})
+    with pytest.raises(ValueError, match=r"image_processor must be a CmalRegionProcessor, got str"):
+        CmalProcessor(image_processor="regions")
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Saving and loading
 # --------------------------------------------------------------------------------------------------------------
 
@@ -532,8 +600,10 @@ def test_save_and_load_round_trip(tokenizer, tmp_path):
     processor.save_pretrained(tmp_path)
     assert {"processor_config.json", LEXICON_FILE, "tokenizer_config.json"} <= {p.name for p in tmp_path.iterdir()}
     saved = json.loads((tmp_path / "processor_config.json").read_text())
-    assert saved["max_regions"] == 2 and saved["tag_vocabulary"] == ["cup", "saucer", "hound"]
-    assert "region_extractor" not in saved and "lexicon" not in saved
+    assert saved["image_processor"]["image_processor_type"] == "CmalRegionProcessor"
+    assert saved["image_processor"]["max_regions"] == 2
+    assert saved["image_processor"]["tag_vocabulary"] == ["cup", "saucer", "hound"]
+    assert not {"region_extractor", "lexicon", "_lexicon", "_region_extractor", "max_regions"} & set(saved)
 
     loaded = CmalProcessor.from_pretrained(tmp_path)
     assert loaded.lexicon == lexicon and loaded.max_regions == 2
@@ -550,7 +620,31 @@ def test_save_and_load_round_trip(tokenizer, tmp_path):
 
     overridden = CmalProcessor.from_pretrained(tmp_path, max_regions=5)
     assert overridden.max_regions == 5 and overridden.lexicon == lexicon
+    assert overridden.tag_vocabulary == ["cup", "saucer", "hound"]
     assert "max_regions" not in overridden.tokenizer.init_kwargs
+    other = ConceptLexicon({"cup": []})
+    assert CmalProcessor.from_pretrained(tmp_path, lexicon=other).lexicon == other
+    # the region processor alone, as an image processor loads
+    assert CmalRegionProcessor.from_pretrained(tmp_path).max_regions == 2
+
+
+def test_a_folder_saved_before_the_region_processor_loads(tokenizer, tmp_path):
+    """processor_config.json as CmalProcessor wrote it until 2026-12: settings at the top, lexicon_file named."""
+    tokenizer.save_pretrained(tmp_path)
+    lexicon = ConceptLexicon({"cup": ["mug"], "dog": []})
+    lexicon.save(tmp_path / LEXICON_FILE)
+    (tmp_path / "processor_config.json").write_text(json.dumps({
+        "processor_class": "CmalProcessor", "max_regions": 3, "tag_vocabulary": ["cup", "dog"],
+        "lexicon_file": LEXICON_FILE, "auto_map": {"AutoProcessor": "processing_cmal.CmalProcessor"}}))
+    loaded = CmalProcessor.from_pretrained(tmp_path)
+    assert loaded.max_regions == 3 and loaded.tag_vocabulary == ["cup", "dog"] and loaded.lexicon == lexicon
+    assert anchored(loaded, loaded(text="a mug", regions=regions_for([0, 1]))) == [("mug", 0, 0)]
+    assert CmalProcessor.from_pretrained(tmp_path, max_regions=7).max_regions == 7
+    (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "CmalProcessor",
+                                                                 "image_processor": "36"}))
+    with pytest.raises(ValueError, match=r"the image_processor entry of processor_config.json is '36'; expected the "
+                                         r"settings of a CmalRegionProcessor"):
+        CmalProcessor.from_pretrained(tmp_path)
 
 
 def test_folder_without_processor_files_gives_the_default_lexicon(bert_dir):
@@ -577,7 +671,7 @@ def test_auto_processor_finds_it_in_process_and_as_remote_code(tokenizer, tmp_pa
     assert {"processing_cmal.py", "anchoring.py", "region_extraction.py"} <= {p.name for p in folder.iterdir()}
 
     assert type(AutoProcessor.from_pretrained(folder)) is CmalProcessor
-    regions = {"features": np.eye(3, 4).tolist(), "boxes": [[0, 0, 1, 1]] * 3, "tags": ["cup", "saucer", "dog"]}
+    regions = {"visual_feats": np.eye(3, 4).tolist(), "visual_pos": [[0, 0, 1, 1]] * 3, "tags": ["cup", "saucer", "dog"]}
     expected = processor(text="a cup on a saucer", regions=regions, return_tensors="np")
     script = textwrap.dedent(f"""
         import json, sys
@@ -588,8 +682,8 @@ def test_auto_processor_finds_it_in_process_and_as_remote_code(tokenizer, tmp_pa
         # The repository's collator takes the remote-code processor (as examples/quickstart.py does).
         sys.path.insert(0, {str(REPO_ROOT)!r})
         from modeling_cmal.collator_cmal import CmalPretrainingCollator
-        row = {{"text": "a cup on a saucer", "visual_feats": {regions["features"]!r},
-               "visual_pos": {regions["boxes"]!r}, "tags": {regions["tags"]!r}}}
+        row = {{"text": "a cup on a saucer", "visual_feats": {regions["visual_feats"]!r},
+               "visual_pos": {regions["visual_pos"]!r}, "tags": {regions["tags"]!r}}}
         batch = CmalPretrainingCollator(processor, seed=0)([row, row])
         print(json.dumps({{"module": type(processor).__module__, "max_regions": processor.max_regions,
                           "collated_anchor_rows": batch["anchor_pairs"].shape[1],
@@ -622,11 +716,11 @@ def image_regions(draw, feature_dim):
     count = draw(st.integers(0, 5))
     rows = draw(st.integers(0, 5)) if draw(st.booleans()) and draw(st.booleans()) else count
     dim = feature_dim if draw(st.integers(0, 9)) else draw(st.integers(0, 4))
-    regions = {"features": draw(st.lists(st.lists(NUMBERS, min_size=dim, max_size=dim), min_size=count,
+    regions = {"visual_feats": draw(st.lists(st.lists(NUMBERS, min_size=dim, max_size=dim), min_size=count,
                                          max_size=count)) if count else np.zeros((0, dim))}
     if draw(st.booleans()):
         regions["image_size"] = draw(st.tuples(st.floats(-5, 700), st.floats(-5, 700)))
-    regions["boxes"] = draw(st.lists(st.lists(st.one_of(NUMBERS, st.floats(0, 600)), min_size=4, max_size=4),
+    regions["visual_pos"] = draw(st.lists(st.lists(st.one_of(NUMBERS, st.floats(0, 600)), min_size=4, max_size=4),
                                      min_size=rows, max_size=rows)) or np.zeros((0, 4))
     if draw(st.booleans()):
         regions["tags"] = draw(st.lists(TAGS, min_size=rows, max_size=rows))

@@ -55,13 +55,13 @@ def test_regions_are_the_detections_with_their_query_states(request, detector, p
     extractor = CmalRegionExtractor(model, image_processor, score_threshold=0.0, top_k=5)
     image = Image.fromarray(photos["coffee"])
     regions = extractor(image)
-    assert set(regions) == {"features", "boxes", "image_size", "tags", "scores"}
+    assert set(regions) == {"visual_feats", "visual_pos", "image_size", "tags", "scores"}
     assert regions["image_size"] == (600, 400)
-    assert regions["features"].shape == (5, extractor.feature_dim) and regions["features"].dtype == np.float32
-    assert regions["boxes"].shape == (5, 4) and regions["scores"].shape == (5,)
+    assert regions["visual_feats"].shape == (5, extractor.feature_dim) and regions["visual_feats"].dtype == np.float32
+    assert regions["visual_pos"].shape == (5, 4) and regions["scores"].shape == (5,)
     assert all(tag in LABELS for tag in regions["tags"])
     assert (np.diff(regions["scores"]) <= 0).all()
-    assert ((regions["boxes"] >= 0) & (regions["boxes"] <= [600, 400, 600, 400])).all()
+    assert ((regions["visual_pos"] >= 0) & (regions["visual_pos"] <= [600, 400, 600, 400])).all()
 
     # Reference: every query's detection (threshold 0 keeps all, in query order), the best five by score.
     inputs = image_processor(images=[image], return_tensors="pt")
@@ -72,7 +72,7 @@ def test_regions_are_the_detections_with_their_query_states(request, detector, p
                                                                target_sizes=torch.tensor([[400, 600]]))[0]
     assert len(everything["scores"]) == num_queries
     best = torch.argsort(-everything["scores"], stable=True)[:5]
-    torch.testing.assert_close(torch.from_numpy(regions["features"]),
+    torch.testing.assert_close(torch.from_numpy(regions["visual_feats"]),
                                outputs.last_hidden_state[0, -num_queries:][best])
     assert regions["tags"] == [LABELS[label] for label in everything["labels"][best].tolist()]
     torch.testing.assert_close(torch.from_numpy(regions["scores"]), everything["scores"][best])
@@ -188,5 +188,5 @@ def test_one_channel_arrays_are_grey_images(yolos):
     extractor = CmalRegionExtractor(*yolos, score_threshold=0.0, top_k=3)
     grey = np.random.default_rng(0).integers(0, 255, (40, 60), dtype=np.uint8)
     one_channel, plain = extractor(grey[:, :, None]), extractor(grey)
-    np.testing.assert_array_equal(one_channel["features"], plain["features"])
+    np.testing.assert_array_equal(one_channel["visual_feats"], plain["visual_feats"])
     assert one_channel["image_size"] == (60, 40)
