@@ -330,6 +330,12 @@ class ConceptLexicon:
         self._aliases = tuple(aliases_of)
         self._tag_aliases = tuple(tag_aliases_of)
         self._broader = _transitive_kinds(broader, names)
+        # Both directions for matching: {concept: {related concept: (steps, the broader of the two)}}.
+        self._related: dict[int, dict[int, tuple[int, int]]] = {}
+        for narrower, steps_to in self._broader.items():
+            for wider, steps in steps_to.items():
+                self._related.setdefault(narrower, {})[wider] = (steps, wider)
+                self._related.setdefault(wider, {})[narrower] = (steps, wider)
         self._head_noun_fallback = head_noun_fallback
         self._caption_index = caption_index
         self._tag_index = tag_index
@@ -747,9 +753,9 @@ def _pair(
         return spans, []
     region_concepts = [lexicon._tag_concepts(tag) for tag in tags]
     anchors, unpaired_spans, used_regions = _pair_spans(spans, region_concepts, 2, 0, scores, set())
-    if lexicon._broader and unpaired_spans and len(used_regions) < len(tags):
+    if lexicon._related and unpaired_spans and len(used_regions) < len(tags):
         kind_anchors, unpaired_spans, used_regions = _pair_kinds(
-            unpaired_spans, region_concepts, lexicon._broader, scores, used_regions
+            unpaired_spans, region_concepts, lexicon._related, scores, used_regions
         )
         anchors.extend(kind_anchors)
     if lexicon.head_noun_fallback and unpaired_spans and len(used_regions) < len(tags):
@@ -763,36 +769,38 @@ def _pair(
 def _pair_kinds(
     spans: list[tuple[int, int, int, int, str]],
     region_concepts: list[tuple[int | None, int | None]],
-    broader: dict[int, dict[int, int]],
+    related: dict[int, dict[int, tuple[int, int]]],
     scores: list[float] | None,
     used_regions: set[int],
 ) -> tuple[list[AnchorMatch], list[tuple[int, int, int, int, str]], set[int]]:
-    """Serve `spans` in order with free regions whose concept is broader or narrower than the span's:
-    `(anchors carrying the broader concept, spans left over, regions used)`."""
-    free = [index for index, (concept, _) in enumerate(region_concepts)
-            if concept is not None and index not in used_regions]  # fmt: skip
+    """Serve `spans` in order with free regions whose concept is broader or narrower than the span's, nearest
+    first: `(anchors carrying the broader concept, spans left over, regions used)`."""
+    free_regions: dict[int, list[int]] = {}
+    for index, (concept, _) in enumerate(region_concepts):
+        if concept in related and index not in used_regions:
+            free_regions.setdefault(concept, []).append(index)
+    if scores is not None:
+        for candidates in free_regions.values():
+            if len(candidates) > 1:
+                candidates.sort(key=lambda index: (-scores[index], index))
     anchors, unpaired = [], []
     used = set(used_regions)
     for span in spans:
-        word_concept = span[2]
+        kinds = related.get(span[2])
         best = None
-        for index in free:
-            region_concept = region_concepts[index][0]
-            if region_concept in broader.get(word_concept, ()):
-                steps, concept = broader[word_concept][region_concept], region_concept
-            elif word_concept in broader.get(region_concept, ()):
-                steps, concept = broader[region_concept][word_concept], word_concept
-            else:
-                continue
-            rank = (steps, -scores[index] if scores is not None else 0.0, index)
-            if best is None or rank < best[0]:
-                best = (rank, index, concept)
+        if kinds:
+            for concept, candidates in free_regions.items():
+                if candidates and concept in kinds:
+                    region = candidates[0]
+                    rank = (kinds[concept][0], -scores[region] if scores is not None else 0.0, region)
+                    if best is None or rank < best[0]:
+                        best = (rank, concept)
         if best is None:
             unpaired.append(span)
         else:
-            free.remove(best[1])
-            used.add(best[1])
-            anchors.append(AnchorMatch(span[0], span[1], best[1], best[2]))
+            region = free_regions[best[1]].pop(0)
+            used.add(region)
+            anchors.append(AnchorMatch(span[0], span[1], region, related[span[2]][best[1]][1]))
     return anchors, unpaired, used
 
 
