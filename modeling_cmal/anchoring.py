@@ -296,15 +296,15 @@ class ConceptLexicon:
         aliases_of, tag_aliases_of = [], []
         for concept_id, (name, aliases, tag_aliases) in enumerate(entries):
             kept_aliases, kept_tag_aliases = [], []
-            for argument, given, kept in (("concepts", aliases, kept_aliases), ("tag_aliases", tag_aliases,
-                                                                                kept_tag_aliases)):
+            alias_lists = (("concepts", aliases, kept_aliases), ("tag_aliases", tag_aliases, kept_tag_aliases))
+            for argument, given, kept in alias_lists:
                 for alias in given:
                     key = _alias_key(alias, name, argument)
                     other = name_index.get(key, concept_id)
                     if other != concept_id:  # another concept's name: a kind
-                        pair = (other, concept_id) if argument == "concepts" else (concept_id, other)
-                        if pair[1] not in broader[pair[0]]:
-                            broader[pair[0]].add(pair[1])
+                        narrower, wider = (other, concept_id) if argument == "concepts" else (concept_id, other)
+                        if wider not in broader[narrower]:
+                            broader[narrower].add(wider)
                             kept.append(alias)
                         continue
                     owner = tag_index.get(key, concept_id)

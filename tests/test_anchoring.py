@@ -404,7 +404,8 @@ def test_default_lexicon_covers_coco_and_visual_genome():
     # Every COCO class is also a caption word; Visual Genome classes too, except the tag-only ones.
     assert [name for name in COCO_CLASSES if lexicon.concept_id(name) is None] == []
     tag_only = {normalize_phrase(alias) for aliases in SYNONYM_TABLE["tag_aliases"].values() for alias in aliases}
-    assert [name for name in VG_CLASSES if lexicon.concept_id(name) is None and normalize_phrase(name) not in tag_only] == []
+    assert [name for name in VG_CLASSES
+            if lexicon.concept_id(name) is None and normalize_phrase(name) not in tag_only] == []  # fmt: skip
 
 
 def test_synonym_table_only_merges_known_classes():
