@@ -41,7 +41,7 @@ class RefcocoTask(FinetuneTask):
 
     def kept_regions(self, row) -> np.ndarray:
         """Indices of the row's regions that the model sees, in order: the processor's own selection."""
-        return select_top_regions(row["scores"], self.max_regions, len(row["visual_pos"]))
+        return select_top_regions(row["scores"], self.max_regions)
 
     def targets(self, rows, batch):
         """`labels` (the referred region among the kept ones) and their `region_ious` `[B, M]`."""
