@@ -190,13 +190,24 @@ class CmalProcessor(ProcessorMixin):
 
     @property
     def max_regions(self) -> int:
-        """Regions kept per image (the region processor's)."""
+        """Regions kept per image (the region processor's; setting it gives the processor a region processor with
+        the new value)."""
         return self.image_processor.max_regions
+
+    @max_regions.setter
+    def max_regions(self, max_regions: int) -> None:
+        self.image_processor = type(self.image_processor)(max_regions=max_regions,
+                                                          tag_vocabulary=self.image_processor.tag_vocabulary)
 
     @property
     def tag_vocabulary(self) -> list[str] | None:
-        """The detector's class names for tag ids (the region processor's)."""
+        """The detector's class names for tag ids (the region processor's; settable like `max_regions`)."""
         return self.image_processor.tag_vocabulary
+
+    @tag_vocabulary.setter
+    def tag_vocabulary(self, tag_vocabulary) -> None:
+        self.image_processor = type(self.image_processor)(max_regions=self.image_processor.max_regions,
+                                                          tag_vocabulary=tag_vocabulary)
 
     @property
     def region_extractor(self):

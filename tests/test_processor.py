@@ -553,6 +553,16 @@ def test_the_region_processor_selects_pads_and_says_which_regions_it_kept():
     for name in outputs:
         assert torch.equal(combined[name], outputs[name]), name
     assert "region_indices" not in processor(text="a cup", regions=regions[1])
+    # the settings stay settable on the processor: it then holds a region processor with the new value
+    processor.max_regions = 1
+    assert processor.image_processor.max_regions == 1 and region_processor.max_regions == 2
+    assert processor(text="a cat", regions=regions[0], return_region_indices=True)["region_indices"] == [[1]]
+    processor.tag_vocabulary = ["cup", "dog", "cat"]
+    assert processor.tag_vocabulary == ["cup", "dog", "cat"] and processor.max_regions == 1
+    processor.tag_vocabulary = None
+    assert processor.image_processor.tag_vocabulary is None
+    with pytest.raises(ValueError, match=r"max_regions must be an int >= 1, got -1"):
+        processor.max_regions = -1
 
 
 def test_select_top_regions_is_the_one_selection():
