@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,21 +44,17 @@ from datasets import load_from_disk
 from tqdm.auto import tqdm
 from transformers import BertTokenizer, EvalPrediction, get_scheduler
 
-EXAMPLES_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(EXAMPLES_DIR))
-sys.path.insert(0, str(EXAMPLES_DIR.parent))
+from cmal_examples.finetuning import CmalTaskCollator
+from cmal_examples.models import default_tokenizer_dir, parameter_groups
+from finetune_nlvr2 import Nlvr2Task
+from finetune_refcoco import RefcocoTask
+from finetune_snli_ve import SnliVeTask
+from finetune_vqa import VqaTask
 
-from finetune_common import CmalTaskCollator  # noqa: E402
-from finetune_nlvr2 import Nlvr2Task  # noqa: E402
-from finetune_refcoco import RefcocoTask  # noqa: E402
-from finetune_snli_ve import SnliVeTask  # noqa: E402
-from finetune_vqa import VqaTask  # noqa: E402
-from pretrain import default_tokenizer_dir, parameter_groups  # noqa: E402
-
-from modeling_cmal import CMAL_SIZES, CmalConfig, CmalForPreTraining  # noqa: E402
-from modeling_cmal.collator_cmal import CmalPretrainingCollator  # noqa: E402
-from modeling_cmal.configuration_cmal import ANCHOR_RATE_FIELDS  # noqa: E402
-from modeling_cmal.processing_cmal import CmalProcessor  # noqa: E402
+from modeling_cmal import CMAL_SIZES, CmalConfig, CmalForPreTraining
+from modeling_cmal.collator_cmal import CmalPretrainingCollator
+from modeling_cmal.configuration_cmal import ANCHOR_RATE_FIELDS
+from modeling_cmal.processing_cmal import CmalProcessor
 
 # --------------------------------------------------------------------------------------------------------------
 # Variants

@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from cmal_examples.finetuning import region_inputs
 from datasets import DatasetDict, load_from_disk
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from finetune_common import region_inputs  # noqa: E402
-from modeling_cmal import CmalForImageTextMatching  # noqa: E402
-from modeling_cmal.processing_cmal import CmalProcessor  # noqa: E402
+from modeling_cmal import CmalForImageTextMatching
+from modeling_cmal.processing_cmal import CmalProcessor
 
 RECALL_AT = (1, 5, 10)
 
@@ -44,6 +41,20 @@ class RetrievalArguments:
     max_images: int = field(default=100, metadata={"help": "Rank the first N images of the split and their captions."})
     batch_size: int = field(default=128, metadata={"help": "Image-caption pairs per forward pass."})
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu")
+
+    def __post_init__(self):
+        """Each error names its flag and value."""
+        for flag, value in (("--max_images", self.max_images), ("--batch_size", self.batch_size)):
+            if value < 1:
+                raise ValueError(f"{flag} must be a positive number, got {value}")
+
+    def check_paths(self) -> None:
+        """The folders named exist (checked when a run starts, not when the flags are parsed)."""
+        if not Path(self.model_name_or_path, "config.json").is_file():
+            raise ValueError(f"--model_name_or_path {self.model_name_or_path!r} is not a CMAL folder (no config.json)")
+        if not Path(self.dataset_path).is_dir():
+            raise ValueError(f"--dataset_path {self.dataset_path!r} is not a folder; expected a caption corpus written "
+                             "by `python -m processing build captions ...`")
 
 
 def retrieval_recalls(scores: torch.Tensor, caption_image: torch.Tensor, ks=RECALL_AT) -> dict[str, float]:
@@ -80,18 +91,6 @@ def itm_scores(model, processor, regions: list[dict], captions: list[str], batch
         logits = model(**{key: value.to(device) for key, value in inputs.items()}).logits.float()
         scores[list(images), list(texts)] = (logits[:, 1] - logits[:, 0]).cpu()
     return scores
-
-
-def validate_arguments(args: RetrievalArguments) -> None:
-    """Each error names its flag and value."""
-    for flag, value in (("--max_images", args.max_images), ("--batch_size", args.batch_size)):
-        if value < 1:
-            raise SystemExit(f"{flag} must be a positive number, got {value}")
-    if not Path(args.model_name_or_path, "config.json").is_file():
-        raise SystemExit(f"--model_name_or_path {args.model_name_or_path!r} is not a CMAL folder (no config.json)")
-    if not Path(args.dataset_path).is_dir():
-        raise SystemExit(f"--dataset_path {args.dataset_path!r} is not a folder; expected a caption corpus written by "
-                         "`python -m processing build captions ...`")
 
 
 def load_images_and_captions(args: RetrievalArguments) -> tuple[list[dict], list[str], list[int]]:
@@ -137,10 +136,14 @@ def load_model(args: RetrievalArguments, visual_feat_dim: int):
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    (args,) = HfArgumentParser(RetrievalArguments).parse_args_into_dataclasses(args=argv)
-    validate_arguments(args)
+    """Parse, load the images and captions and the model, score every pair, write the recalls."""
+    try:
+        (args,) = HfArgumentParser(RetrievalArguments).parse_args_into_dataclasses(args=argv)
+        args.check_paths()
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     regions, captions, caption_image = load_images_and_captions(args)
-    model = load_model(args, regions[0]["features"].shape[-1])
+    model = load_model(args, regions[0]["visual_feats"].shape[-1])
     processor = CmalProcessor.from_pretrained(args.model_name_or_path)
     print(f"Scoring {len(regions)} images x {len(captions)} captions with the ITM head of {args.model_name_or_path}")
     scores = itm_scores(model, processor, regions, captions, args.batch_size, args.device)

@@ -13,7 +13,7 @@ sentence is encoded with each image; the two pooled outputs are classified toget
 
 from __future__ import annotations
 
-from finetune_common import FinetuneTask, run_finetuning
+from cmal_examples.finetuning import FinetuneTask, run_finetuning
 from modeling_cmal import CmalForVisualReasoning
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
-from finetune_common import FinetuneTask, run_finetuning
+from cmal_examples.finetuning import FinetuneTask, run_finetuning
 from modeling_cmal import CmalForReferringExpression, select_top_regions
 
 IOU_THRESHOLD = 0.5

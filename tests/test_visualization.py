@@ -19,6 +19,7 @@ from modeling_cmal.processing_cmal import CmalProcessor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))  # cmal_examples, the programs' shared package
 FEATURE_DIM = 64
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -135,7 +136,7 @@ def test_attention_shares_belong_to_anchor_words(visualize_attention, trained_fo
         words, boxes = visualize_attention.anchor_word_attention(model, processor, regions, caption, layer=-1)
         assert words, caption
         assert boxes.shape == (len(regions["tags"]), 4)
-        np.testing.assert_allclose(boxes, regions["boxes"], atol=1e-3)
+        np.testing.assert_allclose(boxes, regions["visual_pos"], atol=1e-3)
         for word in words:
             assert word["share"].shape == (len(regions["tags"]),)
             assert word["share"].min() >= 0 and word["share"].sum() == pytest.approx(1.0, abs=1e-5)
@@ -156,7 +157,7 @@ def test_regions_beyond_max_regions_keep_their_tags(visualize_attention, trained
         top = np.sort(np.argsort(-regions["scores"], kind="stable")[:3])
         assert list(kept["tags"]) == [regions["tags"][index] for index in top]
         words, boxes = visualize_attention.anchor_word_attention(model, processor, kept, caption, layer=0)
-        np.testing.assert_allclose(boxes, np.asarray(regions["boxes"])[top], atol=1e-3)
+        np.testing.assert_allclose(boxes, np.asarray(regions["visual_pos"])[top], atol=1e-3)
         for word in words:
             assert kept["tags"][word["region"]] == word["concept"]
         return

@@ -1,10 +1,11 @@
-"""What the four fine-tuning scripts share: arguments, dataset rows → model inputs, the Trainer, loading and saving.
+"""What the four fine-tuning programs share: arguments, dataset rows → model inputs, the Trainer, loading and saving.
 
-Each script (`finetune_vqa.py`, `finetune_nlvr2.py`, `finetune_snli_ve.py`, `finetune_refcoco.py`) describes its task
-as a `FinetuneTask` (head class, labels, metric, prediction records) and calls `run_finetuning(task)`. The run
-trains with `transformers.Trainer`, keeps the checkpoint of best validation metric, evaluates it, writes
-`predictions.jsonl` for the test split (the validation split where there is no test split) and saves model,
-processor and code into `--output_dir`, loadable with `trust_remote_code=True`.
+Each program (`finetune_vqa.py`, `finetune_nlvr2.py`, `finetune_snli_ve.py`, `finetune_refcoco.py`) describes its task
+as a `FinetuneTask` (head class, columns, labels, metric, prediction records) and calls `run_finetuning(task)`, which
+reads like transformers' `run_glue.py`: parse the arguments (`HfArgumentParser`, or one JSON file), load the splits,
+the processor and the model, `Trainer`, `train`, `save_model` and the Hub extras (`cmal_examples.hub_export`),
+`evaluate`, `predict`, and `predictions.jsonl` for the test split (the validation split where there is no test
+split). The output folder loads with `trust_remote_code=True`.
 """
 
 from __future__ import annotations
@@ -18,16 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, load_from_disk
-from transformers import (BertTokenizer, EvalPrediction, HfArgumentParser, IntervalStrategy, Trainer, TrainingArguments,
-                          set_seed)
+from transformers import EvalPrediction, HfArgumentParser, IntervalStrategy, Trainer, TrainingArguments, set_seed
 
-EXAMPLES_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(EXAMPLES_DIR.parent))
+from modeling_cmal import CMAL_SIZES, CmalConfig, CmalPreTrainedModel
+from modeling_cmal.processing_cmal import CmalProcessor
 
-from modeling_cmal import CMAL_SIZES, CmalConfig, CmalPreTrainedModel  # noqa: E402
-from modeling_cmal.hub_export import write_hub_folder  # noqa: E402
-from modeling_cmal.processing_cmal import CmalProcessor  # noqa: E402
-from pretrain import default_tokenizer_dir  # noqa: E402
+from .hub_export import add_hub_files
+from .models import data_sizes, new_processor, read_config_fields
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +55,31 @@ class ModelArguments:
     )})
     max_text_length: int = field(default=40, metadata={"help": "Only with a named size: word pieces per text."})
     max_regions: int = field(default=36, metadata={"help": "Only with a named size: regions kept per image."})
+    ignore_mismatched_sizes: bool = field(default=False, metadata={"help": (
+        "Re-initialise the folder's tensors whose shape differs from this head's (e.g. a head fine-tuned on another "
+        "number of labels) instead of refusing them."
+    )})
+
+    def __post_init__(self):
+        for flag, value in (("--max_text_length", self.max_text_length), ("--max_regions", self.max_regions)):
+            if value < 1:
+                raise ValueError(f"{flag} must be a positive number, got {value}")
+        if self.model_name_or_path not in CMAL_SIZES and (self.tokenizer_name or self.model_size_overrides):
+            raise ValueError("--tokenizer_name and --model_size_overrides apply to a named size only; "
+                             f"--model_name_or_path {self.model_name_or_path!r} is a folder with its own processor and "
+                             "config")
+
+    def check_paths(self) -> None:
+        """The folders and files named exist (checked when a run starts, not when the flags are parsed)."""
+        source = self.model_name_or_path
+        if source not in CMAL_SIZES and not Path(source, "config.json").is_file():
+            raise ValueError(f"--model_name_or_path must be one of {sorted(CMAL_SIZES)} or a CMAL folder with a "
+                             f"config.json, got {source!r}")
+        if self.tokenizer_name and not Path(self.tokenizer_name).is_dir():
+            raise ValueError(f"--tokenizer_name {self.tokenizer_name!r} is not a tokenizer folder")
+        if self.model_size_overrides and not Path(self.model_size_overrides).is_file():
+            raise ValueError(f"--model_size_overrides {self.model_size_overrides!r} is not a JSON file of "
+                             "CmalConfig fields")
 
 
 @dataclass
@@ -70,97 +93,84 @@ class DataArguments:
         "Split written to predictions.jsonl (default: `test` where the dataset has one, else --eval_split)."
     )})
 
+    def __post_init__(self):
+        for flag, value in (("--max_train_samples", self.max_train_samples),
+                            ("--max_eval_samples", self.max_eval_samples),
+                            ("--max_predict_samples", self.max_predict_samples)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be a positive number, got {value}")
 
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    """The value given to `flag` on the command line (`--flag value` or `--flag=value`), or None."""
-    for index, argument in enumerate(argv):
-        if argument == flag and index + 1 < len(argv):
-            return argv[index + 1]
-        if argument.startswith(flag + "="):
-            return argument.split("=", 1)[1]
-    return None
+    def check_paths(self) -> None:
+        """The dataset folder exists (checked when a run starts, not when the flags are parsed)."""
+        if not Path(self.dataset_path).is_dir():
+            raise ValueError(f"--dataset_path {self.dataset_path!r} is not a folder; expected a task folder written "
+                             "by `python -m processing build ...` (a DatasetDict)")
 
 
-def _bool_flag(argv: list[str], flag: str) -> bool | None:
-    """The value of a boolean flag on the command line (`--flag`, `--flag true`, `--flag=false`), None if absent."""
-    for index, argument in enumerate(argv):
-        if argument == flag:
-            following = argv[index + 1].lower() if index + 1 < len(argv) else ""
-            return following not in ("false", "no", "0")
-        if argument.startswith(flag + "="):
-            return argument.split("=", 1)[1].lower() not in ("false", "no", "0")
-    return None
+@dataclass
+class FinetuningArguments(TrainingArguments):
+    """`TrainingArguments` with the defaults fine-tuning wants: evaluate and save every epoch, keep the best
+    checkpoint (by the task's metric, which `parse_arguments` sets unless one is given), one checkpoint on disk, whole
+    rows for the collator. Without any of `--do_train/--do_eval/--do_predict` a run does all three; otherwise
+    exactly the steps asked for (TrainingArguments alone would switch evaluation on with the eval strategy)."""
+
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate during training."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
+    load_best_model_at_end: bool = field(default=True, metadata={
+        "help": "Keep the checkpoint of best --metric_for_best_model (off when nothing is evaluated during training)."})
+    save_total_limit: int | None = field(default=1, metadata={"help": "Checkpoints kept on disk."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    # The collator reads the region and label columns itself; Trainer must hand it whole rows.
+    remove_unused_columns: bool = field(default=False, metadata={
+        "help": "Left False: the collator needs every column."})
+
+    def __post_init__(self):
+        steps = (self.do_train, self.do_eval, self.do_predict)
+        if not any(steps):
+            steps = (True, True, True)
+        if not steps[0]:
+            # Evaluation during training has no meaning without training (and Trainer would ask for an eval split).
+            self.eval_strategy = IntervalStrategy.NO
+        if self.eval_strategy in ("no", IntervalStrategy.NO):
+            # Nothing is evaluated during training, so there is no best checkpoint to keep: the last one is saved.
+            self.load_best_model_at_end = False
+        super().__post_init__()
+        self.do_train, self.do_eval, self.do_predict = steps
 
 
 def parse_arguments(task: FinetuneTask, argv: list[str] | None = None):
-    """`HfArgumentParser` over the model, data and `TrainingArguments` flags (or one JSON file holding them, as in
-    the transformers examples). Defaults differ from Trainer's where fine-tuning wants them to: evaluate and save
-    every epoch, keep the best checkpoint by the task metric. Without any of `--do_train/--do_eval/--do_predict`
-    the script does all three. Invalid values stop the run with a message naming the flag and the value."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    """`HfArgumentParser` over the model, data and fine-tuning flags, or one JSON file holding them (as in the
+    transformers examples). An invalid value stops the run with a message naming the flag and the value."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, FinetuningArguments))
+    # The task's metric selects the best checkpoint unless another is named, from flags and JSON file alike.
+    task_defaults = {"metric_for_best_model": task.metric_name}
+    parser.set_defaults(**task_defaults)
     argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        arguments = json.loads(Path(argv[0]).read_text())
-        argv = [item for key, value in arguments.items()
-                for item in ((f"--{key}",) if value is True else (f"--{key}", str(value)))]
-    defaults = dict(eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
-                    metric_for_best_model=task.metric_name, save_total_limit=1, logging_steps=10)
-    if _flag_value(argv, "--eval_strategy") == "no" and "--load_best_model_at_end" not in argv:
-        # Nothing is evaluated during training, so there is no best checkpoint to keep: the last one is saved.
-        defaults["load_best_model_at_end"] = False
-    parser.set_defaults(**defaults)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    # The collator reads the region and label columns itself; Trainer must hand it whole rows.
-    training_args.remove_unused_columns = False
-    # (TrainingArguments turns do_eval on by itself whenever eval_strategy is set, so the flags are read from argv.)
-    flags = [_bool_flag(argv, flag) for flag in ("--do_train", "--do_eval", "--do_predict")]
-    if all(value is None for value in flags):
-        training_args.do_train = training_args.do_eval = training_args.do_predict = True
-    else:
-        training_args.do_train, training_args.do_eval, training_args.do_predict = (bool(value) for value in flags)
-    if not training_args.do_train:
-        # Evaluation during training has no meaning without training (and Trainer would ask for an eval split).
-        training_args.eval_strategy = IntervalStrategy.NO
-        training_args.load_best_model_at_end = False
-    validate_arguments(task, model_args, data_args, training_args)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            model_args, data_args, training_args = parser.parse_dict({**task_defaults, **_json_arguments(argv[0])})
+        else:
+            model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+        model_args.check_paths()
+        data_args.check_paths()
+        metric = training_args.metric_for_best_model
+        known = {*task.metric_names, "loss"}
+        if metric is not None and metric.removeprefix("eval_") not in known:
+            raise ValueError(f"--metric_for_best_model must be one of {sorted(known)} for this task, got {metric!r}")
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     return model_args, data_args, training_args
 
 
-def validate_arguments(task: FinetuneTask, model_args: ModelArguments, data_args: DataArguments,
-                       training_args: TrainingArguments) -> None:
-    """Checks the values that `HfArgumentParser` and `TrainingArguments` let through; each error names its flag."""
-    for flag, value in (("--max_train_samples", data_args.max_train_samples),
-                        ("--max_eval_samples", data_args.max_eval_samples),
-                        ("--max_predict_samples", data_args.max_predict_samples),
-                        ("--max_text_length", model_args.max_text_length),
-                        ("--max_regions", model_args.max_regions)):
-        if value is not None and value < 1:
-            raise SystemExit(f"{flag} must be a positive number, got {value}")
-    if not Path(data_args.dataset_path).is_dir():
-        raise SystemExit(f"--dataset_path {data_args.dataset_path!r} is not a folder; expected a task folder written "
-                         "by `python -m processing build ...` (a DatasetDict)")
-    source = model_args.model_name_or_path
-    if source not in CMAL_SIZES and not Path(source, "config.json").is_file():
-        raise SystemExit(f"--model_name_or_path must be one of {sorted(CMAL_SIZES)} or a CMAL folder with a "
-                         f"config.json, got {source!r}")
-    if source not in CMAL_SIZES and (model_args.tokenizer_name or model_args.model_size_overrides):
-        raise SystemExit("--tokenizer_name and --model_size_overrides apply to a named size only; "
-                         f"--model_name_or_path {source!r} is a folder with its own processor and config")
-    if model_args.tokenizer_name and not Path(model_args.tokenizer_name).is_dir():
-        raise SystemExit(f"--tokenizer_name {model_args.tokenizer_name!r} is not a tokenizer folder")
-    if model_args.model_size_overrides:
-        overrides = Path(model_args.model_size_overrides)
-        try:
-            fields = json.loads(overrides.read_text())
-        except (OSError, ValueError) as error:
-            raise SystemExit(f"--model_size_overrides {str(overrides)!r} is not a readable JSON file "
-                             f"({error})") from None
-        if not isinstance(fields, dict):
-            raise SystemExit(f"--model_size_overrides {str(overrides)!r} must hold a JSON object of CmalConfig fields")
-    metric = training_args.metric_for_best_model
-    known = {*task.metric_names, "loss"}
-    if metric is not None and metric.removeprefix("eval_") not in known:
-        raise SystemExit(f"--metric_for_best_model must be one of {sorted(known)} for this task, got {metric!r}")
+def _json_arguments(path: str) -> dict:
+    try:
+        arguments = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"the arguments file {path!r} is not a readable JSON file: {error}") from None
+    if not isinstance(arguments, dict):
+        raise ValueError(f"the arguments file {path!r} must hold a JSON object of flag names and values, got "
+                         f"{type(arguments).__name__}")
+    return arguments
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -243,8 +253,8 @@ class FinetuneTask:
 def region_inputs(row: dict, suffix: str = "") -> dict:
     """The processor's regions dict from the region columns of one image (boxes are normalised: no image_size)."""
     return {
-        "features": np.asarray(row[f"visual_feats{suffix}"], dtype=np.float32),
-        "boxes": np.asarray(row[f"visual_pos{suffix}"], dtype=np.float32),
+        "visual_feats": np.asarray(row[f"visual_feats{suffix}"], dtype=np.float32),
+        "visual_pos": np.asarray(row[f"visual_pos{suffix}"], dtype=np.float32),
         "tags": [str(tag) for tag in row[f"tags{suffix}"]],
         "scores": np.asarray(row[f"scores{suffix}"], dtype=np.float32),
     }
@@ -335,24 +345,20 @@ def _label_fields(names: list[str] | None) -> dict:
 def load_processor_and_model(task: FinetuneTask, model_args: ModelArguments, dataset: DatasetDict,
                              dataset_path: Path) -> tuple[CmalProcessor, CmalPreTrainedModel]:
     """A named size builds a new processor (default lexicon) and a randomly initialised head sized by the data;
-    a folder loads its processor and its trunk (and the head, when it was fine-tuned on the same labels)."""
+    a folder loads its processor and its trunk (and the head, when it was fine-tuned on the same labels). Tensors
+    of another shape are re-initialised only with `--ignore_mismatched_sizes`."""
     feat_dim = visual_feat_dim(dataset, task)
     source = model_args.model_name_or_path
     if source in CMAL_SIZES:
-        tokenizer = BertTokenizer.from_pretrained(model_args.tokenizer_name or default_tokenizer_dir(),
-                                                  model_max_length=model_args.max_text_length)
-        processor = CmalProcessor(tokenizer=tokenizer, max_regions=model_args.max_regions)
+        processor = new_processor(model_args.tokenizer_name, model_args.max_text_length, model_args.max_regions)
         label_fields = _label_fields(task.setup(dataset, dataset_path, processor))
-        data_sizes = {"vocab_size": len(tokenizer), "num_anchor_concepts": len(processor.lexicon),
-                      "visual_feat_dim": feat_dim}
-        overrides = {}
-        if model_args.model_size_overrides:
-            overrides = json.loads(Path(model_args.model_size_overrides).read_text())
-            overrides.pop("model_type", None)
-        for name, value in data_sizes.items():
-            if overrides.get(name, value) != value:
-                raise SystemExit(f"--model_size_overrides sets {name}={overrides[name]} but the data needs {value}")
-        config = CmalConfig.from_size(source, **{**overrides, **data_sizes, **label_fields})
+        sizes = data_sizes(processor, feat_dim)
+        try:
+            fields = (read_config_fields(model_args.model_size_overrides, "--model_size_overrides", sizes)
+                      if model_args.model_size_overrides else sizes)
+            config = CmalConfig.from_size(source, **{**fields, **label_fields})
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
         return processor, task.model_class(config)
     processor = CmalProcessor.from_pretrained(source)
     saved = CmalConfig.from_pretrained(source)
@@ -366,8 +372,16 @@ def load_processor_and_model(task: FinetuneTask, model_args: ModelArguments, dat
         raise SystemExit(f"--model_name_or_path {source!r} expects region features of dimension "
                          f"{config.visual_feat_dim} (config.visual_feat_dim) but --dataset_path "
                          f"{str(dataset_path)!r} has {feat_dim}")
-    # A pre-training folder, or a head of another size, leaves the head randomly initialised, with a warning.
-    model = task.model_class.from_pretrained(source, config=config, ignore_mismatched_sizes=True)
+    # A pre-training folder leaves the head randomly initialised (its weights are missing), with a warning.
+    try:
+        model = task.model_class.from_pretrained(source, config=config,
+                                                 ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
+    except RuntimeError as error:
+        if "ignore_mismatched_sizes" not in str(error):
+            raise
+        raise SystemExit(f"--model_name_or_path {source!r} holds tensors of other shapes than this "
+                         f"{task.model_class.__name__} (e.g. a head fine-tuned on another number of labels); pass "
+                         "--ignore_mismatched_sizes to re-initialise them") from None
     if (task.model_class.__name__ in (saved.architectures or []) and label_fields
             and saved.id2label != config.id2label):
         # The folder's head was fine-tuned for other labels (e.g. another answer vocabulary of the same size): its
@@ -419,7 +433,7 @@ def write_predictions(task: FinetuneTask, rows: Dataset, predictions: np.ndarray
 
 
 def run_finetuning(task: FinetuneTask, argv: list[str] | None = None) -> dict[str, float]:
-    """Fine-tune, evaluate, predict and save; returns every metric that was computed."""
+    """Fine-tune, save, evaluate and predict; returns every metric that was computed."""
     model_args, data_args, training_args = parse_arguments(task, argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(training_args.seed)
@@ -438,6 +452,8 @@ def run_finetuning(task: FinetuneTask, argv: list[str] | None = None) -> dict[st
     metrics = {}
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        # The best checkpoint (load_best_model_at_end) and its processor; every process takes part (FSDP, ZeRO-3).
+        trainer.save_model()
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
@@ -448,10 +464,10 @@ def run_finetuning(task: FinetuneTask, argv: list[str] | None = None) -> dict[st
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     if training_args.do_train and trainer.is_world_process_zero():
-        # The best checkpoint (load_best_model_at_end), its processor and code, with the card quoting its metric.
+        # The Hub extras beside the saved weights: auto maps, custom pipelines, code files, the card with the metric.
         measured = {task.metric_name: metrics[f"eval_{task.metric_name}"]} if training_args.do_eval else None
-        write_hub_folder(trainer.model, processor, output_dir, metrics=measured,
-                         metrics_source=f"{data_args.dataset_path}, {data_args.eval_split} split" if measured else None)
+        add_hub_files(output_dir, metrics=measured,
+                      metrics_source=f"{data_args.dataset_path}, {data_args.eval_split} split" if measured else None)
     if training_args.do_predict:
         rows = splits["predict"]
         # A split whose labels are hidden (all or some: VQA test-dev, NLVR2 test-U) gets predictions only.

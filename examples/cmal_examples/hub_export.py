@@ -1,7 +1,14 @@
 """Hub-ready folders: weights, config (full `auto_map` and `custom_pipelines`), processor, code and model card.
 
-    python -m modeling_cmal.hub_export --model outputs/vqa --output outputs/vqa-hub [--task cmal-vqa]
+    python -m cmal_examples.hub_export --model outputs/vqa --output outputs/vqa-hub [--task cmal-vqa]
         [--metrics eval_results.json --metrics_source "synthetic scenes, validation split"]
+
+A tool of the example programs, not of the runtime package: `write_hub_folder` saves a model and its processor with
+`save_pretrained` and adds the Hub files; `add_hub_files` adds them to a folder already saved (what the fine-tuning
+programs do after `Trainer.save_model`). The Hub files are the config's `auto_map` for every CMAL head and its
+`custom_pipelines` (written from a copy of the saved config, so the model's own config is left alone), the code files
+that `trust_remote_code=True` runs, and the model card (`huggingface_hub.ModelCard` from the Jinja template
+`model_card_template.md` beside this file, with `ModelCardData` as its YAML header).
 
 The folder loads where this package is not installed (`AutoModel*.from_pretrained(folder, trust_remote_code=True)`,
 `AutoProcessor`, `pipeline(task, model=folder, trust_remote_code=True)`) and is ready for `push_to_hub` /
@@ -12,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -20,20 +26,25 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import jinja2
+import jinja2.meta
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from safetensors import safe_open
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from .modeling_cmal import CMAL_AUTO_MAP
-from .pipelines_cmal import CMAL_PIPELINES, custom_pipelines_entry
+import modeling_cmal
+from modeling_cmal.configuration_cmal import CmalConfig
+from modeling_cmal.modeling_cmal import CMAL_AUTO_MAP
+from modeling_cmal.pipelines_cmal import CMAL_PIPELINES, custom_pipelines_entry
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL_CARD = PACKAGE_DIR / "data" / "model_card_template.md"
+PACKAGE_DIR = Path(modeling_cmal.__file__).resolve().parent
+DEFAULT_MODEL_CARD = Path(__file__).resolve().parent / "model_card_template.md"
 # The modules a folder's remote code starts from; their relative imports (anchoring, region extraction, ...) follow.
 ENTRY_MODULES = ("configuration_cmal.py", "modeling_cmal.py", "processing_cmal.py", "pipelines_cmal.py")
 # Heads whose folder serves every pipeline task (the pre-trained model's ITM head gives zero-shot matching; the
 # other task heads start untrained from it).
 MULTI_TASK_CLASSES = ("CmalModel", "CmalForPreTraining")
 HEAD_TASKS = {pipeline_class.head_class_name: task for task, pipeline_class in CMAL_PIPELINES.items()}
-# Hub `pipeline_tag` of each task (the Hub has no tag for entailment, NLVR2 or matching over region features).
 HUB_PIPELINE_TAGS = {
     "cmal-vqa": "visual-question-answering",
     "cmal-referring-expression": "zero-shot-object-detection",
@@ -59,14 +70,12 @@ TASK_CALLS = {
     "cmal-image-text-matching": ('text="a cup on a saucer", regions=regions',
                                  '{"match_probability": ..., "is_match": ...}'),
 }
-PROCESSOR_CONFIG = "processor_config.json"
-PROCESSOR_CLASS = "processing_cmal.CmalProcessor"
-PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}")
+CARD_TAGS = ["vision-language", "cmal", "multimodal", "vqa", "custom_code"]
 WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 
 
 def code_files() -> list[Path]:
-    """The package's module files a folder needs at run time: the entry modules and, recursively, what they import
+    """The runtime package's module files a folder needs: the entry modules and, recursively, what they import
     relatively."""
     files = []
     for name in ENTRY_MODULES:
@@ -79,10 +88,10 @@ def code_files() -> list[Path]:
     return files
 
 
-def resolve_tasks(model, pipeline_task: str | Sequence[str] | None) -> list[str]:
-    """The pipeline tasks a folder of `model` declares: `pipeline_task` (a name or a list), or by default the task of
-    its head (all five for `CmalModel` / `CmalForPreTraining`). A task that needs another head is an error."""
-    head = type(model).__name__
+def resolve_tasks(head: str, pipeline_task: str | Sequence[str] | None) -> list[str]:
+    """The pipeline tasks a folder of the model class `head` declares: `pipeline_task` (a name or a list), or by
+    default the task of the head (all five for `CmalModel` / `CmalForPreTraining`). A task that needs another head
+    is an error."""
     if head not in HEAD_TASKS and head not in MULTI_TASK_CLASSES:
         raise ValueError(f"model must be a CMAL model ({', '.join([*MULTI_TASK_CLASSES, *HEAD_TASKS])}), got {head}")
     if pipeline_task is None:
@@ -116,11 +125,10 @@ def _table(header: tuple[str, str], rows: Sequence[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def _config_table(model) -> str:
-    config = model.config
+def _config_table(config: CmalConfig, head: str, num_parameters: int) -> str:
     rows = [
-        ("head", f"`{type(model).__name__}`"),
-        ("parameters", _format_value(sum(parameter.numel() for parameter in model.parameters()))),
+        ("head", f"`{head}`"),
+        ("parameters", _format_value(num_parameters)),
         ("hidden size / heads / feed-forward", f"{config.hidden_size} / {config.num_attention_heads} / "
                                                f"{config.intermediate_size}"),
         ("layers: text / region / unified", f"{config.num_text_layers} / {config.num_visual_layers} / "
@@ -130,7 +138,7 @@ def _config_table(model) -> str:
         ("anchor concepts (AMC classes, lexicon size)", _format_value(config.num_anchor_concepts)),
         ("anchor action at inference", f"`{config.default_anchor_action}`"),
     ]
-    if type(model).__name__ in ("CmalForQuestionAnswering", "CmalForVisualEntailment", "CmalForVisualReasoning"):
+    if head in ("CmalForQuestionAnswering", "CmalForVisualEntailment", "CmalForVisualReasoning"):
         labels = [config.id2label[index] for index in sorted(config.id2label)]
         shown = ", ".join(f"`{label}`" for label in labels[:8]) + (", ..." if len(labels) > 8 else "")
         rows.append(("labels", f"{len(labels)}: {shown}"))
@@ -144,7 +152,7 @@ def _usage(model_name: str, task: str) -> str:
         "from transformers import pipeline",
         "",
         f'pipe = pipeline("{task}", model="{model_name}", trust_remote_code=True)',
-        'regions = {"features": features, "boxes": boxes, "image_size": (width, height), "tags": tags}',
+        'regions = {"visual_feats": features, "visual_pos": boxes, "image_size": (width, height), "tags": tags}',
         f"pipe({arguments})",
         f"# → {result}",
         "```",
@@ -162,29 +170,35 @@ def _measured_results(metrics: Mapping[str, float] | None, metrics_source: str |
     return f"Source: {metrics_source}\n\n" + _table(("metric", "value"), rows)
 
 
-def render_model_card(model, tasks: Sequence[str], template: str, *, model_name: str, code_file_names: Sequence[str],
-                      metrics: Mapping[str, float] | None = None, metrics_source: str | None = None) -> str:
-    """Fills the `{{placeholder}}`s of the model-card template. Raises `ValueError` if the template names a
-    placeholder that is not known or leaves one unfilled."""
-    values = {
-        "pipeline_tag": HUB_PIPELINE_TAGS[tasks[0]] if len(tasks) == 1 else "visual-question-answering",
-        "extra_tags": "\n".join(f"- {task}" for task in tasks),
+def render_model_card(config: CmalConfig, num_parameters: int, tasks: Sequence[str], template: str, *,
+                      model_name: str, code_file_names: Sequence[str], metrics: Mapping[str, float] | None = None,
+                      metrics_source: str | None = None) -> ModelCard:
+    """The card of a folder: `ModelCardData` (license, library, pipeline tag, tags, the measured `metrics` as
+    `eval_results`) as its YAML header and the Jinja `template` filled from the config. Raises `ValueError` if the
+    template uses a variable that is not known."""
+    head = (config.architectures or ["CmalForPreTraining"])[0]
+    pipeline_tag = HUB_PIPELINE_TAGS[tasks[0]] if len(tasks) == 1 else "visual-question-answering"
+    eval_results = [EvalResult(task_type=pipeline_tag, dataset_type="custom", dataset_name=metrics_source,
+                               metric_type=name, metric_value=value) for name, value in (metrics or {}).items()]
+    card_data = ModelCardData(license="apache-2.0", library_name="transformers", pipeline_tag=pipeline_tag,
+                              tags=[*CARD_TAGS, *tasks], model_name=model_name, eval_results=eval_results or None)
+    variables = {
         "model_name": model_name,
-        "head_class": type(model).__name__,
+        "head_class": head,
         "task_summary": ", ".join(TASK_SUMMARIES[task] for task in tasks),
-        "config_table": _config_table(model),
+        "config_table": _config_table(config, head, num_parameters),
         "code_files": ", ".join(f"`{name}`" for name in code_file_names),
         "usage": _usage(model_name, tasks[0]),
         "pipelines_table": _table(("task", "pipeline class"),
                                   [(f"`{task}`", f"`{CMAL_PIPELINES[task].__name__}`") for task in tasks]),
         "measured_results": _measured_results(metrics, metrics_source),
     }
-    unknown = sorted(set(PLACEHOLDER.findall(template)) - set(values))
+    used = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template))
+    unknown = sorted(used - {"card_data", *card_data.to_dict(), *variables})
     if unknown:
-        raise ValueError(f"the model-card template has unknown placeholders {unknown}; known: {sorted(values)}")
-    card = PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
-    # The template's own note to maintainers is not part of a rendered card.
-    return re.sub(r"<!-- Model-card template.*?-->\n+", "", card, count=1, flags=re.S)
+        raise ValueError(f"the model-card template uses unknown variables {unknown}; known: "
+                         f"{sorted({'card_data', *card_data.to_dict(), *variables})}")
+    return ModelCard.from_template(card_data, template_str=template, **variables)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -192,37 +206,60 @@ def render_model_card(model, tasks: Sequence[str], template: str, *, model_name:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _check_inputs(model, processor, metrics, metrics_source) -> None:
-    lexicon = getattr(processor, "lexicon", None)
-    if not callable(getattr(processor, "save_pretrained", None)):
-        raise ValueError(f"processor must be a CmalProcessor, got {type(processor).__name__}")
-    if lexicon is not None and len(lexicon) != model.config.num_anchor_concepts:
-        raise ValueError(f"the processor's lexicon has {len(lexicon)} concepts but the model's "
-                         f"config.num_anchor_concepts is {model.config.num_anchor_concepts}")
-    if metrics:
-        if not metrics_source:
-            raise ValueError("metrics need metrics_source: say what data and split they were measured on")
-        for name, value in metrics.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"metrics[{name!r}] must be a number, got {value!r}")
+def _check_metrics(metrics: Mapping[str, float] | None, metrics_source: str | None) -> None:
+    if not metrics:
+        return
+    if not metrics_source:
+        raise ValueError("metrics need metrics_source: say what data and split they were measured on")
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"metrics[{name!r}] must be a number, got {value!r}")
 
 
-def _update_json(path: Path, *, merged: Mapping, replaced: Mapping | None = None) -> None:
-    if not path.is_file():
-        raise ValueError(f"{path.name} was not written; the folder would not load")
-    content = json.loads(path.read_text())
-    for key, value in merged.items():
-        content[key] = {**content.get(key, {}), **value}
-    content.update(replaced or {})
-    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+def _count_parameters(folder: Path) -> int:
+    """Parameters of the saved weights (read from the safetensors headers, so a sharded or FSDP-saved model counts
+    whole; tied weights are saved, and counted, once)."""
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder} has no model*.safetensors; save the model with save_pretrained first")
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118
+                count = 1
+                for size in weights.get_slice(name).get_shape():
+                    count *= size
+                total += count
+    return total
 
 
-def _write_auto_maps(folder: Path, tasks: Sequence[str]) -> None:
-    """Every CMAL head and the processor in `auto_map` (whatever this process registered), exactly `tasks` in
-    `custom_pipelines`."""
-    _update_json(folder / "config.json", merged={"auto_map": CMAL_AUTO_MAP},
-                 replaced={"custom_pipelines": {task: custom_pipelines_entry(task) for task in tasks}})
-    _update_json(folder / PROCESSOR_CONFIG, merged={"auto_map": {"AutoProcessor": PROCESSOR_CLASS}})
+def add_hub_files(folder: str | os.PathLike, *, pipeline_task: str | Sequence[str] | None = None,
+                  model_card: str | os.PathLike | None = None, metrics: Mapping[str, float] | None = None,
+                  metrics_source: str | None = None, repo_id: str | None = None) -> Path:
+    """Adds the Hub files to a folder that `save_pretrained` (or `Trainer.save_model`) wrote: `config.json` with every
+    CMAL head in `auto_map` and exactly the pipeline tasks in `custom_pipelines`, the code files, and `README.md`.
+    Arguments as in `write_hub_folder`. Raises `ValueError` naming the argument for bad input."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"folder {str(folder)!r} has no config.json; expected a folder written by save_pretrained")
+    config = CmalConfig.from_pretrained(folder)  # a copy: the model's own config is not touched
+    tasks = resolve_tasks((config.architectures or ["CmalForPreTraining"])[0], pipeline_task)
+    _check_metrics(metrics, metrics_source)
+    template_path = Path(model_card) if model_card is not None else DEFAULT_MODEL_CARD
+    if not template_path.is_file():
+        raise ValueError(f"model_card must be a model-card template file, got {str(template_path)!r}, which is not a "
+                         "file (the default is cmal_examples/model_card_template.md)")
+    files = code_files()
+    card = render_model_card(config, _count_parameters(folder), tasks, template_path.read_text(encoding="utf-8"),
+                             model_name=repo_id or folder.name, code_file_names=[path.name for path in files],
+                             metrics=metrics, metrics_source=metrics_source)
+    for path in files:
+        shutil.copyfile(path, folder / path.name)
+    config.auto_map = {**(getattr(config, "auto_map", None) or {}), **CMAL_AUTO_MAP}
+    config.custom_pipelines = {task: custom_pipelines_entry(task) for task in tasks}
+    config.save_pretrained(folder)
+    card.save(folder / "README.md")
+    return folder
 
 
 def _publish(staging: Path, output_dir: Path) -> None:
@@ -267,7 +304,7 @@ def write_hub_folder(
             existing one the files are replaced one by one and its other files are kept.
         pipeline_task: the `custom_pipelines` tasks of the config: a task name or a list of them; by default the
             task of the model's head, or all five for `CmalModel` / `CmalForPreTraining`.
-        model_card: the model-card template (default: `modeling_cmal/data/model_card_template.md`).
+        model_card: the Jinja model-card template (default: `cmal_examples/model_card_template.md`).
         metrics, metrics_source: our own measured results for the card (`{"vqa_accuracy": 0.71}`) and what they
             were measured on (required with `metrics`); without them the card says that none were given.
         repo_id: the Hub repository the folder is meant for (`"user/cmal-vqa"`), the name the card's title and
@@ -280,26 +317,24 @@ def write_hub_folder(
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output_dir {str(output_dir)!r} is a file; expected a folder to write (new or existing)")
-    tasks = resolve_tasks(model, pipeline_task)
-    _check_inputs(model, processor, metrics, metrics_source)
-    template_path = Path(model_card) if model_card is not None else DEFAULT_MODEL_CARD
-    if not template_path.is_file():
-        raise ValueError(f"model_card must be a model-card template file, got {str(template_path)!r}, which is not a "
-                         "file (the default is the template shipped in modeling_cmal/data)")
-    files = code_files()
+    resolve_tasks(type(model).__name__, pipeline_task)
+    if not callable(getattr(processor, "save_pretrained", None)):
+        raise ValueError(f"processor must be a CmalProcessor, got {type(processor).__name__}")
+    lexicon = getattr(processor, "lexicon", None)
+    if lexicon is not None and len(lexicon) != model.config.num_anchor_concepts:
+        raise ValueError(f"the processor's lexicon has {len(lexicon)} concepts but the model's "
+                         f"config.num_anchor_concepts is {model.config.num_anchor_concepts}")
+    _check_metrics(metrics, metrics_source)
+    if model_card is not None and not Path(model_card).is_file():
+        raise ValueError(f"model_card must be a model-card template file, got {str(model_card)!r}, which is not a "
+                         "file (the default is cmal_examples/model_card_template.md)")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
-        for path in files:
-            shutil.copyfile(path, staging / path.name)
-        _write_auto_maps(staging, tasks)
-        card = render_model_card(model, tasks, template_path.read_text(encoding="utf-8"),
-                                 model_name=repo_id or output_dir.name,
-                                 code_file_names=[path.name for path in files], metrics=metrics,
-                                 metrics_source=metrics_source)
-        (staging / "README.md").write_text(card, encoding="utf-8")
+        add_hub_files(staging, pipeline_task=pipeline_task, model_card=model_card, metrics=metrics,
+                      metrics_source=metrics_source, repo_id=repo_id or output_dir.name)
         _publish(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -313,10 +348,8 @@ def write_hub_folder(
 
 
 def load_trained_folder(folder: str | os.PathLike):
-    """(model, processor) of a folder saved by the CMAL scripts; the model class is the one its config names."""
-    from . import modeling_cmal
-    from .configuration_cmal import CmalConfig
-    from .processing_cmal import CmalProcessor
+    """(model, processor) of a folder saved by the CMAL programs; the model class is the one its config names."""
+    from modeling_cmal.processing_cmal import CmalProcessor
 
     config = CmalConfig.from_pretrained(folder)
     architectures = config.architectures or ["CmalForPreTraining"]
@@ -327,13 +360,14 @@ def load_trained_folder(folder: str | os.PathLike):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m modeling_cmal.hub_export", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cmal_examples.hub_export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a trained CMAL folder (model, config, processor)")
     parser.add_argument("--output", required=True, help="the Hub-ready folder to write")
     parser.add_argument("--task", action="append", choices=sorted(CMAL_PIPELINES),
                         help="a pipeline task of the folder (repeatable; default: the task of the model's head)")
-    parser.add_argument("--model_card", help="model-card template (default: the one shipped in modeling_cmal/data)")
+    parser.add_argument("--model_card",
+                        help="Jinja model-card template (default: cmal_examples/model_card_template.md)")
     parser.add_argument("--metrics", help="a JSON file of measured results, e.g. a Trainer eval_results.json")
     parser.add_argument("--metrics_source", help="what the metrics were measured on (required with --metrics)")
     parser.add_argument("--repo_id", help="the Hub repository the folder is for, as the card names it")
@@ -344,19 +378,24 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
     metrics = None
     if args.metrics:
-        metrics = json.loads(Path(args.metrics).read_text())
+        try:
+            metrics = json.loads(Path(args.metrics).read_text())
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--metrics {args.metrics!r} is not a readable JSON file: {error}") from None
         if not isinstance(metrics, dict):
             raise SystemExit(f"--metrics {args.metrics!r} must hold a JSON object of metric names and numbers")
         metrics = {name: value for name, value in metrics.items() if not isinstance(value, (str, list, dict))}
+    if not (Path(args.model) / "config.json").is_file():
+        raise SystemExit(f"--model {args.model!r} is not a saved CMAL folder (no config.json)")
     model, processor = load_trained_folder(args.model)
-    folder = write_hub_folder(model, processor, args.output, pipeline_task=args.task, model_card=args.model_card,
-                              metrics=metrics, metrics_source=args.metrics_source, repo_id=args.repo_id)
+    try:
+        folder = write_hub_folder(model, processor, args.output, pipeline_task=args.task, model_card=args.model_card,
+                                  metrics=metrics, metrics_source=args.metrics_source, repo_id=args.repo_id)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     print(f"wrote {folder}: {', '.join(sorted(path.name for path in folder.iterdir()))}")
     return folder
 
 
 if __name__ == "__main__":
     main()
-
-
-__all__ = ["code_files", "render_model_card", "resolve_tasks", "write_hub_folder"]
