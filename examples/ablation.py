@@ -536,7 +536,7 @@ def write_charts(results: dict, output_dir: Path) -> None:
 def prepare_corpus(args, output_dir: Path) -> Path:
     if args.corpus_dir is not None:
         return Path(args.corpus_dir)
-    from processing.synthetic import CONFIG_FILE, build_synthetic_corpus
+    from cmal_processing.synthetic import CONFIG_FILE, build_synthetic_corpus
 
     corpus = output_dir / "corpus"
     existing = corpus / CONFIG_FILE

@@ -21,7 +21,7 @@ from transformers import EvalPrediction
 
 from cmal_examples.finetuning import FinetuneTask, run_finetuning
 from modeling_cmal import CmalForQuestionAnswering
-from processing.schema import ANSWER_VOCAB_FILE
+from cmal_processing.schema import ANSWER_VOCAB_FILE
 
 
 class VqaTask(FinetuneTask):

@@ -74,7 +74,7 @@ RELOAD_AND_SCORE = """
 import json, sys
 # As on a machine that has transformers but not this package: the model must come from the folder's code.
 sys.modules["modeling_cmal"] = None
-sys.modules["processing"] = None
+sys.modules["processing"] = sys.modules["cmal_processing"] = None
 import torch
 from transformers import AutoModelForPreTraining
 
@@ -159,8 +159,8 @@ def write_shuffled_validation(task_dir: Path, target: Path, seed: int) -> Path:
 
     from datasets import DatasetDict, disable_progress_bars, load_from_disk
 
-    from processing.controls import images_shuffled
-    from processing.schema import ANSWER_VOCAB_FILE
+    from cmal_processing.controls import images_shuffled
+    from cmal_processing.schema import ANSWER_VOCAB_FILE
 
     disable_progress_bars()  # the stage's own line says what happens; four bars per task would bury the table
     dataset = load_from_disk(str(task_dir))

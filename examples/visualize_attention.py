@@ -67,7 +67,7 @@ def coffee_example(feature_dim: int, seeds_path: str | Path):
     from PIL import Image
     from skimage import data
 
-    from processing.synthetic import region_features_from_pixels
+    from cmal_processing.synthetic import region_features_from_pixels
 
     seeds = json.loads(Path(seeds_path).read_text())
     pixels = data.coffee()

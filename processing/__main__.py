@@ -1,4 +1,5 @@
-"""Command line of the corpus builders.
+"""Command line of the corpus builders: `python -m processing ...` from the repository root; once installed (the
+package installs as `cmal_processing`) also `python -m cmal_processing ...` or the console script `cmal-processing ...`.
 
     python -m processing build captions --captions FILE --features SRC [SRC ...] --output DIR --split NAME
     python -m processing build vqa      --questions FILE [--annotations FILE] [--answer_vocab FILE] [--top_k K] ...
@@ -49,7 +50,9 @@ def _common_arguments(parser: argparse.ArgumentParser, image_id_default: str | N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m processing", description=__doc__.split("\n\n")[0])
+    # `processing` from the repository root, `cmal_processing` once installed
+    parser = argparse.ArgumentParser(prog=f"python -m {__package__ or 'processing'}",
+                                     description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="write one split of a corpus").add_subparsers(dest="task", required=True)
 

@@ -98,8 +98,8 @@ def real_format_corpus(tmp_path_factory) -> Path:
     `python -m processing build` command line, the others through the builder functions it calls)."""
     from test_readers import butd_fields, make_regions, write_butd_tsv, write_npz
 
-    from processing import build_captions, build_nlvr2, build_refcoco, build_vqa
-    from processing.__main__ import main as processing_cli
+    from cmal_processing import build_captions, build_nlvr2, build_refcoco, build_vqa
+    from cmal_processing.__main__ import main as processing_cli
 
     root = tmp_path_factory.mktemp("real_formats")
     coco = {number: make_regions(f"COCO_train2014_{number:012d}", 3 + number % 3, REAL_FEATURE_DIM, seed=number)
@@ -690,7 +690,7 @@ REPRODUCE = textwrap.dedent("""
     import json, sys
     # CI installs the package in editable mode: hide it, as on a machine that only has transformers.
     sys.modules["modeling_cmal"] = None
-    sys.modules["processing"] = None
+    sys.modules["processing"] = sys.modules["cmal_processing"] = sys.modules["cmal_examples"] = None
     import numpy as np, torch
     from datasets import load_from_disk
     from transformers import (AutoModelForSequenceClassification, AutoModelForTokenClassification,

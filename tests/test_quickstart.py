@@ -40,7 +40,7 @@ def test_images_shuffled_gives_every_row_another_image(synthetic_corpus):
     import numpy as np
     from datasets import load_from_disk
 
-    from processing.controls import IMAGE_COLUMNS, images_shuffled
+    from cmal_processing.controls import IMAGE_COLUMNS, images_shuffled
 
     for task in ("vqa", "nlvr2", "refcoco"):
         rows = load_from_disk(str(synthetic_corpus / task))["validation"]
@@ -64,3 +64,50 @@ def test_images_shuffled_gives_every_row_another_image(synthetic_corpus):
     assert set(IMAGE_COLUMNS) >= {"visual_feats", "visual_pos", "tags"}
     with pytest.raises(ValueError, match="at least 2 different images"):
         images_shuffled(rows.select([0]), seed=0)
+
+
+def test_the_install_puts_only_names_of_the_project_into_site_packages():
+    """setup.cfg installs the folders `processing/` and `examples/cmal_examples/` as `cmal_processing` and
+    `cmal_examples`: no generic top-level `processing` beside other packages."""
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(REPO_ROOT / "setup.cfg")
+    packages = setup["options"]["packages"].split()
+    assert packages == ["modeling_cmal", "cmal_processing", "cmal_examples"]
+    mapping = dict(line.split(" = ") for line in setup["options"]["package_dir"].strip().splitlines())
+    assert mapping == {"cmal_processing": "processing", "cmal_examples": "examples/cmal_examples"}
+    for folder in mapping.values():
+        assert (REPO_ROOT / folder / "__init__.py").is_file(), folder
+    scripts = setup["options.entry_points"]["console_scripts"]
+    assert "cmal-processing = cmal_processing.__main__:main" in scripts
+
+
+def _program_imports() -> dict[str, set[str]]:
+    """The top-level modules each program and each module of cmal_examples imports (absolute imports)."""
+    import ast
+
+    examples = REPO_ROOT / "examples"
+    imports = {}
+    for path in sorted(examples.glob("*.py")) + sorted((examples / "cmal_examples").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names}
+        names |= {node.module.split(".")[0] for node in ast.walk(tree)
+                  if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+        imports[str(path.relative_to(examples))] = names
+    return imports
+
+
+def test_no_program_patches_sys_path_or_imports_the_folder_name_processing():
+    for name, imported in _program_imports().items():
+        assert "processing" not in imported, f"{name} imports processing; the installed name is cmal_processing"
+        assert "sys.path" not in (REPO_ROOT / "examples" / name).read_text(), name
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("cmal_processing") is None,
+                    reason="the project is not installed (pip install -e .)")
+def test_the_builders_run_under_their_installed_name(tmp_path):
+    for command in ([sys.executable, "-m", "cmal_processing", "--help"], ["cmal-processing", "--help"]):
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0 and "build" in result.stdout, result.stderr[-2000:]

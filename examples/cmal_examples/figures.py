@@ -30,7 +30,7 @@ def check_figure_arguments(parser: argparse.ArgumentParser, args: argparse.Names
 def synthetic_scene(rng, feature_dim: int):
     """(scene, rendered image, regions) of one synthetic scene drawn from `rng`, the regions under the processor's
     names (`scene_regions` may still name the arrays `features` / `boxes`, the deprecated ones)."""
-    from processing.synthetic import generate_scene, render_scene, scene_regions
+    from cmal_processing.synthetic import generate_scene, render_scene, scene_regions
 
     scene = generate_scene(rng)
     image = render_scene(scene)
