@@ -12,7 +12,7 @@ classes, so CMAL registers five tasks of its own:
 | `cmal-image-text-matching` | `CmalForImageTextMatching` | `text` (sentence) + `image` or `regions` | `{"match_probability", ...}` |
 
 Importing this module registers the five tasks with `transformers.pipelines.PIPELINE_REGISTRY` (in-process use,
-`pipeline("cmal-vqa", model=folder)`); a folder written by `hub_export.write_hub_folder` lists them under
+`pipeline("cmal-vqa", model=folder)`); a folder written by `cmal_examples.hub_export.write_hub_folder` lists them under
 `custom_pipelines` in its config, so `pipeline("cmal-vqa", model=folder, trust_remote_code=True)` works where this
 package is not installed. Inputs are keywords (`pipe(text=..., regions=...)`), a dict with the same keys, or a list
 of such dicts (a list of results comes back; `batch_size=` batches them through the model).
@@ -351,7 +351,7 @@ class CmalPipeline(Pipeline):
     def save_pretrained(self, save_directory, **kwargs):
         """Saves model, config (with this task under `custom_pipelines`), code and processor, so that the folder
         loads with `pipeline(model=save_directory, trust_remote_code=True)`. For a Hub-ready folder with a model
-        card use `hub_export.write_hub_folder`."""
+        card use `cmal_examples.hub_export.write_hub_folder` (`examples/cmal_examples/hub_export.py`)."""
         super().save_pretrained(save_directory, **kwargs)
         self.processor.save_pretrained(save_directory)
 

@@ -15,7 +15,13 @@ from torch.nn import functional as F
 from transformers import pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from modeling_cmal import (
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "examples"))  # cmal_examples, the programs' shared package (Hub export)
+
+from cmal_examples.hub_export import write_hub_folder  # noqa: E402
+
+from modeling_cmal import (  # noqa: E402
     CmalConfig,
     CmalForImageTextMatching,
     CmalForQuestionAnswering,
@@ -23,10 +29,9 @@ from modeling_cmal import (
     CmalForVisualEntailment,
     CmalForVisualReasoning,
 )
-from modeling_cmal.hub_export import write_hub_folder
-from modeling_cmal.pipelines_cmal import CMAL_PIPELINES
-from modeling_cmal.processing_cmal import CmalProcessor
-from modeling_cmal.region_extraction import CmalRegionExtractor
+from modeling_cmal.pipelines_cmal import CMAL_PIPELINES  # noqa: E402
+from modeling_cmal.processing_cmal import CmalProcessor  # noqa: E402
+from modeling_cmal.region_extraction import CmalRegionExtractor  # noqa: E402
 
 FEATURE_DIM = 16
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos", "visual_attention_mask",
