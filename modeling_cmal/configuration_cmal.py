@@ -48,6 +48,10 @@ class CmalConfig(PreTrainedConfig):
         anchor_pairing_temperature (`float`, defaults to 0.07): initial temperature of AMC's mapping term (cosine
             similarity of an anchor word with every region, on the two hyperspheres); learned from there.
         anchor_pairing_min_temperature (`float`, defaults to 0.01): the temperature is clamped from below at this.
+        itc_temperature (`float`, defaults to 0.07): initial temperature of the contrastive objective (ITC, the
+            ablation baseline), as in CLIP; learned from there.
+        itc_min_temperature (`float`, defaults to 0.01): ITC's temperature is clamped from below at this (CLIP's
+            clamp of the inverse temperature at 100).
         anchor_fill_text_rate, anchor_fill_region_rate, anchor_mask_both_rate, anchor_mask_text_rate,
         anchor_mask_region_rate (`float`): probabilities with which the pre-training collator gives an anchor the
             action *fill text*, *fill region*, *mask both*, *mask text* or *mask region*; the rest of the anchors
@@ -62,6 +66,8 @@ class CmalConfig(PreTrainedConfig):
         amc_loss_weight, mlm_loss_weight, itm_loss_weight, itc_loss_weight (`float`): weights of the pre-training
             objectives in the total loss; 0 skips an objective. ITC (contrastive) is off by default.
         classifier_dropout (`float`, *optional*): dropout of the task heads (defaults to `hidden_dropout_prob`).
+        classifier_activation (`str`, defaults to `"gelu"`): activation of the task heads' hidden layer (a name of
+            transformers' `ACT2FN`), as in the answer heads of LXMERT and UNITER.
 
     Example:
 
@@ -100,11 +106,14 @@ class CmalConfig(PreTrainedConfig):
     default_anchor_action: str = "fill_text"
     anchor_pairing_temperature: float = 0.07
     anchor_pairing_min_temperature: float = 0.01
+    itc_temperature: float = 0.07
+    itc_min_temperature: float = 0.01
     amc_loss_weight: float = 1.0
     mlm_loss_weight: float = 1.0
     itm_loss_weight: float = 1.0
     itc_loss_weight: float = 0.0
     classifier_dropout: float | None = None
+    classifier_activation: str = "gelu"
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
@@ -162,15 +171,16 @@ class CmalConfig(PreTrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"CmalConfig.{name} must be a finite float > 0, got {value!r}")
-        for name in ("anchor_pairing_temperature", "anchor_pairing_min_temperature"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ValueError(f"CmalConfig.{name} must be a positive finite float, got {value!r}")
-        if self.anchor_pairing_min_temperature > self.anchor_pairing_temperature:
-            raise ValueError(
-                f"CmalConfig.anchor_pairing_min_temperature ({self.anchor_pairing_min_temperature}) must not exceed "
-                f"anchor_pairing_temperature ({self.anchor_pairing_temperature})"
-            )
+        for prefix in ("anchor_pairing", "itc"):
+            for name in (f"{prefix}_temperature", f"{prefix}_min_temperature"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                    raise ValueError(f"CmalConfig.{name} must be a positive finite float, got {value!r}")
+            if getattr(self, f"{prefix}_min_temperature") > getattr(self, f"{prefix}_temperature"):
+                raise ValueError(
+                    f"CmalConfig.{prefix}_min_temperature ({getattr(self, f'{prefix}_min_temperature')}) must not "
+                    f"exceed {prefix}_temperature ({getattr(self, f'{prefix}_temperature')})"
+                )
         # The switch is gone (measured inert: the encoders end in LayerNorm, so their states already lie on a
         # sphere of radius ~sqrt(H), and switching the normalisation off changed the losses in the fourth digit);
         # a config that still turns it off would silently mean something else.
@@ -186,9 +196,11 @@ class CmalConfig(PreTrainedConfig):
         """`hidden_act` names an activation of transformers' `ACT2FN`; `pad_token_id` is None or a word-piece id."""
         from transformers.activations import ACT2FN
 
-        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
-            raise ValueError(f"CmalConfig.hidden_act must be the name of an activation of transformers' ACT2FN, one "
-                             f"of {sorted(ACT2FN)}, got {self.hidden_act!r}")
+        for name in ("hidden_act", "classifier_activation"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in ACT2FN:
+                raise ValueError(f"CmalConfig.{name} must be the name of an activation of transformers' ACT2FN, one "
+                                 f"of {sorted(ACT2FN)}, got {value!r}")
         pad = self.pad_token_id
         if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < self.vocab_size):
             raise ValueError(f"CmalConfig.pad_token_id must be None or an int in [0, vocab_size = {self.vocab_size}), "

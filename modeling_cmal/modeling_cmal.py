@@ -16,7 +16,7 @@ import shutil
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, wraps
 
 import torch
 from torch import nn
@@ -24,10 +24,14 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import ConversionOps, WeightConverter, _IdentityOp
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_cmal import ANCHOR_ACTIONS, CmalConfig
 
@@ -301,23 +305,19 @@ class CmalLayer(GradientCheckpointingLayer):
 
 
 class CmalEncoder(nn.Module):
-    """A stack of `num_layers` `CmalLayer`s; used for the text, region and unified encoders."""
+    """A stack of `num_layers` `CmalLayer`s; used for the text, region and unified encoders. Every layer's output
+    (and attention probabilities) is recorded by `capture_outputs` when asked for."""
 
     def __init__(self, config: CmalConfig, num_layers: int):
         super().__init__()
         self.layer = nn.ModuleList([CmalLayer(config) for _ in range(num_layers)])
 
-    def forward(self, hidden_states, attention_mask=None, output_attentions=False, output_hidden_states=False):
-        """Returns (last hidden state `[B, L, H]`, all hidden states or None, all attentions or None)."""
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False) -> torch.Tensor:
+        """`hidden_states` `[B, L, H]` → `[B, L, H]`. `output_attentions` selects the eager attention for this call
+        (attention probabilities exist only there)."""
         for layer in self.layer:
-            hidden_states, attn_weights = layer(hidden_states, attention_mask, output_attentions)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (attn_weights,)
-        return hidden_states, all_hidden_states, all_attentions
+            hidden_states, _ = layer(hidden_states, attention_mask, output_attentions)
+        return hidden_states
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -331,7 +331,9 @@ class CmalHypersphere(nn.Module):
 
     def __init__(self, config: CmalConfig):
         super().__init__()
-        self.scale = nn.Parameter(torch.tensor(math.sqrt(config.hidden_size)))
+        # One element, not a 0-dim tensor: FSDP2 shards every parameter along its first dimension. Checkpoints
+        # written with the 0-dim scale load through the conversion registered at the end of this file.
+        self.scale = nn.Parameter(torch.full((1,), math.sqrt(config.hidden_size)))
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`[B, L, H]` → (unit-norm embeddings `[B, L, H]`, scaled content `[B, L, H]`)."""
@@ -359,48 +361,49 @@ class CmalAssociativePrompt(nn.Module):
         self.region_mask_embedding = nn.Parameter(torch.zeros(config.hidden_size))
 
     def forward(self, text_content, region_content, anchor_pairs, anchor_actions):
-        """`text_content` `[B, N, H]`, `region_content` `[B, M, H]`, `anchor_pairs` `[B, K, 2]` (-1 padding),
-        `anchor_actions` `[B, K]` → (text content `[B, N, H]`, region content `[B, M, H]`)."""
+        """`text_content` `[B, N, H]`, `region_content` `[B, M, H]`, `anchor_pairs` `[B, K, 2]` (`[-1, -1]` padding),
+        `anchor_actions` `[B, K]` → (text content `[B, N, H]`, region content `[B, M, H]`).
+
+        A fixed-shape program: each row's action becomes a per-slot map (`[B, K, N]` and `[B, K, M]` one-hots of
+        the slots it points at), and every slot takes its new content through `torch.where`; the mask vectors are
+        in the graph whatever the batch (DDP needs a gradient for every parameter in every step). A slot that
+        several rows fill takes their mean."""
         # Under autocast the two encoders may return different dtypes (e.g. bf16 regions, float32 text after a
         # LayerNorm kept in float32): content moves between them, so both take the wider one.
         common = torch.promote_types(text_content.dtype, region_content.dtype)
         text_content, region_content = text_content.to(common), region_content.to(common)
-        batch_size, text_length, hidden_size = text_content.shape
-        num_regions = region_content.shape[1]
+        hidden_size = text_content.shape[-1]
         pieces, regions = anchor_pairs[..., 0], anchor_pairs[..., 1]
-        valid = pieces >= 0
-        batch_index = torch.arange(batch_size, device=pieces.device).unsqueeze(1)
-        text_slot = (batch_index * text_length + pieces.clamp(min=0))[valid]
-        region_slot = (batch_index * num_regions + regions.clamp(min=0))[valid]
-        actions = anchor_actions[valid]
-        text_flat = text_content.reshape(-1, hidden_size)
-        region_flat = region_content.reshape(-1, hidden_size)
+        valid = ((pieces >= 0) & (regions >= 0)).unsqueeze(-1)
+        at_piece = (pieces.unsqueeze(-1) == torch.arange(text_content.shape[1], device=pieces.device)) & valid
+        at_region = (regions.unsqueeze(-1) == torch.arange(region_content.shape[1], device=regions.device)) & valid
+        actions = anchor_actions.unsqueeze(-1)
+        fill_text, fill_region, mask_both = (actions == ACTION_FILL_TEXT, actions == ACTION_FILL_REGION,
+                                             actions == ACTION_MASK_BOTH)
 
-        fill_text = actions == ACTION_FILL_TEXT
-        fill_region = actions == ACTION_FILL_REGION
-        mask_both = actions == ACTION_MASK_BOTH
-        mask_text = fill_region | mask_both
-        mask_region = fill_text | mask_both
+        def expand(index: torch.Tensor) -> torch.Tensor:
+            return index.clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden_size)
 
-        text_is_filled = torch.zeros(text_flat.shape[0], dtype=torch.bool, device=text_flat.device)
-        text_is_filled[text_slot[fill_text]] = True
-        text_is_masked = torch.zeros_like(text_is_filled)
-        text_is_masked[text_slot[mask_text]] = True
-        text_fill = torch.zeros_like(text_flat).index_copy(0, text_slot[fill_text], region_flat[region_slot[fill_text]])
-        new_text = torch.where(text_is_filled[:, None], text_fill, text_flat)
-        new_text = torch.where(text_is_masked[:, None], self.text_mask_embedding.to(new_text.dtype), new_text)
-
-        # A word of several pieces fills its region with the mean of its pieces.
-        region_sum = torch.zeros_like(region_flat).index_add(0, region_slot[fill_region], text_flat[text_slot[fill_region]])
-        region_count = torch.zeros(region_flat.shape[0], dtype=region_flat.dtype, device=region_flat.device)
-        region_count = region_count.index_add(0, region_slot[fill_region], torch.ones_like(region_slot[fill_region], dtype=region_flat.dtype))
-        region_is_masked = torch.zeros(region_flat.shape[0], dtype=torch.bool, device=region_flat.device)
-        region_is_masked[region_slot[mask_region]] = True
-        new_region = torch.where(
-            (region_count > 0)[:, None], region_sum / region_count.clamp(min=1)[:, None], region_flat
-        )
-        new_region = torch.where(region_is_masked[:, None], self.region_mask_embedding.to(new_region.dtype), new_region)
-        return new_text.view_as(text_content), new_region.view_as(region_content)
+        new_text, new_region = text_content, region_content
+        if region_content.shape[1] > 0:  # a static shape: without regions there is nothing to move
+            # Fill text: the word's pieces receive the content of the row's region.
+            text_weights = (at_piece & fill_text).to(common)  # [B, K, N]
+            region_at_rows = region_content.gather(1, expand(regions))  # [B, K, H]
+            text_count = text_weights.sum(1).unsqueeze(-1)  # [B, N, 1]
+            text_fill = torch.einsum("bkn,bkh->bnh", text_weights, region_at_rows) / text_count.clamp(min=1)
+            new_text = torch.where(text_count > 0, text_fill, text_content)
+            # Fill region: the region receives the mean content of the word's pieces.
+            region_weights = (at_region & fill_region).to(common)  # [B, K, M]
+            text_at_rows = text_content.gather(1, expand(pieces))  # [B, K, H]
+            region_count = region_weights.sum(1).unsqueeze(-1)  # [B, M, 1]
+            region_fill = torch.einsum("bkm,bkh->bmh", region_weights, text_at_rows) / region_count.clamp(min=1)
+            new_region = torch.where(region_count > 0, region_fill, region_content)
+        # The slot whose content left (or that both lose, for mask both) holds its modality's mask vector.
+        text_masked = (at_piece & (fill_region | mask_both)).any(1).unsqueeze(-1)
+        region_masked = (at_region & (fill_text | mask_both)).any(1).unsqueeze(-1)
+        new_text = torch.where(text_masked, self.text_mask_embedding.to(common), new_text)
+        new_region = torch.where(region_masked, self.region_mask_embedding.to(common), new_region)
+        return new_text, new_region
 
 
 class CmalHybridEmbeddings(nn.Module):
@@ -444,6 +447,66 @@ def _check_shape(name: str, tensor: torch.Tensor | None, expected: tuple, descri
         raise ValueError(f"{name} must have shape {description}, got {tuple(tensor.shape)}")
 
 
+def _check_tensor(name: str, value, kind: str) -> None:
+    """`value` is None or a `torch.Tensor` of `kind`: "integer" (ids, indices, labels), "float" (features, boxes,
+    embeddings) or "mask" (integers, bools or floats)."""
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(
+            f"{name} must be a torch.Tensor, got {type(value).__module__}.{type(value).__name__}: call the processor "
+            "with return_tensors='pt', or convert with torch.as_tensor"
+        )
+    if value.is_complex() or (kind == "integer" and (value.is_floating_point() or value.dtype == torch.bool)):
+        expected = "integers (torch.long)" if kind == "integer" else "real numbers"
+        raise ValueError(f"{name} must hold {expected}, got a tensor of dtype {value.dtype}")
+    if kind == "float" and not value.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+
+
+def _first_bad(bad: torch.Tensor) -> tuple[int, ...]:
+    return tuple(bad.nonzero()[0].tolist())
+
+
+def raise_for_bad_values(checks: list[tuple[torch.Tensor, Callable[[torch.Tensor], str]]]) -> None:
+    """Raises `ValueError` with the message of the first check whose boolean tensor has a True element.
+
+    `checks` are (bad-element mask, message built from that mask). All checks cost one device→host transfer;
+    they run in eager mode only: a compiled forward is a pure tensor program (the processor, the collators and the
+    pipelines check the values where the data is made)."""
+    if not checks or torch.compiler.is_compiling():
+        return
+    flags = torch.stack([bad.any() for bad, _ in checks]).tolist()
+    for (bad, message), flag in zip(checks, flags):
+        if flag:
+            raise ValueError(message(bad))
+
+
+def _out_of_range(name: str, tensor: torch.Tensor, low: int, high: int, expected: str, ignore: int | None = None):
+    """A check of `raise_for_bad_values`: `tensor` values outside `[low, high)` (and not `ignore`)."""
+    bad = (tensor < low) | (tensor >= high)
+    if ignore is not None:
+        bad = bad & (tensor != ignore)
+
+    def message(bad: torch.Tensor) -> str:
+        index = _first_bad(bad)
+        return f"{name}[{', '.join(map(str, index))}] = {tensor[index].item()}; expected {expected}"
+
+    return bad, message
+
+
+def _not_finite(name: str, tensor: torch.Tensor, what: str):
+    """A check of `raise_for_bad_values`: NaN or infinite values of a float tensor."""
+    bad = ~torch.isfinite(tensor)
+
+    def message(bad: torch.Tensor) -> str:
+        index = _first_bad(bad)
+        return (f"{name}[{', '.join(map(str, index))}] = {tensor[index].item()}: {what} must be finite "
+                "(a NaN or inf here turns every output into NaN)")
+
+    return bad, message
+
+
 def validate_cmal_inputs(
     config: CmalConfig,
     input_ids,
@@ -457,15 +520,33 @@ def validate_cmal_inputs(
     anchor_concept_ids,
     anchor_actions,
 ) -> None:
-    """Raises `ValueError` naming the argument, the value and what was expected."""
+    """Raises `ValueError` naming the argument, the value and what was expected.
+
+    Types and shapes are checked always (they are static under `torch.compile`); values (id ranges, finiteness,
+    anchor indices) in eager mode only, in one device→host transfer (`raise_for_bad_values`)."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Give exactly one of input_ids [B, N] or inputs_embeds [B, N, H]")
     if visual_feats is None or visual_pos is None:
         raise ValueError("CMAL needs visual_feats [B, M, visual_feat_dim] and visual_pos [B, M, 4]")
-    text = input_ids if input_ids is not None else inputs_embeds[..., 0]
-    if text.dim() != 2:
-        raise ValueError(f"input_ids must have shape [batch_size, text_length], got {tuple(text.shape)}")
-    batch_size, text_length = text.shape
+    for name, value, kind in (
+        ("input_ids", input_ids, "integer"), ("inputs_embeds", inputs_embeds, "float"),
+        ("attention_mask", attention_mask, "mask"), ("token_type_ids", token_type_ids, "integer"),
+        ("visual_feats", visual_feats, "float"), ("visual_pos", visual_pos, "float"),
+        ("visual_attention_mask", visual_attention_mask, "mask"), ("anchor_pairs", anchor_pairs, "integer"),
+        ("anchor_concept_ids", anchor_concept_ids, "integer"), ("anchor_actions", anchor_actions, "integer"),
+    ):
+        _check_tensor(name, value, kind)
+    if input_ids is not None and input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [batch_size, text_length], got {tuple(input_ids.shape)}")
+    if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size):
+        raise ValueError(f"inputs_embeds must have shape [batch_size, text_length, {config.hidden_size}] "
+                         f"(config.hidden_size), got {tuple(inputs_embeds.shape)}")
+    batch_size, text_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    if batch_size == 0:
+        raise ValueError(f"input_ids has batch size 0 (shape {tuple((input_ids if input_ids is not None else inputs_embeds).shape)}): "
+                         "give at least one sample")
+    if text_length == 0:
+        raise ValueError("input_ids has 0 pieces: every sample needs at least [CLS], whose state the heads pool")
     if text_length > config.max_position_embeddings:
         raise ValueError(
             f"input_ids has {text_length} pieces but config.max_position_embeddings is "
@@ -487,48 +568,69 @@ def validate_cmal_inputs(
     _check_shape(
         "visual_attention_mask", visual_attention_mask, (batch_size, num_regions), f"[{batch_size}, {num_regions}]"
     )
-    if anchor_pairs is None:
-        if anchor_actions is not None or anchor_concept_ids is not None:
-            raise ValueError("anchor_actions and anchor_concept_ids need anchor_pairs [B, K, 2]")
-        return
-    _check_shape("anchor_pairs", anchor_pairs, (batch_size, None, 2), f"[{batch_size}, K, 2]")
-    num_anchors = anchor_pairs.shape[1]
-    _check_shape("anchor_actions", anchor_actions, (batch_size, num_anchors), f"[{batch_size}, {num_anchors}]")
-    _check_shape(
-        "anchor_concept_ids", anchor_concept_ids, (batch_size, num_anchors), f"[{batch_size}, {num_anchors}]"
-    )
-    if num_anchors == 0:
-        return
-    pieces, regions = anchor_pairs[..., 0], anchor_pairs[..., 1]
-    padding = (pieces == -1) & (regions == -1)
-    bad = ~padding & ((pieces < 0) | (pieces >= text_length) | (regions < 0) | (regions >= num_regions))
-    if bad.any():
-        b, k = bad.nonzero()[0].tolist()
-        raise ValueError(
-            f"anchor_pairs[{b}, {k}] = {anchor_pairs[b, k].tolist()} is out of range: expected a text piece position "
-            f"in [0, {text_length}) and a region index in [0, {num_regions}), or [-1, -1] for padding"
+    if anchor_pairs is None and (anchor_actions is not None or anchor_concept_ids is not None):
+        raise ValueError("anchor_actions and anchor_concept_ids need anchor_pairs [B, K, 2]")
+    if anchor_pairs is not None:
+        _check_shape("anchor_pairs", anchor_pairs, (batch_size, None, 2), f"[{batch_size}, K, 2]")
+        num_anchors = anchor_pairs.shape[1]
+        _check_shape("anchor_actions", anchor_actions, (batch_size, num_anchors), f"[{batch_size}, {num_anchors}]")
+        _check_shape(
+            "anchor_concept_ids", anchor_concept_ids, (batch_size, num_anchors), f"[{batch_size}, {num_anchors}]"
         )
-    if anchor_actions is not None:
-        bad = (anchor_actions < 0) | (anchor_actions >= len(ANCHOR_ACTIONS))
-        if bad.any():
-            b, k = bad.nonzero()[0].tolist()
-            raise ValueError(
-                f"anchor_actions[{b}, {k}] = {anchor_actions[b, k].item()}; expected 0 (keep), 1 (fill text), "
-                "2 (fill region), 3 (mask both), 4 (mask text) or 5 (mask region)"
-            )
-    if anchor_concept_ids is not None:
-        bad = ~padding & ((anchor_concept_ids < 0) | (anchor_concept_ids >= config.num_anchor_concepts))
-        if bad.any():
-            b, k = bad.nonzero()[0].tolist()
-            raise ValueError(
-                f"anchor_concept_ids[{b}, {k}] = {anchor_concept_ids[b, k].item()}; expected a concept id in "
-                f"[0, {config.num_anchor_concepts}) (config.num_anchor_concepts must equal the lexicon size)"
-            )
+
+    checks = [_not_finite("visual_feats", visual_feats, "region features"),
+              _not_finite("visual_pos", visual_pos, "boxes")]
+    if input_ids is not None:
+        checks.append(_out_of_range("input_ids", input_ids, 0, config.vocab_size,
+                                    f"a word-piece id in [0, {config.vocab_size}) (config.vocab_size)"))
+    if inputs_embeds is not None:
+        checks.append(_not_finite("inputs_embeds", inputs_embeds, "input embeddings"))
+    if token_type_ids is not None:
+        checks.append(_out_of_range("token_type_ids", token_type_ids, 0, config.type_vocab_size,
+                                    f"a token type in [0, {config.type_vocab_size}) (config.type_vocab_size)"))
+    if anchor_pairs is not None:
+        pieces, regions = anchor_pairs[..., 0], anchor_pairs[..., 1]
+        padding = (pieces == -1) & (regions == -1)
+        bad_pairs = ~padding & ((pieces < 0) | (pieces >= text_length) | (regions < 0) | (regions >= num_regions))
+        checks.append((bad_pairs, lambda bad: (
+            f"anchor_pairs[{_first_bad(bad)[0]}, {_first_bad(bad)[1]}] = {anchor_pairs[_first_bad(bad)].tolist()} is "
+            f"out of range: expected a text piece position in [0, {text_length}) and a region index in "
+            f"[0, {num_regions}), or [-1, -1] for padding")))
+        if anchor_actions is not None:
+            checks.append(_out_of_range(
+                "anchor_actions", anchor_actions, 0, len(ANCHOR_ACTIONS),
+                "0 (keep), 1 (fill text), 2 (fill region), 3 (mask both), 4 (mask text) or 5 (mask region)"))
+        if anchor_concept_ids is not None:
+            bad_concepts, concept_message = _out_of_range(
+                "anchor_concept_ids", anchor_concept_ids, 0, config.num_anchor_concepts,
+                f"a concept id in [0, {config.num_anchor_concepts}) (config.num_anchor_concepts must equal the "
+                "lexicon size)")
+            checks.append((bad_concepts & ~padding, concept_message))
+    raise_for_bad_values(checks)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _per_encoder_output_flags(forward):
+    """`output_hidden_states` / `output_attentions` ask for the outputs of all three encoders: `capture_outputs`
+    reads one flag per recorded key (`output_text_hidden_states`, ...), so each of them defaults to the general
+    one."""
+
+    @wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        for kind in ("hidden_states", "attentions"):
+            flag = kwargs.get(f"output_{kind}")
+            flag = getattr(self.config, f"output_{kind}", False) if flag is None else flag
+            kwargs[f"output_{kind}"] = flag
+            for encoder in ("text", "vision"):
+                if kwargs.get(f"output_{encoder}_{kind}") is None:
+                    kwargs[f"output_{encoder}_{kind}"] = flag
+        return forward(self, *args, **kwargs)
+
+    return wrapper
 
 
 class CmalPreTrainedModel(PreTrainedModel):
@@ -540,6 +642,19 @@ class CmalPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["CmalLayer"]
     _supports_sdpa = True
     _supports_attention_backend = True
+    # What `output_hidden_states` / `output_attentions` return, recorded by hooks (`capture_outputs`): the unified
+    # encoder's as `hidden_states` / `attentions`, the uni-modal encoders' under their own names.
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(CmalLayer, index=0, layer_name="unified_encoder"),
+        "attentions": OutputRecorder(CmalSelfAttention, index=1, layer_name="unified_encoder"),
+        # Only the `hidden_states` key captures the first layer's input: the uni-modal ones record their embeddings.
+        "text_hidden_states": [OutputRecorder(CmalTextEmbeddings),
+                               OutputRecorder(CmalLayer, index=0, layer_name="text_encoder")],
+        "text_attentions": OutputRecorder(CmalSelfAttention, index=1, layer_name="text_encoder"),
+        "vision_hidden_states": [OutputRecorder(CmalVisualEmbeddings),
+                                 OutputRecorder(CmalLayer, index=0, layer_name="visual_encoder")],
+        "vision_attentions": OutputRecorder(CmalSelfAttention, index=1, layer_name="visual_encoder"),
+    }
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -555,24 +670,34 @@ class CmalPreTrainedModel(PreTrainedModel):
         elif isinstance(module, CmalAnchorPairingHead):
             init.constant_(module.logit_scale, math.log(1 / self.config.anchor_pairing_temperature))
         elif isinstance(module, CmalContrastiveHead):
-            init.constant_(module.logit_scale, math.log(1 / 0.07))
+            init.constant_(module.logit_scale, math.log(1 / self.config.itc_temperature))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `PreTrainedModel.save_pretrained`, plus the `auto_map` of every CMAL head and the code files, so the
-        folder loads as any head with `trust_remote_code=True` where this package is not installed."""
-        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **CMAL_AUTO_MAP}
-        super().save_pretrained(save_directory, *args, **kwargs)
+        folder loads as any head with `trust_remote_code=True` where this package is not installed. The model's own
+        config is left as it was."""
+        previous = getattr(self.config, "auto_map", None)
+        self.config.auto_map = {**(previous or {}), **CMAL_AUTO_MAP}
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config.auto_map = previous
+            if previous is None:
+                del self.config.auto_map
         if self._auto_class is None:
-            # Heads without a transformers Auto class (NLVR2) are not copied by transformers itself.
+            # Heads without a transformers Auto class are not copied by transformers itself.
             for module_name in (type(self).__module__, type(self.config).__module__):
                 shutil.copy(sys.modules[module_name].__file__, save_directory)
 
 
 class CmalModel(CmalPreTrainedModel):
     """The CMAL trunk: UMSE (text and region encoders on two hyperspheres), CMAP (anchor swap filling) and USE
-    (unified encoder + pooler)."""
+    (unified encoder + pooler).
 
-    def __init__(self, config: CmalConfig):
+    `add_pooling_layer=False` leaves the pooler out, for heads that do not read it (every parameter must take
+    part in every step under DDP without `find_unused_parameters`)."""
+
+    def __init__(self, config: CmalConfig, add_pooling_layer: bool = True):
         super().__init__(config)
         self.text_embeddings = CmalTextEmbeddings(config)
         self.text_encoder = CmalEncoder(config, config.num_text_layers)
@@ -584,7 +709,7 @@ class CmalModel(CmalPreTrainedModel):
         self.associative_prompt = CmalAssociativePrompt(config)
         self.hybrid_embeddings = CmalHybridEmbeddings(config)
         self.unified_encoder = CmalEncoder(config, config.num_unified_layers)
-        self.pooler = CmalPooler(config)
+        self.pooler = CmalPooler(config) if add_pooling_layer else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -598,6 +723,8 @@ class CmalModel(CmalPreTrainedModel):
         action = ANCHOR_ACTIONS.index(self.config.default_anchor_action)
         return torch.full(anchor_pairs.shape[:2], action, dtype=torch.long, device=anchor_pairs.device)
 
+    @_per_encoder_output_flags
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -611,10 +738,8 @@ class CmalModel(CmalPreTrainedModel):
         anchor_actions: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> CmalModelOutput | tuple:
+    ) -> CmalModelOutput:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, text_length)`): word pieces `[CLS] ... [SEP]`.
@@ -634,32 +759,33 @@ class CmalModel(CmalPreTrainedModel):
                 `config.default_anchor_action` (the one policy of fine-tuning and inference).
             inputs_embeds (`torch.FloatTensor` of shape `(batch_size, text_length, hidden_size)`, *optional*):
                 instead of `input_ids`.
-            output_attentions / output_hidden_states / return_dict (`bool`, *optional*).
+            output_attentions / output_hidden_states / return_dict (`bool`, *optional*): as in transformers; the
+                unified encoder's outputs come as `hidden_states` / `attentions`, the uni-modal encoders' as
+                `text_*` and `vision_*`.
+
+        Every shape follows from the inputs' shapes (no data-dependent branch), so the forward compiles with
+        `torch.compile(fullgraph=True)` and exports with `torch.export`; value checks run in eager mode only.
         """
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         validate_cmal_inputs(
             self.config, input_ids, inputs_embeds, attention_mask, token_type_ids, visual_feats, visual_pos,
             visual_attention_mask, anchor_pairs, anchor_concept_ids, anchor_actions,
         )
-        text = input_ids if input_ids is not None else inputs_embeds[..., 0]
-        batch_size, text_length = text.shape
+        batch_size, text_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         num_regions = visual_feats.shape[1]
-        device = text.device
+        device = visual_feats.device
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, text_length, dtype=torch.long, device=device)
         if visual_attention_mask is None:
             visual_attention_mask = torch.ones(batch_size, num_regions, dtype=torch.long, device=device)
+        if anchor_pairs is None:  # no anchors: CMAP still runs (a no-op), so its parameters are in every graph
+            anchor_pairs = torch.full((batch_size, 0, 2), -1, dtype=torch.long, device=device)
+        if anchor_actions is None:
+            anchor_actions = self.default_anchor_actions(anchor_pairs)
 
         # UMSE: two uni-modal encoders, outputs on two hyperspheres.
         text_hidden = self.text_embeddings(input_ids, token_type_ids, inputs_embeds)
         text_mask = create_bidirectional_mask(self.config, text_hidden, attention_mask)
-        text_hidden, text_hidden_states, text_attentions = self.text_encoder(
-            text_hidden, text_mask, output_attentions, output_hidden_states
-        )
+        text_hidden = self.text_encoder(text_hidden, text_mask, output_attentions)
         text_embeds, text_content = self.text_hypersphere(text_hidden)
 
         visual_feats = visual_feats.to(text_hidden.dtype)
@@ -671,18 +797,12 @@ class CmalModel(CmalPreTrainedModel):
         region_mask = create_bidirectional_mask(
             self.config, region_hidden, torch.where(no_region, torch.ones_like(visual_attention_mask), visual_attention_mask)
         ) if num_regions > 0 else None
-        region_hidden, vision_hidden_states, vision_attentions = self.visual_encoder(
-            region_hidden, region_mask, output_attentions, output_hidden_states
-        )
+        region_hidden = self.visual_encoder(region_hidden, region_mask, output_attentions)
         image_embeds, region_content = self.visual_hypersphere(region_hidden)
 
         # CMAP: swap filling at anchors; positions stay with their slots.
-        if anchor_pairs is not None and anchor_pairs.shape[1] > 0:
-            if anchor_actions is None:
-                anchor_actions = self.default_anchor_actions(anchor_pairs)
-            text_content, region_content = self.associative_prompt(
-                text_content, region_content, anchor_pairs, anchor_actions
-            )
+        text_content, region_content = self.associative_prompt(text_content, region_content, anchor_pairs,
+                                                               anchor_actions)
         text_position_embeds = self.text_embeddings.position_embeddings(
             self.text_embeddings.position_ids[:, :text_length]
         )
@@ -692,24 +812,14 @@ class CmalModel(CmalPreTrainedModel):
         hybrid_mask = create_bidirectional_mask(
             self.config, hybrid, torch.cat([attention_mask, visual_attention_mask.to(attention_mask.dtype)], dim=1)
         )
-        sequence_output, hidden_states, attentions = self.unified_encoder(
-            hybrid, hybrid_mask, output_attentions, output_hidden_states
-        )
-        pooled_output = self.pooler(sequence_output)
-
-        output = CmalModelOutput(
+        sequence_output = self.unified_encoder(hybrid, hybrid_mask, output_attentions)
+        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        return CmalModelOutput(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,
             text_embeds=text_embeds,
             image_embeds=image_embeds,
-            text_hidden_states=text_hidden_states,
-            vision_hidden_states=vision_hidden_states,
-            hidden_states=hidden_states,
-            text_attentions=text_attentions,
-            vision_attentions=vision_attentions,
-            attentions=attentions,
         )
-        return output if return_dict else output.to_tuple()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -755,28 +865,24 @@ class CmalConceptHead(nn.Module):
         return self.classifier(self.transform(hidden_states))
 
 
-def _gather_pairs_across_processes(pairs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All processes' valid rows of `pairs` `[B, D]` (`valid` `[B]` bool), in rank order, with gradients flowing back
-    to every process; plus the number of valid rows on the ranks before this one (its offset in the result).
+def _gather_across_processes(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every process's `rows` `[B, D]`, concatenated in rank order, with gradients flowing back to every process;
+    plus this process's offset in the result.
 
-    `all_gather` needs equal sizes on every rank, but neither the batch size (last batch) nor the number of valid
-    rows (matched pairs) is the same everywhere: every rank pads its rows to the largest batch, gathers them with
-    their validity, and drops the padding and the invalid rows afterwards.
-    """
+    `all_gather` needs equal sizes on every rank. In eager mode the batch sizes are exchanged first and every rank
+    pads its rows to the largest (the last batch of an epoch may be smaller on some ranks; padding rows are zero,
+    so the caller marks them invalid through a column of its own); compiled, the shapes must be static, so every
+    process must have the same batch size (Accelerate's default `even_batches=True` gives that)."""
     from torch.distributed.nn.functional import all_gather
 
-    world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    batch_sizes = [torch.zeros(1, dtype=torch.long, device=pairs.device) for _ in range(world_size)]
-    torch.distributed.all_gather(batch_sizes, torch.tensor([pairs.shape[0]], device=pairs.device))
-    batch_sizes = [int(size.item()) for size in batch_sizes]
-    padding = max(batch_sizes) - pairs.shape[0]
-    # The validity travels as the last column, so one gather (with gradients) carries everything.
-    rows = torch.cat([pairs, valid.to(pairs.dtype).unsqueeze(-1)], dim=-1)
-    gathered = all_gather(F.pad(rows, (0, 0, 0, padding)))
-    gathered = [part[:size] for part, size in zip(gathered, batch_sizes)]
-    offset = int(sum((part[:, -1] > 0).sum().item() for part in gathered[:rank]))
-    gathered = torch.cat(gathered, dim=0)
-    return gathered[gathered[:, -1] > 0, :-1], offset
+    rank, size = torch.distributed.get_rank(), rows.shape[0]
+    if not torch.compiler.is_compiling():
+        sizes = [torch.zeros(1, dtype=torch.long, device=rows.device)
+                 for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(sizes, torch.tensor([size], device=rows.device))
+        size = int(torch.cat(sizes).max())
+    gathered = all_gather(F.pad(rows, (0, 0, 0, size - rows.shape[0])))
+    return torch.cat(gathered, dim=0), rank * size
 
 
 class CmalContrastiveHead(nn.Module):
@@ -785,32 +891,46 @@ class CmalContrastiveHead(nn.Module):
 
     def __init__(self, config: CmalConfig):
         super().__init__()
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # One element, not a 0-dim tensor: FSDP2 shards every parameter along its first dimension.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / config.itc_temperature)))
+        self.max_logit_scale = math.log(1 / config.itc_min_temperature)
 
     @staticmethod
     def _pool(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         mask = mask.to(embeds.dtype).unsqueeze(-1)
         return F.normalize((embeds * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
 
-    def forward(self, text_embeds, attention_mask, image_embeds, visual_attention_mask, pair_mask=None):
+    def forward(self, text_embeds, attention_mask, image_embeds, visual_attention_mask, pair_mask):
         """`text_embeds` `[B, N, H]`, `attention_mask` `[B, N]`, `image_embeds` `[B, M, H]`, `visual_attention_mask`
-        `[B, M]`, `pair_mask` `[B]` bool (the matched pairs; default all) → (text-to-image logits `[P, G]`,
-        image-to-text logits `[P, G]`, targets `[P]`): `P` local matched pairs, `G` matched pairs of all processes
-        in rank order; `targets` is each local pair's column."""
-        if pair_mask is None:
-            pair_mask = torch.ones(text_embeds.shape[0], dtype=torch.bool, device=text_embeds.device)
+        `[B, M]`, `pair_mask` `[B]` bool (the matched pairs) → (text-to-image logits `[B, G]`, image-to-text logits
+        `[B, G]`, targets `[B]`): `G` columns (`world_size * B`, more where the ranks' batch sizes differ), the pairs
+        of every process in rank order, those that are not matched (or padding) at the dtype's minimum; `targets` is each local pair's column, -100 where it is not
+        matched."""
         text = self._pool(text_embeds, attention_mask)
         image = self._pool(image_embeds, visual_attention_mask)
-        all_text, all_image, offset = text[pair_mask], image[pair_mask], 0
+        all_text, all_image, all_matched, offset = text, image, pair_mask, 0
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
-            gathered, offset = _gather_pairs_across_processes(torch.cat([text, image], dim=-1), pair_mask)
-            all_text, all_image = gathered.split(text.shape[-1], dim=-1)
-        scale = self.logit_scale.exp().clamp(max=100)
-        logits_per_text = scale * text[pair_mask] @ all_image.t()
-        logits_per_image = scale * image[pair_mask] @ all_text.t()
-        targets = torch.arange(logits_per_text.shape[0], device=text.device) + offset
+            # The matched flag travels as the last column, so one gather (with gradients) carries everything.
+            rows = torch.cat([text, image, pair_mask.to(text.dtype).unsqueeze(-1)], dim=-1)
+            gathered, offset = _gather_across_processes(rows)
+            all_text, all_image = gathered[:, :text.shape[-1]], gathered[:, text.shape[-1]:-1]
+            all_matched = gathered[:, -1] > 0
+        scale = self.logit_scale.clamp(max=self.max_logit_scale).exp()
+        unmatched_columns = ~all_matched.unsqueeze(0)
+        minimum = torch.finfo(text.dtype).min
+        logits_per_text = (scale * text @ all_image.t()).masked_fill(unmatched_columns, minimum)
+        logits_per_image = (scale * image @ all_text.t()).masked_fill(unmatched_columns, minimum)
+        columns = torch.arange(text.shape[0], device=text.device) + offset
+        targets = torch.where(pair_mask, columns, torch.full_like(columns, -100))
         return logits_per_text, logits_per_image, targets
+
+
+def _masked_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the rows whose label is not -100; 0 (still in the graph) when there is none, so
+    the loss needs no data-dependent branch. `logits` `[..., C]`, `labels` `[...]`."""
+    per_row = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), reduction="none", ignore_index=-100)
+    return per_row.sum() / (labels != -100).sum().clamp(min=1)
 
 
 def _first_piece_rows(anchor_pairs: torch.Tensor) -> torch.Tensor:
@@ -879,29 +999,51 @@ def anchor_targets(anchor_pairs, anchor_actions, anchor_concept_ids, text_length
 
 
 class CmalForPreTraining(CmalPreTrainedModel):
-    """CMAL with its pre-training objectives: AMC (mapping + concept), MLM (tied decoder) and ITM (+ optional ITC)."""
+    """CMAL with its pre-training objectives: AMC (mapping + concept), MLM (tied decoder) and ITM (+ optional ITC).
 
-    _tied_weights_keys = {"cls.decoder.weight": "cmal.text_embeddings.word_embeddings.weight",
-                          "cls.decoder.bias": "cls.bias"}
+    A head exists only when its objective's weight is > 0 (and the pooler only when ITM reads it), so that every
+    parameter takes part in every step: DDP runs without `find_unused_parameters`, whatever objectives are on."""
 
     def __init__(self, config: CmalConfig):
         super().__init__(config)
-        self.cmal = CmalModel(config)
-        self.cls = CmalLMPredictionHead(config)
-        self.amc_head = CmalConceptHead(config)
-        self.amc_pairing_head = CmalAnchorPairingHead(config)
-        self.itm_head = nn.Linear(config.hidden_size, 2)
-        # Created only when used, so that a switched-off contrastive objective has no parameters at all.
+        self.cmal = CmalModel(config, add_pooling_layer=config.itm_loss_weight > 0)
+        self.cls = CmalLMPredictionHead(config) if config.mlm_loss_weight > 0 else None
+        self.amc_head = CmalConceptHead(config) if config.amc_loss_weight > 0 else None
+        self.amc_pairing_head = CmalAnchorPairingHead(config) if config.amc_loss_weight > 0 else None
+        self.itm_head = nn.Linear(config.hidden_size, 2) if config.itm_loss_weight > 0 else None
         self.itc_head = CmalContrastiveHead(config) if config.itc_loss_weight > 0 else None
+        # The MLM decoder is tied to the word embeddings only where it exists.
+        self._tied_weights_keys = ({"cls.decoder.weight": "cmal.text_embeddings.word_embeddings.weight",
+                                    "cls.decoder.bias": "cls.bias"} if self.cls is not None else {})
         self.post_init()
 
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.cls.decoder
+    def get_output_embeddings(self) -> nn.Linear | None:
+        return self.cls.decoder if self.cls is not None else None
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.cls.decoder = new_embeddings
         self.cls.bias = new_embeddings.bias
 
+    def _check_targets(self, labels, itm_labels, mlm_positions, input_shape) -> None:
+        """Shapes always, values in eager mode (`raise_for_bad_values`)."""
+        batch_size, text_length = input_shape
+        for name, value in (("labels", labels), ("itm_labels", itm_labels), ("mlm_positions", mlm_positions)):
+            _check_tensor(name, value, "integer")
+        _check_shape("labels", labels, (batch_size, text_length), f"[{batch_size}, {text_length}] (as input_ids)")
+        _check_shape("itm_labels", itm_labels, (batch_size,), f"[{batch_size}]")
+        _check_shape("mlm_positions", mlm_positions, (batch_size, None), f"[{batch_size}, P]")
+        checks = []
+        if labels is not None:
+            checks.append(_out_of_range("labels", labels, 0, self.config.vocab_size,
+                                        f"a word-piece id in [0, {self.config.vocab_size}) or -100 (ignored)", -100))
+        if itm_labels is not None:
+            checks.append(_out_of_range("itm_labels", itm_labels, 0, 2, "1 (the caption matches) or 0 (it does not)"))
+        if mlm_positions is not None:
+            checks.append(_out_of_range("mlm_positions", mlm_positions, 0, text_length,
+                                        f"a piece position in [0, {text_length}) or -1 (padding)", -1))
+        raise_for_bad_values(checks)
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -915,104 +1057,91 @@ class CmalForPreTraining(CmalPreTrainedModel):
         anchor_actions: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         itm_labels: torch.LongTensor | None = None,
+        mlm_positions: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> CmalForPreTrainingOutput | tuple:
+    ) -> CmalForPreTrainingOutput:
         r"""
         Inputs as [`CmalModel`], plus:
             labels (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*): MLM targets, -100 ignored.
             itm_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): 1 the caption matches the image,
                 0 it does not.
+            mlm_positions (`torch.LongTensor` of shape `(batch_size, num_predictions)`, *optional*): the piece
+                positions at which MLM predicts (-1 padding), as BERT's `masked_lm_positions`: the vocabulary
+                decoder then runs on `num_predictions` slots per row instead of all `text_length` (the
+                pre-training collator gives them; `mlm_prediction_positions` makes them from `labels`). Labels at
+                positions not listed are not predicted.
         AMC needs no extra labels (its loss is computed when `anchor_concept_ids` are given): its concept term
         classifies `anchor_concept_ids` at the *mask text* and *mask region* anchors (`anchor_targets`), its mapping
         term maps every other anchor word to its own region (`anchor_pairing_targets`); `amc_loss` is their sum.
-        Each objective's loss is computed when its targets are present and its config weight is > 0;
-        `loss` is their weighted sum. ITC (when `config.itc_loss_weight > 0`) is computed whenever `itm_labels`
-        are given, over the pairs with `itm_labels == 1`, symmetric (mean of the text-to-image and image-to-text
+        Each objective's loss is computed when its targets are given and its config weight is > 0 (a batch
+        without any target of an objective, e.g. no anchors, gives that objective 0, still in the graph); `loss` is
+        their weighted sum. ITC (when `config.itc_loss_weight > 0`) is computed whenever `itm_labels` are given,
+        over the pairs with `itm_labels == 1`, symmetric (mean of the text-to-image and image-to-text
         cross-entropies), with the matched pairs of every process as negatives.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if labels is not None and labels.shape != (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape:
-            raise ValueError(f"labels must have the shape of input_ids, got {tuple(labels.shape)}")
+        input_shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2] \
+            if (input_ids is not None or inputs_embeds is not None) else None
+        if input_shape is not None:
+            self._check_targets(labels, itm_labels, mlm_positions, input_shape)
         outputs = self.cmal(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
             visual_feats=visual_feats, visual_pos=visual_pos, visual_attention_mask=visual_attention_mask,
             anchor_pairs=anchor_pairs, anchor_concept_ids=anchor_concept_ids, anchor_actions=anchor_actions,
-            inputs_embeds=inputs_embeds, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True,
+            inputs_embeds=inputs_embeds, return_dict=True, **kwargs,
         )
-        if itm_labels is not None and itm_labels.shape != (outputs.pooler_output.shape[0],):
-            raise ValueError(
-                f"itm_labels must have shape [{outputs.pooler_output.shape[0]}], got {tuple(itm_labels.shape)}"
-            )
         sequence_output = outputs.last_hidden_state
-        text_length = sequence_output.shape[1] - outputs.image_embeds.shape[1]
+        batch_size, text_length = input_shape
         config = self.config
         losses: dict[str, torch.Tensor] = {}
-        # Heads that had no target in this batch (no AMC slot, no masked piece): their empty outputs join the total
-        # loss times zero, so that every parameter is in the graph and DDP does not wait for missing gradients.
-        unused_heads: list[torch.Tensor] = []
         amc_logits = amc_labels = amc_slot_is_text = mlm_logits = itm_logits = itc_logits = None
         amc_pairing_logits = amc_pairing_labels = amc_pairing_loss = None
 
-        if config.amc_loss_weight > 0 and anchor_pairs is not None and anchor_pairs.shape[1] > 0:
+        if self.amc_head is not None and anchor_pairs is not None:
             actions = anchor_actions if anchor_actions is not None else self.cmal.default_anchor_actions(anchor_pairs)
             concepts = anchor_concept_ids if anchor_concept_ids is not None else torch.full_like(actions, -100)
             positions, amc_labels, amc_slot_is_text = anchor_targets(anchor_pairs, actions, concepts, text_length)
             slots = sequence_output.gather(1, positions.unsqueeze(-1).expand(-1, -1, sequence_output.shape[-1]))
             amc_logits = self.amc_head(slots)
+            region_mask = (visual_attention_mask if visual_attention_mask is not None
+                           else torch.ones_like(outputs.image_embeds[..., 0], dtype=torch.long))
+            amc_pairing_logits = self.amc_pairing_head(outputs.text_embeds, outputs.image_embeds, anchor_pairs,
+                                                       region_mask)
+            amc_pairing_labels = anchor_pairing_targets(anchor_pairs, actions)
             if anchor_concept_ids is not None:
                 # Each modality's mean cross-entropy counts once (averaged over the modalities that have targets).
                 per_slot = F.cross_entropy(amc_logits.flatten(0, 1).float(), amc_labels.flatten(), reduction="none",
                                            ignore_index=-100).view_as(amc_labels)
                 has_target = amc_labels != -100
-                side_means, sides = [], 0
-                for side in (has_target & amc_slot_is_text, has_target & ~amc_slot_is_text):
-                    count = side.sum()
-                    side_means.append((per_slot * side).sum() / count.clamp(min=1))
-                    sides = sides + (count > 0).to(per_slot.dtype)
-                amc_terms = []
-                if has_target.any():
-                    amc_terms.append((side_means[0] + side_means[1]) / sides)
-                else:
-                    unused_heads.append(amc_logits)
+                text_side, region_side = has_target & amc_slot_is_text, has_target & ~amc_slot_is_text
+                text_count, region_count = text_side.sum(), region_side.sum()
+                sides = ((text_count > 0).to(per_slot.dtype) + (region_count > 0).to(per_slot.dtype)).clamp(min=1)
+                concept_loss = ((per_slot * text_side).sum() / text_count.clamp(min=1)
+                                + (per_slot * region_side).sum() / region_count.clamp(min=1)) / sides
                 # The mapping term: each anchor word → its own region among the image's regions (hyperspheres).
-                amc_pairing_labels = anchor_pairing_targets(anchor_pairs, actions)
-                region_mask = (visual_attention_mask if visual_attention_mask is not None
-                               else torch.ones_like(outputs.image_embeds[..., 0], dtype=torch.long))
-                amc_pairing_logits = self.amc_pairing_head(outputs.text_embeds, outputs.image_embeds, anchor_pairs,
-                                                           region_mask)
-                if (amc_pairing_labels != -100).any():
-                    amc_pairing_loss = F.cross_entropy(amc_pairing_logits.flatten(0, 1).float(),
-                                                       amc_pairing_labels.flatten(), ignore_index=-100)
-                    amc_terms.append(amc_pairing_loss)
-                else:
-                    unused_heads.append(amc_pairing_logits)
-                if amc_terms:
-                    losses["amc"] = sum(amc_terms)
+                amc_pairing_loss = (_masked_mean_cross_entropy(amc_pairing_logits, amc_pairing_labels)
+                                    if amc_pairing_logits.shape[-1] > 0 else 0.0 * amc_pairing_logits.sum())
+                losses["amc"] = concept_loss + amc_pairing_loss
 
-        if config.mlm_loss_weight > 0:
+        if self.cls is not None:
             text_output = sequence_output[:, :text_length]
-            if labels is not None:
-                labelled = labels != -100
-                mlm_logits = self.cls(text_output[labelled])
-                if mlm_logits.shape[0] > 0:
-                    losses["mlm"] = F.cross_entropy(mlm_logits.float(), labels[labelled])
-                else:
-                    unused_heads.append(mlm_logits)
+            if labels is not None and mlm_positions is not None:
+                slots = text_output.gather(1, mlm_positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, text_output.shape[-1]))
+                slot_labels = labels.gather(1, mlm_positions.clamp(min=0))
+                slot_labels = torch.where(mlm_positions >= 0, slot_labels, torch.full_like(slot_labels, -100))
+                mlm_logits = self.cls(slots)
+                losses["mlm"] = _masked_mean_cross_entropy(mlm_logits, slot_labels)
             else:
                 mlm_logits = self.cls(text_output)
+                if labels is not None:
+                    losses["mlm"] = _masked_mean_cross_entropy(mlm_logits, labels)
 
-        if config.itm_loss_weight > 0:
+        if self.itm_head is not None:
             itm_logits = self.itm_head(outputs.pooler_output)
             if itm_labels is not None:
                 losses["itm"] = F.cross_entropy(itm_logits.float(), itm_labels)
 
-        if self.itc_head is not None:
-            matched = itm_labels == 1 if itm_labels is not None else torch.ones_like(outputs.pooler_output[:, 0], dtype=torch.bool)
+        if self.itc_head is not None and itm_labels is not None:
             text_mask = attention_mask if attention_mask is not None else torch.ones_like(sequence_output[:, :text_length, 0])
             region_mask = (
                 visual_attention_mask if visual_attention_mask is not None
@@ -1020,22 +1149,15 @@ class CmalForPreTraining(CmalPreTrainedModel):
             )
             # Every rank runs the head (it gathers across processes), also when none of its pairs is matched.
             itc_logits, itc_logits_per_image, itc_targets = self.itc_head(
-                outputs.text_embeds, text_mask, outputs.image_embeds, region_mask, matched
+                outputs.text_embeds, text_mask, outputs.image_embeds, region_mask, itm_labels == 1
             )
-            if itm_labels is not None and itc_logits.shape[0] > 0:
-                losses["itc"] = 0.5 * (F.cross_entropy(itc_logits.float(), itc_targets)
-                                       + F.cross_entropy(itc_logits_per_image.float(), itc_targets))
-            elif itm_labels is not None:
-                # The backward of the gather is a collective: this rank must take part in it.
-                unused_heads += [itc_logits, itc_logits_per_image]
+            losses["itc"] = 0.5 * (_masked_mean_cross_entropy(itc_logits, itc_targets)
+                                   + _masked_mean_cross_entropy(itc_logits_per_image, itc_targets))
 
         weights = {"amc": config.amc_loss_weight, "mlm": config.mlm_loss_weight, "itm": config.itm_loss_weight,
                    "itc": config.itc_loss_weight}
-        loss = None
-        if losses:
-            loss = sum(weights[name] * value for name, value in losses.items())
-            loss = loss + sum(0.0 * head_output.sum() for head_output in unused_heads)
-        output = CmalForPreTrainingOutput(
+        loss = sum(weights[name] * value for name, value in losses.items()) if losses else None
+        return CmalForPreTrainingOutput(
             loss=loss,
             amc_loss=losses.get("amc"),
             mlm_loss=losses.get("mlm"),
@@ -1055,7 +1177,22 @@ class CmalForPreTraining(CmalPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if return_dict else output.to_tuple()
+
+
+def mlm_prediction_positions(labels: torch.Tensor, multiple_of: int = 8) -> torch.Tensor:
+    """The `mlm_positions` of `labels` `[B, N]` (-100 = not predicted): every labelled position of each row, in
+    order, padded with -1 to the batch's largest count rounded up to `multiple_of` (few distinct shapes, so a
+    compiled model recompiles rarely). Host-side data preparation for the collator, not for the forward pass."""
+    if not isinstance(multiple_of, int) or isinstance(multiple_of, bool) or multiple_of < 1:
+        raise ValueError(f"multiple_of must be an int >= 1, got {multiple_of!r}")
+    labelled = labels != -100
+    counts = labelled.sum(1)
+    width = int(counts.max()) if labels.shape[0] > 0 and labels.shape[1] > 0 else 0
+    width = min(labels.shape[1], -(-max(width, 1) // multiple_of) * multiple_of)
+    # Labelled positions first, in their order (a stable sort of "not labelled"), then -1.
+    order = torch.sort((~labelled).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    keep = torch.arange(width, device=labels.device).unsqueeze(0) < counts.unsqueeze(1)
+    return torch.where(keep, order, torch.full_like(order, -1))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1124,13 +1261,13 @@ def _slot_mask(sequence_output: torch.Tensor, num_regions: int, attention_mask, 
 
 
 class CmalClassificationHead(nn.Module):
-    """`Linear(in, 2H) → GELU → LayerNorm → dropout → Linear(2H, num_labels)`, the answer head of LXMERT/UNITER."""
+    """`Linear(in, 2H) → activation (config.classifier_activation) → LayerNorm → dropout → Linear(2H, num_labels)`, the answer head of LXMERT/UNITER."""
 
     def __init__(self, config: CmalConfig, input_size: int, num_labels: int):
         super().__init__()
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dense = nn.Linear(input_size, 2 * config.hidden_size)
-        self.activation = ACT2FN["gelu"]
+        self.activation = ACT2FN[config.classifier_activation]
         self.LayerNorm = nn.LayerNorm(2 * config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.out_proj = nn.Linear(2 * config.hidden_size, num_labels)
@@ -1140,12 +1277,61 @@ class CmalClassificationHead(nn.Module):
         return self.out_proj(self.dropout(self.LayerNorm(self.activation(self.dense(hidden_states)))))
 
 
-def _trunk_inputs(**inputs) -> dict:
-    return {key: value for key, value in inputs.items() if value is not None}
+def _trunk(model, inputs: dict, kwargs: dict) -> CmalModelOutput:
+    """Runs `model.cmal` on the trunk's inputs (the output flags in `kwargs` pass through)."""
+    return model.cmal(**inputs, return_dict=True, **kwargs)
+
+
+def _trunk_arguments(input_ids, attention_mask, token_type_ids, visual_feats, visual_pos, visual_attention_mask,
+                     anchor_pairs, anchor_concept_ids, anchor_actions, inputs_embeds) -> dict:
+    return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                visual_feats=visual_feats, visual_pos=visual_pos, visual_attention_mask=visual_attention_mask,
+                anchor_pairs=anchor_pairs, anchor_concept_ids=anchor_concept_ids, anchor_actions=anchor_actions,
+                inputs_embeds=inputs_embeds)
+
+
+def classification_loss(config: CmalConfig, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """The loss of a sequence-classification head, as transformers' own heads compute it from
+    `config.problem_type`: `"single_label_classification"` (class ids `[B]`, cross-entropy, -100 ignored),
+    `"multi_label_classification"` (`[B, num_labels]` targets in [0, 1], binary cross-entropy) or `"regression"`
+    (`[B]` or `[B, num_labels]` values, mean squared error). Unset, it is inferred as transformers does (1 label:
+    regression; integer labels: single label; else multi label) and stored in the config."""
+    if labels is None:
+        return None
+    _check_tensor("labels", labels, "mask")
+    num_labels = logits.shape[-1]
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif not labels.is_floating_point():
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    batch_size = logits.shape[0]
+    if config.problem_type == "single_label_classification":
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be class ids (torch.long) for problem_type 'single_label_classification', "
+                             f"got dtype {labels.dtype}")
+        _check_shape("labels", labels, (batch_size,), f"[{batch_size}] (one class id per sample)")
+        raise_for_bad_values([_out_of_range("labels", labels, 0, num_labels,
+                                            f"a class id in [0, {num_labels}) or -100 (ignored)", -100)])
+        return F.cross_entropy(logits.float(), labels, ignore_index=-100)
+    labels = labels.to(torch.float32)
+    if config.problem_type == "multi_label_classification":
+        _check_shape("labels", labels, (batch_size, num_labels), f"[{batch_size}, {num_labels}] (targets in [0, 1])")
+        raise_for_bad_values([_not_finite("labels", labels, "multi-label targets"),
+                              _out_of_range("labels", labels, 0, 1 + 1e-6, "a target in [0, 1]")])
+        return F.binary_cross_entropy_with_logits(logits.float(), labels)
+    # regression
+    if num_labels == 1 and labels.dim() == 1:
+        labels = labels.unsqueeze(-1)
+    _check_shape("labels", labels, (batch_size, num_labels), f"[{batch_size}] or [{batch_size}, {num_labels}]")
+    raise_for_bad_values([_not_finite("labels", labels, "regression targets")])
+    return F.mse_loss(logits.float(), labels)
 
 
 class CmalForQuestionAnswering(CmalPreTrainedModel):
-    """VQA: pooled output → answer logits over the answer vocabulary (`config.num_labels`, `config.id2label`).
+    """VQA: task pooler → answer logits over the answer vocabulary (`config.num_labels`, `config.id2label`).
     `labels` are soft scores `[B, num_labels]` in [0, 1]; the loss is binary cross-entropy summed over answers
     and averaged over the batch (as in LXMERT and UNITER)."""
 
@@ -1157,40 +1343,40 @@ class CmalForQuestionAnswering(CmalPreTrainedModel):
         self.answer_head = CmalClassificationHead(config, 2 * config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self, input_ids=None, attention_mask=None, token_type_ids=None, visual_feats=None, visual_pos=None,
         visual_attention_mask=None, anchor_pairs=None, anchor_concept_ids=None, anchor_actions=None, labels=None,
-        inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs,
-    ) -> CmalTaskOutput | tuple:
+        inputs_embeds=None, **kwargs,
+    ) -> CmalTaskOutput:
         r"""Inputs as [`CmalModel`]; `labels` (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
-        VQA soft scores. Returns `logits` `(batch_size, num_labels)`."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.cmal(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            visual_feats=visual_feats, visual_pos=visual_pos, visual_attention_mask=visual_attention_mask,
-            anchor_pairs=anchor_pairs, anchor_concept_ids=anchor_concept_ids, anchor_actions=anchor_actions,
-            inputs_embeds=inputs_embeds, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True,
-        )
+        VQA soft scores in [0, 1]. Returns `logits` `(batch_size, num_labels)`."""
+        outputs = _trunk(self, _trunk_arguments(input_ids, attention_mask, token_type_ids, visual_feats, visual_pos,
+                                                visual_attention_mask, anchor_pairs, anchor_concept_ids,
+                                                anchor_actions, inputs_embeds), kwargs)
         pooled = self.task_pooler(outputs.last_hidden_state, outputs.pooler_output,
                                   _slot_mask(outputs.last_hidden_state, visual_feats.shape[1], attention_mask,
                                              visual_attention_mask))
         logits = self.answer_head(pooled)
         loss = None
         if labels is not None:
+            _check_tensor("labels", labels, "mask")
             if labels.shape != logits.shape:
                 raise ValueError(
                     f"labels must be soft scores of shape {tuple(logits.shape)} (batch, num_labels), got {tuple(labels.shape)}"
                 )
-            loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="sum") / logits.shape[0]
-        output = CmalTaskOutput(loss=loss, logits=logits, pooler_output=pooled,
-                                hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-        return output if return_dict else output.to_tuple()
+            labels = labels.float()
+            raise_for_bad_values([_not_finite("labels", labels, "VQA soft scores"),
+                                  _out_of_range("labels", labels, 0, 1 + 1e-6, "a soft score in [0, 1]")])
+            loss = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum") / logits.shape[0]
+        return CmalTaskOutput(loss=loss, logits=logits, pooler_output=pooled,
+                              hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
 class CmalForVisualEntailment(CmalPreTrainedModel):
-    """SNLI-VE (or any image-text pair classification): pooled output → `config.num_labels` classes (3 for
-    entailment / neutral / contradiction). `labels` `[B]` class ids, cross-entropy."""
+    """SNLI-VE (or any image-text pair classification): task pooler → `config.num_labels` classes (3 for
+    entailment / neutral / contradiction). `labels` as transformers' sequence-classification heads take them,
+    following `config.problem_type` (`classification_loss`): class ids `[B]` by default."""
 
     def __init__(self, config: CmalConfig):
         super().__init__(config)
@@ -1200,44 +1386,30 @@ class CmalForVisualEntailment(CmalPreTrainedModel):
         self.classifier = CmalClassificationHead(config, 2 * config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self, input_ids=None, attention_mask=None, token_type_ids=None, visual_feats=None, visual_pos=None,
         visual_attention_mask=None, anchor_pairs=None, anchor_concept_ids=None, anchor_actions=None, labels=None,
-        inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs,
-    ) -> CmalTaskOutput | tuple:
-        r"""Inputs as [`CmalModel`]; `labels` (`torch.LongTensor` of shape `(batch_size,)`, *optional*).
-        Returns `logits` `(batch_size, num_labels)`."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.cmal(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            visual_feats=visual_feats, visual_pos=visual_pos, visual_attention_mask=visual_attention_mask,
-            anchor_pairs=anchor_pairs, anchor_concept_ids=anchor_concept_ids, anchor_actions=anchor_actions,
-            inputs_embeds=inputs_embeds, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True,
-        )
+        inputs_embeds=None, **kwargs,
+    ) -> CmalTaskOutput:
+        r"""Inputs as [`CmalModel`]; `labels` (`torch.LongTensor` of shape `(batch_size,)`, *optional*; see the
+        class docstring for the other problem types). Returns `logits` `(batch_size, num_labels)`."""
+        outputs = _trunk(self, _trunk_arguments(input_ids, attention_mask, token_type_ids, visual_feats, visual_pos,
+                                                visual_attention_mask, anchor_pairs, anchor_concept_ids,
+                                                anchor_actions, inputs_embeds), kwargs)
         pooled = self.task_pooler(outputs.last_hidden_state, outputs.pooler_output,
                                   _slot_mask(outputs.last_hidden_state, visual_feats.shape[1], attention_mask,
                                              visual_attention_mask))
         logits = self.classifier(pooled)
-        loss = _classification_loss(logits, labels)
-        output = CmalTaskOutput(loss=loss, logits=logits, pooler_output=pooled,
-                                hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-        return output if return_dict else output.to_tuple()
-
-
-def _classification_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
-    if labels is None:
-        return None
-    if labels.shape != logits.shape[:1]:
-        raise ValueError(f"labels must have shape [{logits.shape[0]}] (one class id per sample), got {tuple(labels.shape)}")
-    if ((labels < 0) | (labels >= logits.shape[-1])).any():
-        raise ValueError(f"labels must be class ids in [0, {logits.shape[-1]}), got {labels.tolist()}")
-    return F.cross_entropy(logits.float(), labels)
+        return CmalTaskOutput(loss=classification_loss(self.config, logits, labels), logits=logits,
+                              pooler_output=pooled, hidden_states=outputs.hidden_states,
+                              attentions=outputs.attentions)
 
 
 class CmalForVisualReasoning(CmalPreTrainedModel):
     """NLVR2: one sentence, two images. The trunk encodes (sentence, image 0) and (sentence, image 1); the two
-    pooled outputs are concatenated and classified (`config.num_labels`, 2 = False / True).
+    task-pooler outputs are concatenated and classified (`config.num_labels`, 2 = False / True; `labels` follow
+    `config.problem_type` as in `CmalForVisualEntailment`).
 
     Visual inputs carry an image axis: `visual_feats` `[B, 2, M, Dv]`, `visual_pos` `[B, 2, M, 4]`,
     `visual_attention_mask` `[B, 2, M]`, `anchor_pairs` `[B, 2, K, 2]`, `anchor_concept_ids` and
@@ -1252,17 +1424,25 @@ class CmalForVisualReasoning(CmalPreTrainedModel):
         self.classifier = CmalClassificationHead(config, 4 * config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self, input_ids=None, attention_mask=None, token_type_ids=None, visual_feats=None, visual_pos=None,
         visual_attention_mask=None, anchor_pairs=None, anchor_concept_ids=None, anchor_actions=None, labels=None,
-        inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs,
-    ) -> CmalTaskOutput | tuple:
+        inputs_embeds=None, **kwargs,
+    ) -> CmalTaskOutput:
         r"""See the class docstring for shapes; `labels` (`torch.LongTensor` of shape `(batch_size,)`, *optional*).
         Returns `logits` `(batch_size, num_labels)`."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        _check_tensor("visual_feats", visual_feats, "float")
         if visual_feats is None or visual_feats.dim() != 4 or visual_feats.shape[1] != 2:
             shape = None if visual_feats is None else tuple(visual_feats.shape)
             raise ValueError(f"visual_feats must have shape [batch_size, 2, num_regions, visual_feat_dim], got {shape}")
+        for name, value, dims in (("visual_pos", visual_pos, 4), ("visual_attention_mask", visual_attention_mask, 3),
+                                  ("anchor_pairs", anchor_pairs, 4), ("anchor_concept_ids", anchor_concept_ids, 3),
+                                  ("anchor_actions", anchor_actions, 3)):
+            _check_tensor(name, value, "mask")
+            if value is not None and (value.dim() != dims or value.shape[1] != 2):
+                raise ValueError(f"{name} must have an image axis of size 2 after the batch axis ({dims} dimensions, "
+                                 f"see CmalForVisualReasoning), got shape {tuple(value.shape)}")
 
         def per_image(tensor):
             return None if tensor is None else tensor.flatten(0, 1)
@@ -1270,64 +1450,66 @@ class CmalForVisualReasoning(CmalPreTrainedModel):
         def repeat_text(tensor):
             return None if tensor is None else tensor.repeat_interleave(2, dim=0)
 
-        outputs = self.cmal(
-            input_ids=repeat_text(input_ids), attention_mask=repeat_text(attention_mask),
-            token_type_ids=repeat_text(token_type_ids), visual_feats=per_image(visual_feats),
-            visual_pos=per_image(visual_pos), visual_attention_mask=per_image(visual_attention_mask),
-            anchor_pairs=per_image(anchor_pairs), anchor_concept_ids=per_image(anchor_concept_ids),
-            anchor_actions=per_image(anchor_actions), inputs_embeds=repeat_text(inputs_embeds),
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
-        )
+        outputs = _trunk(self, _trunk_arguments(
+            repeat_text(input_ids), repeat_text(attention_mask), repeat_text(token_type_ids), per_image(visual_feats),
+            per_image(visual_pos), per_image(visual_attention_mask), per_image(anchor_pairs),
+            per_image(anchor_concept_ids), per_image(anchor_actions), repeat_text(inputs_embeds)), kwargs)
         image_summaries = self.task_pooler(outputs.last_hidden_state, outputs.pooler_output,
                                            _slot_mask(outputs.last_hidden_state, visual_feats.shape[2],
                                                       repeat_text(attention_mask), per_image(visual_attention_mask)))
         pooled = image_summaries.view(visual_feats.shape[0], -1)
         logits = self.classifier(pooled)
-        loss = _classification_loss(logits, labels)
-        output = CmalTaskOutput(loss=loss, logits=logits, pooler_output=pooled,
-                                hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-        return output if return_dict else output.to_tuple()
+        return CmalTaskOutput(loss=classification_loss(self.config, logits, labels), logits=logits,
+                              pooler_output=pooled, hidden_states=outputs.hidden_states,
+                              attentions=outputs.attentions)
 
 
 class CmalForReferringExpression(CmalPreTrainedModel):
     """RefCOCO+: a score per region from the unified encoder's region slots. `labels` `[B]` is the index of the
-    referred region (cross-entropy over the real regions); prediction = the region of highest score, whose box
-    counts as correct at IoU ≥ 0.5 with the referred box."""
+    referred region (cross-entropy over the real regions, -100 ignored); prediction = the region of highest score,
+    whose box counts as correct at IoU ≥ 0.5 with the referred box. The trunk has no pooler here (nothing reads
+    it)."""
 
     def __init__(self, config: CmalConfig):
         super().__init__(config)
-        self.cmal = CmalModel(config)
+        self.cmal = CmalModel(config, add_pooling_layer=False)
         self.region_scorer = CmalClassificationHead(config, config.hidden_size, 1)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self, input_ids=None, attention_mask=None, token_type_ids=None, visual_feats=None, visual_pos=None,
         visual_attention_mask=None, anchor_pairs=None, anchor_concept_ids=None, anchor_actions=None, labels=None,
-        inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs,
-    ) -> CmalTaskOutput | tuple:
+        inputs_embeds=None, **kwargs,
+    ) -> CmalTaskOutput:
         r"""Inputs as [`CmalModel`]; `labels` (`torch.LongTensor` of shape `(batch_size,)`, *optional*): referred
         region index. Returns `logits` `(batch_size, num_regions)`."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.cmal(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            visual_feats=visual_feats, visual_pos=visual_pos, visual_attention_mask=visual_attention_mask,
-            anchor_pairs=anchor_pairs, anchor_concept_ids=anchor_concept_ids, anchor_actions=anchor_actions,
-            inputs_embeds=inputs_embeds, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True,
-        )
+        outputs = _trunk(self, _trunk_arguments(input_ids, attention_mask, token_type_ids, visual_feats, visual_pos,
+                                                visual_attention_mask, anchor_pairs, anchor_concept_ids,
+                                                anchor_actions, inputs_embeds), kwargs)
         num_regions = visual_feats.shape[1]
-        region_states = outputs.last_hidden_state[:, -num_regions:] if num_regions else outputs.last_hidden_state[:, :0]
-        logits = self.region_scorer(region_states).squeeze(-1)
-        if visual_attention_mask is not None:
-            logits = logits.masked_fill(visual_attention_mask == 0, torch.finfo(logits.dtype).min)
+        sequence_output = outputs.last_hidden_state
+        logits = self.region_scorer(sequence_output[:, sequence_output.shape[1] - num_regions:]).squeeze(-1)
+        real = (visual_attention_mask if visual_attention_mask is not None
+                else torch.ones_like(logits, dtype=torch.long)) != 0
+        logits = logits.masked_fill(~real, torch.finfo(logits.dtype).min)
         loss = None
         if labels is not None:
-            loss = _classification_loss(logits, labels)
-            if visual_attention_mask is not None and (visual_attention_mask.gather(1, labels[:, None]) == 0).any():
-                raise ValueError("labels must point at real regions (visual_attention_mask == 1), got a padding region")
-        output = CmalTaskOutput(loss=loss, logits=logits, pooler_output=outputs.pooler_output,
-                                hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-        return output if return_dict else output.to_tuple()
+            _check_tensor("labels", labels, "integer")
+            batch_size = logits.shape[0]
+            _check_shape("labels", labels, (batch_size,), f"[{batch_size}] (one region index per sample)")
+            checks = [_out_of_range("labels", labels, 0, num_regions,
+                                    f"a region index in [0, {num_regions}) or -100 (ignored)", -100)]
+            if num_regions > 0:
+                at_padding = (labels >= 0) & (labels < num_regions) & ~real.gather(
+                    1, labels.clamp(0, num_regions - 1).unsqueeze(1)).squeeze(1)
+                checks.append((at_padding, lambda bad: (
+                    f"labels[{_first_bad(bad)[0]}] = {labels[_first_bad(bad)].item()} points at a padding region "
+                    "(visual_attention_mask == 0): labels must point at real regions")))
+            raise_for_bad_values(checks)
+            loss = F.cross_entropy(logits.float(), labels, ignore_index=-100)
+        return CmalTaskOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                              attentions=outputs.attentions)
 
 
 class CmalForImageTextMatching(CmalPreTrainedModel):
@@ -1340,41 +1522,75 @@ class CmalForImageTextMatching(CmalPreTrainedModel):
         self.itm_head = nn.Linear(config.hidden_size, 2)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self, input_ids=None, attention_mask=None, token_type_ids=None, visual_feats=None, visual_pos=None,
         visual_attention_mask=None, anchor_pairs=None, anchor_concept_ids=None, anchor_actions=None, labels=None,
-        inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs,
-    ) -> CmalTaskOutput | tuple:
+        inputs_embeds=None, **kwargs,
+    ) -> CmalTaskOutput:
         r"""Inputs as [`CmalModel`]; `labels` (`torch.LongTensor` of shape `(batch_size,)`, *optional*).
         Returns `logits` `(batch_size, 2)`; `logits[:, 1] - logits[:, 0]` ranks pairs for retrieval."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.cmal(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            visual_feats=visual_feats, visual_pos=visual_pos, visual_attention_mask=visual_attention_mask,
-            anchor_pairs=anchor_pairs, anchor_concept_ids=anchor_concept_ids, anchor_actions=anchor_actions,
-            inputs_embeds=inputs_embeds, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True,
-        )
+        outputs = _trunk(self, _trunk_arguments(input_ids, attention_mask, token_type_ids, visual_feats, visual_pos,
+                                                visual_attention_mask, anchor_pairs, anchor_concept_ids,
+                                                anchor_actions, inputs_embeds), kwargs)
         logits = self.itm_head(outputs.pooler_output)
-        loss = _classification_loss(logits, labels)
-        output = CmalTaskOutput(loss=loss, logits=logits, pooler_output=outputs.pooler_output,
-                                hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-        return output if return_dict else output.to_tuple()
+        loss = None
+        if labels is not None:
+            _check_tensor("labels", labels, "integer")
+            _check_shape("labels", labels, (logits.shape[0],), f"[{logits.shape[0]}]")
+            raise_for_bad_values([_out_of_range("labels", labels, 0, 2, "1 (match), 0 (mismatch) or -100", -100)])
+            loss = F.cross_entropy(logits.float(), labels, ignore_index=-100)
+        return CmalTaskOutput(loss=loss, logits=logits, pooler_output=outputs.pooler_output,
+                              hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
-# Written into every saved config, whatever head is saved, so that a folder loads any head with remote code.
-# NLVR2 has no fitting transformers Auto class; it is listed under its own name (load it with
-# `get_class_from_dynamic_module`, or through the `cmal-visual-reasoning` pipeline).
+# Written into every saved config, whatever head is saved, so that a folder loads any head with remote code. The
+# Auto classes are the ones transformers gives its own vision-language models (ViLT, LXMERT, VisualBERT): the trunk,
+# pre-training, visual question answering, and sequence classification for the pair classifier (SNLI-VE honours
+# `config.problem_type` as transformers' sequence-classification heads do). The heads that fit no Auto class of
+# transformers (NLVR2's two images, a score per region, image-text matching with 1 = match) are listed under their
+# own names: load them with `get_class_from_dynamic_module(folder + "--modeling_cmal.<Name>")`, or through the
+# pipelines.
 CMAL_AUTO_MAP = {
     "AutoConfig": "configuration_cmal.CmalConfig",
     "AutoModel": "modeling_cmal.CmalModel",
     "AutoModelForPreTraining": "modeling_cmal.CmalForPreTraining",
     "AutoModelForVisualQuestionAnswering": "modeling_cmal.CmalForQuestionAnswering",
     "AutoModelForSequenceClassification": "modeling_cmal.CmalForVisualEntailment",
-    "AutoModelForTokenClassification": "modeling_cmal.CmalForReferringExpression",
-    "AutoModelForNextSentencePrediction": "modeling_cmal.CmalForImageTextMatching",
     "CmalForVisualReasoning": "modeling_cmal.CmalForVisualReasoning",
+    "CmalForReferringExpression": "modeling_cmal.CmalForReferringExpression",
+    "CmalForImageTextMatching": "modeling_cmal.CmalForImageTextMatching",
 }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints of earlier versions
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _ToOneElement(ConversionOps):
+    """A 0-dim learnable scalar of an earlier checkpoint → the 1-element parameter it is now (FSDP2 refuses 0-dim
+    parameters). Tensors that already have one element pass unchanged, and saving writes the new shape."""
+
+    @torch.no_grad()
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        (key, tensors), = input_dict.items()
+        tensor = tensors[0] if isinstance(tensors, list) else tensors
+        return {target_patterns[0]: tensor.reshape(1) if tensor.numel() == 1 else tensor}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return _IdentityOp()
+
+
+def _register_checkpoint_conversions() -> None:
+    scalars = [r"hypersphere.scale", r"logit_scale"]
+    register_checkpoint_conversion_mapping(
+        "cmal", [WeightConverter(pattern, pattern, [_ToOneElement()]) for pattern in scalars], overwrite=True
+    )
+
+
+_register_checkpoint_conversions()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -38,14 +38,14 @@ def _head_inputs(rank: int) -> dict:
 
 
 def _run_head(head: CmalContrastiveHead, inputs: dict) -> dict:
-    """Forward, a summed symmetric loss, backward: logits, targets and the gradients."""
+    """Forward, a summed symmetric loss (rows without a matched pair ignored), backward: logits, targets and the
+    gradients."""
     inputs = {key: value.clone().requires_grad_(value.is_floating_point()) for key, value in inputs.items()}
     head.zero_grad()
     logits_per_text, logits_per_image, targets = head(**inputs)
-    loss = (F.cross_entropy(logits_per_text, targets, reduction="sum")
-            + F.cross_entropy(logits_per_image, targets, reduction="sum"))
-    # A rank without matched pairs still takes part in the backward collective.
-    (loss + 0.0 * logits_per_text.sum() + 0.0 * logits_per_image.sum()).backward()
+    loss = (F.cross_entropy(logits_per_text, targets, reduction="sum", ignore_index=-100)
+            + F.cross_entropy(logits_per_image, targets, reduction="sum", ignore_index=-100))
+    loss.backward()
     return {"logits_per_text": logits_per_text.detach(), "logits_per_image": logits_per_image.detach(),
             "targets": targets, "text_grad": inputs["text_embeds"].grad, "image_grad": inputs["image_embeds"].grad,
             "scale_grad": head.logit_scale.grad.clone()}
@@ -63,7 +63,7 @@ def _distributed_worker(rank: int, port: int, output_dir) -> None:
     try:
         torch.manual_seed(0)
         result = _run_head(CmalContrastiveHead(_tiny_pretraining_config()), _head_inputs(rank))
-        # Whole model: rank 1 has no matched pair at all, so only rank 0 has an ITC loss; the step must not hang.
+        # Whole model: rank 1 has no matched pair at all, so only rank 0 has ITC targets; the step must not hang.
         torch.manual_seed(0)
         model = CmalForPreTraining(_tiny_pretraining_config())
         generator = torch.Generator().manual_seed(rank)
@@ -72,7 +72,7 @@ def _distributed_worker(rank: int, port: int, output_dir) -> None:
                         itm_labels=torch.tensor([1, 1, 0]) if rank == 0 else torch.zeros(3, dtype=torch.long))
         outputs.loss.backward()
         result["model_itc_logits_shape"] = tuple(outputs.itc_logits.shape)
-        result["model_itc_loss"] = None if outputs.itc_loss is None else float(outputs.itc_loss)
+        result["model_itc_loss"] = float(outputs.itc_loss)
         result["model_scale_grad"] = float(model.itc_head.logit_scale.grad)
         torch.save(result, output_dir / f"rank{rank}.pt")
     finally:
@@ -88,28 +88,37 @@ def test_contrastive_head_gathers_unequal_matched_pairs_across_processes(tmp_pat
                     for key in _head_inputs(0)}
     torch.manual_seed(0)
     single = _run_head(CmalContrastiveHead(_tiny_pretraining_config()), concatenated)
-    assert single["logits_per_text"].shape == (4, 4)
+    single_matched = concatenated["pair_mask"]
+    assert single["logits_per_text"].shape == (7, 7)
 
-    row_start, batch_start = 0, 0
+    # Gathered layout: every rank's rows padded to the largest batch (4), in rank order; a fixed number of columns.
+    largest = max(len(pairs) for pairs in RANK_PAIRS.values())
+    gathered_matched = torch.tensor(sum((pairs + [False] * (largest - len(pairs)) for pairs in RANK_PAIRS.values()),
+                                        []))
+    batch_start = 0
     for rank in range(WORLD_SIZE):
-        matched = sum(RANK_PAIRS[rank])
         batch_size = len(RANK_PAIRS[rank])
-        rows = slice(row_start, row_start + matched)
-        result = results[rank]
-        torch.testing.assert_close(result["logits_per_text"], single["logits_per_text"][rows])
-        torch.testing.assert_close(result["logits_per_image"], single["logits_per_image"][rows])
-        assert result["targets"].tolist() == single["targets"][rows].tolist()
-        # Gradients reach every process's embeddings exactly as in the single-process computation.
         batch = slice(batch_start, batch_start + batch_size)
+        result = results[rank]
+        assert result["logits_per_text"].shape == (batch_size, WORLD_SIZE * largest)
+        matched = torch.tensor(RANK_PAIRS[rank])
+        for name in ("logits_per_text", "logits_per_image"):
+            # The matched rows against the matched columns are the single-process logits; the rest is masked.
+            torch.testing.assert_close(result[name][matched][:, gathered_matched],
+                                       single[name][batch][matched][:, single_matched])
+            assert (result[name][:, ~gathered_matched] == torch.finfo(torch.float32).min).all()
+        columns = (torch.arange(batch_size) + rank * largest).tolist()
+        assert result["targets"].tolist() == [c if m else -100 for c, m in zip(columns, RANK_PAIRS[rank])]
+        # Gradients reach every process's embeddings exactly as in the single-process computation.
         torch.testing.assert_close(result["text_grad"], single["text_grad"][batch])
         torch.testing.assert_close(result["image_grad"], single["image_grad"][batch])
-        row_start += matched
         batch_start += batch_size
     torch.testing.assert_close(sum(results[rank]["scale_grad"] for rank in range(WORLD_SIZE)), single["scale_grad"])
 
-    # Whole model: rank 0's two matched pairs against the two gathered ones; rank 1 has rows for none.
-    assert results[0]["model_itc_logits_shape"] == (2, 2) and results[0]["model_itc_loss"] is not None
-    assert results[1]["model_itc_logits_shape"] == (0, 2) and results[1]["model_itc_loss"] is None
+    # Whole model: every rank has a row per pair and a column per gathered pair; rank 1's loss is 0 (no targets),
+    # and it still takes part in the backward gather.
+    assert results[0]["model_itc_logits_shape"] == (3, 6) and results[0]["model_itc_loss"] > 0
+    assert results[1]["model_itc_logits_shape"] == (3, 6) and results[1]["model_itc_loss"] == 0.0
     assert results[0]["model_scale_grad"] != 0.0 and results[1]["model_scale_grad"] == 0.0
 
 
@@ -117,8 +126,10 @@ def test_contrastive_head_single_process_targets_and_symmetry():
     head = CmalContrastiveHead(_tiny_pretraining_config())
     inputs = _head_inputs(0)
     logits_per_text, logits_per_image, targets = head(**inputs)
-    assert logits_per_text.shape == (3, 3) and targets.tolist() == [0, 1, 2]
-    torch.testing.assert_close(logits_per_image, logits_per_text.t())
+    assert logits_per_text.shape == (4, 4) and targets.tolist() == [0, -100, 2, 3]
+    matched = inputs["pair_mask"]
+    torch.testing.assert_close(logits_per_image[matched][:, matched], logits_per_text[matched][:, matched].t())
+    assert (logits_per_text[:, ~matched] == torch.finfo(torch.float32).min).all()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -193,12 +204,15 @@ def test_confidence_intervals_and_the_share_that_reaches_a_score(ablation):
     assert ablation.fraction_reaching(curve, 0.60) is None
 
 
-def test_without_amc_the_amc_head_gets_no_gradient(ablation, variant_setup):
+def test_without_amc_there_is_no_amc_head(ablation, variant_setup):
     model, batch, outputs = _pretraining_step(ablation, variant_setup, "no_amc")
     assert model.config.amc_loss_weight == 0
     assert outputs.amc_loss is None and outputs.amc_logits is None
     torch.testing.assert_close(outputs.loss, outputs.mlm_loss + outputs.itm_loss)
-    assert all(parameter.grad is None for parameter in model.amc_head.parameters())
+    # No head without its objective: every parameter that exists gets a gradient (DDP without
+    # find_unused_parameters needs that).
+    assert model.amc_head is None and model.amc_pairing_head is None
+    assert all(parameter.grad is not None for parameter in model.parameters())
     assert {1, 2, 4, 5} <= _actions(batch), "without AMC the anchors are still filled and masked"
 
 
@@ -231,8 +245,8 @@ def test_contrastive_variant_trains_itc_without_amc_or_filling(ablation, variant
     assert model.itc_head is not None and model.config.amc_loss_weight == 0
     assert _actions(batch) == {0}
     assert outputs.itc_loss is not None and outputs.amc_loss is None
-    matched = int(batch["itm_labels"].sum())
-    assert outputs.itc_logits.shape == (matched, matched)
+    batch_size = batch["itm_labels"].shape[0]
+    assert outputs.itc_logits.shape == (batch_size, batch_size)
     assert model.itc_head.logit_scale.grad is not None
 
 

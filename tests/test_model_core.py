@@ -16,6 +16,7 @@ from modeling_cmal.modeling_cmal import (
     ACTION_MASK_BOTH,
     ACTION_MASK_REGION,
     ACTION_MASK_TEXT,
+    mlm_prediction_positions,
 )
 
 B, N, M, DV, C, V = 3, 7, 5, 11, 13, 99
@@ -164,19 +165,29 @@ def test_amc_targets_and_losses():
 def test_loss_weights_and_mlm_logits_only_where_labelled():
     inputs = make_inputs()
     labels = torch.full((B, N), -100)
-    labels[0, 3], labels[1, 1] = 5, 6
+    labels[0, 3], labels[1, 1], labels[1, 4] = 5, 6, 9
     itm_labels = torch.tensor([1, 0, 1])
     torch.manual_seed(0)
     model = CmalForPreTraining(make_config()).eval()
-    outputs = model(**inputs, labels=labels, itm_labels=itm_labels)
-    assert outputs.mlm_logits.shape == (2, V)
+    positions = mlm_prediction_positions(labels, multiple_of=1)
+    assert positions.tolist() == [[3, -1], [1, 4], [-1, -1]]
+    outputs = model(**inputs, labels=labels, itm_labels=itm_labels, mlm_positions=positions)
+    assert outputs.mlm_logits.shape == (B, 2, V)
     torch.testing.assert_close(outputs.loss, outputs.amc_loss + outputs.mlm_loss + outputs.itm_loss)
+    # The sparse decoder (BERT's masked_lm_positions) gives the loss of the dense one over every position.
+    dense = model(**inputs, labels=labels, itm_labels=itm_labels)
+    assert dense.mlm_logits.shape == (B, N, V)
+    torch.testing.assert_close(dense.mlm_loss, outputs.mlm_loss)
     assert model(**inputs).mlm_logits.shape == (B, N, V)
     for objective in ("amc", "mlm", "itm"):
         config = make_config(**{f"{objective}_loss_weight": 0.0})
         skipped = CmalForPreTraining(config)
-        skipped.load_state_dict(model.state_dict())
-        result = skipped.eval()(**inputs, labels=labels, itm_labels=itm_labels)
+        # A switched-off objective has no head at all (every parameter must get a gradient under DDP).
+        head = {"amc": "amc_head", "mlm": "cls", "itm": "itm_head"}[objective]
+        assert getattr(skipped, head) is None
+        missing, _ = skipped.load_state_dict(model.state_dict(), strict=False)
+        assert not missing
+        result = skipped.eval()(**inputs, labels=labels, itm_labels=itm_labels, mlm_positions=positions)
         assert getattr(result, f"{objective}_loss") is None and getattr(result, f"{objective}_logits") is None
         others = [getattr(outputs, f"{name}_loss") for name in ("amc", "mlm", "itm") if name != objective]
         torch.testing.assert_close(result.loss, sum(others))
