@@ -46,10 +46,7 @@ from transformers import BertTokenizer, EvalPrediction, get_scheduler
 
 from cmal_examples.finetuning import CmalTaskCollator
 from cmal_examples.models import default_tokenizer_dir, parameter_groups
-from finetune_nlvr2 import Nlvr2Task
-from finetune_refcoco import RefcocoTask
-from finetune_snli_ve import SnliVeTask
-from finetune_vqa import VqaTask
+from cmal_examples.tasks import TASKS
 
 from modeling_cmal import CMAL_SIZES, CmalConfig, CmalForPreTraining
 from modeling_cmal.collator_cmal import CmalPretrainingCollator
@@ -104,7 +101,6 @@ def variant_fields(name: str, base: dict) -> dict:
 # Presets and arguments
 # --------------------------------------------------------------------------------------------------------------
 
-TASKS = {"vqa": VqaTask, "nlvr2": Nlvr2Task, "snli_ve": SnliVeTask, "refcoco": RefcocoTask}
 TASK_LABELS = {"vqa": "VQA", "nlvr2": "NLVR2", "snli_ve": "SNLI-VE", "refcoco": "RefCOCO+"}
 
 PRESETS = {
@@ -317,7 +313,11 @@ def finetune(trunk_state: dict | None, fields: dict, data: TaskData, processor: 
     torch.manual_seed(seed)
     model = data.task.model_class(config)
     if trunk_state is not None:
-        model.cmal.load_state_dict(trunk_state)
+        # The referring-expression trunk has no pooler (its head reads the region slots): only that may be left.
+        missing, unexpected = model.cmal.load_state_dict(trunk_state, strict=False)
+        if missing or (unexpected and model.cmal.pooler is not None):
+            raise RuntimeError(f"the pre-trained trunk does not fit {type(model).__name__}: missing {missing}, "
+                               f"unexpected {unexpected}")
     collator = CmalTaskCollator(processor, data.task)
 
     def collate(rows):

@@ -9,22 +9,14 @@ sentence is encoded with each image; the two pooled outputs are classified toget
 (test-P when the `test` split is the public test set); `predictions.jsonl` holds one `{"identifier", "label",
 "score"}` per example. The saved folder loads without this package through
 `get_class_from_dynamic_module("modeling_cmal.CmalForVisualReasoning", folder)` (no Auto class fits two images).
+
+The task (columns, labels, metric, prediction records) is `cmal_examples.tasks.Nlvr2Task`.
 """
 
 from __future__ import annotations
 
-from cmal_examples.finetuning import FinetuneTask, run_finetuning
-from modeling_cmal import CmalForVisualReasoning
-
-
-class Nlvr2Task(FinetuneTask):
-    model_class = CmalForVisualReasoning
-    id_column = "identifier"
-    corpus_name = "NLVR2"
-    build_command = "python -m processing build nlvr2 --annotations FILE ..."
-    synthetic_folder = "nlvr2"
-    image_suffixes = ("_0", "_1")
-
+from cmal_examples.finetuning import run_finetuning
+from cmal_examples.tasks import Nlvr2Task
 
 if __name__ == "__main__":
     run_finetuning(Nlvr2Task())

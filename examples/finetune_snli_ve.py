@@ -6,21 +6,14 @@
 `--dataset_path` is a folder written by `processing` (SNLI-VE builder or `python -m processing.synthetic`): the
 image is the premise, the `text` column the hypothesis, `label` one of entailment / neutral / contradiction.
 The metric is accuracy; `predictions.jsonl` holds one `{"pair_id", "label", "score"}` per pair.
+
+The task (columns, labels, metric, prediction records) is `cmal_examples.tasks.SnliVeTask`.
 """
 
 from __future__ import annotations
 
-from cmal_examples.finetuning import FinetuneTask, run_finetuning
-from modeling_cmal import CmalForVisualEntailment
-
-
-class SnliVeTask(FinetuneTask):
-    model_class = CmalForVisualEntailment
-    id_column = "pair_id"
-    corpus_name = "SNLI-VE"
-    build_command = "python -m processing build snli_ve --annotations FILE ..."
-    synthetic_folder = "snli_ve"
-
+from cmal_examples.finetuning import run_finetuning
+from cmal_examples.tasks import SnliVeTask
 
 if __name__ == "__main__":
     run_finetuning(SnliVeTask())

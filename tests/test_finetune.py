@@ -79,6 +79,13 @@ def _write_json(path: Path, data) -> Path:
     return path
 
 
+def _succeeded(runs: tuple[Path, dict], name: str) -> Path:
+    """The root folder of a fixture's runs, once the run `name` is known to have succeeded."""
+    root, failures = runs
+    assert name not in failures, failures.get(name)
+    return root
+
+
 def _retrieval_command(model: Path, dataset: Path, max_images: int, batch_size: int, output: Path) -> list[str]:
     return [sys.executable, str(EXAMPLES / "evaluate_retrieval.py"), "--model_name_or_path", str(model),
             "--dataset_path", str(dataset), "--split", "validation", "--max_images", str(max_images),
@@ -234,7 +241,7 @@ def _eval_prediction(predicted, confidence, targets):
 
 
 def test_vqa_accuracy_is_the_soft_score_of_the_predicted_answer():
-    from finetune_vqa import VqaTask
+    from cmal_examples.tasks import VqaTask
 
     task = VqaTask()
     task.num_answers = 4
@@ -251,7 +258,7 @@ def test_vqa_accuracy_is_the_soft_score_of_the_predicted_answer():
 
 
 def test_refcoco_accuracy_counts_predicted_regions_at_iou_half():
-    from finetune_refcoco import RefcocoTask
+    from cmal_examples.tasks import RefcocoTask
 
     task = RefcocoTask()
     task.max_regions = 3
@@ -268,7 +275,7 @@ def test_refcoco_accuracy_counts_predicted_regions_at_iou_half():
 
 def test_refcoco_targets_follow_the_regions_the_processor_keeps(pretrained_folder):
     from cmal_examples.finetuning import region_inputs
-    from finetune_refcoco import RefcocoTask
+    from cmal_examples.tasks import RefcocoTask
 
     from modeling_cmal.processing_cmal import CmalProcessor
 
@@ -295,7 +302,7 @@ def test_refcoco_targets_follow_the_regions_the_processor_keeps(pretrained_folde
 def test_nlvr2_collator_stacks_both_images_of_a_row(real_format_corpus, pretrained_folder):
     from datasets import load_from_disk
     from cmal_examples.finetuning import CmalTaskCollator, region_inputs
-    from finetune_nlvr2 import Nlvr2Task
+    from cmal_examples.tasks import Nlvr2Task
 
     from modeling_cmal.processing_cmal import CmalProcessor
 
@@ -330,7 +337,7 @@ def test_nlvr2_collator_stacks_both_images_of_a_row(real_format_corpus, pretrain
 ])
 def test_invalid_arguments_stop_the_run_naming_flag_and_value(flags, message, real_format_corpus, tmp_path):
     from cmal_examples.finetuning import run_finetuning
-    from finetune_snli_ve import SnliVeTask
+    from cmal_examples.tasks import SnliVeTask
 
     # (a flag given twice takes its later value)
     argv = ["--model_name_or_path", "tiny", "--dataset_path", str(real_format_corpus / "snli_ve"),
@@ -342,12 +349,10 @@ def test_invalid_arguments_stop_the_run_naming_flag_and_value(flags, message, re
 @pytest.mark.parametrize("task_name", ["vqa", "nlvr2", "snli_ve", "refcoco"])
 def test_a_corpus_of_another_task_is_refused_naming_the_corpus_and_its_builder(task_name, synthetic_corpus, tmp_path):
     """A pre-training corpus (or another task's) used to end in a raw `Column 'answer_ids' doesn't exist`."""
-    import importlib
-
     from cmal_examples.finetuning import run_finetuning
+    from cmal_examples.tasks import TASKS
 
-    class_names = {"vqa": "VqaTask", "nlvr2": "Nlvr2Task", "snli_ve": "SnliVeTask", "refcoco": "RefcocoTask"}
-    task = getattr(importlib.import_module(SCRIPTS[task_name].removesuffix(".py")), class_names[task_name])()
+    task = TASKS[task_name]()
     argv = ["--model_name_or_path", "tiny", "--dataset_path", str(synthetic_corpus / "pretrain"),
             "--output_dir", str(tmp_path), "--report_to", "none"]
     with pytest.raises(SystemExit) as raised:
@@ -360,7 +365,7 @@ def test_a_corpus_of_another_task_is_refused_naming_the_corpus_and_its_builder(t
 
 def test_argument_defaults_json_file_and_no_evaluation(tmp_path):
     from cmal_examples.finetuning import parse_arguments
-    from finetune_refcoco import RefcocoTask
+    from cmal_examples.tasks import RefcocoTask
 
     base = {"model_name_or_path": "tiny", "dataset_path": str(tmp_path), "output_dir": str(tmp_path / "out")}
     _, data_args, training_args = parse_arguments(RefcocoTask(), [f"--{k}={v}" for k, v in base.items()])
@@ -451,9 +456,8 @@ def real_format_runs(real_format_corpus, pretrained_folder, tmp_path_factory) ->
                       "--save_strategy", "steps", "--save_steps", "1", "--seed", "0")
         for task in SCRIPTS
     }
-    commands["retrieval"] = _retrieval_command(pretrained_folder, real_format_corpus / "captions", 6, 16,
-                                               root / "retrieval")
-    return root, _run_together(commands, root)
+    retrieval = _retrieval_command(pretrained_folder, real_format_corpus / "captions", 6, 16, root / "retrieval")
+    return root, _run_together({**commands, "retrieval": retrieval}, root)
 
 
 @pytest.mark.slow
@@ -461,8 +465,7 @@ def real_format_runs(real_format_corpus, pretrained_folder, tmp_path_factory) ->
 def test_script_runs_end_to_end_on_real_formats(task, real_format_runs, real_format_corpus):
     from datasets import load_from_disk
 
-    root, failures = real_format_runs
-    assert task not in failures, failures.get(task)
+    root = _succeeded(real_format_runs, task)
     output = root / task
     metric = json.loads((output / "eval_results.json").read_text())[f"eval_{METRICS[task]}"]
     assert 0.0 <= metric <= 1.0
@@ -495,11 +498,10 @@ def test_script_runs_end_to_end_on_real_formats(task, real_format_runs, real_for
 def test_a_finetuned_folder_keeps_its_head_only_for_the_same_labels(real_format_runs, real_format_corpus):
     from datasets import load_from_disk
     from cmal_examples.finetuning import ModelArguments, load_processor_and_model
-    from finetune_vqa import VqaTask
+    from cmal_examples.tasks import VqaTask
     from safetensors.torch import load_file
 
-    root, failures = real_format_runs
-    assert "vqa" not in failures, failures.get("vqa")
+    root = _succeeded(real_format_runs, "vqa")
     dataset_path = real_format_corpus / "vqa"
     dataset = load_from_disk(str(dataset_path))
     saved = load_file(str(root / "vqa" / "model.safetensors"))
@@ -529,8 +531,7 @@ def test_a_finetuned_folder_keeps_its_head_only_for_the_same_labels(real_format_
 
 @pytest.mark.slow
 def test_zero_shot_retrieval_from_a_pretrained_folder(real_format_runs):
-    root, failures = real_format_runs
-    assert "retrieval" not in failures, failures.get("retrieval")
+    root = _succeeded(real_format_runs, "retrieval")
     results = json.loads((root / "retrieval" / "retrieval_results.json").read_text())
     assert results["num_images"] == 6 and results["num_captions"] == 12
     for direction in ("image_to_text", "text_to_image"):
@@ -640,7 +641,7 @@ def synthetic_runs(synthetic_corpus, synthetic_pretrained_folder, tmp_path_facto
     }
     commands["retrieval"] = _retrieval_command(synthetic_pretrained_folder, synthetic_corpus / "pretrain", 12, 64,
                                                root / "retrieval")
-    return root, _run_together(commands, root)
+    return root, _run_together(commands, root)  # the caption corpus' retrieval runs beside the four tasks
 
 
 @pytest.mark.slow
@@ -648,8 +649,7 @@ def synthetic_runs(synthetic_corpus, synthetic_pretrained_folder, tmp_path_facto
 def test_head_learns_synthetic_task_well_above_chance(task, synthetic_runs, synthetic_corpus):
     from datasets import load_from_disk
 
-    root, failures = synthetic_runs
-    assert task not in failures, failures.get(task)
+    root = _succeeded(synthetic_runs, task)
     validation = load_from_disk(str(synthetic_corpus / task))["validation"]
     chance = chance_level(task, validation)
     threshold = chance + SYNTHETIC_RUNS[task][1]
@@ -668,8 +668,7 @@ def test_head_beats_an_image_blind_baseline(task, synthetic_runs, synthetic_corp
     pytest.importorskip("sklearn")
     from datasets import load_from_disk
 
-    root, failures = synthetic_runs
-    assert task not in failures, failures.get(task)
+    root = _succeeded(synthetic_runs, task)
     dataset = load_from_disk(str(synthetic_corpus / task))
     blind = image_blind_baseline(task, dataset["train"], dataset["validation"])
     metric = json.loads((root / task / "eval_results.json").read_text())[f"eval_{METRICS[task]}"]
@@ -678,8 +677,7 @@ def test_head_beats_an_image_blind_baseline(task, synthetic_runs, synthetic_corp
 
 @pytest.mark.slow
 def test_retrieval_runs_on_the_synthetic_caption_corpus(synthetic_runs):
-    root, failures = synthetic_runs
-    assert "retrieval" not in failures, failures.get("retrieval")
+    root = _succeeded(synthetic_runs, "retrieval")
     results = json.loads((root / "retrieval" / "retrieval_results.json").read_text())
     assert results["num_images"] == 12 and results["num_captions"] >= 12
     assert all(0.0 <= results[f"{direction}_recall@{k}"] <= 1.0

@@ -105,6 +105,13 @@ def test_no_program_patches_sys_path_or_imports_the_folder_name_processing():
         assert "sys.path" not in (REPO_ROOT / "examples" / name).read_text(), name
 
 
+def test_no_program_imports_another_program():
+    """The programs import the library and their shared package cmal_examples, never one another."""
+    programs = {path.stem for path in (REPO_ROOT / "examples").glob("*.py")}
+    for name, imported in _program_imports().items():
+        assert not imported & programs, (name, imported & programs)
+
+
 @pytest.mark.skipif(__import__("importlib.util").util.find_spec("cmal_processing") is None,
                     reason="the project is not installed (pip install -e .)")
 def test_the_builders_run_under_their_installed_name(tmp_path):

@@ -5,6 +5,7 @@ package `modeling_cmal` (whose files are copied next to the weights of a saved f
 
 - `checkpoints`: atomic Accelerate checkpoints of `pretrain.py`, their verification before a resume, the final save;
 - `finetuning`: the fine-tuning programs' arguments, task description, collator, `Trainer` and `run_finetuning`;
+- `tasks`: the four downstream tasks (`VqaTask`, `Nlvr2Task`, `SnliVeTask`, `RefcocoTask`);
 - `models`: the default tokenizer, new processors, configs from a size or a JSON file, AdamW parameter groups;
 - `figures`: what the two figure programs (`visualize_attention.py`, `tsne.py`) share;
 - `hub_export`: Hub-ready folders (auto maps, custom pipelines, code files, model card), also a command line.
