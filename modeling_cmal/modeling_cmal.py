@@ -672,6 +672,27 @@ class CmalPreTrainedModel(PreTrainedModel):
         elif isinstance(module, CmalContrastiveHead):
             init.constant_(module.logit_scale, math.log(1 / self.config.itc_temperature))
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`; a weights file that is not readable safetensors (truncated by a cut
+        download, empty, or something else under the name) is a `ValueError` naming the file, not a bare
+        `SafetensorError`."""
+        from safetensors import SafetensorError
+
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            import os
+
+            location = os.fspath(pretrained_model_name_or_path)
+            if os.path.isdir(location):
+                names = sorted(name for name in os.listdir(location) if name.endswith(".safetensors"))
+                location = ", ".join(os.path.join(location, name) for name in names) or location
+            raise ValueError(
+                f"{location} is not a readable safetensors file ({error}): the file was cut short (an interrupted "
+                "download or copy), is empty, or holds something else; save or download the model again"
+            ) from error
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `PreTrainedModel.save_pretrained`, plus the `auto_map` of every CMAL head and the code files, so the
         folder loads as any head with `trust_remote_code=True` where this package is not installed. The model's own
@@ -797,7 +818,8 @@ class CmalModel(CmalPreTrainedModel):
         region_mask = create_bidirectional_mask(
             self.config, region_hidden, torch.where(no_region, torch.ones_like(visual_attention_mask), visual_attention_mask)
         ) if num_regions > 0 else None
-        region_hidden = self.visual_encoder(region_hidden, region_mask, output_attentions)
+        if num_regions > 0:  # a static shape; attention over zero regions cannot even be reshaped
+            region_hidden = self.visual_encoder(region_hidden, region_mask, output_attentions)
         image_embeds, region_content = self.visual_hypersphere(region_hidden)
 
         # CMAP: swap filling at anchors; positions stay with their slots.
