@@ -218,10 +218,14 @@ def evaluate(model, eval_loader, accelerator: Accelerator, max_batches: int) -> 
                 targeted = outputs.amc_labels != -100  # rows without an AMC target are -100
                 stats[0] = ((outputs.amc_logits.argmax(-1) == outputs.amc_labels) & targeted).sum()
                 stats[1] = targeted.sum()
-            labelled = batch["labels"][batch["labels"] != -100]
-            if outputs.mlm_logits is not None and labelled.numel():
-                stats[2] = (outputs.mlm_logits.argmax(-1) == labelled).sum()
-                stats[3] = labelled.numel()
+            mlm_labels = batch["labels"]
+            if "mlm_positions" in batch:  # sparse MLM: logits only at the predicted positions, [B, P, V]
+                positions = batch["mlm_positions"]
+                mlm_labels = mlm_labels.gather(1, positions.clamp(min=0)).masked_fill(positions < 0, -100)
+            if outputs.mlm_logits is not None:  # [B, P, V] at mlm_positions, else [B, N, V]
+                labelled = mlm_labels != -100
+                stats[2] = ((outputs.mlm_logits.argmax(-1) == mlm_labels) & labelled).sum()
+                stats[3] = labelled.sum()
             if outputs.itm_logits is not None:
                 stats[4] = (outputs.itm_logits.argmax(-1) == batch["itm_labels"]).sum()
                 stats[5] = batch["itm_labels"].numel()
