@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .configuration_cmal import ANCHOR_ACTIONS, ANCHOR_RATE_FIELDS, CmalConfig
+from .modeling_cmal import mlm_prediction_positions
 from .processing_cmal import CmalProcessor
 
 IGNORE_INDEX = -100
@@ -74,6 +75,11 @@ class CmalPretrainingCollator:
       masks, and it would learn to call any uncorrupted input a mismatch. Positives and negatives alike; their MLM
       labels are -100 and no anchor is filled, so the effective action and MLM rates are (1 - itm_clean_rate) x the
       configured ones.
+    - `mlm_positions` `[B, P]`: the labelled positions of each row, padded with -1 (`mlm_prediction_positions`);
+      the model decodes only there.
+
+    Every batch has the same keys, also one without any anchor: `anchor_pairs` `[B, 0, 2]`, `anchor_concept_ids` and
+    `anchor_actions` `[B, 0]` (DDP steps must agree on their inputs).
 
     Args:
         processor: the `CmalProcessor` (tokenizer, lexicon, `max_regions`).
@@ -211,6 +217,8 @@ class CmalPretrainingCollator:
         batch["labels"][clean] = IGNORE_INDEX
         self._hide_masked_anchors(batch)
         batch["itm_labels"] = itm_labels
+        # The model runs its vocabulary decoder only at these positions (CmalForPreTraining.forward).
+        batch["mlm_positions"] = mlm_prediction_positions(batch["labels"])
         return batch
 
     def _hide_masked_anchors(self, batch: dict) -> None:

@@ -154,12 +154,12 @@ def image_columns(regions: dict, suffix: str = "", clipped: SkipCounter | None =
     `CorruptRegionsError("float16_overflow")`.
     """
     width, height = regions["image_size"]
-    features = regions["features"]
+    features = regions["visual_feats"]
     if np.abs(features).max() > FLOAT16_MAX:
         raise CorruptRegionsError("float16_overflow", f"features reach {np.abs(features).max():.4g} > float16 max")
     scale = np.array([width, height, width, height], dtype=np.float32)
     if clipped is not None:
-        boxes = regions["boxes"]
+        boxes = regions["visual_pos"]
         past = ((boxes < 0).any(axis=1) | (boxes[:, [0, 2]] > width).any(axis=1)
                 | (boxes[:, [1, 3]] > height).any(axis=1))
         for index in np.flatnonzero(past).tolist():
@@ -170,7 +170,7 @@ def image_columns(regions: dict, suffix: str = "", clipped: SkipCounter | None =
         f"image_width{suffix}": int(width),
         f"image_height{suffix}": int(height),
         f"visual_feats{suffix}": features.astype(np.float16),
-        f"visual_pos{suffix}": np.clip(regions["boxes"] / scale, 0.0, 1.0).astype(np.float32),
+        f"visual_pos{suffix}": np.clip(regions["visual_pos"] / scale, 0.0, 1.0).astype(np.float32),
         f"tags{suffix}": list(regions["tags"]),
         f"scores{suffix}": regions["scores"].astype(np.float32),
     }

@@ -15,8 +15,10 @@ Two public layouts are read:
 
 Both give the `regions` format of `CmalProcessor`, one dict per image:
 
-    {"image_id": str, "features": float32 [M, D], "boxes": float32 [M, 4] pixels, "image_size": (width, height),
-     "tags": list[str] (M names), "scores": float32 [M]}
+    {"image_id": str, "visual_feats": float32 [M, D], "visual_pos": float32 [M, 4] pixels,
+     "image_size": (width, height), "tags": list[str] (M names), "scores": float32 [M]}
+
+(a `RegionsDict`: the earlier keys `features` / `boxes` still read, with a FutureWarning).
 
 Object ids become tag names through a vocabulary file (one name per line, id = line index; default: the Visual
 Genome 1600 classes shipped in `modeling_cmal/data/vg_objects_vocab.txt`); `id_offset` is subtracted first, for
@@ -37,6 +39,7 @@ import base64
 import binascii
 import importlib.util
 import logging
+import warnings
 import os
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -51,6 +54,7 @@ from .skips import SkipCounter
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "RegionsDict",
     "TSV_FIELDS",
     "CorruptRegionsError",
     "RegionFeatureIndex",
@@ -70,6 +74,22 @@ INFO_KEYS = ("objects_id", "objects_conf")
 
 PathLike = Union[str, os.PathLike]
 TagVocab = Union[PathLike, Sequence[str], None]
+
+
+DEPRECATED_REGION_KEYS = {"features": "visual_feats", "boxes": "visual_pos"}
+
+
+class RegionsDict(dict):
+    """The `regions` dict of one image (keys `visual_feats`, `visual_pos`, `image_size`, `tags`, `scores`, ...).
+    Reading an earlier key (`features`, `boxes`) gives the new one's value with a FutureWarning; those keys are not
+    stored, so `CmalProcessor` never sees both spellings."""
+
+    def __missing__(self, key):
+        if key in DEPRECATED_REGION_KEYS:
+            new = DEPRECATED_REGION_KEYS[key]
+            warnings.warn(f"regions[{key!r}] is deprecated; read regions[{new!r}]", FutureWarning, stacklevel=2)
+            return self[new]
+        raise KeyError(key)
 
 
 class CorruptRegionsError(ValueError):
@@ -155,14 +175,14 @@ def _validated_regions(
             f"object ids {object_ids.min()}..{object_ids.max()} minus id_offset {id_offset} leave the tag vocabulary "
             f"of {len(tag_vocab)} names",
         )
-    return {
-        "image_id": image_id,
-        "features": features,
-        "boxes": boxes,
-        "image_size": (int(width), int(height)),
-        "tags": [tag_vocab[tag_id] for tag_id in tag_ids.tolist()],
-        "scores": scores,
-    }
+    return RegionsDict(
+        image_id=image_id,
+        visual_feats=features,
+        visual_pos=boxes,
+        image_size=(int(width), int(height)),
+        tags=[tag_vocab[tag_id] for tag_id in tag_ids.tolist()],
+        scores=scores,
+    )
 
 
 def _check_boxes(boxes: np.ndarray, width: int, height: int) -> None:
@@ -517,7 +537,7 @@ class RegionFeatureIndex:
         """D of the first decodable image (rows that fail here are counted when `get` asks for them)."""
         for image_id in self._locations:
             try:
-                return int(self._decode(image_id)["features"].shape[1])
+                return int(self._decode(image_id)["visual_feats"].shape[1])
             except CorruptRegionsError:
                 continue
         raise ValueError(f"no image of {[str(source) for source in self.sources]} has decodable region features")

@@ -171,7 +171,7 @@ def build_refcoco(
         if tuple(item["size"]) != (width, height):
             raise SkipItem("image_size_mismatch", f"instances say {item['size'][0]}x{item['size'][1]}, the region "
                            f"features {width}x{height}")
-        ious = box_iou(image["boxes"], item["box"])
+        ious = box_iou(image["visual_pos"], item["box"])
         label = int(np.argmax(ious))
         statistics[reaching_threshold] += int(ious[label] >= IOU_THRESHOLD)
         scale = np.array([width, height, width, height], dtype=np.float32)

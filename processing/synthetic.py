@@ -51,6 +51,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from .builders import _install_folder, _own_progress_bar_only, _prepare_root, _save_atomically, _write_text_atomically
+from .readers import RegionsDict
 from .schema import (
     ANSWER_VOCAB_FILE,
     NLVR2_LABELS,
@@ -258,8 +259,9 @@ def scene_regions(scene: dict, image: np.ndarray, feature_dim: int = DEFAULT_FEA
 
     One region per object (its box jittered by 1 pixel, 2 for large objects, score 0.75–1.0, tag = shape name) and, with a
     seeded chance, a "part" detection of an object (about half its box, score 0.3–0.6, same tag). Regions are
-    shuffled. Returns `features` `[M, feature_dim]`, `boxes` `[M, 4]` in pixels, `image_size`, `tags` and `scores`:
-    the `regions` dict `CmalProcessor` takes, as is.
+    shuffled. Returns `visual_feats` `[M, feature_dim]`, `visual_pos` `[M, 4]` in pixels, `image_size`, `tags` and
+    `scores`: the `regions` dict `CmalProcessor` takes, as is (a `RegionsDict`: `features` / `boxes` still read, with
+    a FutureWarning).
     """
     rng = _check_rng(rng) if rng is not None else np.random.default_rng(scene["noise_seed"] + 1)
     width, height = scene["image_size"]
@@ -279,13 +281,13 @@ def scene_regions(scene: dict, image: np.ndarray, feature_dim: int = DEFAULT_FEA
             scores.append(float(rng.uniform(0.3, 0.6)))
         order = rng.permutation(len(boxes))
     boxes_array = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)[order]
-    return {
-        "features": region_features_from_pixels(image, boxes_array, feature_dim),
-        "boxes": boxes_array,
-        "image_size": (width, height),
-        "tags": [tags[index] for index in order],
-        "scores": np.asarray(scores, dtype=np.float32)[order],
-    }
+    return RegionsDict(
+        visual_feats=region_features_from_pixels(image, boxes_array, feature_dim),
+        visual_pos=boxes_array,
+        image_size=(width, height),
+        tags=[tags[index] for index in order],
+        scores=np.asarray(scores, dtype=np.float32)[order],
+    )
 
 
 def box_iou(boxes: np.ndarray, box: Sequence[float]) -> np.ndarray:
@@ -593,8 +595,8 @@ def _image_columns(scene_id: str, scene: dict, regions: dict, suffix: str = "") 
         f"image_id{suffix}": scene_id,
         f"image_width{suffix}": width,
         f"image_height{suffix}": height,
-        f"visual_feats{suffix}": regions["features"].astype(np.float16),
-        f"visual_pos{suffix}": regions["boxes"] / scale,
+        f"visual_feats{suffix}": regions["visual_feats"].astype(np.float16),
+        f"visual_pos{suffix}": regions["visual_pos"] / scale,
         f"tags{suffix}": list(regions["tags"]),
         f"scores{suffix}": regions["scores"].tolist(),
     }
@@ -617,7 +619,7 @@ def _scene_rows(scene_id: str, scene: dict, regions: dict, rng: np.random.Genera
     width, height = scene["image_size"]
     for target, obj in enumerate(scene["objects"]):  # one expression per object
         box = obj["box"]
-        ious = box_iou(regions["boxes"], box)
+        ious = box_iou(regions["visual_pos"], box)
         rows["refcoco"].append(dict(image, ref_id=f"{scene_id}-r{target}", text=referring_expression(scene, target, rng),
                                     target_box=[box[0] / width, box[1] / height, box[2] / width, box[3] / height],
                                     region_ious=ious.astype(np.float32).tolist(), label=int(np.argmax(ious))))

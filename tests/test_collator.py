@@ -103,7 +103,7 @@ def test_batch_holds_every_input_and_trains_the_model(processor, config, rows):
     batch = collator(rows[:16])
     expected = ["input_ids", "token_type_ids", "attention_mask", "visual_feats", "visual_pos",
                 "visual_attention_mask", "anchor_pairs", "anchor_concept_ids", "anchor_actions", "labels",
-                "itm_labels"]
+                "itm_labels", "mlm_positions"]
     assert sorted(batch) == sorted(expected)
     assert all(isinstance(value, torch.Tensor) for value in batch.values())
     assert batch["visual_feats"].dtype == torch.float32 and batch["labels"].shape == batch["input_ids"].shape
@@ -376,3 +376,22 @@ def test_clean_pairs_are_left_as_fine_tuning_sees_them_for_both_itm_labels(proce
                 clean_labels.append(int(batch["itm_labels"][sample]))
     # about 0.3 of the pairs with an anchor are clean, of both ITM labels
     assert len(clean_labels) > 0.15 * len(rows) and 0 < np.mean(clean_labels) < 1
+
+
+def test_mlm_positions_are_the_labelled_positions(processor, config, rows):
+    from modeling_cmal.modeling_cmal import mlm_prediction_positions
+
+    batch = CmalPretrainingCollator(processor, config, seed=3)(rows[:16])
+    assert torch.equal(batch["mlm_positions"], mlm_prediction_positions(batch["labels"]))
+    for labels, positions in zip(batch["labels"], batch["mlm_positions"]):
+        assert positions[positions >= 0].tolist() == torch.nonzero(labels != IGNORE_INDEX).flatten().tolist()
+
+
+def test_a_batch_without_anchors_has_every_key(processor, config, rows):
+    collator = CmalPretrainingCollator(processor, config, seed=0)
+    anchored = collator(rows[:4])
+    no_tags = [dict(row, tags=["zebra-unmatched"] * len(row["tags"])) for row in rows[:4]]
+    empty = collator(no_tags)
+    assert set(empty) == set(anchored)
+    assert empty["anchor_pairs"].shape == (4, 0, 2)
+    assert empty["anchor_concept_ids"].shape == empty["anchor_actions"].shape == (4, 0)

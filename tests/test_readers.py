@@ -86,10 +86,10 @@ def write_npz(folder, regions: dict, *, info_extra: dict | None = None, **overri
 
 def assert_regions_equal(read: dict, expected: dict) -> None:
     assert read["image_id"] == expected["image_id"]
-    assert read["features"].dtype == np.float32 and read["features"].shape == expected["features"].shape
-    np.testing.assert_array_equal(read["features"], expected["features"])
-    assert read["boxes"].dtype == np.float32
-    np.testing.assert_array_equal(read["boxes"], expected["boxes"])
+    assert read["visual_feats"].dtype == np.float32 and read["visual_feats"].shape == expected["features"].shape
+    np.testing.assert_array_equal(read["visual_feats"], expected["features"])
+    assert read["visual_pos"].dtype == np.float32
+    np.testing.assert_array_equal(read["visual_pos"], expected["boxes"])
     assert read["image_size"] == expected["image_size"]
     assert read["tags"] == expected["tags"]
     assert read["scores"].dtype == np.float32
@@ -127,7 +127,7 @@ def test_tsv_reads_images_and_counts_corrupt_rows(tmp_path):
     assert [r["image_id"] for r in read] == [image["image_id"] for image in images]
     for got, expected in zip(read, images):
         assert_regions_equal(got, expected)
-    assert read[0]["features"].shape == (3, 2048) and read[0]["image_size"] == (640, 480)
+    assert read[0]["visual_feats"].shape == (3, 2048) and read[0]["image_size"] == (640, 480)
     assert errors.counts == {"bad_base64": 1, "wrong_buffer_size": 1}
     assert "line 2 (image 'bad_b64')" in errors.examples["bad_base64"][0]
     assert "'boxes'" in errors.examples["wrong_buffer_size"][0]
@@ -187,7 +187,7 @@ def test_boxes_partly_past_the_edge_are_kept_for_the_builders_to_clip(tmp_path):
     path = tmp_path / "features.tsv"
     write_butd_tsv(path, [_box_fields([[-5, 10, 700, 500], [0, 0, 10, 10]])])
     (read,) = read_region_features(path)
-    np.testing.assert_array_equal(read["boxes"][0], [-5, 10, 700, 500])
+    np.testing.assert_array_equal(read["visual_pos"][0], [-5, 10, 700, 500])
 
 
 def test_id_offset_out_of_range_is_an_argument_error(tmp_path):
@@ -418,3 +418,16 @@ def test_skip_counter_keeps_counts_and_first_examples():
     assert counter.format().splitlines()[0] == "rows: 6"
     with pytest.raises(ValueError, match="max_examples"):
         SkipCounter(max_examples=-1)
+
+
+def test_regions_use_the_model_names_and_the_old_ones_warn(tmp_path):
+    from processing.readers import RegionsDict
+
+    regions = RegionsDict(visual_feats=np.ones((2, 3), np.float32), visual_pos=np.zeros((2, 4), np.float32))
+    assert "features" not in regions and "boxes" not in regions
+    with pytest.warns(FutureWarning, match="visual_feats"):
+        assert regions["features"] is regions["visual_feats"]
+    with pytest.warns(FutureWarning, match="visual_pos"):
+        assert regions["boxes"] is regions["visual_pos"]
+    with pytest.raises(KeyError):
+        regions["nothing"]

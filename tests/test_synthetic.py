@@ -104,9 +104,9 @@ def test_rows_are_the_regenerated_scenes(corpus, scenes):
     rows = load_from_disk(str(corpus / "pretrain"))["train"].with_format("numpy")
     for row in rows:
         scene, _, regions = scenes[str(row["image_id"])]
-        np.testing.assert_allclose(row["visual_feats"], regions["features"].astype(np.float16))
+        np.testing.assert_allclose(row["visual_feats"], regions["visual_feats"].astype(np.float16))
         width, height = scene["image_size"]
-        np.testing.assert_allclose(row["visual_pos"] * [width, height, width, height], regions["boxes"], atol=1e-4)
+        np.testing.assert_allclose(row["visual_pos"] * [width, height, width, height], regions["visual_pos"], atol=1e-4)
         assert list(row["tags"]) == regions["tags"]
         assert str(row["text"]) in scene["captions"]
 
@@ -124,7 +124,7 @@ def test_boxes_are_exact_and_tags_are_shape_names(scenes):
         assert sorted(set(regions["tags"])) == sorted({o["shape"] for o in scene["objects"]})
         # every object has a region at IoU >= 0.5 (what a good detector gives)
         for obj in scene["objects"]:
-            assert box_iou(regions["boxes"], obj["box"]).max() >= 0.5
+            assert box_iou(regions["visual_pos"], obj["box"]).max() >= 0.5
 
 
 def test_region_features_come_from_the_pixels():
@@ -356,7 +356,7 @@ def test_referring_expressions_pick_one_object_and_its_best_region(corpus, scene
                            or o["position"].endswith(" ".join(words[-2:])))]
         assert len(candidates) == 1, (row["text"], scene["objects"])
         np.testing.assert_allclose(target, candidates[0]["box"], atol=1e-4)
-        np.testing.assert_allclose(row["region_ious"], box_iou(regions["boxes"], target), atol=1e-5)
+        np.testing.assert_allclose(row["region_ious"], box_iou(regions["visual_pos"], target), atol=1e-5)
         assert row["label"] == int(np.argmax(row["region_ious"])) and row["region_ious"][row["label"]] >= 0.5
 
 
@@ -366,7 +366,7 @@ def test_captions_anchor_to_regions(corpus, tokenizer):
     rows = load_from_disk(str(corpus / "pretrain"))["validation"].with_format("numpy")
     processor = CmalProcessor(tokenizer=tokenizer)
     batch = processor(text=[str(t) for t in rows["text"]],
-                      regions=[{"features": f.astype(np.float32), "boxes": p, "tags": [str(t) for t in tags]}
+                      regions=[{"visual_feats": f.astype(np.float32), "visual_pos": p, "tags": [str(t) for t in tags]}
                                for f, p, tags in zip(rows["visual_feats"], rows["visual_pos"], rows["tags"])],
                       return_tensors="pt")
     anchored = (batch["anchor_pairs"][..., 0] >= 0).any(-1)
