@@ -1,7 +1,8 @@
 """CMAL for Hugging Face transformers.
 
 Importing this package registers the CMAL classes with the Auto classes in-process (`AutoConfig`, `AutoModel`,
-`AutoModelForPreTraining`, the task Auto classes, `AutoProcessor`) and marks them for `auto_map`, so that
+`AutoModelForPreTraining`, `AutoModelForVisualQuestionAnswering`, `AutoModelForSequenceClassification`,
+`AutoProcessor`) and marks them for `auto_map`, so that
 `save_pretrained` writes the code files and a saved folder loads with `trust_remote_code=True` where this package
 is not installed. It also registers the five `cmal-*` pipeline tasks with transformers' `PIPELINE_REGISTRY`.
 """
@@ -9,10 +10,8 @@ is not installed. It also registers the five `cmal-*` pipeline tasks with transf
 from transformers import (
     AutoConfig,
     AutoModel,
-    AutoModelForNextSentencePrediction,
     AutoModelForPreTraining,
     AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
     AutoModelForVisualQuestionAnswering,
     AutoProcessor,
 )
@@ -56,9 +55,9 @@ _AUTO_CLASSES = {
     AutoModelForPreTraining: CmalForPreTraining,
     AutoModelForVisualQuestionAnswering: CmalForQuestionAnswering,
     AutoModelForSequenceClassification: CmalForVisualEntailment,
-    AutoModelForTokenClassification: CmalForReferringExpression,
-    AutoModelForNextSentencePrediction: CmalForImageTextMatching,
 }
+# The referring-expression, image-text matching and NLVR2 heads fit no Auto class transformers uses for its
+# vision-language models: their `auto_map` keys are their class names (CMAL_AUTO_MAP).
 
 AutoConfig.register(CmalConfig.model_type, CmalConfig, exist_ok=True)
 CmalConfig.register_for_auto_class()
