@@ -11,12 +11,14 @@ Remote code: this module imports only the standard library, numpy, torch and its
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .anchoring import find_anchors
 from .configuration_cmal import ANCHOR_ACTIONS, ANCHOR_RATE_FIELDS, CmalConfig
 from .modeling_cmal import mlm_prediction_positions
 from .processing_cmal import CmalProcessor
@@ -51,6 +53,50 @@ def _rows_digest(rows: list[Mapping]) -> int:
                                    "\x1e".join(map(str, [] if tags is None else tags)))).encode())
         digest.update(b"\x1d")
     return int.from_bytes(digest.digest(), "little")
+
+
+def processor_identity(processor) -> str:
+    """What pre-tokenised corpus rows depend on: a 16-hex digest of the tokenizer's vocabulary (piece -> id), its
+    special tokens and the lexicon (`to_dict()`). A corpus built with another tokenizer or lexicon has another one."""
+    digest = hashlib.sha256()
+    tokenizer = processor.tokenizer
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+    digest.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
+    digest.update(json.dumps(processor.lexicon.to_dict(), sort_keys=True, ensure_ascii=False, default=str).encode())
+    max_regions = getattr(processor.image_processor, "max_regions", None)
+    digest.update(f"max_regions={max_regions}".encode())
+    return digest.hexdigest()[:16]
+
+
+PRETOKENISED_COLUMNS = ("input_ids", "word_ids", "words", "anchor_rows", "processor_identity")
+
+
+def anchor_rows_of_words(words, word_ids, tags, scores, lexicon) -> list[int]:
+    """Flattened `(piece position, region index, concept id)` of every piece of every anchored word, for a caption
+    already split into `words` (`word_ids[p]`: the word of piece `p`, -1 for special tokens and cut words) and the
+    selected regions' `tags` / `scores`: the anchors `CmalProcessor` finds for the pair."""
+    if tags is None or len(tags) == 0 or len(words) == 0:
+        return []
+    word_ids = np.asarray(word_ids)
+    rows = []
+    for match in find_anchors([str(word) for word in words], [str(tag) for tag in tags], lexicon,
+                              None if scores is None else [float(score) for score in scores]):
+        for position in np.flatnonzero((word_ids >= match.word_start) & (word_ids < match.word_end)).tolist():
+            rows += [position, match.region_index, match.concept_id]
+    return rows
+
+
+def _region_array(value, num_regions: int, width: int, dtype: str, where: str) -> np.ndarray:
+    """`[num_regions, width]` float32 from a stored binary buffer (`dtype` little-endian) or an array."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        array = np.frombuffer(value, dtype=dtype)
+        if array.size != num_regions * width:
+            raise ValueError(f"{where} holds {array.size} values; expected num_regions {num_regions} x {width}")
+        return array.reshape(num_regions, width)
+    array = np.asarray(value)
+    if array.shape != (num_regions, width):
+        raise ValueError(f"{where} has shape {array.shape}; expected ({num_regions}, {width})")
+    return array
 
 
 @dataclass
@@ -158,6 +204,7 @@ class CmalPretrainingCollator:
         self._action_bounds = torch.tensor(np.cumsum([getattr(self, name) for name in ANCHOR_RATE_FIELDS]),
                                            dtype=torch.float64)
         self._generator = torch.Generator()
+        self._identity = None
 
     # ----------------------------------------------------------------------------------------------------------
     # State
@@ -196,6 +243,14 @@ class CmalPretrainingCollator:
                 raise ValueError(f"rows[{index}]['text'] must be a str, got {row['text']!r}")
         generator = self._start_batch(rows)
         caption_rows, itm_labels = self._pair_captions(rows, generator)
+        if all(name in rows[0] for name in PRETOKENISED_COLUMNS):
+            batch = self._pretokenised_batch(rows, caption_rows)
+        else:
+            batch = self._processed_batch(rows, caption_rows)
+        return self._draw(batch, itm_labels, generator)
+
+    def _processed_batch(self, rows: list[Mapping], caption_rows: list[int]) -> dict:
+        """Rows with raw text: the processor tokenises and anchors every pair."""
         batch = self.processor(
             text=[str(rows[source]["text"]) for source in caption_rows],
             regions=[
@@ -206,12 +261,81 @@ class CmalPretrainingCollator:
             max_length=self.max_length,
             return_tensors="pt",
         )
-        batch = dict(batch)
+        return dict(batch)
+
+    def _pretokenised_batch(self, rows: list[Mapping], caption_rows: list[int]) -> dict:
+        """Rows of a streamed corpus (`processing/shards.py`): pieces and anchors stored at build time are padded;
+        only an ITM negative (another row's caption) gets its anchors found anew, from the stored words."""
+        identity = self._processor_identity()
+        for index, row in enumerate(rows):
+            missing = [name for name in (*PRETOKENISED_COLUMNS, "num_regions", "feature_dim") if name not in row]
+            if missing:
+                raise ValueError(f"rows[{index}] lacks {missing}; expected every row pre-tokenised or none")
+            if row["processor_identity"] != identity:
+                raise ValueError(f"rows[{index}] (image {row.get('image_id')!r}) was tokenised and anchored by "
+                                 f"processor {row['processor_identity']!r}, not by this collator's processor "
+                                 f"({identity}: another tokenizer vocabulary or lexicon); rebuild the corpus with it")
+        batch_size = len(rows)
+        counts = [int(row["num_regions"]) for row in rows]
+        feature_dim = int(rows[0]["feature_dim"])
+        num_slots = max(max(counts), 1)
+        visual_feats = np.zeros((batch_size, num_slots, feature_dim), dtype=np.float32)
+        visual_pos = np.zeros((batch_size, num_slots, 4), dtype=np.float32)
+        visual_attention_mask = np.zeros((batch_size, num_slots), dtype=np.int64)
+        for index, (row, count) in enumerate(zip(rows, counts)):
+            if int(row["feature_dim"]) != feature_dim:
+                raise ValueError(f"rows[{index}] has {row['feature_dim']}-d features but rows[0] {feature_dim}-d")
+            visual_feats[index, :count] = _region_array(row["visual_feats"], count, feature_dim, "<f2",
+                                                        f"rows[{index}]['visual_feats']")
+            visual_pos[index, :count] = _region_array(row["visual_pos"], count, 4, "<f4", f"rows[{index}]['visual_pos']")
+            visual_attention_mask[index, :count] = 1
+        pieces = [rows[source]["input_ids"] for source in caption_rows]
+        lengths = [len(ids) for ids in pieces]
+        limit = self.max_length or self.processor.tokenizer.model_max_length
+        if max(lengths) > limit:
+            raise ValueError(f"a stored caption has {max(lengths)} pieces, more than max_length {limit}; rebuild the "
+                             "corpus with this max_length or raise it")
+        input_ids = np.full((batch_size, max(lengths)), self.processor.tokenizer.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros_like(input_ids)
+        for index, ids in enumerate(pieces):
+            input_ids[index, :len(ids)] = ids
+            attention_mask[index, :len(ids)] = 1
+        anchors = []
+        for index, source in enumerate(caption_rows):
+            if source == index:
+                flat = rows[index]["anchor_rows"]
+            else:
+                flat = anchor_rows_of_words(rows[source]["words"], rows[source]["word_ids"], rows[index]["tags"],
+                                            rows[index]["scores"], self.processor.lexicon)
+            anchors.append(np.asarray(flat, dtype=np.int64).reshape(-1, 3))
+        num_anchor_rows = max(len(table) for table in anchors)
+        anchor_table = np.full((batch_size, num_anchor_rows, 3), -1, dtype=np.int64)
+        for index, table in enumerate(anchors):
+            anchor_table[index, :len(table)] = table
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "token_type_ids": torch.zeros_like(torch.from_numpy(input_ids)),
+            "attention_mask": torch.from_numpy(attention_mask),
+            "visual_feats": torch.from_numpy(visual_feats),
+            "visual_pos": torch.from_numpy(visual_pos),
+            "visual_attention_mask": torch.from_numpy(visual_attention_mask),
+            "anchor_pairs": torch.from_numpy(np.ascontiguousarray(anchor_table[..., :2])),
+            "anchor_concept_ids": torch.from_numpy(np.ascontiguousarray(anchor_table[..., 2])),
+        }
+
+    def _processor_identity(self) -> str:
+        if self._identity is None:
+            self._identity = processor_identity(self.processor)
+        return self._identity
+
+    def _draw(self, batch: dict, itm_labels: torch.Tensor, generator: torch.Generator) -> dict:
+        """The per-batch random draws, vectorised: anchor actions, MLM masks, clean pairs."""
+        rows_in_batch = batch["input_ids"].shape[0]
         batch["anchor_actions"] = self._sample_actions(batch["anchor_pairs"], batch["visual_attention_mask"].shape[1],
                                                        generator)
         original_ids = batch["input_ids"]
         batch["input_ids"], batch["labels"] = self._mask_pieces(batch, itm_labels, generator)
-        clean = torch.rand(len(rows), generator=generator) < self.itm_clean_rate
+        clean = torch.rand(rows_in_batch, generator=generator) < self.itm_clean_rate
         batch["anchor_actions"][clean] = 0
         batch["input_ids"][clean] = original_ids[clean]
         batch["labels"][clean] = IGNORE_INDEX
@@ -278,4 +402,4 @@ class CmalPretrainingCollator:
         return masked, labels
 
 
-__all__ = ["IGNORE_INDEX", "CmalPretrainingCollator"]
+__all__ = ["IGNORE_INDEX", "CmalPretrainingCollator", "anchor_rows_of_words", "processor_identity"]
