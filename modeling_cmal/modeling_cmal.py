@@ -1367,9 +1367,19 @@ class CmalForQuestionAnswering(CmalPreTrainedModel):
 
     @can_return_tuple
     def forward(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, visual_feats=None, visual_pos=None,
-        visual_attention_mask=None, anchor_pairs=None, anchor_concept_ids=None, anchor_actions=None, labels=None,
-        inputs_embeds=None, **kwargs,
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        visual_feats: torch.FloatTensor | None = None,
+        visual_pos: torch.FloatTensor | None = None,
+        visual_attention_mask: torch.LongTensor | None = None,
+        anchor_pairs: torch.LongTensor | None = None,
+        anchor_concept_ids: torch.LongTensor | None = None,
+        anchor_actions: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs,
     ) -> CmalTaskOutput:
         r"""Inputs as [`CmalModel`]; `labels` (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
         VQA soft scores in [0, 1]. Returns `logits` `(batch_size, num_labels)`."""
@@ -1410,9 +1420,19 @@ class CmalForVisualEntailment(CmalPreTrainedModel):
 
     @can_return_tuple
     def forward(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, visual_feats=None, visual_pos=None,
-        visual_attention_mask=None, anchor_pairs=None, anchor_concept_ids=None, anchor_actions=None, labels=None,
-        inputs_embeds=None, **kwargs,
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        visual_feats: torch.FloatTensor | None = None,
+        visual_pos: torch.FloatTensor | None = None,
+        visual_attention_mask: torch.LongTensor | None = None,
+        anchor_pairs: torch.LongTensor | None = None,
+        anchor_concept_ids: torch.LongTensor | None = None,
+        anchor_actions: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs,
     ) -> CmalTaskOutput:
         r"""Inputs as [`CmalModel`]; `labels` (`torch.LongTensor` of shape `(batch_size,)`, *optional*; see the
         class docstring for the other problem types). Returns `logits` `(batch_size, num_labels)`."""
@@ -1448,9 +1468,19 @@ class CmalForVisualReasoning(CmalPreTrainedModel):
 
     @can_return_tuple
     def forward(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, visual_feats=None, visual_pos=None,
-        visual_attention_mask=None, anchor_pairs=None, anchor_concept_ids=None, anchor_actions=None, labels=None,
-        inputs_embeds=None, **kwargs,
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        visual_feats: torch.FloatTensor | None = None,
+        visual_pos: torch.FloatTensor | None = None,
+        visual_attention_mask: torch.LongTensor | None = None,
+        anchor_pairs: torch.LongTensor | None = None,
+        anchor_concept_ids: torch.LongTensor | None = None,
+        anchor_actions: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs,
     ) -> CmalTaskOutput:
         r"""See the class docstring for shapes; `labels` (`torch.LongTensor` of shape `(batch_size,)`, *optional*).
         Returns `logits` `(batch_size, num_labels)`."""
@@ -1500,9 +1530,19 @@ class CmalForReferringExpression(CmalPreTrainedModel):
 
     @can_return_tuple
     def forward(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, visual_feats=None, visual_pos=None,
-        visual_attention_mask=None, anchor_pairs=None, anchor_concept_ids=None, anchor_actions=None, labels=None,
-        inputs_embeds=None, **kwargs,
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        visual_feats: torch.FloatTensor | None = None,
+        visual_pos: torch.FloatTensor | None = None,
+        visual_attention_mask: torch.LongTensor | None = None,
+        anchor_pairs: torch.LongTensor | None = None,
+        anchor_concept_ids: torch.LongTensor | None = None,
+        anchor_actions: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs,
     ) -> CmalTaskOutput:
         r"""Inputs as [`CmalModel`]; `labels` (`torch.LongTensor` of shape `(batch_size,)`, *optional*): referred
         region index. Returns `logits` `(batch_size, num_regions)`."""
@@ -1546,9 +1586,19 @@ class CmalForImageTextMatching(CmalPreTrainedModel):
 
     @can_return_tuple
     def forward(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, visual_feats=None, visual_pos=None,
-        visual_attention_mask=None, anchor_pairs=None, anchor_concept_ids=None, anchor_actions=None, labels=None,
-        inputs_embeds=None, **kwargs,
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        visual_feats: torch.FloatTensor | None = None,
+        visual_pos: torch.FloatTensor | None = None,
+        visual_attention_mask: torch.LongTensor | None = None,
+        anchor_pairs: torch.LongTensor | None = None,
+        anchor_concept_ids: torch.LongTensor | None = None,
+        anchor_actions: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs,
     ) -> CmalTaskOutput:
         r"""Inputs as [`CmalModel`]; `labels` (`torch.LongTensor` of shape `(batch_size,)`, *optional*).
         Returns `logits` `(batch_size, 2)`; `logits[:, 1] - logits[:, 0]` ranks pairs for retrieval."""

@@ -84,7 +84,7 @@ def scenarios():
                 torch.manual_seed(0)
                 model = head(head_config(head)).train()
                 if checkpointing:
-                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
                 batches = []
                 for step in range(2):
                     batch = head_inputs(head, seed=10 * step + dist.get_rank())

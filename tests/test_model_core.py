@@ -253,7 +253,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     loss.backward()
     reference = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     checkpointed = model(**inputs, labels=labels, itm_labels=torch.tensor([1, 0, 1])).loss
     checkpointed.backward()
     torch.testing.assert_close(checkpointed, loss)
