@@ -7,6 +7,7 @@ package installs as `cmal_processing`) also `python -m cmal_processing ...` or t
     python -m processing build snli_ve  --annotations FILE ...
     python -m processing build refcoco  --refs FILE --instances FILE [--refs_split NAME] ...
     python -m processing merge --output DIR --split NAME
+    python -m processing extract --images DIR_OR_LIST --detector DIR --output DIR   (also under accelerate launch)
 
 Every `build` takes `--features` (BUTD `.tsv` files and/or `.npz` folders), `--output` (a DatasetDict folder; run
 once per split into the same folder), `--split`, `--image_id_format` (how the annotation's image id becomes the
@@ -87,7 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="concatenate the shards of a split into OUTPUT/SPLIT")
     merge.add_argument("--output", required=True, help="the --output the shards were built with")
     merge.add_argument("--split", required=True, help="split to merge")
+    extract = commands.add_parser("extract", help="detect regions in a folder or list of photos (the image table)")
+    extract.add_argument("--images", required=True, help="folder of images, or a text file listing image paths")
+    extract.add_argument("--detector", required=True, help="folder of a transformers object detector (DETR family)")
+    extract.add_argument("--output", required=True, help="image table folder (regions-*.parquet; reruns resume)")
+    extract.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
+    extract.add_argument("--images_per_shard", type=int, default=1000, help="images per shard (unit of resuming)")
+    extract.add_argument("--score_threshold", type=float, default=0.2, help="detections scoring at most this dropped")
+    extract.add_argument("--top_k", type=int, default=36, help="at most this many regions per image")
+    extract.add_argument("--min_size", type=int, default=16, help="images with a side below this are skipped")
     return parser
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    from .extract import extract_regions
+
+    summary = extract_regions(args.images, args.detector, args.output, batch_size=args.batch_size,
+                              images_per_shard=args.images_per_shard, score_threshold=args.score_threshold,
+                              top_k=args.top_k, min_size=args.min_size)
+    print(summary.format())
+    return 0 if summary.rows_written or summary.shards_kept else 1
 
 
 def _run_build(args: argparse.Namespace):
@@ -118,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "extract":
+            return _run_extract(args)
         if args.command == "merge":
             print(f"merged into {merge_shards(args.output, args.split)}")
             return 0

@@ -457,7 +457,8 @@ class RegionFeatureIndex:
     and decodes only its own images.)
 
     Args:
-        paths: one source or a list of sources (`.tsv` file, `.npz` folder or file), searched in order.
+        paths: one source or a list of sources (`.tsv` file, `.npz` folder or file, or the image table folder of
+            `python -m processing extract`), searched in order.
         tag_vocab, id_offset: as for `read_region_features`.
         errors: receives every image that cannot be indexed or decoded (default: a new `SkipCounter`, `.errors`).
     """
@@ -479,8 +480,14 @@ class RegionFeatureIndex:
         self.errors = errors if errors is not None else SkipCounter("region rows skipped")
         # image id -> (file, byte offset of its tsv line or None for an .npz, line number or 0)
         self._locations: dict[str, tuple[Path, int | None, int]] = {}
+        self._table_cache: tuple[Path, list[dict]] | None = None
         for source in self.sources:
-            if source.is_dir() or source.suffix == ".npz":
+            if source.is_dir() and any(source.glob("regions-*.parquet")):  # an image table (processing.extract)
+                from .extract import read_region_table
+
+                for image_id, (path, row) in read_region_table(source).items():
+                    self._add(image_id, (path, None, row))
+            elif source.is_dir() or source.suffix == ".npz":
                 for path in _npz_files(source) if source.is_dir() else [source]:
                     self._add(path.stem, (path, None, 0))
             else:
@@ -511,7 +518,15 @@ class RegionFeatureIndex:
         return iter(self._locations)
 
     def _decode(self, image_id: str) -> dict:
-        path, offset, _ = self._locations[image_id]
+        path, offset, row = self._locations[image_id]
+        if path.suffix == ".parquet":
+            from .extract import decode_region_row
+
+            if self._table_cache is None or self._table_cache[0] != path:  # one shard in memory at a time
+                import pyarrow.parquet as pq
+
+                self._table_cache = (path, pq.read_table(path).to_pylist())
+            return decode_region_row(self._table_cache[1][row])
         if offset is None:
             return read_npz_regions(path, self.tag_vocab, id_offset=self.id_offset)
         with open(path, "rb") as file:
