@@ -8,6 +8,8 @@ package installs as `cmal_processing`) also `python -m cmal_processing ...` or t
     python -m processing build refcoco  --refs FILE --instances FILE [--refs_split NAME] ...
     python -m processing merge --output DIR --split NAME
     python -m processing extract --images DIR_OR_LIST --detector DIR --output DIR   (also under accelerate launch)
+    python -m processing shards --captions FILE --features SRC [SRC ...] --processor DIR --output DIR
+    python -m processing shards --dataset SPLIT_DIR --processor DIR --output DIR   (convert a single-table corpus)
 
 Every `build` takes `--features` (BUTD `.tsv` files and/or `.npz` folders), `--output` (a DatasetDict folder; run
 once per split into the same folder), `--split`, `--image_id_format` (how the annotation's image id becomes the
@@ -97,7 +99,36 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--score_threshold", type=float, default=0.2, help="detections scoring at most this dropped")
     extract.add_argument("--top_k", type=int, default=36, help="at most this many regions per image")
     extract.add_argument("--min_size", type=int, default=16, help="images with a side below this are skipped")
+    shards = commands.add_parser("shards", help="streamed pre-training corpus: images once, captions pre-tokenised")
+    source = shards.add_mutually_exclusive_group(required=True)
+    source.add_argument("--captions", help="COCO captions .json or .jsonl of {image_id, caption} (with --features)")
+    source.add_argument("--dataset", help="a single-table caption split folder to convert (e.g. OLD/train)")
+    shards.add_argument("--features", nargs="+", metavar="SRC", help="BUTD .tsv, .npz folders or extract's table")
+    shards.add_argument("--processor", required=True, help="CmalProcessor folder (tokenizer + lexicon) to tokenise")
+    shards.add_argument("--output", required=True, help="corpus folder or fsspec URL")
+    shards.add_argument("--image_id_format", default=None, help="as for build captions")
+    shards.add_argument("--max_length", type=int, default=None, help="caption pieces (default: the tokenizer's)")
+    shards.add_argument("--images_per_shard", type=int, default=4000, help="images per Parquet shard")
     return parser
+
+
+def _run_shards(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from modeling_cmal.processing_cmal import CmalProcessor
+
+    from .shards import build_streamed_captions, convert_caption_dataset
+
+    processor = CmalProcessor.from_pretrained(args.processor)
+    options = dict(max_length=args.max_length, images_per_shard=args.images_per_shard)
+    if args.dataset is not None:
+        info = convert_caption_dataset(args.dataset, args.output, processor, **options)
+    else:
+        if not args.features:
+            parser.error("--captions needs --features")
+        info = build_streamed_captions(args.captions, args.features, processor, args.output,
+                                       image_id_format=args.image_id_format, **options)
+    print(f"streamed corpus -> {args.output}: {info['images']} images, {info['captions']} captions, "
+          f"{len(info['shards'])} shards, {info['feature_dim']}-d features; skipped {info.get('skipped', {})}")
+    return 0 if info["captions"] else 1
 
 
 def _run_extract(args: argparse.Namespace) -> int:
@@ -140,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "extract":
             return _run_extract(args)
+        if args.command == "shards":
+            return _run_shards(args, parser)
         if args.command == "merge":
             print(f"merged into {merge_shards(args.output, args.split)}")
             return 0

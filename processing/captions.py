@@ -39,7 +39,7 @@ from .readers import PathLike, TagVocab
 from .schema import pretrain_features
 from .skips import SkipCounter
 
-__all__ = ["build_captions"]
+__all__ = ["build_captions", "caption_groups"]
 
 
 def _coco_records(path: Path) -> tuple[dict, Iterator[tuple[str, object]]]:
@@ -75,8 +75,29 @@ def build_captions(
         region_features, output, split, tag_vocab, id_offset, num_shards, shard_index, lexicon, progress: see
             `processing.builders.write_split`.
     """
-    captions = Path(captions)
     refused = SkipCounter("skipped items")
+    groups = caption_groups(captions, image_id_format, refused)
+    return write_split(
+        task="captions",
+        groups=groups,
+        features=pretrain_features,
+        refused=refused,
+        region_features=region_features,
+        output=output,
+        split=split,
+        tag_vocab=tag_vocab,
+        id_offset=id_offset,
+        num_shards=num_shards,
+        shard_index=shard_index,
+        lexicon=lexicon,
+        progress=progress,
+    )
+
+
+def caption_groups(captions: PathLike, image_id_format: str | None, refused: SkipCounter) -> list:
+    """The `ItemGroup`s of a captions file (one per feature image, items `{"text"}`); refused records are counted
+    in `refused`. Shared by `build_captions` and `processing.shards.build_streamed_captions`."""
+    captions = Path(captions)
     if captions.suffix == ".json":
         template = check_image_id_format(image_id_format or "{file_stem}", ("image_id", "file_stem"))
         file_stems, records = _coco_records(captions)
@@ -98,19 +119,4 @@ def build_captions(
 
     else:
         raise ValueError(f"captions {str(captions)!r} must be a COCO captions .json or a .jsonl file")
-    groups = collect_items(records, make_item, refused)
-    return write_split(
-        task="captions",
-        groups=groups,
-        features=pretrain_features,
-        refused=refused,
-        region_features=region_features,
-        output=output,
-        split=split,
-        tag_vocab=tag_vocab,
-        id_offset=id_offset,
-        num_shards=num_shards,
-        shard_index=shard_index,
-        lexicon=lexicon,
-        progress=progress,
-    )
+    return collect_items(records, make_item, refused)

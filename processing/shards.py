@@ -388,3 +388,35 @@ def convert_caption_dataset(dataset, output, processor, *, max_length: int | Non
 
     return write_image_shards(images(), output, processor, max_length=max_length, images_per_shard=images_per_shard,
                               progress=progress, total=len(set(columns)))
+
+
+def build_streamed_captions(captions, region_features, processor, output, *, image_id_format: str | None = None,
+                            tag_vocab=None, id_offset: int = 0, max_length: int | None = None,
+                            images_per_shard: int = DEFAULT_IMAGES_PER_SHARD, progress: bool = True) -> dict:
+    """A caption file (COCO captions `.json` or `.jsonl`, as `build_captions`) with region features (BUTD `.tsv`,
+    `.npz` folders, or the image table of `python -m processing extract`) → a streamed corpus, each image once
+    with all its captions. Images without (or with corrupt) features are skipped; the returned corpus info has
+    `skipped` (items by reason) and `region_errors`."""
+    from .captions import caption_groups
+    from .readers import RegionFeatureIndex
+    from .skips import SkipCounter
+
+    refused = SkipCounter("skipped items")
+    groups = caption_groups(captions, image_id_format, refused)
+    index = RegionFeatureIndex(region_features, tag_vocab, id_offset=id_offset)
+
+    def images() -> Iterator[tuple[Mapping, list[str]]]:
+        for group in groups:
+            (image_id,) = group.image_ids
+            regions = index.get(image_id) if image_id in index else None
+            if regions is None:
+                reason = "missing_features" if image_id not in index else "corrupt_features"
+                for item in group.items:
+                    refused.add(reason, f"{item['where']}: no usable region features for image {image_id!r}")
+                continue
+            yield regions, [item["text"] for item in group.items]
+
+    info = write_image_shards(images(), output, processor, max_length=max_length, images_per_shard=images_per_shard,
+                              progress=progress, total=len(groups))
+    info["skipped"], info["region_errors"] = dict(refused.counts), dict(index.errors.counts)
+    return info

@@ -132,3 +132,25 @@ def test_two_processes_share_the_shards(tmp_path, photos, detector):
     outputs = sorted(line for line in done.stdout.splitlines() if line.startswith("shards"))
     assert outputs == ["shards 2 images 3", "shards 2 images 4"], done.stdout
     assert len(read_region_table(tmp_path / "o")) == 5
+
+
+def test_photos_to_a_streamed_corpus(tmp_path, photos, detector, bert_dir):
+    """The path of the README: photos → image table → streamed corpus → a pre-training batch."""
+    from transformers import BertTokenizer
+
+    from modeling_cmal.collator_cmal import CmalPretrainingCollator
+    from modeling_cmal.processing_cmal import CmalProcessor
+    from processing.shards import open_streaming_corpus
+
+    extract_regions(photos, detector, tmp_path / "table", progress=False)
+    processor = CmalProcessor(tokenizer=BertTokenizer.from_pretrained(str(bert_dir), model_max_length=32))
+    processor.save_pretrained(tmp_path / "processor")
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"image_id": image_id, "caption": f"a cat and a man {number}"}) + "\n"
+                                for image_id in ("coffee", "chelsea", "astronaut", "missing") for number in range(2)))
+    assert cli(["shards", "--captions", str(captions), "--features", str(tmp_path / "table"), "--processor",
+                str(tmp_path / "processor"), "--output", str(tmp_path / "corpus")]) == 0
+    rows = list(open_streaming_corpus(tmp_path / "corpus", processor=processor))
+    assert len(rows) == 6
+    batch = CmalPretrainingCollator(processor, seed=0)(rows)
+    assert batch["visual_feats"].shape[::2] == (6, FEATURE_DIM) and "mlm_positions" in batch
