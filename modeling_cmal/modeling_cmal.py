@@ -89,8 +89,8 @@ class CmalForPreTrainingOutput(ModelOutput):
         text*, the region slot for *mask region*.
     amc_labels (`torch.LongTensor` of shape `(batch_size, num_anchor_rows)`): the concept of each row that has an
         AMC target, -100 elsewhere (other pieces of a word, other actions, padding).
-    amc_slot_is_text (`torch.BoolTensor` of shape `(batch_size, num_anchor_rows)`): rows whose target is a text
-        slot.
+    amc_slot_is_text (`torch.LongTensor` of shape `(batch_size, num_anchor_rows)`): 1 for rows whose target is a
+        text slot, 0 otherwise.
     amc_pairing_loss (`torch.FloatTensor` of shape `()`, *optional*): AMC's mapping term (part of `amc_loss`).
     amc_pairing_logits (`torch.FloatTensor` of shape `(batch_size, num_anchor_rows, num_regions)`): similarity of
         each anchor row's word (text hypersphere) with every region of its image (visual hypersphere).
@@ -111,7 +111,7 @@ class CmalForPreTrainingOutput(ModelOutput):
     itc_loss: torch.FloatTensor | None = None
     amc_logits: torch.FloatTensor | None = None
     amc_labels: torch.LongTensor | None = None
-    amc_slot_is_text: torch.BoolTensor | None = None
+    amc_slot_is_text: torch.LongTensor | None = None
     amc_pairing_loss: torch.FloatTensor | None = None
     amc_pairing_logits: torch.FloatTensor | None = None
     amc_pairing_labels: torch.LongTensor | None = None
@@ -1187,7 +1187,8 @@ class CmalForPreTraining(CmalPreTrainedModel):
             itc_loss=losses.get("itc"),
             amc_logits=amc_logits,
             amc_labels=amc_labels,
-            amc_slot_is_text=amc_slot_is_text,
+            # 1 / 0 rather than bool, so that outputs compare and subtract like every other tensor output.
+            amc_slot_is_text=amc_slot_is_text.long() if amc_slot_is_text is not None else None,
             amc_pairing_loss=amc_pairing_loss,
             amc_pairing_logits=amc_pairing_logits,
             amc_pairing_labels=amc_pairing_labels,
@@ -1656,10 +1657,13 @@ class _ToOneElement(ConversionOps):
 
 
 def _register_checkpoint_conversions() -> None:
-    scalars = [r"hypersphere.scale", r"logit_scale"]
-    register_checkpoint_conversion_mapping(
-        "cmal", [WeightConverter(pattern, pattern, [_ToOneElement()]) for pattern in scalars], overwrite=True
-    )
+    """The hypersphere scales are in every class (the trunk's model type); the learned temperatures only in the
+    pre-training heads (by class name, which transformers looks up first, the trunk inside still getting its own)."""
+    def converter(pattern: str) -> WeightConverter:
+        return WeightConverter(pattern, pattern, [_ToOneElement()])
+
+    register_checkpoint_conversion_mapping("cmal", [converter(r"hypersphere.scale")], overwrite=True)
+    register_checkpoint_conversion_mapping("CmalForPreTraining", [converter(r"logit_scale")], overwrite=True)
 
 
 _register_checkpoint_conversions()
