@@ -691,17 +691,17 @@ REPRODUCE = textwrap.dedent("""
     sys.modules["processing"] = sys.modules["cmal_processing"] = sys.modules["cmal_examples"] = None
     import numpy as np, torch
     from datasets import load_from_disk
-    from transformers import (AutoModelForSequenceClassification, AutoModelForTokenClassification,
-                              AutoModelForVisualQuestionAnswering, AutoProcessor)
+    from transformers import AutoModelForSequenceClassification, AutoModelForVisualQuestionAnswering, AutoProcessor
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    AUTO = {"vqa": AutoModelForVisualQuestionAnswering, "snli_ve": AutoModelForSequenceClassification,
-            "refcoco": AutoModelForTokenClassification}
+    AUTO = {"vqa": AutoModelForVisualQuestionAnswering, "snli_ve": AutoModelForSequenceClassification}
+    # Heads without a fitting transformers Auto class are reached through their own auto_map key.
+    OWN_KEY = {"nlvr2": "CmalForVisualReasoning", "refcoco": "CmalForReferringExpression"}
     TEXT = ("input_ids", "attention_mask", "token_type_ids")
 
     def regions(row, suffix=""):
-        return {"features": np.asarray(row["visual_feats" + suffix], np.float32),
-                "boxes": np.asarray(row["visual_pos" + suffix], np.float32),
+        return {"visual_feats": np.asarray(row["visual_feats" + suffix], np.float32),
+                "visual_pos": np.asarray(row["visual_pos" + suffix], np.float32),
                 "tags": [str(tag) for tag in row["tags" + suffix]],
                 "scores": np.asarray(row["scores" + suffix], np.float32)}
 
@@ -713,8 +713,8 @@ REPRODUCE = textwrap.dedent("""
         return float(predicted == int(row["label"]))
 
     for task, folder, dataset, batch_size in json.loads(sys.argv[1]):
-        if task == "nlvr2":
-            model = get_class_from_dynamic_module("modeling_cmal.CmalForVisualReasoning", folder).from_pretrained(folder)
+        if task in OWN_KEY:
+            model = get_class_from_dynamic_module(f"modeling_cmal.{OWN_KEY[task]}", folder).from_pretrained(folder)
         else:
             model = AUTO[task].from_pretrained(folder, trust_remote_code=True)
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__

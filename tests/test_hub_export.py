@@ -253,12 +253,10 @@ def test_hub_files_are_added_to_a_saved_folder_from_a_copy_of_its_config(tmp_pat
         add_hub_files(tmp_path / "nothing")
 
 
-@pytest.mark.xfail(reason="CmalPreTrainedModel.save_pretrained (modeling_cmal.py) still writes CMAL_AUTO_MAP into "
-                          "self.config.auto_map; the Hub tool itself works on a copy of the saved config")
 def test_exporting_leaves_the_models_config_alone(tmp_path, processor):
     model = CmalForReferringExpression(make_config(processor))
     write_hub_folder(model, processor, tmp_path / "out")
-    # transformers' own save records the class's Auto entry; every other head is the folder's business only
-    assert set(getattr(model.config, "auto_map", None) or {}) <= {"AutoConfig", "AutoModelForTokenClassification"}
+    # transformers' own save may record the class's Auto entry; every other head is the folder's business only
+    assert set(getattr(model.config, "auto_map", None) or {}) <= {"AutoConfig"}
     assert getattr(model.config, "custom_pipelines", None) is None
     assert set(json.loads((tmp_path / "out" / "config.json").read_text())["auto_map"]) == set(CMAL_AUTO_MAP)
