@@ -34,6 +34,7 @@ for the most part, so more threads favour the model side and make the check stri
     python benchmarks/bench_data.py                  # 256 images x 2 captions, batch 32, 3 rounds
     python benchmarks/bench_data.py --quick          # 64 images, batch 16, 1 round: a smoke test
     python benchmarks/bench_data.py --num-images 512 --batch-size 32 --steps 5 --threads 2 --json out.json
+    python benchmarks/bench_data.py --streaming      # streamed corpus: bytes per caption pair, samples/s per worker
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                            "removed at the end)")
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--streaming", action="store_true",
+                        help="the streamed-corpus check instead: bytes stored per caption pair (40 images x 5 captions) "
+                             "and samples/s of one DataLoader worker on pre-tokenised rows (see streaming_main)")
+    parser.add_argument("--workers", type=positive_int, default=1, help="--streaming: DataLoader workers (default 1)")
     args = parser.parse_args(argv)
     defaults = dict(num_images=64, batch_size=16, steps=1) if args.quick else dict(num_images=256, batch_size=32,
                                                                                     steps=3)
@@ -240,8 +245,107 @@ class PreTrainingStep:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# --streaming: storage per caption pair and loader throughput of the streamed corpus (processing/shards.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+STORAGE_IMAGES, STORAGE_CAPTIONS = 40, 5
+TARGET_STORAGE_RATIO = 1.3
+TARGET_SAMPLES_PER_WORKER = 2000.0
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
+def storage_table(folder: Path, processor: CmalProcessor, seed: int) -> list[dict]:
+    """Bytes per caption pair of 40 images x 5 captions x 36 x 2048-d regions: the single-table corpus of
+    `build_captions` against the streamed corpus of `build_streamed_captions`, each over the features stored once."""
+    from processing.captions import build_captions
+    from processing.shards import build_streamed_captions
+
+    sources = folder / "storage_sources"
+    sources.mkdir()
+    tsv, jsonl = write_sources(sources, STORAGE_IMAGES, STORAGE_CAPTIONS, seed)
+    build_captions(jsonl, tsv, folder / "single_table", split="train", progress=False)
+    build_streamed_captions(jsonl, tsv, processor, folder / "streamed", progress=False)
+    once = STORAGE_IMAGES * NUM_REGIONS * FEATURE_DIM * 2  # float16
+    pairs = STORAGE_IMAGES * STORAGE_CAPTIONS
+    return [{"layout": name, "bytes": folder_bytes(path), "bytes_per_pair": folder_bytes(path) / pairs,
+             "ratio_to_features_once": folder_bytes(path) / once}
+            for name, path in (("single table (build captions)", folder / "single_table"),
+                               ("streamed (processing shards)", folder / "streamed"))]
+
+
+def streaming_samples_per_second(corpus: Path, processor: CmalProcessor, batch_size: int, workers: int,
+                                 collate: bool) -> tuple[float, int]:
+    """Samples/s of a DataLoader with `workers` workers over `open_streaming_corpus`, collated by
+    `CmalPretrainingCollator` with `visual_feats_dtype="float16"` (half the bytes from the worker; the model casts at
+    its input), or left as lists of rows with `collate=False`; the first batch (worker start-up) is
+    not timed. Returns (samples/s, samples timed)."""
+    from torch.utils.data import DataLoader
+
+    from processing.shards import open_streaming_corpus
+
+    collator = CmalPretrainingCollator(processor, seed=0, visual_feats_dtype="float16") if collate else list
+    loader = DataLoader(open_streaming_corpus(corpus, shuffle_seed=0, shuffle_buffer=64), batch_size=batch_size,
+                        collate_fn=collator, num_workers=workers, persistent_workers=False)
+    iterator = iter(loader)
+    next(iterator)
+    samples, start = 0, time.perf_counter()
+    for batch in iterator:
+        samples += len(batch) if isinstance(batch, list) else int(batch["input_ids"].shape[0])
+    return samples / (time.perf_counter() - start), samples
+
+
+def streaming_main(args: argparse.Namespace) -> int:
+    """Prints the storage table and the per-worker throughput; PASS needs <= 1.3x the features stored once and
+    >= 2,000 samples/s per worker (batch 32, 36 x 2048-d regions, pre-tokenised rows)."""
+    from processing.shards import build_streamed_captions
+
+    processor = build_processor()
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_streaming_"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        storage = storage_table(work, processor, args.seed)
+        sources = work / "throughput_sources"
+        sources.mkdir()
+        tsv, jsonl = write_sources(sources, args.num_images, max(args.captions_per_image, STORAGE_CAPTIONS), args.seed)
+        build_streamed_captions(jsonl, tsv, processor, work / "throughput", images_per_shard=64, progress=False)
+        read_only, _ = streaming_samples_per_second(work / "throughput", processor, args.batch_size, args.workers, False)
+        collated, samples = streaming_samples_per_second(work / "throughput", processor, args.batch_size,
+                                                         args.workers, True)
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    per_worker = collated / args.workers
+    print(f"storage: {STORAGE_IMAGES} images x {STORAGE_CAPTIONS} captions x {NUM_REGIONS} x {FEATURE_DIM}-d regions "
+          f"(features stored once, float16: {STORAGE_IMAGES * NUM_REGIONS * FEATURE_DIM * 2 / 2**20:.2f} MiB)")
+    print(f"  {'layout':<32} {'MiB':>8} {'KiB / pair':>11} {'x features once':>16}")
+    for row in storage:
+        print(f"  {row['layout']:<32} {row['bytes'] / 2**20:>8.2f} {row['bytes_per_pair'] / 1024:>11.1f} "
+              f"{row['ratio_to_features_once']:>16.2f}")
+    print(f"loader: {samples} samples timed, batch {args.batch_size}, {args.workers} worker(s), "
+          f"{torch.get_num_threads()} torch thread(s)")
+    print(f"  {'path':<40} {'samples/s':>10} {'per worker':>11} {'x target':>9}")
+    for name, value in (("read + expand (no collate)", read_only), ("read + collate (pre-tokenised)", collated)):
+        print(f"  {name:<40} {value:>10.0f} {value / args.workers:>11.0f} "
+              f"{value / args.workers / TARGET_SAMPLES_PER_WORKER:>9.2f}")
+    storage_ratio = storage[1]["ratio_to_features_once"]
+    passed = storage_ratio <= TARGET_STORAGE_RATIO and per_worker >= TARGET_SAMPLES_PER_WORKER
+    print(f"{'PASS' if passed else 'FAIL'}: storage {storage_ratio:.2f}x (target <= {TARGET_STORAGE_RATIO}x), "
+          f"{per_worker:.0f} samples/s per worker (target >= {TARGET_SAMPLES_PER_WORKER:.0f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"storage": storage, "samples_per_second": collated,
+                                               "read_only_samples_per_second": read_only, "workers": args.workers,
+                                               "batch_size": args.batch_size, "passed": passed}, indent=2))
+    return 0 if passed else 1
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.streaming:
+        return streaming_main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

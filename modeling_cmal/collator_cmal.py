@@ -138,6 +138,9 @@ class CmalPretrainingCollator:
         itm_clean_rate: defaults to 0.2 (0 when `config.itm_loss_weight` is 0).
         seed: the seed of the batch sequence.
         max_length: text length (default: the tokenizer's `model_max_length`).
+        visual_feats_dtype: dtype of `visual_feats` in the batch, `"float32"` (default), `"float16"` or
+            `"bfloat16"`: half the bytes from DataLoader workers to the training process and to the GPU; the model
+            casts them to its own dtype at its input.
 
     Reproducibility: the random draws of a batch are made by the collator's `torch.Generator`, seeded from
     `seed` and a digest of the batch's rows (texts, image ids, tags). So a batch's draws depend on
@@ -161,6 +164,7 @@ class CmalPretrainingCollator:
     itm_clean_rate: float | None = None
     seed: int = 0
     max_length: int | None = None
+    visual_feats_dtype: str = "float32"
 
     def __post_init__(self):
         # Duck-typed: a processor loaded as remote code (`AutoProcessor`, `trust_remote_code=True`) is a CmalProcessor
@@ -189,6 +193,9 @@ class CmalPretrainingCollator:
             raise ValueError(f"{' + '.join(ANCHOR_RATE_FIELDS)} must be at most 1, got {total}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.visual_feats_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"visual_feats_dtype must be 'float32', 'float16' or 'bfloat16', got "
+                             f"{self.visual_feats_dtype!r}")
         tokenizer = self.processor.tokenizer
         if tokenizer.mask_token_id is None:
             raise ValueError("the processor's tokenizer has no mask token; MLM needs one")
@@ -247,7 +254,9 @@ class CmalPretrainingCollator:
             batch = self._pretokenised_batch(rows, caption_rows)
         else:
             batch = self._processed_batch(rows, caption_rows)
-        return self._draw(batch, itm_labels, generator)
+        batch = self._draw(batch, itm_labels, generator)
+        batch["visual_feats"] = batch["visual_feats"].to(getattr(torch, self.visual_feats_dtype))
+        return batch
 
     def _processed_batch(self, rows: list[Mapping], caption_rows: list[int]) -> dict:
         """Rows with raw text: the processor tokenises and anchors every pair."""
@@ -279,7 +288,8 @@ class CmalPretrainingCollator:
         counts = [int(row["num_regions"]) for row in rows]
         feature_dim = int(rows[0]["feature_dim"])
         num_slots = max(max(counts), 1)
-        visual_feats = np.zeros((batch_size, num_slots, feature_dim), dtype=np.float32)
+        # Copied as stored (float16), converted once by torch (vectorised), or not at all with visual_feats_dtype.
+        visual_feats = np.zeros((batch_size, num_slots, feature_dim), dtype=np.float16)
         visual_pos = np.zeros((batch_size, num_slots, 4), dtype=np.float32)
         visual_attention_mask = np.zeros((batch_size, num_slots), dtype=np.int64)
         for index, (row, count) in enumerate(zip(rows, counts)):
@@ -316,7 +326,7 @@ class CmalPretrainingCollator:
             "input_ids": torch.from_numpy(input_ids),
             "token_type_ids": torch.zeros_like(torch.from_numpy(input_ids)),
             "attention_mask": torch.from_numpy(attention_mask),
-            "visual_feats": torch.from_numpy(visual_feats),
+            "visual_feats": torch.from_numpy(visual_feats).to(getattr(torch, self.visual_feats_dtype)),
             "visual_pos": torch.from_numpy(visual_pos),
             "visual_attention_mask": torch.from_numpy(visual_attention_mask),
             "anchor_pairs": torch.from_numpy(np.ascontiguousarray(anchor_table[..., :2])),

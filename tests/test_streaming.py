@@ -169,3 +169,13 @@ def test_two_processes_read_disjoint_shares(corpus, tmp_path):
     everything = [row["text"] for row in open_streaming_corpus(output)]
     assert len(shares[0]) == len(shares[1]) == 36  # 4 shards: two each
     assert not set(shares[0]) & set(shares[1]) and sorted(shares[0] + shares[1]) == sorted(everything)
+
+
+def test_half_precision_features_for_the_loader(corpus, processor):
+    output, _ = corpus
+    rows = list(open_streaming_corpus(output))[:8]
+    full = CmalPretrainingCollator(processor, seed=1)(rows)
+    half = CmalPretrainingCollator(processor, seed=1, visual_feats_dtype="float16")(rows)
+    assert half["visual_feats"].dtype == torch.float16 and torch.equal(half["visual_feats"].float(), full["visual_feats"])
+    with pytest.raises(ValueError, match="visual_feats_dtype must be"):
+        CmalPretrainingCollator(processor, visual_feats_dtype="int8")
