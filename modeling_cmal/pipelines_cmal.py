@@ -39,7 +39,7 @@ from PIL import Image
 from transformers import Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .modeling_cmal import CmalForVisualReasoning
+from .modeling_cmal import CmalForImageTextMatching, CmalForReferringExpression, CmalForVisualReasoning
 
 # What the task heads' forward takes from the processor's output. `anchor_actions` is left out on purpose: at
 # inference the model applies `config.default_anchor_action` to every anchor.
@@ -145,6 +145,8 @@ class CmalPipeline(Pipeline):
     ranks_labels = False
 
     def __init__(self, model, *args, region_extractor=None, **kwargs):
+        if type(model).__name__ == "CmalModel" and self.head_class_name in _HEADS_LOADED_FROM_THE_TRUNK:
+            model = self._load_head(model)
         super().__init__(model, *args, **kwargs)
         if self.processor is None or not callable(self.processor):
             raise ValueError(f"{self.task_name} needs a CmalProcessor: pass processor= or a folder saved with one")
@@ -159,6 +161,16 @@ class CmalPipeline(Pipeline):
             region_extractor = getattr(self.processor, "region_extractor", None)
         self.region_extractor = region_extractor
         self._warn_about_weights_not_in_the_folder()
+
+    def _load_head(self, trunk):
+        """The head of a task that has no transformers Auto class: a folder's `custom_pipelines` entry loads the
+        trunk through `AutoModel`, and the head comes from the same folder."""
+        source = trunk.config._name_or_path
+        if not source:
+            raise ValueError(f"{self.task_name} needs a {self.head_class_name} model; got a CmalModel that was not "
+                             f"loaded from a folder. Pass the {self.head_class_name} model itself")
+        head_class = _HEADS_LOADED_FROM_THE_TRUNK[self.head_class_name]
+        return head_class.from_pretrained(source, dtype=trunk.dtype).to(trunk.device)
 
     def _warn_about_weights_not_in_the_folder(self) -> None:
         """A head whose weights were not in the folder the model came from was initialised at random: its answers
@@ -403,19 +415,6 @@ class CmalVisualReasoningPipeline(CmalPipeline):
     auto_class_name = "AutoModel"
     visual_input_names = ("images", "regions")
 
-    def __init__(self, model, *args, **kwargs):
-        if type(model).__name__ == "CmalModel":
-            model = self._load_reasoning_head(model)
-        super().__init__(model, *args, **kwargs)
-
-    @staticmethod
-    def _load_reasoning_head(trunk):
-        source = trunk.config._name_or_path
-        if not source:
-            raise ValueError("cmal-visual-reasoning needs a CmalForVisualReasoning model; got a CmalModel that was "
-                             "not loaded from a folder. Pass the CmalForVisualReasoning model itself")
-        return CmalForVisualReasoning.from_pretrained(source, dtype=trunk.dtype).to(trunk.device)
-
     def _check_visual_input(self, name: str, value) -> None:
         if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence) or len(value) != 2:
             raise ValueError(f"{name} must be a pair (left, right) for cmal-visual-reasoning, got "
@@ -449,7 +448,7 @@ class CmalReferringExpressionPipeline(CmalPipeline):
 
     task_name = "cmal-referring-expression"
     head_class_name = "CmalForReferringExpression"
-    auto_class_name = "AutoModelForTokenClassification"
+    auto_class_name = "AutoModel"  # no fitting Auto class: the trunk, then the head from the same folder
 
     def _forward(self, model_inputs: dict) -> dict:
         outputs = super()._forward(model_inputs)
@@ -478,12 +477,16 @@ class CmalImageTextMatchingPipeline(CmalPipeline):
 
     task_name = "cmal-image-text-matching"
     head_class_name = "CmalForImageTextMatching"
-    auto_class_name = "AutoModelForNextSentencePrediction"
+    auto_class_name = "AutoModel"  # no fitting Auto class: the trunk, then the head from the same folder
 
     def postprocess(self, model_outputs: dict) -> dict:
         probability = model_outputs["logits"][0].float().softmax(-1)[1].item()
         return {"match_probability": probability, "is_match": probability >= 0.5}
 
+
+# The heads that fit no Auto class transformers uses for its vision-language models (see CMAL_AUTO_MAP).
+_HEADS_LOADED_FROM_THE_TRUNK = {head.__name__: head for head in (CmalForVisualReasoning, CmalForReferringExpression,
+                                                                 CmalForImageTextMatching)}
 
 CMAL_PIPELINES: dict[str, type[CmalPipeline]] = {
     pipeline_class.task_name: pipeline_class
