@@ -7,6 +7,12 @@
   joins the shards of a split built on several machines. The same from the shell:
   `python -m processing build {captions,vqa,nlvr2,snli_ve,refcoco} ...` and `python -m processing merge ...`
   (`python -m processing build vqa --help` lists the flags).
+- `processing.extract.extract_regions` (`python -m processing extract`) runs a transformers detector over a folder
+  of photos into the image table (regions once per image); `RegionFeatureIndex`, so every builder, reads it.
+- `processing.shards.write_image_shards` / `build_streamed_captions` (`python -m processing shards`) write a streamed
+  pre-training corpus (Parquet shards, one row per image with its captions pre-tokenised and anchored);
+  `processing.shards.open_streaming_corpus` reads this process' share as a `datasets.IterableDataset` with exact
+  resume.
 - Bad records never stop a build and never vanish: they are counted by reason in `SkipCounter`s and reported in
   the `BuildSummary` each builder returns.
 """
