@@ -649,10 +649,14 @@ FEATURES = {"pretrain": pretrain_features, "vqa": vqa_features, "nlvr2": nlvr2_f
 
 def build_synthetic_corpus(output, num_scenes: int = 2000, seed: int = 0, feature_dim: int = DEFAULT_FEATURE_DIM,
                            validation_fraction: float = 0.1, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
-                           progress: bool = False, questions_per_scene: int = DEFAULT_QUESTIONS_PER_SCENE) -> dict:
+                           progress: bool = False, questions_per_scene: int = DEFAULT_QUESTIONS_PER_SCENE,
+                           processor=None) -> dict:
     """Generate `num_scenes` scenes and write the pre-training corpus and the four task datasets under `output`.
 
     `questions_per_scene` is the `num_questions` of `vqa_questions`: VQA questions per scene where the scene allows.
+    With a `CmalProcessor` as `processor`, the pre-training captions are also written as streamed corpora
+    (`processing/shards.py`: each scene's regions once, its captions tokenised and anchored by that processor) in
+    `pretrain_streamed/train` and `pretrain_streamed/validation`, for `open_streaming_corpus`.
 
     Deterministic for a seed. The corpus is written to a temporary folder beside `output` and moved into place
     whole, so an interrupted run leaves nothing half-written; running again replaces an earlier synthetic corpus
@@ -696,6 +700,15 @@ def build_synthetic_corpus(output, num_scenes: int = 2000, seed: int = 0, featur
     final_root, root = root, root.parent / f".{root.name}.tmp-{uuid.uuid4().hex}"
     try:
         _write_tasks(root, rows, splits, feature_dim, answer_vocab, summary)
+        if processor is not None:
+            from .shards import write_image_shards
+
+            for split, split_scenes in splits.items():
+                info = write_image_shards(
+                    ((RegionsDict(regions, image_id=scene_id), scene["captions"][:2])
+                     for scene_id, scene, regions in split_scenes),
+                    root / "pretrain_streamed" / split, processor, progress=False)
+                summary["rows"].setdefault("pretrain_streamed", {})[split] = info["captions"]
         pretrain_rows = rows["train"]["pretrain"]
         statistics = anchor_statistics((row["text"] for row in pretrain_rows), (row["tags"] for row in pretrain_rows),
                                        top_k=5)
@@ -744,11 +757,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--validation-fraction", type=float, default=0.1, help="share of scenes held out (0.1)")
     parser.add_argument("--questions-per-scene", type=int, default=DEFAULT_QUESTIONS_PER_SCENE,
                         help=f"VQA questions per scene where the scene allows (default {DEFAULT_QUESTIONS_PER_SCENE})")
+    parser.add_argument("--processor", default=None,
+                        help="CmalProcessor folder: also write pretrain_streamed/ (pre-tokenised streamed corpora)")
     args = parser.parse_args(argv)
+    processor = None
+    if args.processor is not None:
+        from modeling_cmal.processing_cmal import CmalProcessor
+
+        processor = CmalProcessor.from_pretrained(args.processor)
     try:
         summary = build_synthetic_corpus(args.output, num_scenes=args.num_scenes, seed=args.seed,
                                          feature_dim=args.feature_dim, validation_fraction=args.validation_fraction,
-                                         progress=True, questions_per_scene=args.questions_per_scene)
+                                         progress=True, questions_per_scene=args.questions_per_scene,
+                                         processor=processor)
     except ValueError as error:
         parser.error(str(error).replace("num_scenes", "--num-scenes").replace("feature_dim", "--feature-dim")
                      .replace("validation_fraction", "--validation-fraction")

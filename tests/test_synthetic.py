@@ -411,3 +411,19 @@ def test_scene_regions_go_straight_into_the_processor(tokenizer):
     batch = CmalProcessor(tokenizer=tokenizer)(text=scene["captions"][0], regions=regions, return_tensors="pt")
     assert batch["visual_feats"].shape == (1, len(regions["tags"]), 16)
     assert (batch["anchor_pairs"][..., 0] >= 0).any()
+
+
+def test_streamed_pretraining_corpus_stores_each_scene_once(tmp_path, bert_dir):
+    from transformers import BertTokenizer
+
+    from modeling_cmal.processing_cmal import CmalProcessor
+    from processing.shards import open_streaming_corpus, read_corpus_info
+
+    processor = CmalProcessor(tokenizer=BertTokenizer.from_pretrained(str(bert_dir), model_max_length=40))
+    summary = build_synthetic_corpus(tmp_path / "world", num_scenes=24, seed=2, feature_dim=32, processor=processor)
+    train = load_from_disk(str(tmp_path / "world" / "pretrain"))["train"]
+    info = read_corpus_info(tmp_path / "world" / "pretrain_streamed" / "train")
+    assert info["captions"] == summary["rows"]["pretrain_streamed"]["train"] == len(train)
+    assert info["images"] == len(set(train["image_id"]))
+    rows = list(open_streaming_corpus(tmp_path / "world" / "pretrain_streamed" / "train", processor=processor))
+    assert sorted(row["text"] for row in rows) == sorted(train["text"])
