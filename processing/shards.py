@@ -148,12 +148,11 @@ def image_row(processor, regions: Mapping, captions: Sequence[str], *, max_lengt
 class ShardWriter:
     """Writes image rows into numbered Parquet shards under `output` (a local folder or an fsspec URL).
 
-    Each shard is written to a temporary name and renamed when complete; `close()` writes `corpus_info.json`.
-    `shard_prefix` lets several processes write one corpus (`images-r0-00000.parquet`, ...)."""
+    Each shard is written to a temporary name and renamed when complete (`write_image_shards` writes
+    `corpus_info.json` once every shard is)."""
 
     output: str
     images_per_shard: int = DEFAULT_IMAGES_PER_SHARD
-    shard_prefix: str = "images"
 
     def __post_init__(self):
         import fsspec
@@ -164,11 +163,9 @@ class ShardWriter:
         self.output = str(self.output)
         self._fs, self._root = fsspec.core.url_to_fs(self.output)
         self._fs.makedirs(self._root, exist_ok=True)
-        self._rows: list[dict] = []
-        self.shards: list[dict] = []
 
     def shard_name(self, index: int) -> str:
-        return f"{self.shard_prefix}-{index:05d}.parquet"
+        return SHARD_NAME.format(index=index)
 
     def is_complete(self, index: int) -> bool:
         return self._fs.exists(f"{self._root}/{self.shard_name(index)}")
@@ -209,7 +206,7 @@ def write_image_shards(images: Iterable[tuple[Mapping, Sequence[str]]], output, 
     def flush():
         nonlocal rows, index
         if rows:
-            if not writer.is_complete(index):
+            if not (resume and writer.is_complete(index)):
                 writer.write(index, rows)
             shards.append({"file": writer.shard_name(index), "images": len(rows),
                            "captions": sum(len(row["captions"]) for row in rows)})

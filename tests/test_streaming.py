@@ -179,3 +179,15 @@ def test_half_precision_features_for_the_loader(corpus, processor):
     assert half["visual_feats"].dtype == torch.float16 and torch.equal(half["visual_feats"].float(), full["visual_feats"])
     with pytest.raises(ValueError, match="visual_feats_dtype must be"):
         CmalPretrainingCollator(processor, visual_feats_dtype="int8")
+
+
+def test_resumed_build_keeps_finished_shards(tmp_path, processor):
+    images = make_images(10)
+    first = write_image_shards(images, tmp_path / "c", processor, images_per_shard=4, progress=False)
+    with pytest.raises(ValueError, match="already holds a corpus"):
+        write_image_shards(images, tmp_path / "c", processor, images_per_shard=4, progress=False)
+    (tmp_path / "c" / "images-00001.parquet").unlink()
+    kept = (tmp_path / "c" / "images-00000.parquet").stat().st_mtime_ns
+    again = write_image_shards(images, tmp_path / "c", processor, images_per_shard=4, resume=True, progress=False)
+    assert again == first and (tmp_path / "c" / "images-00000.parquet").stat().st_mtime_ns == kept
+    assert (tmp_path / "c" / "images-00001.parquet").is_file()
