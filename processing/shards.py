@@ -195,6 +195,11 @@ def write_image_shards(images: Iterable[tuple[Mapping, Sequence[str]]], output, 
         resume: keep shards already complete under `output` (their images are read past, not processed).
     Returns the corpus info written to `corpus_info.json`.
     """
+    if not all(hasattr(processor, name) for name in ("tokenizer", "lexicon", "image_processor")):
+        raise ValueError(f"processor must be a CmalProcessor (tokenizer, lexicon, image_processor), got "
+                         f"{type(processor).__name__}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
+        raise ValueError(f"max_length must be None or an int >= 2 (the special tokens), got {max_length!r}")
     writer = ShardWriter(output, images_per_shard)
     identity = processor_identity(processor)
     info_path = f"{writer._root}/{CORPUS_INFO_FILE}"

@@ -191,3 +191,14 @@ def test_resumed_build_keeps_finished_shards(tmp_path, processor):
     again = write_image_shards(images, tmp_path / "c", processor, images_per_shard=4, resume=True, progress=False)
     assert again == first and (tmp_path / "c" / "images-00000.parquet").stat().st_mtime_ns == kept
     assert (tmp_path / "c" / "images-00001.parquet").is_file()
+
+
+def test_build_arguments_name_themselves(tmp_path, processor):
+    with pytest.raises(ValueError, match="processor must be a CmalProcessor"):
+        write_image_shards(make_images(2), tmp_path / "a", object(), progress=False)
+    with pytest.raises(ValueError, match=r"max_length must be None or an int >= 2 \(the special tokens\), got 0"):
+        write_image_shards(make_images(2), tmp_path / "b", processor, max_length=0, progress=False)
+    with pytest.raises(ValueError, match="images_per_shard must be an int >= 1, got 0"):
+        write_image_shards(make_images(2), tmp_path / "c", processor, images_per_shard=0, progress=False)
+    with pytest.raises(ValueError, match="captions of image 'image-0000' must be a list of str"):
+        write_image_shards([(make_images(1)[0][0], "one caption")], tmp_path / "d", processor, progress=False)
