@@ -51,10 +51,10 @@ READER_REASONS = {"malformed_row", "bad_base64", "wrong_buffer_size", "bad_shape
 
 @pytest.fixture(scope="module")
 def pretrain_module():
-    sys.path.insert(0, str(REPO_ROOT / "examples"))
-    import pretrain
+    """The checkpoint machinery of examples/pretrain.py (it lives in the programs' shared module)."""
+    from cmal_examples import checkpoints
 
-    return pretrain
+    return checkpoints
 
 
 def _env():
@@ -164,16 +164,16 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(run_args, ref
     kill_step = 6
     # pretrain.main() with _write_json replaced by a version that SIGKILLs the process at the marker of `kill_step`.
     runner = (
-        "import os, signal, sys\n"
-        f"sys.path.insert(0, {str(REPO_ROOT / 'examples')!r})\n"
-        "import pretrain\n"
-        "write = pretrain._write_json\n"
+        "import os, runpy, signal, sys\n"
+        "from cmal_examples import checkpoints\n"
+        "write = checkpoints._write_json\n"
         "def killing_write(path, value):\n"
-        f"    if path.name == pretrain.COMPLETE_MARKER and value['step'] == {kill_step}:\n"
+        f"    if path.name == checkpoints.COMPLETE_MARKER and value['step'] == {kill_step}:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    write(path, value)\n"
-        "pretrain._write_json = killing_write\n"
-        "pretrain.main(sys.argv[1:])\n"
+        "checkpoints._write_json = killing_write\n"
+        f"sys.argv = [{PRETRAIN!r}, *sys.argv[1:]]\n"
+        f"runpy.run_path({PRETRAIN!r}, run_name='__main__')\n"
     )
     killed = _run(run_args(output), prefix=[sys.executable, "-c", runner], expect_ok=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -419,16 +419,16 @@ def test_resume_beyond_stop_after_steps_is_refused(reference_run, run_args, tmp_
 
 
 def _assert_valid_regions(regions):
-    assert set(regions) == {"image_id", "features", "boxes", "image_size", "tags", "scores"}
-    num_boxes = regions["features"].shape[0]
-    assert num_boxes > 0 and regions["features"].ndim == 2 and regions["features"].dtype == np.float32
-    assert regions["boxes"].shape == (num_boxes, 4) and regions["scores"].shape == (num_boxes,)
+    assert set(regions) == {"image_id", "visual_feats", "visual_pos", "image_size", "tags", "scores"}
+    num_boxes = regions["visual_feats"].shape[0]
+    assert num_boxes > 0 and regions["visual_feats"].ndim == 2 and regions["visual_feats"].dtype == np.float32
+    assert regions["visual_pos"].shape == (num_boxes, 4) and regions["scores"].shape == (num_boxes,)
     assert len(regions["tags"]) == num_boxes and all(isinstance(tag, str) for tag in regions["tags"])
-    assert all(np.isfinite(regions[key]).all() for key in ("features", "boxes", "scores"))
+    assert all(np.isfinite(regions[key]).all() for key in ("visual_feats", "visual_pos", "scores"))
     width, height = regions["image_size"]
     assert isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0
-    assert regions["features"].shape[1] > 0
-    x1, y1, x2, y2 = regions["boxes"].T
+    assert regions["visual_feats"].shape[1] > 0
+    x1, y1, x2, y2 = regions["visual_pos"].T
     assert (x1 <= x2).all() and (y1 <= y2).all()  # not inverted
     assert (x1 < width).all() and (y1 < height).all() and (x2 > 0).all() and (y2 > 0).all()  # overlaps the image
 
