@@ -50,7 +50,8 @@ INFO_FILE = "region_table.json"
 DEFAULT_IMAGES_PER_SHARD = 1000
 DEFAULT_MIN_SIZE = 16
 
-REGION_TABLE_SCHEMA = pa.schema([
+# An image's regions, stored once: the columns of extract's image table and of the streamed corpus's rows.
+REGION_FIELDS = [
     ("image_id", pa.string()),
     ("image_width", pa.int32()),
     ("image_height", pa.int32()),
@@ -60,8 +61,8 @@ REGION_TABLE_SCHEMA = pa.schema([
     ("visual_pos", pa.binary()),
     ("tags", pa.list_(pa.string())),
     ("scores", pa.list_(pa.float32())),
-    ("source", pa.string()),
-])
+]
+REGION_TABLE_SCHEMA = pa.schema([*REGION_FIELDS, ("source", pa.string())])
 
 
 def list_images(images) -> list[tuple[str, Path]]:

@@ -45,6 +45,8 @@ from tqdm.auto import tqdm
 
 from modeling_cmal.collator_cmal import anchor_rows_of_words, processor_identity
 
+from .extract import REGION_FIELDS
+
 __all__ = [
     "CORPUS_INFO_FILE",
     "IMAGE_TABLE_SCHEMA",
@@ -66,15 +68,7 @@ ROW_GROUP_IMAGES = 200
 DEFAULT_IMAGES_PER_SHARD = 4000
 
 IMAGE_TABLE_SCHEMA = pa.schema([
-    ("image_id", pa.string()),
-    ("image_width", pa.int32()),
-    ("image_height", pa.int32()),
-    ("num_regions", pa.int32()),
-    ("feature_dim", pa.int32()),
-    ("visual_feats", pa.binary()),
-    ("visual_pos", pa.binary()),
-    ("tags", pa.list_(pa.string())),
-    ("scores", pa.list_(pa.float32())),
+    *REGION_FIELDS,
     ("captions", pa.list_(pa.string())),
     ("input_ids", pa.list_(pa.list_(pa.int32()))),
     ("word_ids", pa.list_(pa.list_(pa.int32()))),

@@ -56,3 +56,19 @@ def synthetic_corpus_info(synthetic_corpus) -> dict:
     import json
 
     return json.loads((synthetic_corpus / "synthetic_config.json").read_text())
+
+
+def save_tiny_detector(folder: pathlib.Path, feature_dim: int, labels: list[str]) -> pathlib.Path:
+    """A randomly initialised YOLOS detector (hidden size `feature_dim`, the region features' width) and its image
+    processor, saved to `folder`: a transformers object detector for offline tests of the extraction path."""
+    import torch
+    from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessor
+
+    torch.manual_seed(0)
+    id2label = dict(enumerate(labels))
+    config = YolosConfig(hidden_size=feature_dim, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         image_size=[64, 64], patch_size=16, num_detection_tokens=6, id2label=id2label,
+                         label2id={name: index for index, name in id2label.items()})
+    YolosForObjectDetection(config).eval().save_pretrained(folder)
+    YolosImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}).save_pretrained(folder)
+    return folder

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
+from conftest import save_tiny_detector
 
 from processing.__main__ import main as cli
 from processing.extract import decode_region_row, extract_regions, list_images, read_region_table
@@ -24,17 +24,7 @@ FEATURE_DIM = 16
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory):
     """A randomly initialised YOLOS detector and its image processor, saved to a folder."""
-    from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessor
-
-    torch.manual_seed(0)
-    labels = {0: "cup", 1: "cat", 2: "man"}
-    config = YolosConfig(hidden_size=FEATURE_DIM, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                         image_size=[64, 64], patch_size=16, num_detection_tokens=6, id2label=labels,
-                         label2id={name: index for index, name in labels.items()})
-    folder = tmp_path_factory.mktemp("detector")
-    YolosForObjectDetection(config).eval().save_pretrained(folder)
-    YolosImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}).save_pretrained(folder)
-    return folder
+    return save_tiny_detector(tmp_path_factory.mktemp("detector"), FEATURE_DIM, ["cup", "cat", "man"])
 
 
 @pytest.fixture(scope="module")

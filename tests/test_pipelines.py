@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from transformers import pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, save_tiny_detector
 
 sys.path.insert(0, str(REPO_ROOT / "examples"))  # cmal_examples, the programs' shared package (Hub export)
 
@@ -154,17 +154,7 @@ def task_inputs(task, photo_regions):
 @pytest.fixture(scope="module")
 def tiny_detector(tmp_path_factory):
     """A randomly initialised YOLOS detector (hidden size = the models' visual_feat_dim) and its image processor."""
-    from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessor
-
-    torch.manual_seed(0)
-    labels = {0: "cup", 1: "saucer", 2: "spoon"}
-    config = YolosConfig(hidden_size=FEATURE_DIM, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                         image_size=[64, 64], patch_size=16, num_detection_tokens=6, id2label=labels,
-                         label2id={name: index for index, name in labels.items()})
-    folder = tmp_path_factory.mktemp("detector")
-    YolosForObjectDetection(config).eval().save_pretrained(folder)
-    YolosImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}).save_pretrained(folder)
-    return folder
+    return save_tiny_detector(tmp_path_factory.mktemp("detector"), FEATURE_DIM, ["cup", "saucer", "spoon"])
 
 
 def test_the_five_tasks_are_registered_in_process():
