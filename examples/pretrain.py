@@ -1,13 +1,18 @@
 """Pre-train CMAL (AMC + MLM + ITM) with Accelerate.
 
 One process:           python examples/pretrain.py --dataset_path DATA/pretrain --output_dir runs/cmal
+Streamed shards:       python examples/pretrain.py --streaming --dataset_path DATA/pretrain_streamed ...
 Several (DDP / FSDP):  accelerate launch --config_file examples/accelerate_configs/ddp_8gpu_bf16.yaml \
                            examples/pretrain.py --dataset_path DATA/pretrain --output_dir runs/cmal
 CPU processes (gloo):  accelerate launch --multi_gpu --num_processes 2 examples/pretrain.py ...
 From a JSON file:      python examples/pretrain.py args.json      (the flags' names as keys)
 
 `--dataset_path` is a `datasets.DatasetDict` folder written by `processing` (splits `train`, `validation`; columns
-of `processing/schema.py`). The output folder ends up holding the final model (safetensors, config with
+of `processing/schema.py`), read whole by every process and sharded by Accelerate. With `--streaming` it is a folder
+or fsspec URL holding the streamed corpora `train/` and `validation/` (`processing/shards.py`: each image's regions
+once, captions tokenised and anchored at build time): each process streams only its share of the Parquet shards
+(`datasets.distributed.split_dataset_by_node`), reshuffled every pass over its share, and resumes exactly from the
+loader state (`torchdata`'s `StatefulDataLoader`, also with workers) kept per process in the checkpoint. The output folder ends up holding the final model (safetensors, config with
 `auto_map`, code files) and the processor, loadable with `AutoModelForPreTraining.from_pretrained(dir,
 trust_remote_code=True)`; `checkpoints/step_XXXXXXX` hold `save_state` checkpoints for `--resume_from_checkpoint`,
 `logs/` the tensorboard events and `metrics.jsonl` every logged value.
@@ -34,25 +39,32 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, LoggerType, ProjectConfiguration, set_seed
+from accelerate.utils import (DataLoaderConfiguration, DistributedType, LoggerType, ProjectConfiguration,
+                               gather_object, send_to_device, set_seed)
 from cmal_examples import checkpoints
 from cmal_examples.models import config_from, data_sizes, new_processor, parameter_groups
+from cmal_processing.shards import CORPUS_INFO_FILE, open_streaming_corpus, read_corpus_info
 from datasets import load_from_disk
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
 from modeling_cmal import CMAL_SIZES, CmalForPreTraining, load_bert_weights
-from modeling_cmal.collator_cmal import CmalPretrainingCollator
+from modeling_cmal.collator_cmal import CmalPretrainingCollator, processor_identity
 from modeling_cmal.processing_cmal import CmalProcessor
 
 TRACKERS = sorted(t.value for t in LoggerType) + ["none"]
+# torchdata 0.11 calls a deprecated torch function on every StatefulDataLoader iterator.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 
 @dataclass
@@ -61,8 +73,12 @@ class PretrainingArguments:
     and raises `ValueError` naming the flag, the value and what was expected."""
 
     # data and model
-    dataset_path: str = field(metadata={"help": "DatasetDict folder written by processing (pretrain)"})
+    dataset_path: str = field(metadata={
+        "help": "DatasetDict folder written by processing (pretrain); with --streaming a folder or fsspec URL "
+                "holding the streamed corpora train/ and validation/ (pretrain_streamed)"})
     output_dir: str = field(metadata={"help": "final model, checkpoints/, logs/, metrics.jsonl"})
+    streaming: bool = field(default=False, metadata={
+        "help": "stream --dataset_path's Parquet shards, each process its share, instead of loading it whole"})
     model_config: str = field(default="small", metadata={
         "help": "a JSON file of CmalConfig fields or a named size: " + ", ".join(CMAL_SIZES)})
     processor_name: str | None = field(default=None, metadata={
@@ -148,8 +164,7 @@ class PretrainingArguments:
             self._refuse("max_text_length", "at most 512 (BERT position embeddings)")
         if self.report_to not in TRACKERS:
             self._refuse("report_to", f"one of {TRACKERS}")
-        if not (Path(self.dataset_path) / "dataset_dict.json").is_file():
-            self._refuse("dataset_path", "a DatasetDict folder written by processing (it has no dataset_dict.json)")
+        self._check_dataset_path()
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             self._refuse("output_dir", "a folder (it is a file)")
         if self.model_config not in CMAL_SIZES and not Path(self.model_config).is_file():
@@ -159,6 +174,29 @@ class PretrainingArguments:
                 self._refuse(name, "an existing folder")
         if self.resume_from_checkpoint not in (None, "latest") and not Path(self.resume_from_checkpoint).is_dir():
             self._refuse("resume_from_checkpoint", "`latest` or a checkpoint folder")
+
+    def _check_dataset_path(self) -> None:
+        path = Path(self.dataset_path)
+        streamed = all((path / split / CORPUS_INFO_FILE).is_file() for split in ("train", "validation"))
+        if not self.streaming:
+            if streamed:
+                self._refuse("dataset_path", "a DatasetDict folder without --streaming (it holds streamed corpora: "
+                             "add --streaming)")
+            if not (path / "dataset_dict.json").is_file():
+                self._refuse("dataset_path", "a DatasetDict folder written by processing (it has no "
+                             "dataset_dict.json)")
+            return
+        if self.max_train_samples is not None:
+            self._refuse("max_train_samples", "left unset with --streaming (stream a smaller corpus instead)")
+        if "://" in self.dataset_path:  # a remote corpus is checked when it is opened
+            return
+        if (path / "dataset_dict.json").is_file():
+            self._refuse("dataset_path", "streamed corpora with --streaming (it is a DatasetDict folder: convert each "
+                         "split with `python -m processing shards --dataset SPLIT_DIR --processor DIR --output "
+                         "NEW_DIR/SPLIT`, or leave out --streaming)")
+        if not streamed:
+            self._refuse("dataset_path", f"a folder holding the streamed corpora train/ and validation/ (each with "
+                         f"{CORPUS_INFO_FILE}) with --streaming")
 
 
 def parse_args(argv: list[str] | None = None) -> PretrainingArguments:
@@ -208,11 +246,15 @@ def evaluate(model, eval_loader, accelerator: Accelerator, max_batches: int) -> 
     model.eval()
     # correct and count for amc, mlm, itm; then the loss sums of amc, mlm, itm and the number of batches
     totals = torch.zeros(10, device=accelerator.device)
+    batches = iter(eval_loader)
     with rng_untouched():
-        for batch_index, batch in enumerate(eval_loader):
-            if batch_index >= max_batches:
+        for _ in range(max_batches):
+            batch = next(batches, None)
+            # Streamed shares may differ in length: all processes stop at the first that has no batch left (sharded
+            # models need every process in every forward).
+            if accelerator.gather(torch.tensor([batch is not None], device=accelerator.device)).min().item() == 0:
                 break
-            outputs = model(**batch)
+            outputs = model(**send_to_device(batch, accelerator.device))
             stats = [0.0] * 10
             if outputs.amc_logits is not None and outputs.amc_labels is not None:
                 targeted = outputs.amc_labels != -100  # rows without an AMC target are -100
@@ -284,6 +326,28 @@ def load_splits(args: PretrainingArguments):
     return train_split, dataset["validation"]
 
 
+def check_streamed_corpora(args: PretrainingArguments, processor: CmalProcessor) -> int:
+    """The region feature width of the streamed corpora train/ and validation/ of --dataset_path, which must agree
+    and have been tokenised and anchored with `processor` (checked before anything is built)."""
+    widths = {}
+    for split in ("train", "validation"):
+        where = f"{args.dataset_path.rstrip('/')}/{split}"
+        try:
+            info = read_corpus_info(where)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--dataset_path {args.dataset_path!r} ({split}): {error}") from None
+        if info["processor_identity"] != processor_identity(processor):
+            raise SystemExit(f"--dataset_path {args.dataset_path!r}: {split}/ was tokenised and anchored with processor "
+                             f"{info['processor_identity']}, not this run's ({processor_identity(processor)}: another "
+                             "tokenizer vocabulary or lexicon); pass the processor it was built with as "
+                             "--processor_name, or rebuild it with this one (python -m processing shards)")
+        widths[split] = info["feature_dim"]
+    if widths["train"] != widths["validation"]:
+        raise SystemExit(f"--dataset_path {args.dataset_path!r}: train has {widths['train']}-d region features, "
+                         f"validation {widths['validation']}-d; expected one width")
+    return widths["train"]
+
+
 def build_model(args: PretrainingArguments, processor: CmalProcessor, visual_feat_dim: int,
                 accelerator: Accelerator) -> CmalForPreTraining:
     """A new `CmalForPreTraining` of --model_config (optionally BERT-initialised)."""
@@ -299,7 +363,7 @@ def build_model(args: PretrainingArguments, processor: CmalProcessor, visual_fea
             raise SystemExit(f"--init_from_bert {args.init_from_bert!r}: {error}") from None
         accelerator.print(f"Initialised {len(report['loaded'])} tensors from BERT at {args.init_from_bert}")
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     return model
 
 
@@ -307,9 +371,7 @@ def data_loaders(args: PretrainingArguments, train_split, validation_split, trai
     """Own generators: iterating a loader must not draw from the global torch RNG (dropout's), or a run resumed in
     the middle of an epoch would see other dropout masks than the run that never stopped. The collator's draws
     depend only on its seed and the rows, so workers collate the batches the main process would."""
-    loading = dict(num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
-                   persistent_workers=args.dataloader_persistent_workers,
-                   prefetch_factor=args.dataloader_prefetch_factor)
+    loading = loading_options(args)
     train_loader = DataLoader(train_split.with_format("numpy"), batch_size=args.per_device_batch_size, shuffle=True,
                               collate_fn=train_collator, drop_last=True,
                               generator=torch.Generator().manual_seed(args.seed), **loading)
@@ -318,8 +380,98 @@ def data_loaders(args: PretrainingArguments, train_split, validation_split, trai
     return train_loader, eval_loader
 
 
+def map_style_batches(accelerator: Accelerator, train_loader, steps_per_epoch: int, accumulation: int,
+                      start_step: int):
+    """The micro-batches of a prepared map-style loader from optimizer step `start_step` on, epoch after epoch.
+    Micro-batches per epoch are a multiple of the accumulation, so a step never spans two epochs and the position in
+    the data is a function of the step alone (what resuming relies on: `skip_first_batches`)."""
+    epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
+    while True:
+        train_loader.set_epoch(epoch)
+        epoch_loader = train_loader
+        if step_in_epoch:
+            epoch_loader = accelerator.skip_first_batches(train_loader, step_in_epoch * accumulation)
+        left = (steps_per_epoch - step_in_epoch) * accumulation
+        try:
+            for batch in epoch_loader:
+                yield batch
+                left -= 1
+                if left == 0:
+                    break
+        finally:  # left before the loader's end: unregister it from Accelerate's gradient state
+            epoch_loader.end()
+        if left > 0:
+            raise RuntimeError(f"the train loader ended {left} micro-batches early in epoch {epoch}")
+        epoch, step_in_epoch = epoch + 1, 0
+
+
+class StreamedBatches:
+    """The micro-batches of this process' share of a streamed corpus, on the accelerator's device, pass after pass
+    (each pass over the share reshuffled from the seed and the pass number). Processes cycle through their shares
+    independently, so shares of unequal length never leave one process waiting for another.
+
+    `state_dict()` (JSON: the pass and the `StatefulDataLoader` state, workers included), taken between two
+    micro-batches, and `load_state_dict(state)` before iterating continue at the next micro-batch."""
+
+    def __init__(self, args: PretrainingArguments, accelerator: Accelerator, processor: CmalProcessor, collator):
+        self.args, self.accelerator, self.processor, self.collator = args, accelerator, processor, collator
+        self.epoch, self.loader, self._resumed_loader_state = 0, None, None
+
+    def _open(self, epoch: int) -> StatefulDataLoader:
+        shuffle_seed = int(np.random.SeedSequence([self.args.seed, epoch]).generate_state(1)[0])
+        share = open_streaming_corpus(f"{self.args.dataset_path.rstrip('/')}/train", processor=self.processor,
+                                      rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
+                                      shuffle_seed=shuffle_seed)
+        # Its own generator: the loader's worker seeds must not come from the global RNG (dropout's).
+        return StatefulDataLoader(share, batch_size=self.args.per_device_batch_size, collate_fn=self.collator,
+                                  drop_last=True, generator=torch.Generator().manual_seed(self.args.seed),
+                                  **loading_options(self.args))
+
+    def __iter__(self):
+        while True:
+            self.loader = self._open(self.epoch)
+            loader_state, self._resumed_loader_state = self._resumed_loader_state, None
+            resumed = loader_state is not None
+            if resumed:
+                self.loader.load_state_dict(loader_state)
+            yielded = False
+            for batch in self.loader:
+                yielded = True
+                yield send_to_device(batch, self.accelerator.device, non_blocking=self.args.dataloader_pin_memory)
+            if not yielded and not resumed:
+                raise SystemExit(
+                    f"process {self.accelerator.process_index}'s share of {self.args.dataset_path}/train has fewer "
+                    f"than --per_device_batch_size {self.args.per_device_batch_size} caption pairs: stream a larger "
+                    "corpus, write it in more shards, or use fewer processes")
+            self.epoch += 1
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "loader": self.loader.state_dict() if self.loader is not None else None}
+
+    def load_state_dict(self, state) -> None:
+        if not (isinstance(state, dict) and isinstance(state.get("epoch"), int) and state["epoch"] >= 0
+                and isinstance(state.get("loader"), (dict, type(None)))):
+            raise ValueError(f"a streamed loader state must be {{'epoch': int >= 0, 'loader': dict}}, got {state!r}")
+        self.epoch, self._resumed_loader_state = state["epoch"], state["loader"]
+
+
+def loading_options(args: PretrainingArguments) -> dict:
+    return dict(num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+                persistent_workers=args.dataloader_persistent_workers,
+                prefetch_factor=args.dataloader_prefetch_factor)
+
+
+def streamed_validation(args: PretrainingArguments, accelerator: Accelerator, processor: CmalProcessor,
+                        collator) -> DataLoader:
+    """This process' share of the streamed validation corpus, in corpus order (each evaluation reads it again)."""
+    share = open_streaming_corpus(f"{args.dataset_path.rstrip('/')}/validation", processor=processor,
+                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
+    return DataLoader(share, batch_size=args.per_device_batch_size, collate_fn=collator,
+                      generator=torch.Generator().manual_seed(args.seed), **loading_options(args))
+
+
 def resume(accelerator: Accelerator, args: PretrainingArguments, model, train_collator, run_state: dict,
-           checkpoint_dir: Path) -> int:
+           checkpoint_dir: Path, streamed: StreamedBatches | None = None) -> int:
     """Restores --resume_from_checkpoint (verified first: nothing is loaded from a checkpoint that is unsafe,
     incomplete or of another run layout) and returns its step; 0 without a checkpoint."""
     path = checkpoints.resolve_resume(args.resume_from_checkpoint, checkpoint_dir)
@@ -345,6 +497,16 @@ def resume(accelerator: Accelerator, args: PretrainingArguments, model, train_co
     except (TypeError, ValueError) as error:
         raise SystemExit(f"--resume_from_checkpoint {str(path)!r}: {path / checkpoints.TRAINER_STATE} holds a "
                          f"collator state this collator refuses: {error}") from None
+    if streamed is not None:
+        stream_states = state.get("stream")
+        if not isinstance(stream_states, list) or len(stream_states) != accelerator.num_processes:
+            raise SystemExit(f"--resume_from_checkpoint {str(path)!r}: {path / checkpoints.TRAINER_STATE} must hold "
+                             f"'stream', one streamed loader state per process ({accelerator.num_processes}), got "
+                             f"{type(stream_states).__name__}")
+        try:
+            streamed.load_state_dict(stream_states[accelerator.process_index])
+        except ValueError as error:
+            raise SystemExit(f"--resume_from_checkpoint {str(path)!r}: {error}") from None
     accelerator.load_state(str(path), load_kwargs={"weights_only": True})
     accelerator.print(f"Resumed from {path} at step {state['step']}")
     return state["step"]
@@ -377,12 +539,15 @@ def main(argv: list[str] | None = None) -> None:
         checkpoints.remove_unfinished_checkpoints(checkpoint_dir)
     accelerator.wait_for_everyone()
 
-    train_split, validation_split = load_splits(args)
     processor = build_processor(args)
-    model = build_model(args, processor, train_split.features["visual_feats"].shape[1], accelerator)
+    if args.streaming:
+        feature_dim = check_streamed_corpora(args, processor)
+    else:
+        train_split, validation_split = load_splits(args)
+        feature_dim = train_split.features["visual_feats"].shape[1]
+    model = build_model(args, processor, feature_dim, accelerator)
     train_collator = CmalPretrainingCollator(processor, model.config, seed=args.seed)
     eval_collator = CmalPretrainingCollator(processor, model.config, seed=args.seed + 1)
-    train_loader, eval_loader = data_loaders(args, train_split, validation_split, train_collator, eval_collator)
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, args.max_steps // 10)
@@ -390,25 +555,33 @@ def main(argv: list[str] | None = None) -> None:
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
                               num_warmup_steps=warmup_steps * accelerator.num_processes,
                               num_training_steps=args.max_steps * accelerator.num_processes)
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler
-    )
-
-    # Micro-batches per epoch are a multiple of the accumulation: a step never spans two epochs, and the position
-    # in the data is a function of the step alone (what resuming relies on).
-    steps_per_epoch = len(train_loader) // args.gradient_accumulation_steps
-    if steps_per_epoch == 0:
-        raise SystemExit(
-            f"The train split has {len(train_split)} rows: too few for one optimizer step of "
-            f"{args.per_device_batch_size} x {args.gradient_accumulation_steps} x {accelerator.num_processes} samples "
-            "(--per_device_batch_size x --gradient_accumulation_steps x processes)"
-        )
     run_state = {"per_device_batch_size": args.per_device_batch_size,
                  "gradient_accumulation_steps": args.gradient_accumulation_steps,
                  "num_processes": accelerator.num_processes, "max_train_samples": args.max_train_samples,
-                 "max_steps": args.max_steps, "seed": args.seed}
+                 "max_steps": args.max_steps, "seed": args.seed, "streaming": args.streaming}
+    if args.streaming:  # each process streams its own share: the loaders are not prepared (not sharded again)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        streamed = StreamedBatches(args, accelerator, processor, train_collator)
+        eval_loader = streamed_validation(args, accelerator, processor, eval_collator)
+        global_step = resume(accelerator, args, model, train_collator, run_state, checkpoint_dir, streamed)
+        train_batches = iter(streamed)
+    else:
+        streamed = None
+        train_loader, eval_loader = data_loaders(args, train_split, validation_split, train_collator, eval_collator)
+        model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+            model, optimizer, train_loader, eval_loader, scheduler
+        )
+        steps_per_epoch = len(train_loader) // args.gradient_accumulation_steps
+        if steps_per_epoch == 0:
+            raise SystemExit(
+                f"The train split has {len(train_split)} rows: too few for one optimizer step of "
+                f"{args.per_device_batch_size} x {args.gradient_accumulation_steps} x {accelerator.num_processes} "
+                "samples (--per_device_batch_size x --gradient_accumulation_steps x processes)"
+            )
+        global_step = resume(accelerator, args, model, train_collator, run_state, checkpoint_dir)
+        train_batches = map_style_batches(accelerator, train_loader, steps_per_epoch,
+                                          args.gradient_accumulation_steps, global_step)
 
-    global_step = resume(accelerator, args, model, train_collator, run_state, checkpoint_dir)
     metrics_file = output_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         truncate_metrics(metrics_file, global_step)
@@ -427,15 +600,8 @@ def main(argv: list[str] | None = None) -> None:
     running = torch.zeros(4, device=accelerator.device)  # total, amc, mlm, itm losses summed over micro-batches
     micro_batches = 0
     grad_norm = None
-    while global_step < stop_at:
-        epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
-        train_loader.set_epoch(epoch)
-        epoch_loader = train_loader
-        if step_in_epoch:
-            epoch_loader = accelerator.skip_first_batches(train_loader, step_in_epoch * args.gradient_accumulation_steps)
-        micro_batches_left = (steps_per_epoch - step_in_epoch) * args.gradient_accumulation_steps
-        for batch in epoch_loader:
-            micro_batches_left -= 1
+    with contextlib.closing(train_batches):  # leaves the data generators' loaders cleanly
+        for batch in train_batches if global_step < stop_at else ():
             with accelerator.accumulate(model):
                 outputs = model(**batch)
                 accelerator.backward(outputs.loss)
@@ -473,25 +639,28 @@ def main(argv: list[str] | None = None) -> None:
                             global_step, metrics_file, progress)
             if checkpoint:
                 trainer_state = {"step": global_step, "collator": train_collator.state_dict(), **run_state}
+                if streamed is not None:  # every process' position in its own share
+                    trainer_state["stream"] = gather_object([streamed.state_dict()])
                 with checkpoints.atomic_checkpoint(accelerator, checkpoint_dir, global_step,
                                                    args.checkpoints_total_limit, trainer_state) as folder:
                     accelerator.save_state(folder)
-            if global_step >= stop_at or micro_batches_left <= 0:
+            if global_step >= stop_at:
                 break
-        if micro_batches_left > 0 and global_step < stop_at:
-            raise RuntimeError(f"the train loader ended {micro_batches_left} micro-batches early in epoch {epoch}")
-        # Left before the loader's end: unregister it from Accelerate's gradient state.
-        epoch_loader.end()
     progress.close()
     accelerator.wait_for_everyone()
-    if global_step < args.max_steps:
-        accelerator.end_training()
+    finished = global_step >= args.max_steps
+    if finished:
+        checkpoints.save_final(accelerator, model, processor, output_dir)
+    # The DDP wrapper's reducer holds the process group: release it before end_training destroys the group (the
+    # other order can deadlock in gloo's destructor when the interpreter exits).
+    model = optimizer = scheduler = None
+    accelerator.free_memory()
+    accelerator.end_training()
+    if finished:
+        accelerator.print(f"Saved the pre-trained model and processor to {output_dir}")
+    else:
         accelerator.print(f"Stopped after step {global_step} of {args.max_steps} (--stop_after_steps); continue with "
                           "--resume_from_checkpoint latest")
-        return
-    checkpoints.save_final(accelerator, model, processor, output_dir)
-    accelerator.end_training()
-    accelerator.print(f"Saved the pre-trained model and processor to {output_dir}")
 
 
 if __name__ == "__main__":

@@ -255,6 +255,129 @@ def test_bf16_mixed_precision_trains(synthetic_corpus, synthetic_corpus_info, pr
     assert (output / "model.safetensors").is_file()
 
 
+@pytest.fixture(scope="module")
+def streamed_corpus(synthetic_corpus, tmp_path_factory):
+    """A small streamed corpus (train/ and validation/ in several Parquet shards, each image once) converted from the
+    synthetic world's single-table pre-training splits, and the processor folder it was tokenised with."""
+    from datasets import load_from_disk
+
+    from cmal_examples.models import new_processor
+    from processing.shards import convert_caption_dataset
+
+    root = tmp_path_factory.mktemp("streamed")
+    processor = new_processor(None, 32, 36)
+    processor.save_pretrained(root / "processor")
+    for split, rows in (("train", 112), ("validation", 40)):
+        table = load_from_disk(str(synthetic_corpus / "pretrain" / split))
+        convert_caption_dataset(table.select(range(rows)), root / "corpus" / split, processor, images_per_shard=6,
+                                progress=False)
+    return root
+
+
+@pytest.mark.slow
+def test_streamed_two_processes_stop_and_resume_reproduces_uninterrupted_run(streamed_corpus, synthetic_corpus_info,
+                                                                              processor_sizes, tmp_path):
+    """`--streaming` with 2 CPU processes: each streams its own shards, and a run stopped after step 3 and resumed
+    from `latest` repeats every loss of the run that never stopped and ends on the same weights. Dropout is on; each
+    process' share is about 56 caption pairs, 7 batches of 8, so the 9 steps cross the end of a pass (reshuffled)."""
+    from processing.shards import read_corpus_info
+
+    train_info = read_corpus_info(streamed_corpus / "corpus" / "train")
+    assert len(train_info["shards"]) % 2 == 0  # whole shards per process
+    config = _config_file(tmp_path, synthetic_corpus_info, processor_sizes, hidden_dropout_prob=0.1,
+                          attention_probs_dropout_prob=0.1)
+    steps, stop_at = 9, 3
+    common = ["--streaming", "--dataset_path", str(streamed_corpus / "corpus"), "--processor_name",
+              str(streamed_corpus / "processor"), "--model_config", config, "--max_steps", str(steps),
+              "--logging_steps", "1", "--eval_steps", "3", "--max_eval_batches", "2", "--report_to", "none",
+              "--seed", "7", "--learning_rate", "1e-3", "--warmup_steps", "2", "--per_device_batch_size", "8",
+              "--checkpointing_steps", "3"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO_ROOT / "examples" / "accelerate_configs" / "cpu_2proc.yaml")]
+    full = tmp_path / "full"
+    _run(["--output_dir", str(full)] + common, launcher=launcher)
+    interrupted = tmp_path / "interrupted"
+    stopped = _run(["--output_dir", str(interrupted), "--stop_after_steps", str(stop_at)] + common, launcher=launcher)
+    assert "Stopped after step 3 of 9" in stopped.stdout
+    state = json.loads((interrupted / "checkpoints" / "step_0000003" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["streaming"] is True and len(state["stream"]) == 2
+    resumed = _run(["--output_dir", str(interrupted), "--resume_from_checkpoint", "latest"] + common,
+                   launcher=launcher)
+    assert "step_0000003 at step 3" in resumed.stdout
+    final_state = json.loads((full / "checkpoints" / "step_0000009" / "trainer_state.json").read_text())
+    assert all(position["epoch"] >= 1 for position in final_state["stream"])  # the run crossed a pass
+
+    for key in ("train/loss", "train/learning_rate", "eval/amc_loss", "eval/mlm_loss"):
+        full_values, resumed_values = _metrics(full, key), _metrics(interrupted, key)
+        assert resumed_values.keys() == full_values.keys(), key
+        for step, value in full_values.items():
+            assert resumed_values[step] == pytest.approx(value, rel=1e-6, abs=1e-7), (key, step)
+    _assert_same_weights(full / "model.safetensors", interrupted / "model.safetensors", atol=1e-6)
+
+
+@pytest.mark.slow
+def test_streamed_workers_resume_exactly_and_other_layouts_are_refused(streamed_corpus, synthetic_corpus_info,
+                                                                       processor_sizes, tmp_path):
+    """One process with 2 loader workers (the `StatefulDataLoader` state holds the workers' positions): stop, resume,
+    same losses; a streamed checkpoint is refused by a map-style run and a corpus of another processor is refused."""
+    config = _config_file(tmp_path, synthetic_corpus_info, processor_sizes, hidden_dropout_prob=0.1,
+                          attention_probs_dropout_prob=0.1)
+    common = ["--streaming", "--dataset_path", str(streamed_corpus / "corpus"), "--processor_name",
+              str(streamed_corpus / "processor"), "--model_config", config, "--max_steps", "8",
+              "--logging_steps", "1", "--eval_steps", "4", "--max_eval_batches", "2", "--report_to", "none",
+              "--seed", "3", "--learning_rate", "1e-3", "--per_device_batch_size", "8", "--checkpointing_steps", "4",
+              "--dataloader_num_workers", "2"]
+    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    _run(["--output_dir", str(full)] + common)
+    _run(["--output_dir", str(interrupted), "--stop_after_steps", "5"] + common)
+    _run(["--output_dir", str(interrupted), "--resume_from_checkpoint", "latest"] + common)
+    full_values, resumed_values = _metrics(full), _metrics(interrupted)
+    assert resumed_values.keys() == full_values.keys() == set(range(1, 9))
+    for step, value in full_values.items():
+        assert resumed_values[step] == pytest.approx(value, rel=1e-6, abs=1e-7), step
+
+    from transformers import BertTokenizer
+
+    from modeling_cmal.processing_cmal import CmalProcessor
+
+    vocab = CmalProcessor.from_pretrained(streamed_corpus / "processor").tokenizer.get_vocab()
+    last = max(vocab, key=vocab.get)
+    vocab["[renamed]"] = vocab.pop(last)  # same size, another vocabulary
+    tokenizer_dir = tmp_path / "other_tokenizer"
+    BertTokenizer(vocab=vocab).save_pretrained(tokenizer_dir)
+    other = [arg for arg in common if arg != str(streamed_corpus / "processor")]
+    other[other.index("--processor_name")] = "--tokenizer_name"
+    other.insert(other.index("--tokenizer_name") + 1, str(tokenizer_dir))
+    refused = subprocess.run([sys.executable, PRETRAIN, "--output_dir", str(tmp_path / "other")] + other,
+                             capture_output=True, text=True, env=_env(), cwd=REPO_ROOT, timeout=600)
+    assert refused.returncode == 1 and "train/ was tokenised and anchored with processor" in refused.stderr, (
+        refused.stderr)
+    assert not (tmp_path / "other" / "checkpoints").exists()  # refused before training
+
+
+def test_streaming_flags_are_checked(pretrain_module, capsys, tmp_path):
+    table = tmp_path / "table"
+    table.mkdir()
+    (table / "dataset_dict.json").write_text('{"splits": ["train", "validation"]}')
+    streamed = tmp_path / "streamed"
+    for split in ("train", "validation"):
+        (streamed / split).mkdir(parents=True)
+        (streamed / split / "corpus_info.json").write_text("{}")
+    out = ["--output_dir", str(tmp_path / "out")]
+    assert "it holds streamed corpora: add --streaming" in _refusal(
+        pretrain_module, capsys, ["--dataset_path", str(streamed)] + out)
+    assert "python -m processing shards --dataset SPLIT_DIR" in _refusal(
+        pretrain_module, capsys, ["--streaming", "--dataset_path", str(table)] + out)
+    assert "--dataset_path must be a folder holding the streamed corpora train/ and validation/" in _refusal(
+        pretrain_module, capsys, ["--streaming", "--dataset_path", str(tmp_path)] + out)
+    assert "--max_train_samples must be left unset with --streaming" in _refusal(
+        pretrain_module, capsys, ["--streaming", "--dataset_path", str(streamed), "--max_train_samples", "4"] + out)
+    args = pretrain_module.parse_args(["--streaming", "--dataset_path", str(streamed)] + out)
+    assert args.streaming and args.dataset_path == str(streamed)
+    remote = pretrain_module.parse_args(["--streaming", "--dataset_path", "s3://bucket/corpus"] + out)
+    assert remote.dataset_path == "s3://bucket/corpus"  # checked when opened
+
+
 def _refusal(pretrain_module, capsys, argv):
     with pytest.raises(SystemExit) as raised:
         pretrain_module.parse_args(argv)
