@@ -1,6 +1,7 @@
 """t-SNE of CMAL's two hyperspheres: anchor words and anchor regions, coloured by their anchor concept.
 
     python examples/tsne.py --model_name_or_path outputs/quickstart/pretrained --output tsne.png
+    python examples/tsne.py args.json      (one JSON file of the flags, their names as keys)
 
 Scenes of the synthetic world (`processing.synthetic`) are encoded by the model; every anchor pair (a caption word
 and the region that names the same concept) gives two points: the word's `text_embeds` (mean of its pieces,
@@ -11,13 +12,13 @@ regions of one concept should gather by concept, each modality on its own hypers
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from cmal_examples.figures import (add_figure_arguments, check_figure_arguments, load_model_and_processor,
-                                   synthetic_scene)
+from cmal_examples.figure_arguments import FigureArguments, parse_figure_arguments
+from cmal_examples.figures import load_model_and_processor, synthetic_scene
 from torch.nn import functional as F
 
 from modeling_cmal import CmalModel
@@ -27,23 +28,30 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats",
                 "anchor_pairs")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_figure_arguments(parser)
-    parser.add_argument("--num_scenes", type=int, default=120, help="synthetic scenes to encode")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the scenes and of t-SNE (>= 0)")
-    parser.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (capped by the points)")
-    parser.add_argument("--batch_size", type=int, default=32)
-    args = parser.parse_args(argv)
-    for name in ("num_scenes", "batch_size"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if args.seed < 0:
-        parser.error(f"--seed must be >= 0, got {args.seed}")
-    if not args.perplexity > 0:  # also refuses nan
-        parser.error(f"--perplexity must be a positive number, got {args.perplexity}")
-    check_figure_arguments(parser, args)
-    return args
+@dataclass
+class TsneArguments(FigureArguments):
+    """The program's flags (`HfArgumentParser` turns the fields into flags); `__post_init__` checks every value and
+    raises `ValueError` naming the flag, the value and what was expected. `--model_name_or_path`, `--output` and
+    `--seed` are checked by `cmal_examples.figure_arguments.FigureArguments`, shared with visualize_attention.py."""
+
+    num_scenes: int = field(default=120, metadata={"help": "synthetic scenes to encode"})
+    seed: int = field(default=0, metadata={"help": "seed of the scenes and of t-SNE (>= 0)"})
+    perplexity: float = field(default=30.0, metadata={"help": "t-SNE perplexity (capped by the points)"})
+    batch_size: int = field(default=32, metadata={"help": "scenes encoded per forward pass"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.positive_integers("num_scenes", "batch_size")
+        if self.seed >= 2**32:
+            self._refuse("seed", "an integer in [0, 2**32) (scikit-learn's random_state)")
+        if not self.perplexity > 0:  # also refuses nan
+            self._refuse("perplexity", "a positive number")
+
+
+def parse_args(argv: list[str] | None = None) -> TsneArguments:
+    """The flags, or one JSON file holding them (as in the transformers examples). A bad value stops the program
+    with exit status 2 and a message naming the flag and the value."""
+    return parse_figure_arguments(TsneArguments, __doc__, argv)
 
 
 def synthetic_examples(num_scenes: int, feature_dim: int, seed: int) -> list[tuple[str, dict]]:

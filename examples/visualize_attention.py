@@ -2,6 +2,7 @@
 
     python examples/visualize_attention.py --model_name_or_path outputs/quickstart/pretrained --output attention.png
     python examples/visualize_attention.py --model_name_or_path DIR --output coffee.png --image coffee
+    python examples/visualize_attention.py args.json      (one JSON file of the flags, their names as keys)
 
 The model runs with eager attention and `output_attentions=True`; for every anchor word of the caption (a word the
 processor paired with a region naming the same concept) the unified encoder's attention from the word's pieces to
@@ -18,14 +19,15 @@ synthetic world uses, so the model must have been trained on such features (`vis
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from cmal_examples.figures import (add_figure_arguments, check_figure_arguments, load_model_and_processor,
-                                   synthetic_scene)
+from cmal_examples.figure_arguments import FigureArguments, parse_figure_arguments
+from cmal_examples.figures import load_model_and_processor, synthetic_scene
 
 from modeling_cmal import CmalModel, select_top_regions
 from modeling_cmal.processing_cmal import CmalProcessor
@@ -33,24 +35,33 @@ from modeling_cmal.processing_cmal import CmalProcessor
 REAL_IMAGE_SEEDS = Path(__file__).resolve().parent / "data" / "real_image_seeds.json"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_figure_arguments(parser)
-    parser.add_argument("--image", choices=("synthetic", "coffee"), default="synthetic")
-    parser.add_argument("--caption", help="caption to use instead of the scene's (or the photo's first) caption")
-    parser.add_argument("--seed", type=int, default=0, help="which synthetic scene (>= 0)")
-    parser.add_argument("--layer", type=int, default=-1, help="unified-encoder layer (negative counts from the end)")
-    parser.add_argument("--real_image_seeds", default=str(REAL_IMAGE_SEEDS), help="the annotations of the photos")
-    args = parser.parse_args(argv)
-    check_figure_arguments(parser, args)
-    if args.seed < 0:
-        parser.error(f"--seed must be >= 0, got {args.seed}")
-    if args.caption is not None and not args.caption.strip():
-        parser.error("--caption must not be empty")
-    if args.image == "coffee" and not Path(args.real_image_seeds).is_file():
-        parser.error(f"--real_image_seeds {args.real_image_seeds!r} is not a file (the annotations of the photos, "
-                     "examples/data/real_image_seeds.json of the repository)")
-    return args
+@dataclass
+class AttentionArguments(FigureArguments):
+    """The program's flags (`HfArgumentParser` turns the fields into flags); `__post_init__` checks every value and
+    raises `ValueError` naming the flag, the value and what was expected. `--model_name_or_path`, `--output` and
+    `--seed` are checked by `cmal_examples.figure_arguments.FigureArguments`, shared with tsne.py."""
+
+    image: Literal["synthetic", "coffee"] = field(default="synthetic", metadata={
+        "help": "synthetic: a scene of the synthetic world; coffee: scikit-image's coffee() photo"})
+    caption: str | None = field(default=None, metadata={
+        "help": "caption to use instead of the scene's (or the photo's first) caption"})
+    seed: int = field(default=0, metadata={"help": "which synthetic scene (>= 0)"})
+    layer: int = field(default=-1, metadata={"help": "unified-encoder layer (negative counts from the end)"})
+    real_image_seeds: str = field(default=str(REAL_IMAGE_SEEDS), metadata={"help": "the annotations of the photos"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.caption is not None and not self.caption.strip():
+            self._refuse("caption", "a non-empty caption")
+        if self.image == "coffee" and not Path(self.real_image_seeds).is_file():
+            self._refuse("real_image_seeds", "a file with --image coffee (the annotations of the photos, "
+                         "examples/data/real_image_seeds.json of the repository)")
+
+
+def parse_args(argv: list[str] | None = None) -> AttentionArguments:
+    """The flags, or one JSON file holding them (as in the transformers examples). A bad value stops the program
+    with exit status 2 and a message naming the flag and the value."""
+    return parse_figure_arguments(AttentionArguments, __doc__, argv)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """examples/visualize_attention.py and examples/tsne.py: run as a user runs them (subprocesses) on a tiny CMAL that
 was pre-trained for a few optimizer steps on synthetic scenes, they write non-empty PNGs; the attention shares and
-the hypersphere points they draw are what they claim to be; bad arguments are refused with a message."""
+the hypersphere points they draw are what they claim to be; a JSON file of the flags works as the flags do; bad
+arguments, given as flags or in the JSON file, are refused with exit status 2 and a message naming the flag and the
+value."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +30,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(f"cmal_example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # registered before it runs, as an import would: its dataclasses look it up
     spec.loader.exec_module(module)
     return module
 
@@ -177,30 +181,130 @@ def test_tsne_points_lie_on_the_two_hyperspheres(tsne, trained_folder):
     assert names <= {"circle", "square", "triangle", "star", "heart", "diamond", "ring", "cross"}, names
 
 
-@pytest.mark.parametrize("script, arguments, message", [
-    ("visualize_attention", ["--output", "a.png"], "--model_name_or_path"),
-    ("visualize_attention", ["--model_name_or_path", "{missing}", "--output", "a.png"], "not a saved CMAL folder"),
-    ("visualize_attention", ["--model_name_or_path", "{model}", "--output", "a.jpg"], "must be a .png"),
-    ("visualize_attention", ["--model_name_or_path", "{model}", "--output", "a.png", "--seed", "-1"], "--seed"),
-    ("visualize_attention", ["--model_name_or_path", "{model}", "--output", "a.png", "--image", "cat"], "--image"),
-    ("visualize_attention", ["--model_name_or_path", "{model}", "--output", "a.png", "--caption", " "], "--caption"),
-    ("visualize_attention", ["--model_name_or_path", "{model}", "--output", "a.png", "--image", "coffee",
-                             "--real_image_seeds", "{missing}"], "--real_image_seeds"),
-    ("tsne", ["--model_name_or_path", "{model}", "--output", "a.png", "--num_scenes", "0"], "--num_scenes"),
-    ("tsne", ["--model_name_or_path", "{model}", "--output", "a.png", "--batch_size", "-2"], "--batch_size"),
-    ("tsne", ["--model_name_or_path", "{model}", "--output", "a.png", "--perplexity", "0"], "--perplexity"),
-    ("tsne", ["--model_name_or_path", "{model}", "--output", "a.png", "--perplexity", "nan"], "--perplexity"),
-    ("tsne", ["--model_name_or_path", "{model}", "--output", "{model}"], "--output"),
-    ("tsne", ["--model_name_or_path", "{missing}", "--output", "a.png"], "not a saved CMAL folder"),
+MODEL = ["--model_name_or_path", "{model}", "--output", "a.png"]
+
+
+@pytest.mark.parametrize("script, arguments, fragments", [
+    ("visualize_attention", ["--output", "a.png"], ["required", "--model_name_or_path"]),
+    ("visualize_attention", ["--model_name_or_path", "{missing}", "--output", "a.png"],
+     ["--model_name_or_path must be a saved CMAL folder", "'{missing}'"]),
+    ("visualize_attention", ["--model_name_or_path", "{model}", "--output", "a.jpg"],
+     ["--output must be a .png file", "'a.jpg'"]),
+    ("visualize_attention", ["--model_name_or_path", "{model}", "--output", "{folder}"],
+     ["--output must be a .png file name, not a folder", "'{folder}'"]),
+    ("visualize_attention", [*MODEL, "--seed", "-1"], ["--seed must be an integer >= 0", "got -1"]),
+    ("visualize_attention", [*MODEL, "--seed", "one"], ["--seed", "'one'"]),
+    ("visualize_attention", [*MODEL, "--image", "cat"], ["--image", "'cat'"]),
+    ("visualize_attention", [*MODEL, "--caption", " "], ["--caption must be a non-empty caption", "got ' '"]),
+    ("visualize_attention", [*MODEL, "--image", "coffee", "--real_image_seeds", "{missing}"],
+     ["--real_image_seeds must be a file with --image coffee", "'{missing}'"]),
+    ("visualize_attention", [*MODEL, "--colour", "red"], ["--colour", "red"]),
+    ("tsne", [*MODEL, "--num_scenes", "0"], ["--num_scenes must be a positive integer", "got 0"]),
+    ("tsne", [*MODEL, "--batch_size", "-2"], ["--batch_size must be a positive integer", "got -2"]),
+    ("tsne", [*MODEL, "--perplexity", "0"], ["--perplexity must be a positive number", "got 0.0"]),
+    ("tsne", [*MODEL, "--perplexity", "nan"], ["--perplexity must be a positive number", "got nan"]),
+    ("tsne", [*MODEL, "--seed", "-3"], ["--seed must be an integer >= 0", "got -3"]),
+    ("tsne", [*MODEL, "--seed", str(2**32)], ["--seed must be an integer in [0, 2**32)", f"got {2**32}"]),
+    ("tsne", ["--model_name_or_path", "{model}", "--output", "{model}"], ["--output must be a .png file",
+                                                                           "'{model}'"]),
+    ("tsne", ["--model_name_or_path", "{missing}", "--output", "a.png"],
+     ["--model_name_or_path must be a saved CMAL folder", "'{missing}'"]),
 ])
-def test_bad_arguments_are_refused_with_a_message(script, arguments, message, trained_folder, tmp_path, capsys,
+def test_bad_arguments_are_refused_with_a_message(script, arguments, fragments, trained_folder, tmp_path, capsys,
                                                   visualize_attention, tsne):
+    """Exit status 2 (argparse's) and a message naming the flag and the value."""
     module = {"visualize_attention": visualize_attention, "tsne": tsne}[script]
-    arguments = [argument.format(model=trained_folder, missing=tmp_path / "missing") for argument in arguments]
+    names = {"model": trained_folder, "missing": tmp_path / "missing", "folder": tmp_path / "figure.png"}
+    names["folder"].mkdir()  # a folder named like a PNG
+    arguments = [argument.format(**names) for argument in arguments]
     with pytest.raises(SystemExit) as raised:
         module.parse_args(arguments)
     assert raised.value.code == 2
-    assert message in capsys.readouterr().err
+    error = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment.format(**names) in error, error
+
+
+def write_json(path: Path, values) -> str:
+    path.write_text(json.dumps(values))
+    return str(path)
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("visualize_attention", {"seed": 2, "layer": 0, "image": "synthetic"}),
+    ("tsne", {"num_scenes": 30, "perplexity": 10, "seed": 1, "batch_size": 7}),
+])
+def test_a_json_args_file_gives_the_flags(script, flags, trained_folder, tmp_path, visualize_attention, tsne):
+    """`program.py args.json` (the flags' names as keys) parses to what the same flags give, and draws the figure."""
+    module = {"visualize_attention": visualize_attention, "tsne": tsne}[script]
+    output = tmp_path / "figures" / f"{script}.png"
+    values = {"model_name_or_path": str(trained_folder), "output": str(output), **flags}
+    from_json = module.parse_args([write_json(tmp_path / "args.json", values)])
+    command_line = [item for name, value in values.items() for item in (f"--{name}", str(value))]
+    assert from_json == module.parse_args(command_line)
+    assert all(getattr(from_json, name) == value for name, value in values.items())
+    assert module.main([str(tmp_path / "args.json")]) == output
+    assert_png(output, min_width=400)
+
+
+def test_a_json_args_file_from_the_command_line(trained_folder, tmp_path):
+    output = tmp_path / "attention.png"
+    arguments = write_json(tmp_path / "args.json", {"model_name_or_path": str(trained_folder),
+                                                     "output": str(output), "seed": 1})
+    completed = run_script("visualize_attention", arguments, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert f"wrote {output}" in completed.stdout
+    assert_png(output, min_width=400)
+
+
+@pytest.mark.parametrize("script, values, fragments", [
+    ("visualize_attention", {"seed": -1}, ["--seed must be an integer >= 0", "got -1"]),
+    ("visualize_attention", {"seed": "1"}, ["--seed must be an integer", "got '1'"]),
+    ("visualize_attention", {"image": "cat"}, ["--image must be one of ['synthetic', 'coffee']", "got 'cat'"]),
+    ("visualize_attention", {"caption": ""}, ["--caption must be a non-empty caption", "got ''"]),
+    ("visualize_attention", {"layer": 1.5}, ["--layer must be an integer", "got 1.5"]),
+    ("visualize_attention", {"output": None}, ["--output must be a string", "got None"]),
+    ("visualize_attention", {"model_name_or_path": "{missing}"},
+     ["--model_name_or_path must be a saved CMAL folder", "'{missing}'"]),
+    ("tsne", {"num_scenes": 0}, ["--num_scenes must be a positive integer", "got 0"]),
+    ("tsne", {"batch_size": True}, ["--batch_size must be an integer", "got True"]),
+    ("tsne", {"perplexity": "high"}, ["--perplexity must be a number", "got 'high'"]),
+    ("tsne", {"perplexity": -1}, ["--perplexity must be a positive number", "got -1.0"]),
+    ("tsne", {"output": "a.jpg"}, ["--output must be a .png file", "got 'a.jpg'"]),
+    ("tsne", {"colour": "red"}, ["no flag of this program: ['colour']"]),
+    ("tsne", {"output": "drop"}, ["must give --output", "'output'"]),
+])
+def test_bad_values_in_a_json_args_file_are_refused_with_a_message(script, values, fragments, trained_folder,
+                                                                   tmp_path, capsys, visualize_attention, tsne):
+    module = {"visualize_attention": visualize_attention, "tsne": tsne}[script]
+    names = {"missing": tmp_path / "missing"}
+    arguments = {"model_name_or_path": str(trained_folder), "output": "a.png"}
+    arguments.update({name: value.format(**names) if isinstance(value, str) else value
+                      for name, value in values.items()})
+    if arguments["output"] == "drop":
+        del arguments["output"]
+    with pytest.raises(SystemExit) as raised:
+        module.parse_args([write_json(tmp_path / "args.json", arguments)])
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment.format(**names) in error, error
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (None, "is not a readable JSON file"),
+    ("{not json", "is not a readable JSON file"),
+    ("[1, 2]", "must hold one JSON object"),
+])
+def test_an_unreadable_json_args_file_is_refused(content, fragment, tsne, tmp_path, capsys):
+    path = tmp_path / "args.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as raised:
+        tsne.parse_args([str(path)])
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert fragment in error and repr(str(path)) in error, error
 
 
 def test_attention_layer_out_of_range_is_named(visualize_attention, trained_folder, tmp_path):

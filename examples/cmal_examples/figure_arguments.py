@@ -1,0 +1,125 @@
+"""The arguments the figure programs (`visualize_attention.py`, `tsne.py`) share, in the style of the transformers
+examples: `FigureArguments`, a dataclass of the common flags whose `__post_init__` checks them, and
+`parse_figure_arguments`, the `HfArgumentParser` over a program's subclass of it (flags, or one JSON file of them).
+
+A bad value raises `ValueError` naming the flag, the value and what was expected; `parse_figure_arguments` turns it
+into `parser.error` (exit status 2), from the command line and from a JSON file alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from transformers import HfArgumentParser
+
+Arguments = TypeVar("Arguments", bound="FigureArguments")
+
+
+@dataclass
+class FigureArguments:
+    """`--model_name_or_path` (a saved CMAL folder), `--output` (the PNG to write) and `--seed` (>= 0). Every field,
+    a subclass's included, must hold a value of its annotated type (what a JSON file gives is not converted by
+    argparse); a subclass checks its own values in `__post_init__` after calling this one."""
+
+    model_name_or_path: str = field(metadata={"help": "a CMAL folder (pre-trained or fine-tuned)"})
+    output: str = field(metadata={"help": "PNG file to write (its folder is created)"})
+    seed: int = field(default=0, metadata={"help": "seed of the figure's synthetic scenes (>= 0)"})
+
+    def _refuse(self, name: str, requirement: str) -> None:
+        raise ValueError(f"--{name} must be {requirement}, got {getattr(self, name)!r}")
+
+    def __post_init__(self):
+        self._check_types()
+        if not Path(self.model_name_or_path, "config.json").is_file():
+            self._refuse("model_name_or_path", "a saved CMAL folder with a config.json (a folder written by "
+                         "save_pretrained, e.g. the quickstart's outputs/quickstart/pretrained)")
+        if Path(self.output).suffix.lower() != ".png":
+            self._refuse("output", "a .png file")
+        if Path(self.output).is_dir():
+            self._refuse("output", "a .png file name, not a folder")
+        if self.seed < 0:
+            self._refuse("seed", "an integer >= 0")
+
+    def _check_types(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for item in dataclasses.fields(self):
+            name, value = item.name, getattr(self, item.name)
+            hint = hints[name]
+            options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+            if value is None and type(None) in options:
+                continue
+            (kind,) = (option for option in options if option is not type(None))
+            if typing.get_origin(kind) is Literal:
+                if value not in typing.get_args(kind):
+                    self._refuse(name, f"one of {list(typing.get_args(kind))}")
+            elif kind is int:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    self._refuse(name, "an integer")
+            elif kind is float:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    self._refuse(name, "a number")
+                setattr(self, name, float(value))
+            elif kind is str:
+                if not isinstance(value, str):
+                    self._refuse(name, "a string")
+            else:  # a field type this check does not know: a programming error, not a user's
+                raise TypeError(f"{type(self).__name__}.{name}: cannot check values of type {kind!r}")
+
+    def positive_integers(self, *names: str) -> None:
+        """Refuses every flag of `names` that is not > 0."""
+        for name in names:
+            if getattr(self, name) <= 0:
+                self._refuse(name, "a positive integer")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The program's docstring as written, and every flag's default."""
+
+
+def parse_figure_arguments(arguments_class: type[Arguments], description: str,
+                           argv: list[str] | None = None) -> Arguments:
+    """The flags of `arguments_class`, or one JSON file holding them (keys: the flags' names without `--`), as in
+    the transformers examples. A bad value stops the program with exit status 2 and a message naming the flag and
+    the value."""
+    parser = HfArgumentParser(arguments_class, description=description, formatter_class=HelpFormatter)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            _check_json_file(argv[0], arguments_class)
+            (args,) = parser.parse_json_file(argv[0])
+        else:
+            (args,) = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def _check_json_file(path: str, arguments_class: type) -> None:
+    """What `HfArgumentParser.parse_json_file` would not say with the flag's name: an unreadable file, a file that is
+    not one JSON object, a missing required flag, an unknown key."""
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"the arguments file {path!r} is not a readable JSON file: {error}") from None
+    if not isinstance(values, dict):
+        shape = f"one JSON object (the flags' names as keys), got a {type(values).__name__}"
+        # A ValueError like every bad input here: parse_figure_arguments reports those.
+        raise ValueError(f"the arguments file {path!r} must hold {shape}")  # noqa: TRY004
+    names = [item.name for item in dataclasses.fields(arguments_class) if item.init]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"the arguments file {path!r} has keys that are no flag of this program: {unknown} (the "
+                         f"flags: {names})")
+    missing = [item.name for item in dataclasses.fields(arguments_class) if item.init and item.name not in values
+               and item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"the arguments file {path!r} must give " + ", ".join(f"--{name}" for name in missing)
+                         + " (as keys: " + ", ".join(repr(name) for name in missing) + ")")
