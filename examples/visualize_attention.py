@@ -2,6 +2,8 @@
 
     python examples/visualize_attention.py --model_name_or_path outputs/quickstart/pretrained --output attention.png
     python examples/visualize_attention.py --model_name_or_path DIR --output coffee.png --image coffee
+    python examples/visualize_attention.py --model_name_or_path DIR --output mine.png --image photo.jpg \
+        --detector DETECTOR_DIR --caption "a dog on a couch"
     python examples/visualize_attention.py args.json      (one JSON file of the flags, their names as keys)
 
 The model runs with eager attention and `output_attentions=True`; for every anchor word of the caption (a word the
@@ -15,6 +17,10 @@ boxes and tags; `--image coffee` uses scikit-image's public-domain photo `skimag
 hand-written caption, boxes and tags of `examples/data/real_image_seeds.json`. Region features come from the
 pixels inside each box (`processing.synthetic.region_features_from_pixels`), the detector-free featuriser the
 synthetic world uses, so the model must have been trained on such features (`visual_feat_dim` must match).
+`--image PATH` takes any image file Pillow reads: its regions (boxes, tags, features) come from the transformers
+object detector of `--detector` (`CmalRegionExtractor`, the extractor of `python -m processing extract`), which must
+be the detector whose features the model was trained on (its feature width must equal `visual_feat_dim`), and the
+caption from `--caption`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -33,6 +38,7 @@ from modeling_cmal import CmalModel, select_top_regions
 from modeling_cmal.processing_cmal import CmalProcessor
 
 REAL_IMAGE_SEEDS = Path(__file__).resolve().parent / "data" / "real_image_seeds.json"
+BUILT_IN_IMAGES = ("synthetic", "coffee")
 
 
 @dataclass
@@ -41,8 +47,13 @@ class AttentionArguments(FigureArguments):
     raises `ValueError` naming the flag, the value and what was expected. `--model_name_or_path`, `--output` and
     `--seed` are checked by `cmal_examples.figure_arguments.FigureArguments`, shared with tsne.py."""
 
-    image: Literal["synthetic", "coffee"] = field(default="synthetic", metadata={
-        "help": "synthetic: a scene of the synthetic world; coffee: scikit-image's coffee() photo"})
+    image: str = field(default="synthetic", metadata={
+        "help": "synthetic: a scene of the synthetic world; coffee: scikit-image's coffee() photo; or the path of "
+                "an image file (with --detector and --caption)"})
+    detector: str | None = field(default=None, metadata={
+        "help": "with --image PATH: a transformers object-detector folder (the one the model's features come from)"})
+    score_threshold: float = field(default=0.2, metadata={
+        "help": "with --detector: detections scoring at most this are dropped (in [0, 1))"})
     caption: str | None = field(default=None, metadata={
         "help": "caption to use instead of the scene's (or the photo's first) caption"})
     seed: int = field(default=0, metadata={"help": "which synthetic scene (>= 0)"})
@@ -53,6 +64,18 @@ class AttentionArguments(FigureArguments):
         super().__post_init__()
         if self.caption is not None and not self.caption.strip():
             self._refuse("caption", "a non-empty caption")
+        if self.image not in BUILT_IN_IMAGES:
+            if not Path(self.image).is_file():
+                self._refuse("image", f"one of {list(BUILT_IN_IMAGES)} or an image file")
+            if self.detector is None or not Path(self.detector).is_dir():
+                self._refuse("detector", "a transformers object-detector folder with --image PATH (the detector "
+                             "whose features the model was trained on)")
+            if self.caption is None:
+                self._refuse("caption", "given with --image PATH (a caption naming something in the photo)")
+        elif self.detector is not None:
+            self._refuse("detector", f"left unset with --image {self.image} (it applies to an image file)")
+        if not 0.0 <= self.score_threshold < 1.0:
+            self._refuse("score_threshold", "a float in [0, 1)")
         if self.image == "coffee" and not Path(self.real_image_seeds).is_file():
             self._refuse("real_image_seeds", "a file with --image coffee (the annotations of the photos, "
                          "examples/data/real_image_seeds.json of the repository)")
@@ -90,6 +113,32 @@ def coffee_example(feature_dim: int, seeds_path: str | Path):
         "image_size": (pixels.shape[1], pixels.shape[0]),
     }
     return Image.fromarray(pixels), regions, seeds["captions"]["coffee"][0]
+
+
+def photo_example(path: str, detector: str, score_threshold: float, feature_dim: int, max_regions: int):
+    """An image file and the regions of the object detector at `detector` (at most `max_regions`)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from modeling_cmal import CmalRegionExtractor
+
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise SystemExit(f"--image {path!r} is not an image file Pillow can read: {error}") from None
+    try:
+        extractor = CmalRegionExtractor.from_pretrained(detector, score_threshold=score_threshold, top_k=max_regions)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--detector {detector!r} is not a transformers object detector: {error}") from None
+    if extractor.feature_dim != feature_dim:
+        raise SystemExit(f"--detector {detector!r} gives {extractor.feature_dim}-d region features but the model was "
+                         f"trained on {feature_dim}-d ones (visual_feat_dim): a CMAL is tied to its detector's "
+                         "feature width; use the detector its corpus was extracted with")
+    regions = extractor(image)
+    if len(regions["tags"]) == 0:
+        raise SystemExit(f"--detector {detector!r} found no region in {path!r} scoring above --score_threshold "
+                         f"{score_threshold}: lower it")
+    return image, regions
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,8 +235,12 @@ def main(argv=None) -> Path:
     feature_dim = model.config.visual_feat_dim
     if args.image == "synthetic":
         image, regions, caption = synthetic_example(feature_dim, args.seed)
-    else:
+    elif args.image == "coffee":
         image, regions, caption = coffee_example(feature_dim, args.real_image_seeds)
+    else:
+        image, regions = photo_example(args.image, args.detector, args.score_threshold, feature_dim,
+                                       processor.max_regions)
+        caption = None
     caption = args.caption or caption
     regions = keep_top_regions(regions, processor.max_regions)
     words, boxes = anchor_word_attention(model, processor, regions, caption, args.layer)

@@ -56,8 +56,8 @@ def synthetic_rows(num_scenes: int, seed: int) -> list[dict]:
         regions = scene_regions(scene, render_scene(scene), FEATURE_DIM)
         width, height = scene["image_size"]
         rows.append({"image_id": f"scene-{index}", "text": scene["captions"][index % len(scene["captions"])],
-                     "visual_feats": regions["features"],
-                     "visual_pos": regions["boxes"] / np.array([width, height, width, height], dtype=np.float32),
+                     "visual_feats": regions["visual_feats"],
+                     "visual_pos": regions["visual_pos"] / np.array([width, height, width, height], dtype=np.float32),
                      "tags": regions["tags"], "scores": regions["scores"]})
     return rows
 
@@ -133,6 +133,48 @@ def test_attention_figure_of_the_coffee_photo(visualize_attention, trained_folde
     assert_png(output, min_width=400)
 
 
+@pytest.fixture(scope="module")
+def photo_and_detectors(tmp_path_factory):
+    """A real photo (scikit-image's coffee, saved as a JPEG file) and two tiny random YOLOS detectors saved to
+    folders: one with the model's feature width (every detection tagged `cup`), one with another width."""
+    from skimage import data
+
+    from conftest import save_tiny_detector
+
+    root = tmp_path_factory.mktemp("photo")
+    Image.fromarray(data.coffee()).save(root / "my photo.jpg")
+    return (root / "my photo.jpg", save_tiny_detector(root / "detector", FEATURE_DIM, ["cup"]),
+            save_tiny_detector(root / "narrow_detector", 32, ["cup"]))
+
+
+def test_attention_figure_of_any_image_file_with_a_detector(trained_folder, photo_and_detectors, tmp_path):
+    """`--image PATH --detector DIR`: the detector's regions of a photo file, from the command line."""
+    photo, detector, _ = photo_and_detectors
+    output = tmp_path / "mine.png"
+    completed = run_script("visualize_attention", "--model_name_or_path", str(trained_folder), "--output",
+                           str(output), "--image", str(photo), "--detector", str(detector), "--score_threshold", "0",
+                           "--caption", "a cup of coffee on a saucer", cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert f"wrote {output}" in completed.stdout
+    assert_png(output, min_width=400)
+
+
+def test_image_files_that_cannot_be_used_are_refused(visualize_attention, trained_folder, photo_and_detectors,
+                                                     tmp_path):
+    photo, detector, narrow = photo_and_detectors
+    common = ["--model_name_or_path", str(trained_folder), "--output", str(tmp_path / "x.png"), "--caption", "a cup",
+              "--score_threshold", "0"]
+    with pytest.raises(SystemExit, match="gives 32-d region features but the model was trained on 64-d ones"):
+        visualize_attention.main(common + ["--image", str(photo), "--detector", str(narrow)])
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not pixels")
+    with pytest.raises(SystemExit, match="is not an image file Pillow can read"):
+        visualize_attention.main(common + ["--image", str(not_an_image), "--detector", str(detector)])
+    with pytest.raises(SystemExit, match="is not a transformers object detector"):
+        visualize_attention.main(common + ["--image", str(photo), "--detector", str(tmp_path)])
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_attention_shares_belong_to_anchor_words(visualize_attention, trained_folder):
     model, processor = visualize_attention.load_model_and_processor(str(trained_folder), attn_implementation="eager")
     for seed in range(3):
@@ -199,6 +241,16 @@ MODEL = ["--model_name_or_path", "{model}", "--output", "a.png"]
     ("visualize_attention", [*MODEL, "--image", "coffee", "--real_image_seeds", "{missing}"],
      ["--real_image_seeds must be a file with --image coffee", "'{missing}'"]),
     ("visualize_attention", [*MODEL, "--colour", "red"], ["--colour", "red"]),
+    ("visualize_attention", [*MODEL, "--image", "{folder}"],
+     ["--image must be one of ['synthetic', 'coffee'] or an image file", "'{folder}'"]),
+    ("visualize_attention", [*MODEL, "--image", "{model}/config.json", "--caption", "a cup"],
+     ["--detector must be a transformers object-detector folder with --image PATH", "None"]),
+    ("visualize_attention", [*MODEL, "--image", "{model}/config.json", "--detector", "{model}"],
+     ["--caption must be given with --image PATH", "None"]),
+    ("visualize_attention", [*MODEL, "--detector", "{model}"],
+     ["--detector must be left unset with --image synthetic", "'{model}'"]),
+    ("visualize_attention", [*MODEL, "--score_threshold", "1"], ["--score_threshold must be a float in [0, 1)",
+                                                                  "got 1.0"]),
     ("tsne", [*MODEL, "--num_scenes", "0"], ["--num_scenes must be a positive integer", "got 0"]),
     ("tsne", [*MODEL, "--batch_size", "-2"], ["--batch_size must be a positive integer", "got -2"]),
     ("tsne", [*MODEL, "--perplexity", "0"], ["--perplexity must be a positive number", "got 0.0"]),

@@ -7,6 +7,7 @@ package `modeling_cmal` (whose files are copied next to the weights of a saved f
 - `finetuning`: the fine-tuning programs' arguments, task description, collator, `Trainer` and `run_finetuning`;
 - `tasks`: the four downstream tasks (`VqaTask`, `Nlvr2Task`, `SnliVeTask`, `RefcocoTask`);
 - `models`: the default tokenizer, new processors, configs from a size or a JSON file, AdamW parameter groups;
-- `figures`: what the two figure programs (`visualize_attention.py`, `tsne.py`) share;
+- `figures`: what the two figure programs (`visualize_attention.py`, `tsne.py`) share: scenes, model loading;
+- `figure_arguments`: the figure programs' common flags and their parsing (`HfArgumentParser`, flags or a JSON file);
 - `hub_export`: Hub-ready folders (auto maps, custom pipelines, code files, model card), also a command line.
 """

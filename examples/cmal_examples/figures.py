@@ -1,30 +1,11 @@
-"""What the figure programs (`visualize_attention.py`, `tsne.py`) share: their common flags and the model loading."""
+"""What the figure programs (`visualize_attention.py`, `tsne.py`) share: synthetic scenes and the model loading (their
+common flags are in `figure_arguments`)."""
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 from modeling_cmal import CmalModel
 from modeling_cmal.processing_cmal import CmalProcessor
-
-
-def add_figure_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--model_name_or_path` (a saved CMAL folder) and `--output` (the PNG to write)."""
-    parser.add_argument("--model_name_or_path", required=True, help="a CMAL folder (pre-trained or fine-tuned)")
-    parser.add_argument("--output", required=True, help="PNG file to write (its folder is created)")
-
-
-def check_figure_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--model_name_or_path must be a saved CMAL folder, --output a .png path; `parser.error` names the flag."""
-    folder = Path(args.model_name_or_path)
-    if not (folder / "config.json").is_file():
-        parser.error(f"--model_name_or_path {args.model_name_or_path!r} is not a saved CMAL folder (no config.json); "
-                     "give a folder written by save_pretrained, e.g. the quickstart's outputs/quickstart/pretrained")
-    if Path(args.output).suffix.lower() != ".png":
-        parser.error(f"--output must be a .png file, got {args.output!r}")
-    if Path(args.output).is_dir():
-        parser.error(f"--output {args.output!r} is a folder; give a .png file name")
 
 
 def synthetic_scene(rng, feature_dim: int):
