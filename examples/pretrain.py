@@ -12,18 +12,21 @@ of `processing/schema.py`), read whole by every process and sharded by Accelerat
 or fsspec URL holding the streamed corpora `train/` and `validation/` (`processing/shards.py`: each image's regions
 once, captions tokenised and anchored at build time): each process streams only its share of the Parquet shards
 (`datasets.distributed.split_dataset_by_node`), reshuffled every pass over its share, and resumes exactly from the
-loader state (`torchdata`'s `StatefulDataLoader`, also with workers) kept per process in the checkpoint. The output folder ends up holding the final model (safetensors, config with
-`auto_map`, code files) and the processor, loadable with `AutoModelForPreTraining.from_pretrained(dir,
-trust_remote_code=True)`; `checkpoints/step_XXXXXXX` hold `save_state` checkpoints for `--resume_from_checkpoint`,
-`logs/` the tensorboard events and `metrics.jsonl` every logged value.
+loader state (`torchdata`'s `StatefulDataLoader`, also with workers) kept per process in the checkpoint.
+
+The output folder ends up holding the final model (safetensors, config with `auto_map`, code files) and the
+processor, loadable with `AutoModelForPreTraining.from_pretrained(dir, trust_remote_code=True)`;
+`checkpoints/step_XXXXXXX` hold `save_state` checkpoints for `--resume_from_checkpoint`, `logs/` the tensorboard
+events and `metrics.jsonl` every logged value.
 
 Reliability (the checkpoint machinery is `cmal_examples.checkpoints`):
 - A checkpoint is written into `checkpoints/.tmp_step_XXXXXXX`, completed with `trainer_state.json` and the marker
   `checkpoint_complete.json` (written last, fsynced) and then renamed: a process killed while saving leaves the
   earlier checkpoints untouched, and `--resume_from_checkpoint latest` takes the newest complete one.
 - Resuming reproduces the uninterrupted run: model, optimizer, scheduler, the torch / numpy / python RNG states of
-  every process, the data position (epoch and batch of the seeded sampler) and the collator state are restored,
-  and nothing between two optimizer steps draws from the global RNG except the model's dropout.
+  every process, the data position (epoch and batch of the seeded sampler; with `--streaming`, every process' pass
+  and `StatefulDataLoader` state) and the collator state are restored, and nothing between two optimizer steps
+  draws from the global RNG except the model's dropout.
 - Resuming never unpickles arbitrary objects: weights come from safetensors, every other state file must load
   with `torch.load(weights_only=True)` (tensors, numbers, containers, numpy RNG states) or the run stops with an
   error naming the file, and the collator state is JSON. Resume only FSDP sharded checkpoints you wrote yourself:
