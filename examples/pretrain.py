@@ -340,8 +340,8 @@ def check_streamed_corpora(args: PretrainingArguments, processor: CmalProcessor)
         except (OSError, ValueError) as error:
             raise SystemExit(f"--dataset_path {args.dataset_path!r} ({split}): {error}") from None
         if info["processor_identity"] != processor_identity(processor):
-            raise SystemExit(f"--dataset_path {args.dataset_path!r}: {split}/ was tokenised and anchored with processor "
-                             f"{info['processor_identity']}, not this run's ({processor_identity(processor)}: another "
+            raise SystemExit(f"--dataset_path {args.dataset_path!r}: {split}/ was tokenised and anchored with "
+                             f"processor {info['processor_identity']}, not this run's ({processor_identity(processor)}: another "
                              "tokenizer vocabulary or lexicon); pass the processor it was built with as "
                              "--processor_name, or rebuild it with this one (python -m processing shards)")
         widths[split] = info["feature_dim"]
