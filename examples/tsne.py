@@ -2,24 +2,32 @@
 
     python examples/tsne.py --model_name_or_path outputs/quickstart/pretrained --output tsne.png
     python examples/tsne.py args.json      (one JSON file of the flags, their names as keys)
+    python examples/tsne.py --model_name_or_path DIR --output mine.png --images photos.jsonl --detector DETECTOR_DIR
 
 Scenes of the synthetic world (`processing.synthetic`) are encoded by the model; every anchor pair (a caption word
 and the region that names the same concept) gives two points: the word's `text_embeds` (mean of its pieces,
 renormalised onto the unit sphere) and the region's `image_embeds`. Both sets go through one scikit-learn t-SNE and
 are drawn in one plot: colour = concept, circle = word, triangle = region. After pre-training with AMC, words and
 regions of one concept should gather by concept, each modality on its own hypersphere.
+
+With `--images FILE`, the points come from image files instead: a JSON Lines file of `{"image": path, "caption":
+text}` (paths relative to the file's folder), the regions of each image from the transformers object detector of
+`--detector` (the one the model's features come from; its feature width must equal `visual_feat_dim`). Images
+without any detection above `--score_threshold` are skipped and counted.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from cmal_examples.figure_arguments import FigureArguments, parse_figure_arguments
-from cmal_examples.figures import load_model_and_processor, synthetic_scene
+from cmal_examples.figures import image_file_regions, load_model_and_processor, region_extractor, synthetic_scene
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from modeling_cmal import CmalModel
 from modeling_cmal.processing_cmal import CmalProcessor
@@ -38,6 +46,12 @@ class TsneArguments(FigureArguments):
     seed: int = field(default=0, metadata={"help": "seed of the scenes and of t-SNE (>= 0)"})
     perplexity: float = field(default=30.0, metadata={"help": "t-SNE perplexity (capped by the points)"})
     batch_size: int = field(default=32, metadata={"help": "scenes encoded per forward pass"})
+    images: str | None = field(default=None, metadata={
+        "help": 'a JSON Lines file of {"image": path, "caption": text} to encode instead of synthetic scenes'})
+    detector: str | None = field(default=None, metadata={
+        "help": "with --images: a transformers object-detector folder (the one the model's features come from)"})
+    score_threshold: float = field(default=0.2, metadata={
+        "help": "with --detector: detections scoring at most this are dropped (in [0, 1))"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -46,6 +60,16 @@ class TsneArguments(FigureArguments):
             self._refuse("seed", "an integer in [0, 2**32) (scikit-learn's random_state)")
         if not self.perplexity > 0:  # also refuses nan
             self._refuse("perplexity", "a positive number")
+        if self.images is not None:
+            if not Path(self.images).is_file():
+                self._refuse("images", 'a JSON Lines file of {"image": path, "caption": text}')
+            if self.detector is None or not Path(self.detector).is_dir():
+                self._refuse("detector", "a transformers object-detector folder with --images (the detector whose "
+                             "features the model was trained on)")
+        elif self.detector is not None:
+            self._refuse("detector", "left unset without --images (it applies to image files)")
+        if not 0.0 <= self.score_threshold < 1.0:
+            self._refuse("score_threshold", "a float in [0, 1)")
 
 
 def parse_args(argv: list[str] | None = None) -> TsneArguments:
@@ -61,6 +85,36 @@ def synthetic_examples(num_scenes: int, feature_dim: int, seed: int) -> list[tup
     for _ in range(num_scenes):
         scene, _, regions = synthetic_scene(rng, feature_dim)
         examples.append((scene["captions"][0], regions))
+    return examples
+
+
+def image_file_examples(listing: str, extractor) -> list[tuple[str, dict]]:
+    """(caption, regions) of every line of the JSON Lines file `listing` whose image has a detection; the skipped
+    images are counted in a message."""
+    examples, skipped = [], []
+    root = Path(listing).parent
+    lines = Path(listing).read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(tqdm(lines, desc="detecting regions", unit="image"), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as error:
+            raise SystemExit(f"--images {listing!r} line {number} is not JSON: {error}") from None
+        if not (isinstance(item, dict) and isinstance(item.get("image"), str) and isinstance(item.get("caption"), str)
+                and item["caption"].strip()):
+            raise SystemExit(f"--images {listing!r} line {number} must be an object with an \"image\" path and a "
+                             f"non-empty \"caption\", got {line[:120]!r}")
+        _, regions = image_file_regions(root / item["image"], extractor, flag=f"--images {listing!r} line {number}")
+        if regions is None:
+            skipped.append(item["image"])
+        else:
+            examples.append((item["caption"], regions))
+    if skipped:
+        print(f"skipped {len(skipped)} image(s) without a detection above --score_threshold: {skipped[:5]}"
+              f"{' ...' if len(skipped) > 5 else ''}")
+    if not examples:
+        raise SystemExit(f"--images {listing!r}: no image with a detection above --score_threshold; lower it")
     return examples
 
 
@@ -122,10 +176,15 @@ def main(argv=None) -> Path:
     from sklearn.manifold import TSNE
 
     model, processor = load_model_and_processor(args.model_name_or_path)
-    examples = synthetic_examples(args.num_scenes, model.config.visual_feat_dim, args.seed)
+    if args.images is None:
+        examples = synthetic_examples(args.num_scenes, model.config.visual_feat_dim, args.seed)
+    else:
+        extractor = region_extractor(args.detector, args.score_threshold, model.config.visual_feat_dim,
+                                     processor.max_regions)
+        examples = image_file_examples(args.images, extractor)
     points, concepts, is_word = anchor_embeddings(model, processor, examples, args.batch_size)
     if len(points) < 5:
-        raise SystemExit(f"only {len(points)} anchor points; encode more scenes (--num_scenes)")
+        raise SystemExit(f"only {len(points)} anchor points; encode more scenes (--num_scenes) or images (--images)")
     perplexity = min(args.perplexity, (len(points) - 1) / 3)
     coordinates = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=args.seed).fit_transform(points)
     output = Path(args.output)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from cmal_examples.figure_arguments import FigureArguments, parse_figure_arguments
-from cmal_examples.figures import load_model_and_processor, synthetic_scene
+from cmal_examples.figures import image_file_regions, load_model_and_processor, region_extractor, synthetic_scene
 
 from modeling_cmal import CmalModel, select_top_regions
 from modeling_cmal.processing_cmal import CmalProcessor
@@ -117,25 +117,8 @@ def coffee_example(feature_dim: int, seeds_path: str | Path):
 
 def photo_example(path: str, detector: str, score_threshold: float, feature_dim: int, max_regions: int):
     """An image file and the regions of the object detector at `detector` (at most `max_regions`)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from modeling_cmal import CmalRegionExtractor
-
-    try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise SystemExit(f"--image {path!r} is not an image file Pillow can read: {error}") from None
-    try:
-        extractor = CmalRegionExtractor.from_pretrained(detector, score_threshold=score_threshold, top_k=max_regions)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"--detector {detector!r} is not a transformers object detector: {error}") from None
-    if extractor.feature_dim != feature_dim:
-        raise SystemExit(f"--detector {detector!r} gives {extractor.feature_dim}-d region features but the model was "
-                         f"trained on {feature_dim}-d ones (visual_feat_dim): a CMAL is tied to its detector's "
-                         "feature width; use the detector its corpus was extracted with")
-    regions = extractor(image)
-    if len(regions["tags"]) == 0:
+    image, regions = image_file_regions(path, region_extractor(detector, score_threshold, feature_dim, max_regions))
+    if regions is None:
         raise SystemExit(f"--detector {detector!r} found no region in {path!r} scoring above --score_threshold "
                          f"{score_threshold}: lower it")
     return image, regions

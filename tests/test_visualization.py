@@ -143,6 +143,9 @@ def photo_and_detectors(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("photo")
     Image.fromarray(data.coffee()).save(root / "my photo.jpg")
+    (root / "more").mkdir()
+    for name in ("chelsea", "astronaut", "rocket"):
+        Image.fromarray(getattr(data, name)()).save(root / "more" / f"{name}.png")
     return (root / "my photo.jpg", save_tiny_detector(root / "detector", FEATURE_DIM, ["cup"]),
             save_tiny_detector(root / "narrow_detector", 32, ["cup"]))
 
@@ -172,6 +175,36 @@ def test_image_files_that_cannot_be_used_are_refused(visualize_attention, traine
         visualize_attention.main(common + ["--image", str(not_an_image), "--detector", str(detector)])
     with pytest.raises(SystemExit, match="is not a transformers object detector"):
         visualize_attention.main(common + ["--image", str(photo), "--detector", str(tmp_path)])
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_tsne_of_image_files_with_a_detector(trained_folder, photo_and_detectors, tmp_path):
+    """`tsne.py --images FILE --detector DIR`: a JSON Lines file of photos (paths relative to it) and captions."""
+    photo, detector, _ = photo_and_detectors
+    listing = photo.parent / "photos.jsonl"
+    listing.write_text("\n".join(json.dumps(item) for item in [
+        {"image": photo.name, "caption": "a cup of coffee"},
+        *({"image": f"more/{name}.png", "caption": f"a cup next to the {name}"}
+          for name in ("chelsea", "astronaut", "rocket"))]) + "\n")
+    output = tmp_path / "tsne_photos.png"
+    completed = run_script("tsne", "--model_name_or_path", str(trained_folder), "--output", str(output), "--images",
+                           str(listing), "--detector", str(detector), "--score_threshold", "0", cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert f"wrote {output} (8 points)" in completed.stdout  # one anchor per photo: a word and a region point
+    assert_png(output, min_width=400)
+
+
+def test_tsne_image_listings_that_cannot_be_used_are_refused(tsne, trained_folder, photo_and_detectors, tmp_path):
+    photo, detector, _ = photo_and_detectors
+    listing = tmp_path / "bad.jsonl"
+    common = ["--model_name_or_path", str(trained_folder), "--output", str(tmp_path / "x.png"), "--images",
+              str(listing), "--detector", str(detector), "--score_threshold", "0"]
+    for content, message in ((f'{{"image": "{photo}", "caption": ""}}\n', "line 1 must be an object with"),
+                             ('{"image": "nothing.png", "caption": "a cup"}\n', "line 1: .* is not an image file"),
+                             ("not json\n", "line 1 is not JSON")):
+        listing.write_text(content)
+        with pytest.raises(SystemExit, match=message):
+            tsne.main(common)
     assert not (tmp_path / "x.png").exists()
 
 
@@ -252,6 +285,11 @@ MODEL = ["--model_name_or_path", "{model}", "--output", "a.png"]
     ("visualize_attention", [*MODEL, "--score_threshold", "1"], ["--score_threshold must be a float in [0, 1)",
                                                                   "got 1.0"]),
     ("tsne", [*MODEL, "--num_scenes", "0"], ["--num_scenes must be a positive integer", "got 0"]),
+    ("tsne", [*MODEL, "--images", "{missing}", "--detector", "{model}"],
+     ["--images must be a JSON Lines file", "'{missing}'"]),
+    ("tsne", [*MODEL, "--images", "{model}/config.json"], ["--detector must be a transformers object-detector folder "
+                                                            "with --images", "None"]),
+    ("tsne", [*MODEL, "--detector", "{model}"], ["--detector must be left unset without --images", "'{model}'"]),
     ("tsne", [*MODEL, "--batch_size", "-2"], ["--batch_size must be a positive integer", "got -2"]),
     ("tsne", [*MODEL, "--perplexity", "0"], ["--perplexity must be a positive number", "got 0.0"]),
     ("tsne", [*MODEL, "--perplexity", "nan"], ["--perplexity must be a positive number", "got nan"]),

@@ -1,10 +1,9 @@
-"""What the figure programs (`visualize_attention.py`, `tsne.py`) share: synthetic scenes and the model loading (their
-common flags are in `figure_arguments`)."""
+"""What the figure programs (`visualize_attention.py`, `tsne.py`) share: synthetic scenes, the regions an object
+detector gives for image files, and the model loading (their common flags are in `figure_arguments`)."""
 
 from __future__ import annotations
 
-
-from modeling_cmal import CmalModel
+from modeling_cmal import CmalModel, CmalRegionExtractor
 from modeling_cmal.processing_cmal import CmalProcessor
 
 
@@ -36,3 +35,31 @@ def load_model_and_processor(folder: str, **model_kwargs) -> tuple[CmalModel, Cm
         raise SystemExit(f"{folder}: the processor's lexicon has {len(processor.lexicon)} concepts but the model's "
                          f"num_anchor_concepts is {model.config.num_anchor_concepts}")
     return model, processor
+
+
+def region_extractor(detector: str, score_threshold: float, feature_dim: int, max_regions: int) -> CmalRegionExtractor:
+    """The transformers object detector of `--detector`, refused when its feature width is not the model's
+    `feature_dim` (a CMAL is tied to its detector's features)."""
+    try:
+        extractor = CmalRegionExtractor.from_pretrained(detector, score_threshold=score_threshold, top_k=max_regions)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--detector {detector!r} is not a transformers object detector: {error}") from None
+    if extractor.feature_dim != feature_dim:
+        raise SystemExit(f"--detector {detector!r} gives {extractor.feature_dim}-d region features but the model was "
+                         f"trained on {feature_dim}-d ones (visual_feat_dim): a CMAL is tied to its detector's "
+                         "feature width; use the detector its corpus was extracted with")
+    return extractor
+
+
+def image_file_regions(path, extractor: CmalRegionExtractor, flag: str = "--image"):
+    """(the RGB image of the file at `path`, its regions from `extractor`, or None when nothing scored above the
+    extractor's threshold). A file Pillow cannot read stops the program with a message naming `flag` and the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise SystemExit(f"{flag}: {str(path)!r} is not an image file Pillow can read: {error}") from None
+    regions = extractor(image)
+    return image, (regions if len(regions["tags"]) else None)
