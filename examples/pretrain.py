@@ -41,7 +41,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,13 +52,14 @@ from accelerate import Accelerator
 from accelerate.utils import (DataLoaderConfiguration, DistributedType, LoggerType, ProjectConfiguration,
                                gather_object, send_to_device, set_seed)
 from cmal_examples import checkpoints
+from cmal_examples.arguments import parse_arguments
 from cmal_examples.models import config_from, data_sizes, new_processor, parameter_groups
 from cmal_processing.shards import CORPUS_INFO_FILE, open_streaming_corpus, read_corpus_info
 from datasets import load_from_disk
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, get_scheduler
+from transformers import get_scheduler
 
 from modeling_cmal import CMAL_SIZES, CmalForPreTraining, load_bert_weights
 from modeling_cmal.collator_cmal import CmalPretrainingCollator, processor_identity
@@ -205,15 +205,7 @@ class PretrainingArguments:
 def parse_args(argv: list[str] | None = None) -> PretrainingArguments:
     """The flags, or one JSON file holding them (as in the transformers examples). A bad value stops the run with
     exit status 2 and a message naming the flag and the value."""
-    parser = HfArgumentParser(PretrainingArguments, description=__doc__.split("\n\n")[0])
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            (args,) = parser.parse_json_file(argv[0])
-        else:
-            (args,) = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as error:
-        parser.error(str(error))
+    (args,) = parse_arguments(PretrainingArguments, argv, description=__doc__.split("\n\n")[0])
     return args
 
 

@@ -385,7 +385,7 @@ def test_argument_defaults_json_file_and_no_evaluation(tmp_path):
     # the task's defaults hold for a JSON file as for flags
     _, _, training_args = parse_arguments(RefcocoTask(), [str(_write_json(tmp_path / "plain.json", base))])
     assert training_args.metric_for_best_model == "iou_accuracy" and training_args.do_train
-    with pytest.raises(SystemExit, match="must hold a JSON object"):
+    with pytest.raises(SystemExit, match="must hold one JSON object"):
         parse_arguments(RefcocoTask(), [str(_write_json(tmp_path / "list.json", [1, 2]))])
     # only the steps asked for (TrainingArguments alone would switch evaluation on with the eval strategy)
     _, _, training_args = parse_arguments(RefcocoTask(), [*(f"--{k}={v}" for k, v in base.items()), "--do_predict"])

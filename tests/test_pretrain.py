@@ -476,6 +476,20 @@ def test_arguments_from_a_json_file_and_as_dataclass(pretrain_module, tmp_path):
         pretrain_module.PretrainingArguments(dataset_path=str(dataset), output_dir=str(tmp_path), max_steps=0)
 
 
+def test_a_bad_json_arguments_file_is_named(pretrain_module, capsys, tmp_path):
+    dataset = tmp_path / "pretrain"
+    dataset.mkdir()
+    (dataset / "dataset_dict.json").write_text('{"splits": ["train", "validation"]}')
+    arguments = tmp_path / "args.json"
+    arguments.write_text(json.dumps({"dataset_path": str(dataset), "output_dir": str(tmp_path), "max_step": 7}))
+    assert "has keys that are no flag of this program: ['max_step']" in _refusal(pretrain_module, capsys,
+                                                                                 [str(arguments)])
+    arguments.write_text(json.dumps({"dataset_path": str(dataset)}))
+    assert "must give --output_dir" in _refusal(pretrain_module, capsys, [str(arguments)])
+    arguments.write_text("[1]")
+    assert "must hold one JSON object" in _refusal(pretrain_module, capsys, [str(arguments)])
+
+
 def test_adamw_groups_exclude_biases_norms_scales_and_mask_vectors():
     from cmal_examples.models import parameter_groups
 

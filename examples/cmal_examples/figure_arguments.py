@@ -1,6 +1,7 @@
 """The arguments the figure programs (`visualize_attention.py`, `tsne.py`) share, in the style of the transformers
 examples: `FigureArguments`, a dataclass of the common flags whose `__post_init__` checks them, and
-`parse_figure_arguments`, the `HfArgumentParser` over a program's subclass of it (flags, or one JSON file of them).
+`parse_figure_arguments`, `cmal_examples.arguments.parse_arguments` over a program's subclass of it (flags, or one
+JSON file of them).
 
 A bad value raises `ValueError` naming the flag, the value and what was expected; `parse_figure_arguments` turns it
 into `parser.error` (exit status 2), from the command line and from a JSON file alike.
@@ -10,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from transformers import HfArgumentParser
+from .arguments import parse_arguments
 
 Arguments = TypeVar("Arguments", bound="FigureArguments")
 
@@ -86,40 +85,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def parse_figure_arguments(arguments_class: type[Arguments], description: str,
                            argv: list[str] | None = None) -> Arguments:
-    """The flags of `arguments_class`, or one JSON file holding them (keys: the flags' names without `--`), as in
-    the transformers examples. A bad value stops the program with exit status 2 and a message naming the flag and
-    the value."""
-    parser = HfArgumentParser(arguments_class, description=description, formatter_class=HelpFormatter)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            _check_json_file(argv[0], arguments_class)
-            (args,) = parser.parse_json_file(argv[0])
-        else:
-            (args,) = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as error:
-        parser.error(str(error))
+    """The flags of `arguments_class`, or one JSON file holding them (`cmal_examples.arguments.parse_arguments`),
+    with the program's docstring and every flag's default in `--help`."""
+    (args,) = parse_arguments(arguments_class, argv, description=description, formatter_class=HelpFormatter)
     return args
-
-
-def _check_json_file(path: str, arguments_class: type) -> None:
-    """What `HfArgumentParser.parse_json_file` would not say with the flag's name: an unreadable file, a file that is
-    not one JSON object, a missing required flag, an unknown key."""
-    try:
-        values = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ValueError(f"the arguments file {path!r} is not a readable JSON file: {error}") from None
-    if not isinstance(values, dict):
-        shape = f"one JSON object (the flags' names as keys), got a {type(values).__name__}"
-        # A ValueError like every bad input here: parse_figure_arguments reports those.
-        raise ValueError(f"the arguments file {path!r} must hold {shape}")  # noqa: TRY004
-    names = [item.name for item in dataclasses.fields(arguments_class) if item.init]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ValueError(f"the arguments file {path!r} has keys that are no flag of this program: {unknown} (the "
-                         f"flags: {names})")
-    missing = [item.name for item in dataclasses.fields(arguments_class) if item.init and item.name not in values
-               and item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ValueError(f"the arguments file {path!r} must give " + ", ".join(f"--{name}" for name in missing)
-                         + " (as keys: " + ", ".join(repr(name) for name in missing) + ")")

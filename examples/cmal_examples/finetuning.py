@@ -24,6 +24,7 @@ from transformers import EvalPrediction, HfArgumentParser, IntervalStrategy, Tra
 from modeling_cmal import CMAL_SIZES, CmalConfig, CmalPreTrainedModel
 from modeling_cmal.processing_cmal import CmalProcessor
 
+from .arguments import read_json_arguments
 from .hub_export import add_hub_files
 from .models import data_sizes, new_processor, read_config_fields
 
@@ -148,7 +149,7 @@ def parse_arguments(task: FinetuneTask, argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
-            model_args, data_args, training_args = parser.parse_dict({**task_defaults, **_json_arguments(argv[0])})
+            model_args, data_args, training_args = parser.parse_dict({**task_defaults, **read_json_arguments(argv[0])})
         else:
             model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
         model_args.check_paths()
@@ -160,17 +161,6 @@ def parse_arguments(task: FinetuneTask, argv: list[str] | None = None):
     except ValueError as error:
         raise SystemExit(str(error)) from None
     return model_args, data_args, training_args
-
-
-def _json_arguments(path: str) -> dict:
-    try:
-        arguments = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"the arguments file {path!r} is not a readable JSON file: {error}") from None
-    if not isinstance(arguments, dict):
-        raise ValueError(f"the arguments file {path!r} must hold a JSON object of flag names and values, got "
-                         f"{type(arguments).__name__}")
-    return arguments
 
 
 # --------------------------------------------------------------------------------------------------------------
