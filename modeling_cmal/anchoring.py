@@ -766,6 +766,27 @@ def _pair(
     return spans, anchors
 
 
+def _free_regions(
+    region_concepts: list[tuple[int | None, int | None]],
+    region_field: int,
+    wanted,
+    scores: list[float] | None,
+    used_regions: set[int],
+) -> dict[int, list[int]]:
+    """The regions not in `used_regions` whose concept (`region_concepts[i][region_field]`) is in `wanted`, by
+    concept, each list best first: higher score, then lower index."""
+    free_regions: dict[int, list[int]] = {}
+    for index, concepts in enumerate(region_concepts):
+        concept = concepts[region_field]
+        if concept in wanted and index not in used_regions:
+            free_regions.setdefault(concept, []).append(index)
+    if scores is not None:
+        for candidates in free_regions.values():
+            if len(candidates) > 1:
+                candidates.sort(key=lambda index: (-scores[index], index))
+    return free_regions
+
+
 def _pair_kinds(
     spans: list[tuple[int, int, int, int, str]],
     region_concepts: list[tuple[int | None, int | None]],
@@ -775,14 +796,7 @@ def _pair_kinds(
 ) -> tuple[list[AnchorMatch], list[tuple[int, int, int, int, str]], set[int]]:
     """Serve `spans` in order with free regions whose concept is broader or narrower than the span's, nearest
     first: `(anchors carrying the broader concept, spans left over, regions used)`."""
-    free_regions: dict[int, list[int]] = {}
-    for index, (concept, _) in enumerate(region_concepts):
-        if concept in related and index not in used_regions:
-            free_regions.setdefault(concept, []).append(index)
-    if scores is not None:
-        for candidates in free_regions.values():
-            if len(candidates) > 1:
-                candidates.sort(key=lambda index: (-scores[index], index))
+    free_regions = _free_regions(region_concepts, 0, related, scores, used_regions)
     anchors, unpaired = [], []
     used = set(used_regions)
     for span in spans:
@@ -814,16 +828,8 @@ def _pair_spans(
 ) -> tuple[list[AnchorMatch], list[tuple[int, int, int, int, str]], set[int]]:
     """Serve `spans` in order with free regions of the same concept (`span[span_field]` and
     `region_concepts[i][region_field]`): `(anchors, spans left over, regions used)`."""
-    wanted = {span[span_field] for span in spans}
-    free_regions: dict[int, list[int]] = {}
-    for index, concepts in enumerate(region_concepts):
-        concept = concepts[region_field]
-        if concept in wanted and index not in used_regions:
-            free_regions.setdefault(concept, []).append(index)
-    if scores is not None:
-        for candidates in free_regions.values():
-            if len(candidates) > 1:
-                candidates.sort(key=lambda index: (-scores[index], index))
+    free_regions = _free_regions(region_concepts, region_field, {span[span_field] for span in spans}, scores,
+                                 used_regions)
     anchors, unpaired = [], []
     used = set(used_regions)
     for span in spans:

@@ -1221,6 +1221,9 @@ def mlm_prediction_positions(labels: torch.Tensor, multiple_of: int = 8) -> torc
 # --------------------------------------------------------------------------------------------------------------
 # Task heads
 # --------------------------------------------------------------------------------------------------------------
+# Every head spells out the trunk's inputs in its own `forward` signature, as transformers' heads do: the signature
+# is what the docs, `Trainer`'s column filtering (`remove_unused_columns`) and the pipelines read. The repetition
+# between the heads' signatures and their `_trunk(...)` calls is deliberate; what they compute differently follows.
 
 
 @dataclass

@@ -51,6 +51,7 @@ def build_nlvr2(
     *,
     split: str,
     image_id_format: str = "{image_id}",
+    # From here on write_split's keywords, spelled out in every builder's signature on purpose (its documentation).
     tag_vocab: TagVocab = None,
     id_offset: int = 0,
     num_shards: int = 1,

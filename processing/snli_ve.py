@@ -43,6 +43,7 @@ def build_snli_ve(
     *,
     split: str,
     image_id_format: str = "{image_id}",
+    # From here on write_split's keywords, spelled out in every builder's signature on purpose (its documentation).
     tag_vocab: TagVocab = None,
     id_offset: int = 0,
     num_shards: int = 1,

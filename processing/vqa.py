@@ -177,6 +177,7 @@ def build_vqa(
     answer_vocab: PathLike | Sequence[str] | None = None,
     top_k: int = DEFAULT_TOP_K,
     image_id_format: str = "{image_id}",
+    # From here on write_split's keywords, spelled out in every builder's signature on purpose (its documentation).
     tag_vocab: TagVocab = None,
     id_offset: int = 0,
     num_shards: int = 1,
