@@ -203,6 +203,30 @@ def test_every_parameter_gets_a_gradient():
     assert not missing
 
 
+def test_a_masked_region_takes_the_mask_embedding_and_its_gradient_stays_bounded():
+    """The collator hides a mask-region anchor's region by zeroing its features. The model embeds such a region with
+    the learned `mask_embedding`: `LN(W 0 + b)` would normalise the bias alone (variance 0 at initialisation) and
+    LayerNorm's backward would multiply the AMC gradient there by up to 1 / sqrt(eps) (1.7e5 at the projection bias
+    on the first pre-training batch of a tiny model, before this)."""
+    torch.manual_seed(0)
+    model = CmalForPreTraining(make_config()).train()
+    inputs = make_inputs()
+    inputs["visual_feats"][1, 2] = 0.0  # sample 1's mask-region anchor, as the collator hides it
+    embeddings = model.cmal.visual_embeddings
+    box = model.cmal.box_embeddings(inputs["visual_pos"])
+    embedded = embeddings(inputs["visual_feats"], box)
+    torch.testing.assert_close(embedded[1, 2], embeddings.mask_embedding + box[1, 2])
+    torch.testing.assert_close(embedded[1, 1], embeddings.feature_LayerNorm(
+        embeddings.feature_projection(inputs["visual_feats"][1, 1])) + box[1, 1])
+    outputs = model(**inputs)
+    assert outputs.amc_loss is not None
+    outputs.loss.backward()
+    norms = {name: parameter.grad.norm().item() for name, parameter in model.named_parameters()
+             if parameter.grad is not None}
+    assert norms["cmal.visual_embeddings.mask_embedding"] > 0
+    assert max(norms.values()) < 1e3, sorted(norms.items(), key=lambda item: -item[1])[:3]
+
+
 def test_save_load_round_trip_and_tied_decoder(tmp_path):
     model = CmalForPreTraining(make_config()).eval()
     inputs = make_inputs()
