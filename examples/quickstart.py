@@ -216,8 +216,8 @@ def answer_questions(vqa_dir: Path, vqa_path: Path, count: int = 5) -> list[dict
     vqa = pipeline("cmal-vqa", model=str(vqa_dir), trust_remote_code=True)
     shown = []
     for row in test.select(range(min(count, len(test)))):
-        regions = {"features": np.asarray(row["visual_feats"], dtype=np.float32),
-                   "boxes": np.asarray(row["visual_pos"], dtype=np.float32), "tags": row["tags"],
+        regions = {"visual_feats": np.asarray(row["visual_feats"], dtype=np.float32),
+                   "visual_pos": np.asarray(row["visual_pos"], dtype=np.float32), "tags": row["tags"],
                    "scores": row["scores"]}
         prediction = vqa(text=row["text"], regions=regions, top_k=1)[0]
         truth = answers[row["answer_ids"][int(np.argmax(row["answer_scores"]))]]
