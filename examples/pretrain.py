@@ -321,21 +321,26 @@ def load_splits(args: PretrainingArguments):
     return train_split, dataset["validation"]
 
 
+def streamed_split(args: PretrainingArguments, split: str) -> str:
+    """The folder or URL of the streamed corpus `split` (train, validation) under --dataset_path."""
+    return f"{args.dataset_path.rstrip('/')}/{split}"
+
+
 def check_streamed_corpora(args: PretrainingArguments, processor: CmalProcessor) -> int:
     """The region feature width of the streamed corpora train/ and validation/ of --dataset_path, which must agree
     and have been tokenised and anchored with `processor` (checked before anything is built)."""
     widths = {}
     for split in ("train", "validation"):
-        where = f"{args.dataset_path.rstrip('/')}/{split}"
         try:
-            info = read_corpus_info(where)
+            info = read_corpus_info(streamed_split(args, split))
         except (OSError, ValueError) as error:
             raise SystemExit(f"--dataset_path {args.dataset_path!r} ({split}): {error}") from None
         if info["processor_identity"] != processor_identity(processor):
             raise SystemExit(f"--dataset_path {args.dataset_path!r}: {split}/ was tokenised and anchored with "
-                             f"processor {info['processor_identity']}, not this run's ({processor_identity(processor)}: another "
-                             "tokenizer vocabulary or lexicon); pass the processor it was built with as "
-                             "--processor_name, or rebuild it with this one (python -m processing shards)")
+                             f"processor {info['processor_identity']}, not this run's "
+                             f"({processor_identity(processor)}: another tokenizer vocabulary or lexicon); pass the "
+                             "processor it was built with as --processor_name, or rebuild it with this one "
+                             "(python -m processing shards)")
         widths[split] = info["feature_dim"]
     if widths["train"] != widths["validation"]:
         raise SystemExit(f"--dataset_path {args.dataset_path!r}: train has {widths['train']}-d region features, "
@@ -414,7 +419,7 @@ class StreamedBatches:
 
     def _open(self, epoch: int) -> StatefulDataLoader:
         shuffle_seed = int(np.random.SeedSequence([self.args.seed, epoch]).generate_state(1)[0])
-        share = open_streaming_corpus(f"{self.args.dataset_path.rstrip('/')}/train", processor=self.processor,
+        share = open_streaming_corpus(streamed_split(self.args, "train"), processor=self.processor,
                                       rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
                                       shuffle_seed=shuffle_seed)
         # Its own generator: the loader's worker seeds must not come from the global RNG (dropout's).
@@ -459,7 +464,7 @@ def loading_options(args: PretrainingArguments) -> dict:
 def streamed_validation(args: PretrainingArguments, accelerator: Accelerator, processor: CmalProcessor,
                         collator) -> DataLoader:
     """This process' share of the streamed validation corpus, in corpus order (each evaluation reads it again)."""
-    share = open_streaming_corpus(f"{args.dataset_path.rstrip('/')}/validation", processor=processor,
+    share = open_streaming_corpus(streamed_split(args, "validation"), processor=processor,
                                   rank=accelerator.process_index, world_size=accelerator.num_processes)
     return DataLoader(share, batch_size=args.per_device_batch_size, collate_fn=collator,
                       generator=torch.Generator().manual_seed(args.seed), **loading_options(args))
@@ -496,8 +501,9 @@ def resume(accelerator: Accelerator, args: PretrainingArguments, model, train_co
         stream_states = state.get("stream")
         if not isinstance(stream_states, list) or len(stream_states) != accelerator.num_processes:
             raise SystemExit(f"--resume_from_checkpoint {str(path)!r}: {path / checkpoints.TRAINER_STATE} must hold "
-                             f"'stream', one streamed loader state per process ({accelerator.num_processes}), got "
-                             f"{type(stream_states).__name__}")
+                             f"'stream', a list of one streamed loader state per process ({accelerator.num_processes} "
+                             f"processes), got " + (f"a list of {len(stream_states)}" if isinstance(stream_states, list)
+                                                    else repr(stream_states)[:80]))
         try:
             streamed.load_state_dict(stream_states[accelerator.process_index])
         except ValueError as error:

@@ -48,10 +48,6 @@ class TsneArguments(FigureArguments):
     batch_size: int = field(default=32, metadata={"help": "scenes encoded per forward pass"})
     images: str | None = field(default=None, metadata={
         "help": 'a JSON Lines file of {"image": path, "caption": text} to encode instead of synthetic scenes'})
-    detector: str | None = field(default=None, metadata={
-        "help": "with --images: a transformers object-detector folder (the one the model's features come from)"})
-    score_threshold: float = field(default=0.2, metadata={
-        "help": "with --detector: detections scoring at most this are dropped (in [0, 1))"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -60,16 +56,10 @@ class TsneArguments(FigureArguments):
             self._refuse("seed", "an integer in [0, 2**32) (scikit-learn's random_state)")
         if not self.perplexity > 0:  # also refuses nan
             self._refuse("perplexity", "a positive number")
-        if self.images is not None:
-            if not Path(self.images).is_file():
-                self._refuse("images", 'a JSON Lines file of {"image": path, "caption": text}')
-            if self.detector is None or not Path(self.detector).is_dir():
-                self._refuse("detector", "a transformers object-detector folder with --images (the detector whose "
-                             "features the model was trained on)")
-        elif self.detector is not None:
-            self._refuse("detector", "left unset without --images (it applies to image files)")
-        if not 0.0 <= self.score_threshold < 1.0:
-            self._refuse("score_threshold", "a float in [0, 1)")
+        if self.images is not None and not Path(self.images).is_file():
+            self._refuse("images", 'a JSON Lines file of {"image": path, "caption": text}')
+        self._check_detector(self.images is not None, "--images",
+                             "left unset without --images (it applies to image files)")
 
 
 def parse_args(argv: list[str] | None = None) -> TsneArguments:

@@ -50,10 +50,6 @@ class AttentionArguments(FigureArguments):
     image: str = field(default="synthetic", metadata={
         "help": "synthetic: a scene of the synthetic world; coffee: scikit-image's coffee() photo; or the path of "
                 "an image file (with --detector and --caption)"})
-    detector: str | None = field(default=None, metadata={
-        "help": "with --image PATH: a transformers object-detector folder (the one the model's features come from)"})
-    score_threshold: float = field(default=0.2, metadata={
-        "help": "with --detector: detections scoring at most this are dropped (in [0, 1))"})
     caption: str | None = field(default=None, metadata={
         "help": "caption to use instead of the scene's (or the photo's first) caption"})
     seed: int = field(default=0, metadata={"help": "which synthetic scene (>= 0)"})
@@ -64,18 +60,13 @@ class AttentionArguments(FigureArguments):
         super().__post_init__()
         if self.caption is not None and not self.caption.strip():
             self._refuse("caption", "a non-empty caption")
-        if self.image not in BUILT_IN_IMAGES:
-            if not Path(self.image).is_file():
-                self._refuse("image", f"one of {list(BUILT_IN_IMAGES)} or an image file")
-            if self.detector is None or not Path(self.detector).is_dir():
-                self._refuse("detector", "a transformers object-detector folder with --image PATH (the detector "
-                             "whose features the model was trained on)")
-            if self.caption is None:
-                self._refuse("caption", "given with --image PATH (a caption naming something in the photo)")
-        elif self.detector is not None:
-            self._refuse("detector", f"left unset with --image {self.image} (it applies to an image file)")
-        if not 0.0 <= self.score_threshold < 1.0:
-            self._refuse("score_threshold", "a float in [0, 1)")
+        image_file = self.image not in BUILT_IN_IMAGES
+        if image_file and not Path(self.image).is_file():
+            self._refuse("image", f"one of {list(BUILT_IN_IMAGES)} or an image file")
+        self._check_detector(image_file, "--image PATH",
+                             f"left unset with --image {self.image} (it applies to an image file)")
+        if image_file and self.caption is None:
+            self._refuse("caption", "given with --image PATH (a caption naming something in the photo)")
         if self.image == "coffee" and not Path(self.real_image_seeds).is_file():
             self._refuse("real_image_seeds", "a file with --image coffee (the annotations of the photos, "
                          "examples/data/real_image_seeds.json of the repository)")

@@ -24,16 +24,31 @@ Arguments = TypeVar("Arguments", bound="FigureArguments")
 
 @dataclass
 class FigureArguments:
-    """`--model_name_or_path` (a saved CMAL folder), `--output` (the PNG to write) and `--seed` (>= 0). Every field,
+    """`--model_name_or_path` (a saved CMAL folder), `--output` (the PNG to write), `--seed` (>= 0), and for image
+    files `--detector` / `--score_threshold` (in [0, 1)). Every field,
     a subclass's included, must hold a value of its annotated type (what a JSON file gives is not converted by
     argparse); a subclass checks its own values in `__post_init__` after calling this one."""
 
     model_name_or_path: str = field(metadata={"help": "a CMAL folder (pre-trained or fine-tuned)"})
     output: str = field(metadata={"help": "PNG file to write (its folder is created)"})
     seed: int = field(default=0, metadata={"help": "seed of the figure's synthetic scenes (>= 0)"})
+    detector: str | None = field(default=None, metadata={
+        "help": "with image files: a transformers object-detector folder (the one the model's features come from)"})
+    score_threshold: float = field(default=0.2, metadata={
+        "help": "with --detector: detections scoring at most this are dropped (in [0, 1))"})
 
     def _refuse(self, name: str, requirement: str) -> None:
         raise ValueError(f"--{name} must be {requirement}, got {getattr(self, name)!r}")
+
+    def _check_detector(self, image_files: bool, files_flag: str, unset_requirement: str) -> None:
+        """--detector must name a folder when the program reads image files (`files_flag`), and be left unset
+        (`unset_requirement` says when) otherwise."""
+        if image_files:
+            if self.detector is None or not Path(self.detector).is_dir():
+                self._refuse("detector", f"a transformers object-detector folder with {files_flag} (the detector "
+                             "whose features the model was trained on)")
+        elif self.detector is not None:
+            self._refuse("detector", unset_requirement)
 
     def __post_init__(self):
         self._check_types()
@@ -46,6 +61,8 @@ class FigureArguments:
             self._refuse("output", "a .png file name, not a folder")
         if self.seed < 0:
             self._refuse("seed", "an integer >= 0")
+        if not 0.0 <= self.score_threshold < 1.0:
+            self._refuse("score_threshold", "a float in [0, 1)")
 
     def _check_types(self) -> None:
         hints = typing.get_type_hints(type(self))
