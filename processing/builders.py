@@ -47,9 +47,11 @@ from pathlib import Path
 
 import numpy as np
 from datasets import Dataset, Features, NamedSplit, concatenate_datasets, load_from_disk
+from datasets.arrow_writer import ArrowWriter
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from tqdm.auto import tqdm
 
+from .corpus import IMAGE_TABLE, joined_features, split_features
 from .readers import CorruptRegionsError, PathLike, RegionFeatureIndex, TagVocab
 from .skips import SkipCounter
 
@@ -210,6 +212,7 @@ class BuildSummary:
     skipped: SkipCounter
     region_errors: SkipCounter
     statistics: dict[str, float] = field(default_factory=dict)
+    images_written: int = 0
     anchor_statistics: object | None = None
     shard: tuple[int, int] = (0, 1)
     clipped_boxes: SkipCounter = field(default_factory=lambda: SkipCounter("boxes clipped to the image edge"))
@@ -219,7 +222,7 @@ class BuildSummary:
         lines = [
             f"{self.task} / {self.split}" + (f" (shard {shard_index} of {num_shards})" if num_shards > 1 else "")
             + f" -> {self.dataset_path}",
-            f"items: {self.items}   rows written: {self.rows_written}",
+            f"items: {self.items}   rows written: {self.rows_written}   images written: {self.images_written}",
             self.skipped.format(),
             self.region_errors.format(),
             self.clipped_boxes.format(),
@@ -266,6 +269,17 @@ def _remove_stale_temporaries(root: Path, name: str) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def _stored_features(split_folder: Path) -> Features:
+    """The joined row `Features` of a saved split: its task table's with its image table's, or the single table's."""
+    def saved(folder: Path) -> Features:
+        return Features.from_dict(json.loads((folder / "dataset_info.json").read_text(encoding="utf-8"))["features"])
+
+    task = saved(split_folder)
+    if not (split_folder / IMAGE_TABLE / "dataset_info.json").is_file():
+        return task
+    return joined_features(task, saved(split_folder / IMAGE_TABLE))
+
+
 def _prepare_root(root: Path, split: str, features: Features, extra_files: dict[str, str]) -> None:
     """Create `root`, remove stale temporaries and refuse to mix incompatible splits in one `DatasetDict`."""
     if (root / "state.json").is_file():
@@ -275,12 +289,12 @@ def _prepare_root(root: Path, split: str, features: Features, extra_files: dict[
         _remove_stale_temporaries(root, name)
     others = [name for name in _saved_splits(root) if name != split]
     for other in others:
-        info = json.loads((root / other / "dataset_info.json").read_text(encoding="utf-8"))
-        if Features.from_dict(info["features"]) != features:
+        other_features = _stored_features(root / other)
+        if other_features != features:
             raise ValueError(
                 f"split {other!r} of {str(root)!r} has other columns than the {split!r} split being built (its region "
-                f"features are {_feature_dim(Features.from_dict(info['features']))}-d, these "
-                f"{_feature_dim(features)}-d, or it is another task): use a new output folder"
+                f"features are {_feature_dim(other_features)}-d, these {_feature_dim(features)}-d, or it is another "
+                f"task or layout): use a new output folder"
             )
     for name, text in extra_files.items():
         path = root / name
@@ -319,15 +333,20 @@ def _own_progress_bar_only():
             enable_progress_bars()
 
 
-def _save_atomically(root: Path, split: str, make_dataset: Callable[[Path], Dataset], extra_files: dict[str, str]):
+def _save_atomically(root: Path, split: str, make_dataset: Callable[[Path], tuple[Dataset, Dataset | None]],
+                     extra_files: dict[str, str]):
     """Build a split in `.<split>.tmp-<token>`, then install its extra files and the split folder, in that order
-    (a split is never visible without its extra files). Nothing is left behind when `make_dataset` raises."""
+    (a split is never visible without its extra files). `make_dataset` returns the task table and the image table
+    (None for a single-table split), saved as the split folder and its `images/` folder in one rename. Nothing is
+    left behind when `make_dataset` raises."""
     token = uuid.uuid4().hex
     temporary = root / f".{split}.tmp-{token}"
     try:
-        dataset = make_dataset(temporary)
-        dataset.save_to_disk(str(temporary / "dataset"), num_shards=1 if dataset.num_rows == 0 else None)
-        del dataset
+        tables = make_dataset(temporary)
+        for dataset, folder in zip(tables, (temporary / "dataset", temporary / "dataset" / IMAGE_TABLE)):
+            if dataset is not None:
+                dataset.save_to_disk(str(folder), num_shards=1 if dataset.num_rows == 0 else None)
+        del tables, dataset
         for name, text in extra_files.items():
             _write_text_atomically(root / name, text)
         _install_folder(temporary / "dataset", root / split)
@@ -421,10 +440,13 @@ def text_field(value: object) -> str:
 
 
 def _anchor_statistics(dataset_path: Path, image_suffixes: Sequence[str], lexicon):
-    """Anchor statistics over the written split's `text` and `tags` columns, streamed from disk."""
+    """Anchor statistics over the written split's `text` and its images' `tags`, streamed from disk."""
     from modeling_cmal.anchoring import anchor_statistics
 
-    dataset = load_from_disk(str(dataset_path)).select_columns(["text", *(f"tags{s}" for s in image_suffixes)])
+    id_columns = [f"image_id{suffix}" for suffix in image_suffixes]
+    dataset = load_from_disk(str(dataset_path)).select_columns(["text", *id_columns])
+    images = load_from_disk(str(dataset_path / IMAGE_TABLE)).select_columns(["image_id", "tags"]).to_dict()
+    tags_of = dict(zip(images["image_id"], images["tags"]))
 
     def captions() -> Iterator[str]:
         for batch in dataset.iter(batch_size=1000):
@@ -432,8 +454,8 @@ def _anchor_statistics(dataset_path: Path, image_suffixes: Sequence[str], lexico
 
     def tags() -> Iterator[list[str]]:
         for batch in dataset.iter(batch_size=1000):
-            for tags_per_image in zip(*(batch[f"tags{suffix}"] for suffix in image_suffixes)):
-                yield [tag for image_tags in tags_per_image for tag in image_tags]
+            for image_ids in zip(*(batch[column] for column in id_columns)):
+                yield [tag for image_id in image_ids for tag in tags_of[image_id]]
 
     return anchor_statistics(captions(), tags(), lexicon)
 
@@ -494,54 +516,70 @@ def write_split(
         region_features, tag_vocab, id_offset=id_offset, errors=SkipCounter("region rows skipped")
     )
     dataset_features = features(feature_index.feature_dim())
+    task_features, image_features = split_features(dataset_features)
     _prepare_root(root, task_split, dataset_features, extra_files)
     rows_written = 0
     clipped_boxes = SkipCounter("boxes clipped to the image edge")
     clipped_images: set[str] = set()  # images whose boxes are already counted
+    written_images: set[str] = set()  # images already in the image table
     if task_columns is None:
         task_columns = _item_fields
 
-    def group_rows(group: ItemGroup) -> Iterator[dict]:
-        """The rows of one group's items; every item left out is counted in `skipped`."""
+    def group_rows(group: ItemGroup, image_writer: ArrowWriter) -> Iterator[dict]:
+        """The task rows of one group's items (every item left out is counted in `skipped`); the group's images
+        go to the image table the first time a written row uses them."""
         try:
-            images = [_image(image_id, suffix, feature_index, clipped_boxes, clipped_images)
-                      for image_id, suffix in zip(group.image_ids, image_suffixes, strict=True)]
+            images = [_image(image_id, feature_index, clipped_boxes, clipped_images) for image_id in group.image_ids]
         except SkipItem as error:
             for item in group.items:
                 skipped.add(error.reason, f"{item['where']}: {error}")
             return
         regions = [image_regions for image_regions, _ in images]
-        columns = {name: value for _, columns_of_image in images for name, value in columns_of_image.items()}
+        references = {f"image_id{suffix}": image_id
+                      for image_id, suffix in zip(group.image_ids, image_suffixes, strict=True)}
         for item in group.items:
             try:
-                yield {**columns, **task_columns(item, regions)}
+                row = {**references, **task_columns(item, regions)}
             except SkipItem as error:
                 skipped.add(error.reason, f"{item['where']}: {error}")
+                continue
+            for image_id, (_, columns) in zip(group.image_ids, images):
+                if image_id not in written_images:
+                    written_images.add(image_id)
+                    image_writer.write(image_features.encode_example(columns))
+            yield row
 
-    def rows() -> Iterator[dict]:
+    def rows(image_writer: ArrowWriter) -> Iterator[dict]:
         nonlocal rows_written
         with tqdm(total=num_items, desc=f"{task} {task_split}", unit=" items", disable=not progress) as bar:
             for group in shard_groups:
-                for row in group_rows(group):
+                for row in group_rows(group, image_writer):
                     rows_written += 1
                     yield row
                 bar.update(len(group.items))
                 bar.set_postfix(skipped=skipped.total, refresh=False)
 
-    def make_dataset(temporary: Path) -> Dataset:
-        row_iterator = rows()
-        first_row = next(row_iterator, None)
-        if first_row is None:  # `datasets` refuses to build a split of no rows from a generator
-            empty = {name: [] for name in dataset_features}
-            return Dataset.from_dict(empty, features=dataset_features, split=NamedSplit(task_split))
-        return Dataset.from_generator(
-            lambda: itertools.chain([first_row], row_iterator),
-            features=dataset_features,
-            cache_dir=str(temporary / "cache"),
-            fingerprint=uuid.uuid4().hex,
-            split=NamedSplit(task_split),
-            writer_batch_size=WRITER_BATCH_SIZE,
-        )
+    def make_dataset(temporary: Path) -> tuple[Dataset, Dataset]:
+        """The task table, built by `datasets` from the rows; the image table, written alongside as they come."""
+        temporary.mkdir(parents=True)
+        image_file = temporary / "images.arrow"
+        with ArrowWriter(features=image_features, path=str(image_file), writer_batch_size=WRITER_BATCH_SIZE) as writer:
+            row_iterator = rows(writer)
+            first_row = next(row_iterator, None)
+            if first_row is None:  # `datasets` refuses to build a split of no rows from a generator
+                empty = {name: [] for name in task_features}
+                task_table = Dataset.from_dict(empty, features=task_features, split=NamedSplit(task_split))
+            else:
+                task_table = Dataset.from_generator(
+                    lambda: itertools.chain([first_row], row_iterator),
+                    features=task_features,
+                    cache_dir=str(temporary / "cache"),
+                    fingerprint=uuid.uuid4().hex,
+                    split=NamedSplit(task_split),
+                    writer_batch_size=WRITER_BATCH_SIZE,
+                )
+            writer.finalize()
+        return task_table, Dataset.from_file(str(image_file), split=NamedSplit(task_split))
 
     with _own_progress_bar_only():
         _save_atomically(root, task_split, make_dataset, extra_files)
@@ -551,6 +589,7 @@ def write_split(
         dataset_path=root / task_split,
         items=num_items + (refused.total if shard_index == 0 else 0),
         rows_written=rows_written,
+        images_written=len(written_images),
         skipped=skipped,
         region_errors=feature_index.errors,
         statistics=dict(statistics or {}),
@@ -565,9 +604,9 @@ def _item_fields(item: dict, regions: list[dict]) -> dict:
 
 
 def _image(
-    image_id: str, suffix: str, feature_index: RegionFeatureIndex, clipped: SkipCounter, clipped_images: set[str]
+    image_id: str, feature_index: RegionFeatureIndex, clipped: SkipCounter, clipped_images: set[str]
 ) -> tuple[dict, dict]:
-    """`(regions, region columns)` of one image; `SkipItem` when it has no features or corrupt ones (the row's
+    """`(regions, image table columns)` of one image; `SkipItem` when it has no features or corrupt ones (the row's
     own reason is counted in `feature_index.errors`). Boxes clipped to the image edge are counted in `clipped`
     the first time the image is used (`clipped_images` holds the images already counted)."""
     if image_id not in feature_index:
@@ -575,7 +614,7 @@ def _image(
     regions = feature_index.get(image_id)
     if regions is not None:
         try:
-            columns = image_columns(regions, suffix, None if image_id in clipped_images else clipped)
+            columns = image_columns(regions, "", None if image_id in clipped_images else clipped)
             clipped_images.add(image_id)
             return regions, columns
         except CorruptRegionsError as error:
@@ -617,9 +656,22 @@ def merge_shards(output: PathLike, split: str) -> Path:
                 text = path.read_text(encoding="utf-8")
                 if extra_files.setdefault(path.name, text) != text:
                     raise ValueError(f"{path.name} differs between the shards of {str(output)!r}")
-    parts = [load_from_disk(str(folder / split)) for folder in folders]
-    merged = concatenate_datasets(parts)
-    _prepare_root(output, split, merged.features, extra_files)
+    merged = concatenate_datasets([load_from_disk(str(folder / split)) for folder in folders])
+    with_images = [(folder / split / IMAGE_TABLE / "state.json").is_file() for folder in folders]
+    if any(with_images) and not all(with_images):
+        raise ValueError(f"the shards of {str(output)!r} mix layouts (image table in shards "
+                         f"{[index for index, has in enumerate(with_images) if has]} only): rebuild the others")
+    images = None
+    if all(with_images):
+        # An image can be used by items of two shards (NLVR2 pairs): the merged table keeps its first row.
+        images = concatenate_datasets([load_from_disk(str(folder / split / IMAGE_TABLE)) for folder in folders])
+        first_row: dict[str, int] = {}
+        for row, image_id in enumerate(images.with_format(None)["image_id"]):
+            first_row.setdefault(image_id, row)
+        if len(first_row) < len(images):
+            images = images.select(np.fromiter(first_row.values(), dtype=np.int64, count=len(first_row)))
+    features = merged.features if images is None else joined_features(merged.features, images.features)
+    _prepare_root(output, split, features, extra_files)
     with _own_progress_bar_only():
-        _save_atomically(output, split, lambda temporary: merged, extra_files)
+        _save_atomically(output, split, lambda temporary: (merged, images), extra_files)
     return output / split

@@ -32,6 +32,9 @@ same as the real-format builders, so every script runs on it unchanged::
       refcoco/    train, validation
       synthetic_config.json                    (seed, sizes, feature_dim, shapes, colours; written last)
 
+Each split folder holds its task table and, in `images/`, each scene's regions once (`processing/corpus.py`);
+`processing.corpus.load_corpus(root / "vqa")` reads a task with the regions joined to every row.
+
 From the shell: ``python -m processing.synthetic --output DIR --num-scenes N --seed S [--questions-per-scene Q]``.
 """
 
@@ -51,6 +54,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from .builders import _install_folder, _own_progress_bar_only, _prepare_root, _save_atomically, _write_text_atomically
+from .corpus import image_suffixes, separate_images, split_features
 from .readers import RegionsDict
 from .schema import (
     ANSWER_VOCAB_FILE,
@@ -728,10 +732,13 @@ def _write_tasks(root: Path, rows: dict, splits: dict, feature_dim: int, answer_
         for task in TASKS:
             features = FEATURES[task](feature_dim)
             extra_files = {ANSWER_VOCAB_FILE: json.dumps(answer_vocab)} if task == "vqa" else {}
-            for split, task_rows in ((split, rows[split][task]) for split in splits):
+            task_features, image_features = split_features(features)
+            for split, joined_rows in ((split, rows[split][task]) for split in splits):
                 _prepare_root(root / task, split, features, extra_files)
-                _save_atomically(root / task, split, lambda _, data=task_rows, f=features:
-                                 Dataset.from_list(data, features=f), extra_files)
+                task_rows, image_rows = separate_images(joined_rows, image_suffixes(features))
+                _save_atomically(root / task, split, lambda _, t=task_rows, i=image_rows: (
+                    Dataset.from_list(t, features=task_features), Dataset.from_list(i, features=image_features)),
+                    extra_files)
                 summary["rows"].setdefault(task, {})[split] = len(task_rows)
 
 
