@@ -3,7 +3,8 @@
 - `read_region_features(path)` yields the `regions` dict of every image of a bottom-up-attention `.tsv` (LXMERT)
   or a folder of per-image `.npz` (bottom-up-attention.pytorch); `RegionFeatureIndex` looks images up by id.
 - `build_captions`, `build_vqa`, `build_nlvr2`, `build_snli_ve`, `build_refcoco` write one split of a corpus as a
-  `datasets.DatasetDict` folder in the column layout of `processing.schema`, streaming the features; `merge_shards`
+  `datasets.DatasetDict` folder in the column layout of `processing.schema`, streaming the features, each image's
+  regions once (`processing.corpus`: task table + image table; `load_corpus` reads them joined); `merge_shards`
   joins the shards of a split built on several machines. The same from the shell:
   `python -m processing build {captions,vqa,nlvr2,snli_ve,refcoco} ...` and `python -m processing merge ...`
   (`python -m processing build vqa --help` lists the flags).
@@ -19,6 +20,7 @@
 
 from .builders import BuildSummary, merge_shards
 from .captions import build_captions
+from .corpus import load_corpus, save_corpus
 from .nlvr2 import build_nlvr2
 from .readers import CorruptRegionsError, RegionFeatureIndex, load_tag_vocab, read_npz_regions, read_region_features
 from .refcoco import build_refcoco
@@ -36,9 +38,11 @@ __all__ = [
     "build_refcoco",
     "build_snli_ve",
     "build_vqa",
+    "load_corpus",
     "load_tag_vocab",
     "merge_shards",
     "normalize_answer",
     "read_npz_regions",
     "read_region_features",
+    "save_corpus",
 ]

@@ -8,26 +8,26 @@ into `ItemGroup`s — the items that need the same image(s), in order of first a
 - takes this shard's contiguous block of groups (`num_shards`, `shard_index`): the concatenation of all shards in
   index order is exactly the unsharded dataset, and every image is decoded by one shard only;
 - decodes each group's images once through a `RegionFeatureIndex` (one image in memory at a time) and streams
-  the rows into `datasets.Dataset.from_generator` with the explicit `Features` of `processing/schema.py`
-  (`visual_feats` float16, `visual_pos` = boxes / (width, height, width, height) clipped to [0, 1]; every box
-  that reached past the image edge is counted in the summary's `clipped_boxes`, the first one logged as a warning);
+  the task rows into `datasets.Dataset.from_generator` and each image used by a written row, once, into the
+  split's image table (`processing/corpus.py`), with the explicit `Features` of `processing/schema.py` cut by
+  `split_features` (`visual_feats` float16, `visual_pos` = boxes / (width, height, width, height) clipped to
+  [0, 1]; every box that reached past the image edge is counted in the summary's `clipped_boxes`, the first one
+  logged as a warning);
 - skips and counts, never raises on, bad data: an image without features (`missing_features`), with corrupt
   features (`corrupt_features`, the row's own reason in `region_errors`), or an item the task refuses;
 - writes into a temporary sibling `.<split>.tmp-<token>` and renames it into place only when complete, so an
   interrupted run leaves no split folder behind (a rerun removes stale temporaries first);
-- keeps the output a `DatasetDict` folder: `<output>/<split>/` plus `dataset_dict.json` listing every split present.
+- keeps the output a `DatasetDict` folder: `<output>/<split>/` (the task table, with the image table in
+  `<output>/<split>/images/`) plus `dataset_dict.json` listing every split present.
 
 **Splits.** Each run writes one split; run the builder once per split with the same `--output` and the splits
-accumulate in one `DatasetDict` (`load_from_disk(output)` gives them all). Splits of one folder must share their
+accumulate in one `DatasetDict` (`processing.corpus.load_corpus(output)` gives them all, regions joined). Splits of one folder must share their
 features (same feature dimension), and files written beside them (VQA's `answer_vocab.json`) must agree.
 
 **Shards.** With `num_shards > 1` shard `i` writes `<output>/shard-0000i-of-0000N/` (a `DatasetDict` folder of its
 own). Once all shards are done, `merge_shards(output, split)` (CLI: `python -m processing merge`) concatenates
-them into `<output>/<split>/`; by hand that is
-
-    from datasets import concatenate_datasets, load_from_disk
-    parts = [load_from_disk(f"{output}/shard-{i:05d}-of-{n:05d}")[split] for i in range(n)]
-    concatenate_datasets(parts).save_to_disk(f"{output}/{split}")   # then list the split in dataset_dict.json
+their task tables and their image tables (an image two shards hold, as NLVR2 pairs can, keeps one row) into
+`<output>/<split>/`.
 """
 
 from __future__ import annotations

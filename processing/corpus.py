@@ -127,7 +127,10 @@ class RegionJoin:
         if not self.suffixes:
             raise ValueError(f"the task table has no image_id column (columns: {list(task_features)})")
         self._rows = None  # image id -> image table row, built on first use (and in each loader worker)
-        self._task_formatter = NumpyFormatter(features=task_features)
+        self._numpy_images = None  # the image table's region columns, numpy-formatted
+        self._task_formatter = NumpyFormatter()  # task columns need no decoding (no Image or Audio features)
+        # Arrow types of the task columns; a column added later (map, add_column) has its type inferred.
+        self._arrow_types = {field.name: field.type for field in task_features.arrow_schema}
 
     @property
     def features(self) -> Features:
@@ -146,22 +149,23 @@ class RegionJoin:
                            f"({len(self._rows)} images); rebuild the corpus") from None
 
     def __call__(self, batch: dict) -> dict:
-        table = pa.Table.from_pydict(batch, schema=Features({name: self.task_features[name] for name in batch})
-                                     .arrow_schema)
+        table = pa.Table.from_pydict({name: pa.array(values, type=self._arrow_types.get(name))
+                                      for name, values in batch.items()})
         task = self._task_formatter.format_batch(table)
-        numpy_images = self.images.with_format("numpy", columns=list(_REGION_VALUES))
+        if self._numpy_images is None:
+            self._numpy_images = self.images.with_format("numpy", columns=list(_REGION_VALUES))
         joined = {}
         for suffix in self.suffixes:
             if f"image_id{suffix}" not in batch:
                 continue
-            regions = numpy_images[self.row_of(batch[f"image_id{suffix}"])]
+            regions = self._numpy_images[self.row_of(batch[f"image_id{suffix}"])]
             joined[f"image_id{suffix}"] = task[f"image_id{suffix}"]
             joined.update({f"{name}{suffix}": regions[name] for name in _REGION_VALUES})
         joined.update({name: value for name, value in task.items() if name not in joined})
         return joined
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_rows": None}  # workers rebuild the index rather than unpickle it
+        return {**self.__dict__, "_rows": None, "_numpy_images": None}  # rebuilt where it is used
 
 
 def join_regions(rows: Dataset, images: Dataset) -> Dataset:
@@ -181,9 +185,10 @@ def image_table(rows: Dataset) -> Dataset | None:
 
 
 def corpus_features(rows: Dataset) -> Features:
-    """The `Features` of the rows as read: the joined columns for a joined split, else `rows.features`."""
+    """The `Features` of the rows as read: the task table's current columns joined with the image table's region
+    columns for a joined split, else `rows.features`."""
     join = _join_of(rows)
-    return rows.features if join is None else join.features
+    return rows.features if join is None else joined_features(rows.features, join.images.features)
 
 
 def load_split(path) -> Dataset:

@@ -7,9 +7,12 @@ Column names are the model's input names where one exists. Region columns descri
 - ``visual_pos``: float32 ``[M, 4]`` boxes ``x1, y1, x2, y2`` normalised to ``[0, 1]``
 - ``tags``: ``M`` detector class names; ``scores``: ``M`` detector confidences (float32)
 
-Tasks that see two images (NLVR2) store the region columns twice with the suffixes ``_0`` and ``_1``.
-Every builder saves a ``datasets.DatasetDict`` with ``save_to_disk``; splits are ``train``, ``validation``
-and, where the source has one, ``test``.
+Tasks that see two images (NLVR2) have the region columns twice with the suffixes ``_0`` and ``_1``.
+The functions below give the columns of a row *as read* (`processing.corpus.load_corpus`); on disk each split
+stores its task columns with ``image_id`` (per image slot) in the task table and each image's region columns once
+in its image table (`processing.corpus.split_features` cuts one of these `Features` into the two). Every builder
+saves a ``datasets.DatasetDict`` with ``save_to_disk``; splits are ``train``, ``validation`` and, where the source
+has one, ``test``.
 """
 
 from __future__ import annotations

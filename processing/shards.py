@@ -242,8 +242,8 @@ def _first_feature_dim(writer: ShardWriter, name: str) -> int:
 
 
 def read_corpus_info(path) -> dict:
-    """`corpus_info.json` of a streamed corpus at `path` (folder or fsspec URL). A `datasets` folder of the earlier
-    single-table layout (one row per caption, features copied per caption) is refused with how to convert it."""
+    """`corpus_info.json` of a streamed corpus at `path` (folder or fsspec URL). A map-style `datasets` corpus folder
+    is refused with how to convert it."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(str(path))
@@ -251,8 +251,8 @@ def read_corpus_info(path) -> dict:
     if not fs.exists(info_path):
         if fs.exists(f"{root}/dataset_dict.json") or fs.exists(f"{root}/state.json"):
             raise ValueError(
-                f"path {str(path)!r} is a single-table corpus (one row per caption, each with its image's features); "
-                "rebuild it as a streamed corpus with `python -m processing shards --dataset "
+                f"path {str(path)!r} is a map-style corpus (a datasets folder, what pretrain.py reads without "
+                "--streaming), not a streamed one; rebuild it as a streamed corpus with `python -m processing shards --dataset "
                 f"{path} --processor PROCESSOR_DIR --output NEW_DIR` (processing.shards.convert_caption_dataset)")
         raise FileNotFoundError(f"path {str(path)!r} has no {CORPUS_INFO_FILE}; expected a corpus written by "
                                 "processing.shards.write_image_shards")
@@ -343,47 +343,44 @@ def open_streaming_corpus(path, *, rank: int = 0, world_size: int = 1, processor
 
 def convert_caption_dataset(dataset, output, processor, *, max_length: int | None = None,
                             images_per_shard: int = DEFAULT_IMAGES_PER_SHARD, progress: bool = True) -> dict:
-    """A single-table caption corpus (one row per caption with its image's region columns: what
-    `python -m processing build captions` and the synthetic world's `pretrain` wrote) → a streamed corpus, each
-    image stored once. `dataset` is a `datasets.Dataset` or the path of a saved split. Rows of one image must be
-    contiguous (as the builders write them)."""
-    from datasets import Dataset, load_from_disk
+    """A map-style caption corpus split (what `python -m processing build captions` and the synthetic world's
+    `pretrain` write: a task table with its image table, or the older single table with the regions in every row)
+    → a streamed corpus, each image stored once with all its captions. `dataset` is a `datasets.Dataset` (as
+    `processing.corpus.load_split` reads it, or a single table) or the path of a saved split. Images come in the
+    order of their first caption."""
+    from datasets import Dataset
+
+    from .corpus import corpus_features, load_split
 
     if not isinstance(dataset, Dataset):
         path = dataset
         if not os.path.isdir(str(path)):
             raise FileNotFoundError(f"dataset {str(path)!r} is not a folder")
-        dataset = load_from_disk(str(path))
-        if not isinstance(dataset, Dataset):
+        if os.path.isfile(os.path.join(str(path), "dataset_dict.json")):
             raise ValueError(f"dataset {str(path)!r} is a DatasetDict; pass one split's folder (e.g. {path}/train)")
+        dataset = load_split(path)
+    elif dataset.format.get("type") != "custom":
+        dataset = dataset.with_format("numpy")
     missing = [name for name in ("image_id", "text", "visual_feats", "visual_pos", "tags", "scores")
-               if name not in dataset.column_names]
+               if name not in corpus_features(dataset)]
     if missing:
         raise ValueError(f"dataset lacks the columns {missing}; expected a caption corpus (processing/schema.py)")
-    columns = dataset.select_columns(["image_id"]).to_dict()["image_id"]
+    task_columns = dataset.with_format(None)
+    first_row: dict[str, int] = {}
+    captions: dict[str, list[str]] = {}
+    for row, (image_id, text) in enumerate(zip(task_columns["image_id"], task_columns["text"])):
+        first_row.setdefault(image_id, row)
+        captions.setdefault(image_id, []).append(text)
 
     def images() -> Iterator[tuple[dict, list[str]]]:
-        start = 0
-        numpy_rows = dataset.with_format("numpy", columns=["visual_feats", "visual_pos", "scores"],
-                                         output_all_columns=True)
-        seen: set[str] = set()
-        while start < len(columns):
-            end = start
-            while end < len(columns) and columns[end] == columns[start]:
-                end += 1
-            if columns[start] in seen:
-                raise ValueError(f"image {columns[start]!r} appears in rows that are not contiguous; expected the "
-                                 "rows of one image together (as the builders write them)")
-            seen.add(columns[start])
-            first = numpy_rows[start]
-            regions = {"image_id": first["image_id"], "visual_feats": first["visual_feats"],
-                       "visual_pos": first["visual_pos"], "tags": [str(tag) for tag in first["tags"]],
-                       "scores": first["scores"]}
-            yield regions, [str(text) for text in dataset[start:end]["text"]]
-            start = end
+        for image_id, row in first_row.items():
+            first = dataset[row]
+            regions = {"image_id": image_id, "visual_feats": first["visual_feats"], "visual_pos": first["visual_pos"],
+                       "tags": [str(tag) for tag in first["tags"]], "scores": first["scores"]}
+            yield regions, captions[image_id]
 
     return write_image_shards(images(), output, processor, max_length=max_length, images_per_shard=images_per_shard,
-                              progress=progress, total=len(set(columns)))
+                              progress=progress, total=len(first_row))
 
 
 def build_streamed_captions(captions, region_features, processor, output, *, image_id_format: str | None = None,

@@ -1,7 +1,8 @@
 """The synthetic scene world: deterministic, the real builders' schema, and ground truth correct by construction.
 
 Answers are checked against an independent reading of the scene graph (and, for colours and boxes, of the rendered
-pixels), never against the generator's own bookkeeping.
+pixels), never against the generator's own bookkeeping. Tasks are read through `processing.corpus.load_corpus`
+(each row joined with its scene's regions); every split stores each of its scenes once, in its image table.
 """
 
 import json
@@ -12,9 +13,10 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
-from datasets import load_from_disk
+from datasets import Dataset, load_from_disk
 
 from processing import schema
+from processing.corpus import IMAGE_TABLE, corpus_features, image_table, load_corpus
 from processing.synthetic import (
     COLOURS,
     QUESTION_TYPES,
@@ -29,6 +31,8 @@ from processing.synthetic import (
     vqa_questions,
 )
 
+TASKS = ("pretrain", "vqa", "nlvr2", "snli_ve", "refcoco")
+NUM_VALIDATION_SCENES = 6  # validation_fraction 0.1 of the 60 scenes
 NUMBERS = {"no": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
 COLOUR_SYNONYMS = {"crimson": "red", "violet": "purple", "golden": "yellow", **{name: name for name in COLOURS}}
 SHAPE_SYNONYMS = {word: shape for shape in SHAPES for word in SHAPE_WORDS.get(shape, (shape,))}
@@ -77,12 +81,15 @@ def _pixel_colour(image, obj):
 def test_same_seed_same_corpus_other_seed_other_corpus(tmp_path, corpus):
     build_synthetic_corpus(tmp_path / "again", num_scenes=60, seed=3, feature_dim=32)
     build_synthetic_corpus(tmp_path / "other", num_scenes=60, seed=4, feature_dim=32)
-    for task in ("pretrain", "vqa", "nlvr2", "snli_ve", "refcoco"):
-        first, again = load_from_disk(str(corpus / task)), load_from_disk(str(tmp_path / "again" / task))
+    for task in TASKS:
+        first, again = load_corpus(corpus / task), load_corpus(tmp_path / "again" / task)
         for split in ("train", "validation"):
-            assert first[split].to_dict() == again[split].to_dict(), (task, split)
-    assert (load_from_disk(str(corpus / "pretrain"))["train"]["text"]
-            != load_from_disk(str(tmp_path / "other" / "pretrain"))["train"]["text"])
+            assert first[split].with_format(None).to_dict() == again[split].with_format(None).to_dict(), (task, split)
+            assert image_table(first[split]).to_dict() == image_table(again[split]).to_dict(), (task, split)
+    assert (list(load_corpus(corpus / "pretrain")["train"]["text"])
+            != list(load_corpus(tmp_path / "other" / "pretrain")["train"]["text"]))
+    assert (image_table(load_corpus(corpus / "pretrain")["train"])["visual_feats"]
+            != image_table(load_corpus(tmp_path / "other" / "pretrain")["train"])["visual_feats"])
     assert (corpus / "vqa" / schema.ANSWER_VOCAB_FILE).read_text() == \
         (tmp_path / "again" / "vqa" / schema.ANSWER_VOCAB_FILE).read_text()
 
@@ -93,15 +100,15 @@ def test_columns_are_the_real_builders_schema(corpus):
     config = json.loads((corpus / "synthetic_config.json").read_text())
     assert config["feature_dim"] == 32 and config["num_scenes"] == 60 and config["questions_per_scene"] == 8
     for task, features in expected.items():
-        dataset = load_from_disk(str(corpus / task))
+        dataset = load_corpus(corpus / task)
         assert set(dataset) == {"train", "validation"}
         for name, split in dataset.items():
-            assert split.features == features(32), task
+            assert corpus_features(split) == features(32), task
             assert split.num_rows == config["rows"][task][name] > 0
 
 
 def test_rows_are_the_regenerated_scenes(corpus, scenes):
-    rows = load_from_disk(str(corpus / "pretrain"))["train"].with_format("numpy")
+    rows = load_corpus(corpus / "pretrain")["train"]
     for row in rows:
         scene, _, regions = scenes[str(row["image_id"])]
         np.testing.assert_allclose(row["visual_feats"], regions["visual_feats"].astype(np.float16))
@@ -165,7 +172,7 @@ def _vqa_truth(text, scene, image):
 
 def _vqa_rows(corpus, split):
     answers = json.loads((corpus / "vqa" / schema.ANSWER_VOCAB_FILE).read_text())
-    return [dict(row, answer=answers[row["answer_ids"][0]]) for row in load_from_disk(str(corpus / "vqa"))[split]]
+    return [dict(row, answer=answers[row["answer_ids"][0]]) for row in load_corpus(corpus / "vqa")[split]]
 
 
 def test_vqa_answers_are_correct_and_of_the_type_asked(corpus, scenes):
@@ -175,7 +182,7 @@ def test_vqa_answers_are_correct_and_of_the_type_asked(corpus, scenes):
     for split in ("train", "validation"):
         for row in _vqa_rows(corpus, split):
             scene, image, _ = scenes[row["image_id"]]
-            assert row["answer_scores"] == [1.0]
+            assert list(row["answer_scores"]) == [1.0]
             kind, answer = _vqa_truth(row["text"], scene, image)
             assert row["question_type"] == kind, row["text"]
             assert row["answer"] == answer, row["text"]
@@ -288,7 +295,7 @@ def test_nlvr2_labels_are_correct_and_exactly_balanced(corpus, scenes):
     balanced."""
     for split in ("train", "validation"):
         labels, pairs = [], {}
-        for row in load_from_disk(str(corpus / "nlvr2"))[split]:
+        for row in load_corpus(corpus / "nlvr2")[split]:
             truth = _nlvr2_truth(row["text"], scenes[row["image_id_0"]][0], scenes[row["image_id_1"]][0])
             assert row["label"] == int(truth), row["text"]
             assert row["identifier"].endswith(f"-{int(truth)}")  # the statement has the truth it was drawn for
@@ -303,7 +310,7 @@ def test_snli_ve_has_one_hypothesis_of_each_label_per_scene(corpus, scenes):
     covered = set()
     for split in ("train", "validation"):
         per_scene = {}
-        for row in load_from_disk(str(corpus / "snli_ve"))[split]:
+        for row in load_corpus(corpus / "snli_ve")[split]:
             per_scene.setdefault(row["image_id"], []).append(row["label"])
         assert per_scene and all(sorted(labels) == list(range(len(schema.SNLI_VE_LABELS)))
                                  for labels in per_scene.values()), split
@@ -313,7 +320,7 @@ def test_snli_ve_has_one_hypothesis_of_each_label_per_scene(corpus, scenes):
 
 def test_snli_ve_hypotheses_match_their_labels(corpus, scenes):
     families = {}
-    for row in load_from_disk(str(corpus / "snli_ve"))["train"]:
+    for row in load_corpus(corpus / "snli_ve")["train"]:
         scene = scenes[row["image_id"]][0]
         assert row["premise"] in scene["captions"]
         text, label = row["text"], schema.SNLI_VE_LABELS[row["label"]]
@@ -343,7 +350,7 @@ def test_snli_ve_hypotheses_match_their_labels(corpus, scenes):
 
 
 def test_referring_expressions_pick_one_object_and_its_best_region(corpus, scenes):
-    for row in load_from_disk(str(corpus / "refcoco"))["train"].with_format("numpy"):
+    for row in load_corpus(corpus / "refcoco")["train"]:
         scene, _, regions = scenes[str(row["image_id"])]
         width, height = scene["image_size"]
         target = np.asarray(row["target_box"]) * [width, height, width, height]
@@ -363,7 +370,7 @@ def test_referring_expressions_pick_one_object_and_its_best_region(corpus, scene
 def test_captions_anchor_to_regions(corpus, tokenizer):
     from modeling_cmal.processing_cmal import CmalProcessor
 
-    rows = load_from_disk(str(corpus / "pretrain"))["validation"].with_format("numpy")
+    rows = load_corpus(corpus / "pretrain")["validation"][:]  # one joined batch of every row
     processor = CmalProcessor(tokenizer=tokenizer)
     batch = processor(text=[str(t) for t in rows["text"]],
                       regions=[{"visual_feats": f.astype(np.float32), "visual_pos": p, "tags": [str(t) for t in tags]}
@@ -421,9 +428,67 @@ def test_streamed_pretraining_corpus_stores_each_scene_once(tmp_path, bert_dir):
 
     processor = CmalProcessor(tokenizer=BertTokenizer.from_pretrained(str(bert_dir), model_max_length=40))
     summary = build_synthetic_corpus(tmp_path / "world", num_scenes=24, seed=2, feature_dim=32, processor=processor)
-    train = load_from_disk(str(tmp_path / "world" / "pretrain"))["train"]
+    train = load_corpus(tmp_path / "world" / "pretrain")["train"]
     info = read_corpus_info(tmp_path / "world" / "pretrain_streamed" / "train")
     assert info["captions"] == summary["rows"]["pretrain_streamed"]["train"] == len(train)
-    assert info["images"] == len(set(train["image_id"]))
+    assert info["images"] == len(set(train["image_id"])) == image_table(train).num_rows
     rows = list(open_streaming_corpus(tmp_path / "world" / "pretrain_streamed" / "train", processor=processor))
     assert sorted(row["text"] for row in rows) == sorted(train["text"])
+
+
+def _image_ids(task_table):
+    """Every image id the rows of a task table refer to (both slots for NLVR2)."""
+    return [image_id for name in task_table.column_names if name.startswith("image_id")
+            for image_id in task_table[name]]
+
+
+def test_every_task_stores_each_scene_of_a_split_once(corpus, scenes):
+    """Each task's split folder holds an image table with one row per scene of the split (NLVR2 too, where every
+    scene is in two pairs), the task table holds no region columns, and every row joins to its scenes' regions."""
+    split_scenes = {split: {str(image_id) for image_id in load_corpus(corpus / "pretrain")[split]["image_id"]}
+                    for split in ("train", "validation")}
+    assert split_scenes["train"] | split_scenes["validation"] == set(scenes)
+    assert not split_scenes["train"] & split_scenes["validation"]
+    assert len(split_scenes["validation"]) == NUM_VALIDATION_SCENES
+    for task in TASKS:
+        for split, expected in split_scenes.items():
+            folder = corpus / task / split
+            images = load_from_disk(str(folder / IMAGE_TABLE))
+            assert images.column_names == list(schema.REGION_COLUMNS), (task, split)
+            assert images.num_rows == len(set(images["image_id"])) == len(expected), (task, split)
+            assert set(images["image_id"]) == expected, (task, split)
+            stored = load_from_disk(str(folder))
+            assert not {"visual_feats", "visual_feats_0", "visual_pos", "tags", "tags_1"} & set(stored.column_names)
+            assert set(_image_ids(stored)) == expected, (task, split)
+            rows = load_corpus(corpus / task)[split]
+            assert image_table(rows).num_rows == len(expected)
+            batch = rows[:]
+            suffixes = ("_0", "_1") if task == "nlvr2" else ("",)
+            for suffix in suffixes:
+                assert len(batch[f"image_id{suffix}"]) == stored.num_rows > 0
+                for image_id, feats, pos, tags, width in zip(*(batch[f"{name}{suffix}"] for name in (
+                        "image_id", "visual_feats", "visual_pos", "tags", "image_width")), strict=True):
+                    scene, _, regions = scenes[str(image_id)]
+                    np.testing.assert_array_equal(feats, regions["visual_feats"].astype(np.float16), err_msg=task)
+                    scale = scene["image_size"][0], scene["image_size"][1]
+                    np.testing.assert_allclose(pos * [*scale, *scale], regions["visual_pos"], atol=1e-4)
+                    assert list(tags) == regions["tags"] and width == scene["image_size"][0]
+    nlvr2 = load_corpus(corpus / "nlvr2")["train"].with_format(None)
+    assert set(nlvr2["image_id_0"]) == set(nlvr2["image_id_1"]) == split_scenes["train"]  # each scene in two pairs
+
+
+def _folder_bytes(folder):
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def test_regions_stored_once_take_a_fraction_of_a_single_table(corpus, tmp_path):
+    """Eight questions per scene: storing the scene's regions once takes well under half of the bytes that one
+    table with the regions in every row takes."""
+    rows = load_corpus(corpus / "vqa")["train"]
+    batch = rows[:]
+    python_rows = [{name: (values[i].tolist() if isinstance(values[i], (np.ndarray, np.generic)) else values[i])
+                    for name, values in batch.items()} for i in range(rows.num_rows)]
+    single = tmp_path / "single"
+    Dataset.from_list(python_rows, features=schema.vqa_features(32)).save_to_disk(str(single))
+    assert load_from_disk(str(single)).num_rows == rows.num_rows
+    assert _folder_bytes(corpus / "vqa" / "train") / _folder_bytes(single) < 0.5
