@@ -40,11 +40,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import load_from_disk
 from tqdm.auto import tqdm
 from transformers import BertTokenizer, EvalPrediction, get_scheduler
 
 from cmal_examples.finetuning import CmalTaskCollator
+from cmal_processing.corpus import load_corpus
 from cmal_examples.models import default_tokenizer_dir, parameter_groups
 from cmal_examples.tasks import TASKS
 
@@ -277,7 +277,7 @@ class TaskData:
 
 def load_task(name: str, corpus: Path, processor: CmalProcessor, max_eval_samples: int) -> TaskData:
     task = TASKS[name]()
-    dataset = load_from_disk(str(corpus / name))
+    dataset = load_corpus(corpus / name)
     names = task.setup(dataset, corpus / name, processor)
     label_fields = {} if names is None else {"id2label": dict(enumerate(names)),
                                               "label2id": {label: index for index, label in enumerate(names)}}
@@ -285,7 +285,7 @@ def load_task(name: str, corpus: Path, processor: CmalProcessor, max_eval_sample
     for split in ("train", "validation"):
         rows = dataset[split]
         rows = rows.select(np.flatnonzero(task.labelled(rows)))
-        splits[split] = list(rows.with_format("numpy"))
+        splits[split] = list(rows)
     return TaskData(task, splits["train"], splits["validation"][:max_eval_samples], label_fields)
 
 
@@ -565,7 +565,7 @@ def main(argv=None) -> dict:
                                               model_max_length=args.max_text_length)
     processor = CmalProcessor(tokenizer=tokenizer, max_regions=MAX_REGIONS)
     fields = base_fields(args.model_config, processor, corpus_info["feature_dim"])
-    pretrain_rows = list(load_from_disk(str(corpus / "pretrain"))["train"].with_format("numpy"))
+    pretrain_rows = list(load_corpus(corpus / "pretrain")["train"])
     tasks = {name: load_task(name, corpus, processor, args.max_eval_samples) for name in args.tasks}
     # Nested subsets for the data-efficiency curve: prefixes of one fixed permutation of the pre-training split.
     permutation = np.random.default_rng(0).permutation(len(pretrain_rows)).tolist()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from cmal_examples.finetuning import region_inputs
-from datasets import DatasetDict, load_from_disk
+from cmal_processing.corpus import corpus_features, load_corpus
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
@@ -95,18 +95,20 @@ def itm_scores(model, processor, regions: list[dict], captions: list[str], batch
 
 def load_images_and_captions(args: RetrievalArguments) -> tuple[list[dict], list[str], list[int]]:
     """The regions of the first `--max_images` images of the split, all their captions, and each caption's image."""
-    dataset = load_from_disk(args.dataset_path)
-    if not isinstance(dataset, DatasetDict) or args.split not in dataset:
-        splits = ", ".join(dataset) if isinstance(dataset, DatasetDict) else "none: it holds a single Dataset"
+    try:
+        dataset = load_corpus(args.dataset_path)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"--dataset_path: {error}") from None
+    if args.split not in dataset:
         raise SystemExit(f"--split {args.split!r} is not a split of --dataset_path {args.dataset_path!r} "
-                         f"(its splits: {splits})")
+                         f"(its splits: {', '.join(dataset)})")
     rows = dataset[args.split]
-    missing = {"image_id", "text", "visual_feats", "visual_pos", "tags", "scores"} - set(rows.column_names)
+    missing = {"image_id", "text", "visual_feats", "visual_pos", "tags", "scores"} - set(corpus_features(rows))
     if missing:
         raise SystemExit(f"--dataset_path {args.dataset_path!r} is not a caption corpus: its {args.split!r} split "
                          f"lacks the columns {sorted(missing)}")
     image_index, regions, captions, caption_image = {}, [], [], []
-    for row in rows.with_format("numpy"):
+    for row in rows:
         image_id = str(row["image_id"])
         if image_id not in image_index:
             if len(image_index) == args.max_images:

@@ -54,8 +54,8 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedType, LoggerTy
 from cmal_examples import checkpoints
 from cmal_examples.arguments import parse_arguments
 from cmal_examples.models import config_from, data_sizes, new_processor, parameter_groups
+from cmal_processing.corpus import corpus_features, load_corpus
 from cmal_processing.shards import CORPUS_INFO_FILE, open_streaming_corpus, read_corpus_info
-from datasets import load_from_disk
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
@@ -309,11 +309,14 @@ def truncate_metrics(metrics_file: Path, step: int) -> None:
 
 def load_splits(args: PretrainingArguments):
     """The train split (truncated to --max_train_samples) and the validation split of --dataset_path."""
-    dataset = load_from_disk(args.dataset_path)
+    try:
+        dataset = load_corpus(args.dataset_path)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"--dataset_path: {error}") from None
     for split in ("train", "validation"):
         if split not in dataset:
             raise SystemExit(f"--dataset_path {args.dataset_path!r} has splits {list(dataset)}; expected {split!r}")
-    if "visual_feats" not in dataset["train"].features:
+    if "visual_feats" not in corpus_features(dataset["train"]):
         raise SystemExit(f"--dataset_path {args.dataset_path!r} has no visual_feats column (processing/schema.py)")
     train_split = dataset["train"]
     if args.max_train_samples is not None:
@@ -372,10 +375,10 @@ def data_loaders(args: PretrainingArguments, train_split, validation_split, trai
     the middle of an epoch would see other dropout masks than the run that never stopped. The collator's draws
     depend only on its seed and the rows, so workers collate the batches the main process would."""
     loading = loading_options(args)
-    train_loader = DataLoader(train_split.with_format("numpy"), batch_size=args.per_device_batch_size, shuffle=True,
+    train_loader = DataLoader(train_split, batch_size=args.per_device_batch_size, shuffle=True,
                               collate_fn=train_collator, drop_last=True,
                               generator=torch.Generator().manual_seed(args.seed), **loading)
-    eval_loader = DataLoader(validation_split.with_format("numpy"), batch_size=args.per_device_batch_size,
+    eval_loader = DataLoader(validation_split, batch_size=args.per_device_batch_size,
                              collate_fn=eval_collator, generator=torch.Generator().manual_seed(args.seed), **loading)
     return train_loader, eval_loader
 
@@ -545,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
         feature_dim = check_streamed_corpora(args, processor)
     else:
         train_split, validation_split = load_splits(args)
-        feature_dim = train_split.features["visual_feats"].shape[1]
+        feature_dim = corpus_features(train_split)["visual_feats"].shape[1]
     model = build_model(args, processor, feature_dim, accelerator)
     train_collator = CmalPretrainingCollator(processor, model.config, seed=args.seed)
     eval_collator = CmalPretrainingCollator(processor, model.config, seed=args.seed + 1)

@@ -97,7 +97,7 @@ def amc_accuracy_after_reload(pretrained_dir: Path, validation_path: Path, seed:
     where this package cannot be imported, and measures AMC accuracy on the held-out split against chance (always
     predicting the most frequent concept). The batches (anchor actions drawn by the collator) are made here."""
     import torch
-    from datasets import load_from_disk
+    from cmal_processing.corpus import load_corpus
     from transformers import AutoConfig
 
     from modeling_cmal.collator_cmal import CmalPretrainingCollator
@@ -108,7 +108,7 @@ def amc_accuracy_after_reload(pretrained_dir: Path, validation_path: Path, seed:
 
     config = AutoConfig.from_pretrained(pretrained_dir)
     collator = CmalPretrainingCollator(CmalProcessor.from_pretrained(pretrained_dir), config, seed=seed)
-    validation = load_from_disk(str(validation_path))["validation"].with_format("numpy")
+    validation = load_corpus(validation_path)["validation"]
     batches = [collator([validation[i] for i in range(start, min(start + 64, len(validation)))])
                for start in range(0, len(validation), 64)]
     batches_file = work_dir / "amc_validation_batches.pt"
@@ -157,15 +157,15 @@ def write_shuffled_validation(task_dir: Path, target: Path, seed: int) -> Path:
     answer vocabulary where there is one."""
     import shutil
 
-    from datasets import DatasetDict, disable_progress_bars, load_from_disk
-
     from cmal_processing.controls import images_shuffled
+    from cmal_processing.corpus import load_corpus, save_corpus
     from cmal_processing.schema import ANSWER_VOCAB_FILE
+    from datasets import disable_progress_bars
 
     disable_progress_bars()  # the stage's own line says what happens; four bars per task would bury the table
-    dataset = load_from_disk(str(task_dir))
-    DatasetDict({"train": dataset["train"].select(range(1)),
-                 "validation": images_shuffled(dataset["validation"], seed=seed)}).save_to_disk(str(target))
+    dataset = load_corpus(task_dir)
+    save_corpus({"train": dataset["train"].select(range(1)),
+                 "validation": images_shuffled(dataset["validation"], seed=seed)}, target)
     if (task_dir / ANSWER_VOCAB_FILE).is_file():
         shutil.copy(task_dir / ANSWER_VOCAB_FILE, target / ANSWER_VOCAB_FILE)
     return target
@@ -208,20 +208,20 @@ def loss_curve_lines(metrics_file: Path, points: int = 6) -> list[str]:
 def answer_questions(vqa_dir: Path, vqa_path: Path, count: int = 5) -> list[dict]:
     """A few test questions through the `cmal-vqa` pipeline, loaded from the folder with remote code."""
     import numpy as np
-    from datasets import load_from_disk
+    from cmal_processing.corpus import load_corpus
     from transformers import pipeline
 
-    test = load_from_disk(str(vqa_path))["validation"]
+    test = load_corpus(vqa_path)["validation"]
     answers = json.loads((vqa_path / "answer_vocab.json").read_text())
     vqa = pipeline("cmal-vqa", model=str(vqa_dir), trust_remote_code=True)
     shown = []
     for row in test.select(range(min(count, len(test)))):
         regions = {"visual_feats": np.asarray(row["visual_feats"], dtype=np.float32),
-                   "visual_pos": np.asarray(row["visual_pos"], dtype=np.float32), "tags": row["tags"],
-                   "scores": row["scores"]}
-        prediction = vqa(text=row["text"], regions=regions, top_k=1)[0]
+                   "visual_pos": np.asarray(row["visual_pos"], dtype=np.float32),
+                   "tags": [str(tag) for tag in row["tags"]], "scores": np.asarray(row["scores"], dtype=np.float32)}
+        prediction = vqa(text=str(row["text"]), regions=regions, top_k=1)[0]
         truth = answers[row["answer_ids"][int(np.argmax(row["answer_scores"]))]]
-        shown.append({"question": row["text"], "predicted": prediction["answer"], "score": prediction["score"],
+        shown.append({"question": str(row["text"]), "predicted": prediction["answer"], "score": prediction["score"],
                       "truth": truth})
     return shown
 

@@ -152,14 +152,14 @@ def ablation():
 @pytest.fixture(scope="module")
 def variant_setup(ablation, tokenizer, synthetic_corpus, synthetic_corpus_info):
     """The processor, full CMAL's fields (tiny, no dropout) and a batch of pre-training rows."""
-    from datasets import load_from_disk
+    from cmal_processing.corpus import load_corpus
 
     from modeling_cmal.processing_cmal import CmalProcessor
 
     processor = CmalProcessor(tokenizer=tokenizer, max_regions=36)
     fields = ablation.base_fields("tiny", processor, synthetic_corpus_info["feature_dim"])
     fields.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    rows = list(load_from_disk(str(synthetic_corpus / "pretrain"))["train"].select(range(16)).with_format("numpy"))
+    rows = list(load_corpus(synthetic_corpus / "pretrain")["train"].select(range(16)))
     return processor, fields, rows
 
 

@@ -68,7 +68,7 @@ def _probe_accuracy(model, processor, train_rows, validation_rows) -> float:
 @pytest.mark.slow
 def test_pretraining_teaches_the_shape_of_the_object_a_colour_word_names(probe_corpus, tokenizer):
     pytest.importorskip("sklearn")
-    from datasets import load_from_disk
+    from cmal_processing.corpus import load_corpus
 
     from modeling_cmal import CmalConfig, CmalForPreTraining
     from modeling_cmal.collator_cmal import CmalPretrainingCollator
@@ -81,13 +81,13 @@ def test_pretraining_teaches_the_shape_of_the_object_a_colour_word_names(probe_c
                         visual_feat_dim=info["feature_dim"], num_anchor_concepts=len(processor.lexicon))
     torch.manual_seed(0)
     model = CmalForPreTraining(config)
-    vqa = load_from_disk(str(probe_corpus / "vqa"))
-    rows = {split: [row for row in vqa[split].with_format("numpy") if row["question_type"] == "what shape is the"]
+    vqa = load_corpus(probe_corpus / "vqa")
+    rows = {split: [row for row in vqa[split] if row["question_type"] == "what shape is the"]
             for split in ("train", "validation")}
     assert len(rows["train"]) > 1000 and len(rows["validation"]) > 150
     random_trunk = _probe_accuracy(model, processor, rows["train"], rows["validation"])
 
-    captions = list(load_from_disk(str(probe_corpus / "pretrain"))["train"].with_format("numpy"))
+    captions = list(load_corpus(probe_corpus / "pretrain")["train"])
     collator = CmalPretrainingCollator(processor, config, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)

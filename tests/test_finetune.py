@@ -300,14 +300,14 @@ def test_refcoco_targets_follow_the_regions_the_processor_keeps(pretrained_folde
 
 
 def test_nlvr2_collator_stacks_both_images_of_a_row(real_format_corpus, pretrained_folder):
-    from datasets import load_from_disk
     from cmal_examples.finetuning import CmalTaskCollator, region_inputs
     from cmal_examples.tasks import Nlvr2Task
+    from cmal_processing.corpus import load_corpus
 
     from modeling_cmal.processing_cmal import CmalProcessor
 
     processor = CmalProcessor.from_pretrained(pretrained_folder)
-    rows = load_from_disk(str(real_format_corpus / "nlvr2"))["train"].with_format("numpy")
+    rows = load_corpus(real_format_corpus / "nlvr2")["train"]
     batch = CmalTaskCollator(processor, Nlvr2Task())([rows[index] for index in range(4)])
     batch_size, num_regions = 4, batch["visual_feats"].shape[2]
     assert batch["input_ids"].shape[0] == batch_size and batch["input_ids"].dim() == 2
@@ -463,7 +463,7 @@ def real_format_runs(real_format_corpus, pretrained_folder, tmp_path_factory) ->
 @pytest.mark.slow
 @pytest.mark.parametrize("task", list(SCRIPTS))
 def test_script_runs_end_to_end_on_real_formats(task, real_format_runs, real_format_corpus):
-    from datasets import load_from_disk
+    from cmal_processing.corpus import load_corpus
 
     root = _succeeded(real_format_runs, task)
     output = root / task
@@ -477,7 +477,7 @@ def test_script_runs_end_to_end_on_real_formats(task, real_format_runs, real_for
     assert (output / "model.safetensors").is_file() and (output / "modeling_cmal.py").is_file()
     assert (output / "processor_config.json").is_file() or (output / "preprocessor_config.json").is_file()
     # predictions: one line per row of the test split, in order
-    test = load_from_disk(str(real_format_corpus / task))["test"]
+    test = load_corpus(real_format_corpus / task)["test"]
     records = [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
     assert [record[ID_COLUMNS[task]] for record in records] == [str(value) for value in test[ID_COLUMNS[task]]]
     if task == "vqa":
@@ -496,14 +496,14 @@ def test_script_runs_end_to_end_on_real_formats(task, real_format_runs, real_for
 
 @pytest.mark.slow
 def test_a_finetuned_folder_keeps_its_head_only_for_the_same_labels(real_format_runs, real_format_corpus):
-    from datasets import load_from_disk
     from cmal_examples.finetuning import ModelArguments, load_processor_and_model
+    from cmal_processing.corpus import load_corpus
     from cmal_examples.tasks import VqaTask
     from safetensors.torch import load_file
 
     root = _succeeded(real_format_runs, "vqa")
     dataset_path = real_format_corpus / "vqa"
-    dataset = load_from_disk(str(dataset_path))
+    dataset = load_corpus(dataset_path)
     saved = load_file(str(root / "vqa" / "model.safetensors"))
 
     class OtherAnswers(VqaTask):  # another answer vocabulary of the same size
@@ -705,6 +705,15 @@ REPRODUCE = textwrap.dedent("""
                 "tags": [str(tag) for tag in row["tags" + suffix]],
                 "scores": np.asarray(row["scores" + suffix], np.float32)}
 
+    def joined_rows(split_folder):  # a split's rows with each image's regions from its image table, datasets alone
+        images = load_from_disk(split_folder + "/images").with_format("numpy")
+        row_of = {str(image_id): row for row, image_id in enumerate(images.with_format(None)["image_id"])}
+        for row in load_from_disk(split_folder).with_format("numpy"):
+            for suffix in [name[len("image_id"):] for name in row if name.startswith("image_id")]:
+                image = images[row_of[str(row["image_id" + suffix])]]
+                row.update({name + suffix: value for name, value in image.items() if name != "image_id"})
+            yield row
+
     def score(task, row, predicted):
         if task == "vqa":
             return dict(zip(row["answer_ids"].tolist(), row["answer_scores"].tolist())).get(predicted, 0.0)
@@ -719,7 +728,7 @@ REPRODUCE = textwrap.dedent("""
             model = AUTO[task].from_pretrained(folder, trust_remote_code=True)
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-        rows = load_from_disk(dataset)["validation"].with_format("numpy")
+        rows = list(joined_rows(dataset + "/validation"))
         scores = []
         for start in range(0, len(rows), batch_size):
             batch = [rows[index] for index in range(start, min(start + batch_size, len(rows)))]

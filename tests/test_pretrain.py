@@ -162,7 +162,7 @@ def test_pretraining_lifts_amc_accuracy_above_chance(synthetic_corpus, synthetic
     fast: chance is 1 / the number of regions (~0.35 here); 150 steps of a hidden-64 model must beat it by 0.3. (The
     concept term, at hidden words and regions, takes longer: `tests/test_association.py` probes what it teaches.)
     The same run checks the output folder, tensorboard and the evaluation log."""
-    from datasets import load_from_disk
+    from cmal_processing.corpus import load_corpus
 
     from modeling_cmal import CmalForPreTraining
     from modeling_cmal.collator_cmal import CmalPretrainingCollator
@@ -200,7 +200,7 @@ def test_pretraining_lifts_amc_accuracy_above_chance(synthetic_corpus, synthetic
     model = CmalForPreTraining.from_pretrained(output).eval()
     processor = CmalProcessor.from_pretrained(output)
     collator = CmalPretrainingCollator(processor, model.config, seed=123)
-    validation = load_from_disk(str(synthetic_corpus / "pretrain"))["validation"].with_format("numpy")
+    validation = load_corpus(synthetic_corpus / "pretrain")["validation"]
     correct = total = 0
     chance = 0.0
     with torch.no_grad():
@@ -259,7 +259,7 @@ def test_bf16_mixed_precision_trains(synthetic_corpus, synthetic_corpus_info, pr
 def streamed_corpus(synthetic_corpus, tmp_path_factory):
     """A small streamed corpus (train/ and validation/ in several Parquet shards, each image once) converted from the
     synthetic world's single-table pre-training splits, and the processor folder it was tokenised with."""
-    from datasets import load_from_disk
+    from cmal_processing.corpus import load_split
 
     from cmal_examples.models import new_processor
     from processing.shards import convert_caption_dataset
@@ -268,7 +268,7 @@ def streamed_corpus(synthetic_corpus, tmp_path_factory):
     processor = new_processor(None, 32, 36)
     processor.save_pretrained(root / "processor")
     for split, rows in (("train", 112), ("validation", 40)):
-        table = load_from_disk(str(synthetic_corpus / "pretrain" / split))
+        table = load_split(synthetic_corpus / "pretrain" / split)
         convert_caption_dataset(table.select(range(rows)), root / "corpus" / split, processor, images_per_shard=6,
                                 progress=False)
     return root

@@ -113,7 +113,7 @@ def test_single_table_corpus_is_refused_then_converted(tmp_path, processor):
              "visual_pos": regions["visual_pos"], "tags": regions["tags"], "scores": regions["scores"]}
             for regions, captions in make_images(5) for caption in captions]
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "old"))
-    with pytest.raises(ValueError, match="single-table corpus.*rebuild"):
+    with pytest.raises(ValueError, match="map-style corpus.*rebuild"):
         open_streaming_corpus(tmp_path / "old")
     info = convert_caption_dataset(tmp_path / "old", tmp_path / "new", processor, progress=False)
     assert (info["images"], info["captions"]) == (5, 15)

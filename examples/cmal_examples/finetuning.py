@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, load_from_disk
+from cmal_processing.corpus import corpus_features, load_corpus
+from datasets import ClassLabel, Dataset, DatasetDict
 from transformers import EvalPrediction, HfArgumentParser, IntervalStrategy, Trainer, TrainingArguments, set_seed
 
 from modeling_cmal import CMAL_SIZES, CmalConfig, CmalPreTrainedModel
@@ -204,7 +205,8 @@ class FinetuneTask:
         naming the corpus it expects and the command that builds one."""
         region_columns = [f"{name}{suffix}" for suffix in self.image_suffixes
                           for name in ("visual_feats", "visual_pos", "tags", "scores")]
-        missing = [name for name in [*self.task_columns, self.id_column, *region_columns] if name not in rows.features]
+        features = corpus_features(rows)
+        missing = [name for name in [*self.task_columns, self.id_column, *region_columns] if name not in features]
         if missing:
             raise SystemExit(
                 f"--dataset_path {dataset_path!r}: the {split!r} split has no column {', '.join(map(repr, missing))}; "
@@ -284,9 +286,10 @@ def load_splits(task: FinetuneTask, data_args: DataArguments,
     path = Path(data_args.dataset_path)
     if not path.is_dir():
         raise SystemExit(f"--dataset_path {str(path)!r} is not a folder written by processing")
-    dataset = load_from_disk(str(path))
-    if not isinstance(dataset, DatasetDict):
-        raise SystemExit(f"--dataset_path {str(path)!r} holds one Dataset; expected a DatasetDict with splits")
+    try:
+        dataset = load_corpus(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"--dataset_path: {error}") from None
     predict_split = data_args.predict_split or ("test" if "test" in dataset else data_args.eval_split)
     wanted = {
         "train": ("train", data_args.max_train_samples, training_args.do_train),
@@ -313,12 +316,12 @@ def load_splits(task: FinetuneTask, data_args: DataArguments,
                 raise SystemExit(f"The {split!r} split of {str(path)!r} has no labelled rows to {role} on")
         if limit is not None:
             rows = rows.select(range(min(limit, len(rows))))
-        splits[role] = rows.with_format("numpy")
+        splits[role] = rows
     return dataset, splits
 
 
 def visual_feat_dim(dataset: DatasetDict, task: FinetuneTask) -> int:
-    return dataset["train"].features[f"visual_feats{task.image_suffixes[0]}"].shape[1]
+    return corpus_features(dataset["train"])[f"visual_feats{task.image_suffixes[0]}"].shape[1]
 
 
 # --------------------------------------------------------------------------------------------------------------
