@@ -117,6 +117,10 @@ class RegionJoin:
     Raises `KeyError` naming the image for a row whose image the image table lacks.
     """
 
+    # Recognised by this marker rather than by class: from the repository root this module is importable both as
+    # `processing.corpus` and as the installed `cmal_processing.corpus`, two classes of one name.
+    region_join = True
+
     def __init__(self, images: Dataset, task_features: Features):
         missing = [name for name in REGION_COLUMNS if name not in images.column_names]
         if missing:
@@ -175,7 +179,7 @@ def join_regions(rows: Dataset, images: Dataset) -> Dataset:
 
 def _join_of(rows: Dataset) -> RegionJoin | None:
     transform = rows.format.get("format_kwargs", {}).get("transform") if rows.format.get("type") == "custom" else None
-    return transform if isinstance(transform, RegionJoin) else None
+    return transform if getattr(transform, "region_join", False) is True else None
 
 
 def image_table(rows: Dataset) -> Dataset | None:

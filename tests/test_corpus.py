@@ -110,3 +110,13 @@ def test_a_folder_that_is_not_a_corpus_is_named(tmp_path):
         load_corpus(tmp_path / "split")
     with pytest.raises(ValueError, match="no region columns and no image table"):
         load_split(tmp_path / "split")
+
+
+def test_a_split_read_under_either_import_name_is_recognised(tmp_path):
+    """From the repository root the folder imports as `processing` and installed as `cmal_processing`: a split
+    loaded through one is a joined split for the other's functions."""
+    import cmal_processing.corpus as installed
+
+    save_corpus({"train": joined(vqa_rows(), vqa_features(DIM))}, tmp_path / "vqa")
+    rows = installed.load_corpus(tmp_path / "vqa")["train"]
+    assert image_table(rows) is not None and corpus_features(rows) == vqa_features(DIM)
