@@ -327,8 +327,11 @@ def streaming_samples_per_second(corpus: Path, processor: CmalProcessor, batch_s
 def streaming_main(args: argparse.Namespace) -> int:
     """Prints the storage table and the per-worker throughput; PASS needs <= 1.3x the features stored once and
     >= 2,000 samples/s per worker (batch 32, 36 x 2048-d regions, pre-tokenised rows)."""
+    from datasets import disable_progress_bars
+
     from processing.shards import build_streamed_captions
 
+    disable_progress_bars()
     processor = build_processor()
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_streaming_"))
     work.mkdir(parents=True, exist_ok=True)

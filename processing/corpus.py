@@ -136,11 +136,6 @@ class RegionJoin:
         # Arrow types of the task columns; a column added later (map, add_column) has its type inferred.
         self._arrow_types = {field.name: field.type for field in task_features.arrow_schema}
 
-    @property
-    def features(self) -> Features:
-        """The `Features` of the joined rows (`joined_features`)."""
-        return joined_features(self.task_features, self.images.features)
-
     def row_of(self, image_ids: Sequence[str]) -> list[int]:
         """Image table rows of `image_ids`."""
         if self._rows is None:
