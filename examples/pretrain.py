@@ -601,7 +601,8 @@ def main(argv: list[str] | None = None) -> None:
     progress = tqdm(total=args.max_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc="pre-training")
     model.train()
-    running = torch.zeros(4, device=accelerator.device)  # total, amc, mlm, itm losses summed over micro-batches
+    running = torch.zeros(5, device=accelerator.device)  # total, amc, mlm, itm, itc losses summed over micro-batches
+    uses_itc = accelerator.unwrap_model(model).config.itc_loss_weight > 0
     micro_batches = 0
     grad_norm = None
     with contextlib.closing(train_batches):  # leaves the data generators' loaders cleanly
@@ -616,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
                 optimizer.zero_grad()
             running += torch.stack([
                 (value.detach().float() if value is not None else torch.zeros((), device=accelerator.device))
-                for value in (outputs.loss, outputs.amc_loss, outputs.mlm_loss, outputs.itm_loss)
+                for value in (outputs.loss, outputs.amc_loss, outputs.mlm_loss, outputs.itm_loss, outputs.itc_loss)
             ])
             micro_batches += 1
             if not accelerator.sync_gradients:
@@ -632,6 +633,8 @@ def main(argv: list[str] | None = None) -> None:
                 logs = {"train/loss": means[0].item(), "train/amc_loss": means[1].item(),
                         "train/mlm_loss": means[2].item(), "train/itm_loss": means[3].item(),
                         "train/learning_rate": scheduler.get_last_lr()[0]}
+                if uses_itc:  # the contrastive baseline's loss (absent from CMAL's own objective)
+                    logs["train/itc_loss"] = means[4].item()
                 if grad_norm is not None:
                     logs["train/grad_norm"] = float(grad_norm)
                 running.zero_()

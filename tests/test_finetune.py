@@ -763,3 +763,22 @@ def test_finetuned_folders_reload_with_remote_code_and_reproduce_the_metric(synt
     for task in SYNTHETIC_RUNS:
         expected = json.loads((root / task / "eval_results.json").read_text())[f"eval_{METRICS[task]}"]
         assert measured[task] == pytest.approx(expected, abs=1e-6), task
+
+
+def test_the_trainer_decays_what_pre_training_decays():
+    """Fine-tuning's weight decay leaves out what pre-training's `parameter_groups` leaves out: biases, LayerNorm
+    weights, the hypersphere scales and the mask embeddings (Trainer's own rule would decay the last two)."""
+    from cmal_examples.finetuning import CmalTrainer
+    from cmal_examples.models import parameter_groups
+
+    from modeling_cmal import CmalConfig, CmalForQuestionAnswering
+
+    model = CmalForQuestionAnswering(CmalConfig(vocab_size=40, hidden_size=16, num_attention_heads=2,
+                                                intermediate_size=32, visual_feat_dim=6, num_anchor_concepts=5,
+                                                num_labels=3))
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    decayed = set(CmalTrainer.get_decay_parameter_names(None, model))
+    assert decayed == {names[id(parameter)] for parameter in parameter_groups(model, 0.01)[0]["params"]}
+    exempt = set(names.values()) - decayed
+    assert "cmal.visual_embeddings.mask_embedding" in exempt
+    assert any(name.endswith("hypersphere.scale") for name in exempt)

@@ -27,7 +27,7 @@ from modeling_cmal.processing_cmal import CmalProcessor
 
 from .arguments import read_json_arguments
 from .hub_export import add_hub_files
-from .models import data_sizes, new_processor, read_config_fields
+from .models import data_sizes, decays, new_processor, read_config_fields
 
 logger = logging.getLogger(__name__)
 
@@ -399,6 +399,11 @@ class CmalTrainer(Trainer):
     def __init__(self, *args, task: FinetuneTask, **kwargs):
         super().__init__(*args, **kwargs)
         self.task = task
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        """Weight decay on the parameters pre-training decays (`cmal_examples.models.parameter_groups`): not on
+        biases, LayerNorm weights, the hypersphere scales or the mask embeddings."""
+        return [name for name, parameter in model.named_parameters() if decays(name, parameter)]
 
     def _split_inputs(self, inputs: dict) -> tuple[dict, dict]:
         model_inputs = {key: value for key, value in inputs.items() if key not in self.task.metric_inputs}
