@@ -21,8 +21,9 @@ into `ItemGroup`s — the items that need the same image(s), in order of first a
   `<output>/<split>/images/`) plus `dataset_dict.json` listing every split present.
 
 **Splits.** Each run writes one split; run the builder once per split with the same `--output` and the splits
-accumulate in one `DatasetDict` (`processing.corpus.load_corpus(output)` gives them all, regions joined). Splits of one folder must share their
-features (same feature dimension), and files written beside them (VQA's `answer_vocab.json`) must agree.
+accumulate in one `DatasetDict` (`processing.corpus.load_corpus(output)` gives them all, regions joined). Splits
+of one folder must share their features (same feature dimension), and files written beside them (VQA's
+`answer_vocab.json`) must agree.
 
 **Shards.** With `num_shards > 1` shard `i` writes `<output>/shard-0000i-of-0000N/` (a `DatasetDict` folder of its
 own). Once all shards are done, `merge_shards(output, split)` (CLI: `python -m processing merge`) concatenates

@@ -88,8 +88,7 @@ def _references_shuffled(dataset: Dataset, images: Dataset, rng: np.random.Gener
         column = f"image_id{suffix}"
         partner = _partners([str(value) for value in task[column]], rng)
         task = task.map(lambda batch, c=column, p=partner: {c: [p[str(value)] for value in batch[c]]}, batched=True,
-                        keep_in_memory=True,
-                        desc=f"{column} shuffled")
+                        keep_in_memory=True, desc=f"{column} shuffled")
     if "target_box" in task.column_names and "region_ious" in task.column_names:
         joined = join_regions(task, images)
         ious = [box_iou(np.asarray(row["visual_pos"]).reshape(-1, 4), row["target_box"]) for row in joined]

@@ -252,7 +252,8 @@ def read_corpus_info(path) -> dict:
         if fs.exists(f"{root}/dataset_dict.json") or fs.exists(f"{root}/state.json"):
             raise ValueError(
                 f"path {str(path)!r} is a map-style corpus (a datasets folder, what pretrain.py reads without "
-                "--streaming), not a streamed one; rebuild it as a streamed corpus with `python -m processing shards --dataset "
+                "--streaming), not a streamed one; rebuild it as a streamed corpus with "
+                "`python -m processing shards --dataset "
                 f"{path} --processor PROCESSOR_DIR --output NEW_DIR` (processing.shards.convert_caption_dataset)")
         raise FileNotFoundError(f"path {str(path)!r} has no {CORPUS_INFO_FILE}; expected a corpus written by "
                                 "processing.shards.write_image_shards")
