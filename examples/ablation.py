@@ -530,6 +530,12 @@ def efficiency_finding(results: dict) -> str | None:
         return None
     target = curves["contrastive"]["summary"][-1]["mean"]
     fraction = fraction_reaching(curves["cmal"], target)
+    if fraction == 0.0 and curves["cmal"]["fractions"][0] == 0.0:
+        # The 0 point is the model without pre-training: it beats the target, so the curve says nothing about
+        # how much pre-training data CMAL needs.
+        return (f"Without pre-training the model already scores {100 * curves['cmal']['summary'][0]['mean']:.1f} %, "
+                f"at or above the contrastive baseline's full-data mean score ({100 * target:.1f} %): at this scale "
+                "the curve cannot say how much pre-training data CMAL needs to reach it.")
     if fraction is None:
         return (f"CMAL does not reach the contrastive baseline's full-data mean score ({100 * target:.1f} %) at any "
                 "measured share of the pre-training corpus.")

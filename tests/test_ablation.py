@@ -202,6 +202,9 @@ def test_confidence_intervals_and_the_share_that_reaches_a_score(ablation):
     assert ablation.fraction_reaching(curve, 0.48) == pytest.approx(0.2)
     assert ablation.fraction_reaching(curve, 0.40) == 0.0
     assert ablation.fraction_reaching(curve, 0.60) is None
+    # No pre-training at or above the contrastive full-data score: said so, not read as "CMAL reaches it at 0 %".
+    results = {"data_efficiency": {"cmal": curve, "contrastive": {**curve, "summary": [{"mean": 0.40}] * 3}}}
+    assert "Without pre-training the model already scores" in ablation.efficiency_finding(results)
 
 
 def test_without_amc_there_is_no_amc_head(ablation, variant_setup):
