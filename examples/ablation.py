@@ -297,7 +297,7 @@ def pretraining_corpora(corpus: Path, sizes: list[int], permutation: list[int], 
 
 def pretraining_arguments(config_file: Path, dataset_path: Path, output_dir: Path, args, seed: int,
                           batch_size: int) -> dict:
-    """pretrain.py's arguments (its flag names) for one run: what the study's old loop did, as far as the flags go."""
+    """pretrain.py's arguments (its flag names) for one run of the study: its steps, optimizer, seed and data."""
     steps = args.pretrain_steps
     return {
         "dataset_path": str(dataset_path), "output_dir": str(output_dir), "model_config": str(config_file),
