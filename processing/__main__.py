@@ -9,7 +9,7 @@ package installs as `cmal_processing`) also `python -m cmal_processing ...` or t
     python -m processing merge --output DIR --split NAME
     python -m processing extract --images DIR_OR_LIST --detector DIR --output DIR   (also under accelerate launch)
     python -m processing shards --captions FILE --features SRC [SRC ...] --processor DIR --output DIR
-    python -m processing shards --dataset SPLIT_DIR --processor DIR --output DIR   (convert a single-table corpus)
+    python -m processing shards --dataset SPLIT_DIR --processor DIR --output DIR   (convert a map-style caption split)
 
 Every `build` takes `--features` (BUTD `.tsv` files and/or `.npz` folders), `--output` (a DatasetDict folder; run
 once per split into the same folder), `--split`, `--image_id_format` (how the annotation's image id becomes the
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     shards = commands.add_parser("shards", help="streamed pre-training corpus: images once, captions pre-tokenised")
     source = shards.add_mutually_exclusive_group(required=True)
     source.add_argument("--captions", help="COCO captions .json or .jsonl of {image_id, caption} (with --features)")
-    source.add_argument("--dataset", help="a single-table caption split folder to convert (e.g. OLD/train)")
+    source.add_argument("--dataset", help="a map-style caption split folder to convert (e.g. corpus/pretrain/train)")
     shards.add_argument("--features", nargs="+", metavar="SRC", help="BUTD .tsv, .npz folders or extract's table")
     shards.add_argument("--processor", required=True, help="CmalProcessor folder (tokenizer + lexicon) to tokenise")
     shards.add_argument("--output", required=True, help="corpus folder or fsspec URL")

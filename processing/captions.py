@@ -1,5 +1,6 @@
-"""Caption corpora (pre-training data) → `datasets`: one row per (image, caption), columns of
-`processing.schema.pretrain_features` (the region columns + `text`).
+"""Caption corpora (pre-training data) → `datasets`: one row per (image, caption) as read, columns of
+`processing.schema.pretrain_features` (the region columns + `text`; stored as `image_id` + `text` with each image's
+regions once in the split's image table, `processing/corpus.py`).
 
 Two caption formats:
 
