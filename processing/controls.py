@@ -90,8 +90,9 @@ def _references_shuffled(dataset: Dataset, images: Dataset, rng: np.random.Gener
         task = task.map(lambda batch, c=column, p=partner: {c: [p[str(value)] for value in batch[c]]}, batched=True,
                         keep_in_memory=True, desc=f"{column} shuffled")
     if "target_box" in task.column_names and "region_ious" in task.column_names:
-        joined = join_regions(task, images)
-        ious = [box_iou(np.asarray(row["visual_pos"]).reshape(-1, 4), row["target_box"]) for row in joined]
+        joined = join_regions(task.select_columns(["image_id", "target_box"]), images)
+        ious = [box_iou(np.asarray(boxes).reshape(-1, 4), target) for batch in joined.iter(batch_size=256)
+                for boxes, target in zip(batch["visual_pos"], batch["target_box"])]
         labels = [int(np.argmax(values)) if len(values) else 0 for values in ious]
         task = task.map(lambda _, index: {"region_ious": ious[index].tolist(), "label": labels[index]},
                         with_indices=True, keep_in_memory=True, desc="referred boxes against the new regions")

@@ -126,7 +126,6 @@ class RegionJoin:
         if missing:
             raise ValueError(f"the image table lacks the columns {missing}; expected {list(REGION_COLUMNS)}")
         self.images = images
-        self.task_features = task_features
         self.suffixes = image_suffixes(task_features)
         if not self.suffixes:
             raise ValueError(f"the task table has no image_id column (columns: {list(task_features)})")
