@@ -18,8 +18,8 @@ from transformers import (
 
 from .anchoring import ConceptLexicon, anchor_statistics, find_anchors
 from .collator_cmal import CmalPretrainingCollator
-
 from .configuration_cmal import ANCHOR_ACTIONS, CMAL_SIZES, CmalConfig
+from .convert_cmal_checkpoint import upgrade_checkpoint_folder, upgrade_scalar_parameters
 from .modeling_cmal import (
     CMAL_AUTO_MAP,
     CmalForImageTextMatching,
@@ -102,4 +102,6 @@ __all__ = [
     "find_anchors",
     "load_bert_weights",
     "select_top_regions",
+    "upgrade_checkpoint_folder",
+    "upgrade_scalar_parameters",
 ]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 from transformers import PreTrainedConfig
+from transformers.utils import CONFIG_NAME
 
 ANCHOR_ACTIONS = ("keep", "fill_text", "fill_region", "mask_both", "mask_text", "mask_region")
 
@@ -228,17 +231,24 @@ class CmalConfig(PreTrainedConfig):
                                  f"keys are), got {label_id!r} in {value!r}")
 
     @classmethod
-    def _dict_from_json_file(cls, json_file):
-        """The fields of a `config.json`; a file that holds anything but a JSON object is a `ValueError` naming it."""
-        import json
-
-        config_dict = super()._dict_from_json_file(json_file)
-        if not isinstance(config_dict, dict):
-            kinds = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
-            raise ValueError(f"{json_file} must hold a JSON object of CmalConfig fields ({{\"model_type\": \"cmal\", "
-                             f"...}}), got a JSON {kinds.get(type(config_dict), type(config_dict).__name__)}: "
-                             f"{json.dumps(config_dict)[:80]}")
-        return config_dict
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """`PreTrainedConfig.get_config_dict`; a local `config.json` that holds anything but a JSON object is a
+        `ValueError` naming the file (transformers fails on it with a `TypeError` from inside)."""
+        folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        source = os.path.join(folder, CONFIG_NAME) if os.path.isdir(folder) else folder.rstrip(os.sep)
+        if os.path.isfile(source):
+            with open(source, encoding="utf-8") as file:
+                try:
+                    content = json.load(file)
+                except ValueError:
+                    content = {}  # not JSON at all: transformers' own error names the file
+            if not isinstance(content, dict):
+                kinds = {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+                         type(None): "null"}
+                raise ValueError(f"{source} must hold a JSON object of CmalConfig fields ({{\"model_type\": "
+                                 f"\"cmal\", ...}}), got a JSON {kinds.get(type(content), type(content).__name__)}: "
+                                 f"{json.dumps(content)[:80]}")
+        return super().get_config_dict(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def from_size(cls, size: str, **kwargs) -> "CmalConfig":

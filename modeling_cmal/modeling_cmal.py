@@ -24,8 +24,6 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import ConversionOps, WeightConverter, _IdentityOp
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -39,6 +37,8 @@ ACTION_KEEP, ACTION_FILL_TEXT, ACTION_FILL_REGION, ACTION_MASK_BOTH, ACTION_MASK
     len(ANCHOR_ACTIONS)
 )
 TEXT_TYPE, REGION_TYPE = 0, 1
+# Normalised box coordinates may stray this far outside [0, 1] (rounding of pixel boxes) before they are an error.
+BOX_TOLERANCE = 1e-3
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -343,7 +343,7 @@ class CmalHypersphere(nn.Module):
     def __init__(self, config: CmalConfig):
         super().__init__()
         # One element, not a 0-dim tensor: FSDP2 shards every parameter along its first dimension. Checkpoints
-        # written with the 0-dim scale load through the conversion registered at the end of this file.
+        # written with the 0-dim scale (before 2026-12-02) are converted by `upgrade_scalar_parameters`.
         self.scale = nn.Parameter(torch.full((1,), math.sqrt(config.hidden_size)))
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -518,6 +518,33 @@ def _not_finite(name: str, tensor: torch.Tensor, what: str):
     return bad, message
 
 
+def _not_normalised(name: str, boxes: torch.Tensor):
+    """A check of `raise_for_bad_values`: box coordinates that are not finite or lie outside `[0, 1]` (beyond
+    rounding), which the box embedding would turn into huge or non-finite states."""
+    bad = ~torch.isfinite(boxes) | (boxes < -BOX_TOLERANCE) | (boxes > 1 + BOX_TOLERANCE)
+
+    def message(bad: torch.Tensor) -> str:
+        index = _first_bad(bad)
+        return (f"{name}[{', '.join(map(str, index))}] = {boxes[index].item()}; expected box coordinates x1, y1, x2, "
+                "y2 normalised to [0, 1] (CmalProcessor normalises pixel boxes given with image_size)")
+
+    return bad, message
+
+
+def _text_shape(input_ids, inputs_embeds) -> tuple[int, int]:
+    """`(batch_size, text_length)` of the one text input given; a `ValueError` naming it when its shape is not
+    `[B, N]` (ids) or `[B, N, H]` (embeddings)."""
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must have shape [batch_size, text_length], got {shape}")
+        return tuple(input_ids.shape)
+    if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3:
+        shape = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds).__name__
+        raise ValueError(f"inputs_embeds must have shape [batch_size, text_length, hidden_size], got {shape}")
+    return tuple(inputs_embeds.shape[:2])
+
+
 def validate_cmal_inputs(
     config: CmalConfig,
     input_ids,
@@ -547,12 +574,10 @@ def validate_cmal_inputs(
         ("anchor_concept_ids", anchor_concept_ids, "integer"), ("anchor_actions", anchor_actions, "integer"),
     ):
         _check_tensor(name, value, kind)
-    if input_ids is not None and input_ids.dim() != 2:
-        raise ValueError(f"input_ids must have shape [batch_size, text_length], got {tuple(input_ids.shape)}")
-    if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size):
+    batch_size, text_length = _text_shape(input_ids, inputs_embeds)
+    if inputs_embeds is not None and inputs_embeds.shape[-1] != config.hidden_size:
         raise ValueError(f"inputs_embeds must have shape [batch_size, text_length, {config.hidden_size}] "
                          f"(config.hidden_size), got {tuple(inputs_embeds.shape)}")
-    batch_size, text_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
     if batch_size == 0:
         raise ValueError(f"input_ids has batch size 0 (shape {tuple((input_ids if input_ids is not None else inputs_embeds).shape)}): "
                          "give at least one sample")
@@ -589,8 +614,7 @@ def validate_cmal_inputs(
             "anchor_concept_ids", anchor_concept_ids, (batch_size, num_anchors), f"[{batch_size}, {num_anchors}]"
         )
 
-    checks = [_not_finite("visual_feats", visual_feats, "region features"),
-              _not_finite("visual_pos", visual_pos, "boxes")]
+    checks = [_not_finite("visual_feats", visual_feats, "region features"), _not_normalised("visual_pos", visual_pos)]
     if input_ids is not None:
         checks.append(_out_of_range("input_ids", input_ids, 0, config.vocab_size,
                                     f"a word-piece id in [0, {config.vocab_size}) (config.vocab_size)"))
@@ -1115,10 +1139,16 @@ class CmalForPreTraining(CmalPreTrainedModel):
         over the pairs with `itm_labels == 1`, symmetric (mean of the text-to-image and image-to-text
         cross-entropies), with the matched pairs of every process as negatives.
         """
-        input_shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2] \
-            if (input_ids is not None or inputs_embeds is not None) else None
+        input_shape = _text_shape(input_ids, inputs_embeds) if (input_ids is None) != (inputs_embeds is None) else None
         if input_shape is not None:
             self._check_targets(labels, itm_labels, mlm_positions, input_shape)
+            if anchor_pairs is None and anchor_concept_ids is None and anchor_actions is None and (
+                    labels is not None or itm_labels is not None):
+                # A training batch without anchor inputs: AMC runs on zero anchor rows (loss 0), so that its
+                # parameters are in every step's graph, as DDP without find_unused_parameters requires.
+                device = (input_ids if input_ids is not None else inputs_embeds).device
+                anchor_pairs = torch.full((input_shape[0], 0, 2), -1, dtype=torch.long, device=device)
+                anchor_concept_ids = torch.full((input_shape[0], 0), -1, dtype=torch.long, device=device)
         outputs = self.cmal(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
             visual_feats=visual_feats, visual_pos=visual_pos, visual_attention_mask=visual_attention_mask,
@@ -1650,39 +1680,6 @@ CMAL_AUTO_MAP = {
     "CmalForReferringExpression": "modeling_cmal.CmalForReferringExpression",
     "CmalForImageTextMatching": "modeling_cmal.CmalForImageTextMatching",
 }
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Checkpoints of earlier versions
-# --------------------------------------------------------------------------------------------------------------
-
-
-class _ToOneElement(ConversionOps):
-    """A 0-dim learnable scalar of an earlier checkpoint → the 1-element parameter it is now (FSDP2 refuses 0-dim
-    parameters). Tensors that already have one element pass unchanged, and saving writes the new shape."""
-
-    @torch.no_grad()
-    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
-        (key, tensors), = input_dict.items()
-        tensor = tensors[0] if isinstance(tensors, list) else tensors
-        return {target_patterns[0]: tensor.reshape(1) if tensor.numel() == 1 else tensor}
-
-    @property
-    def reverse_op(self) -> ConversionOps:
-        return _IdentityOp()
-
-
-def _register_checkpoint_conversions() -> None:
-    """The hypersphere scales are in every class (the trunk's model type); the learned temperatures only in the
-    pre-training heads (by class name, which transformers looks up first, the trunk inside still getting its own)."""
-    def converter(pattern: str) -> WeightConverter:
-        return WeightConverter(pattern, pattern, [_ToOneElement()])
-
-    register_checkpoint_conversion_mapping("cmal", [converter(r"hypersphere.scale")], overwrite=True)
-    register_checkpoint_conversion_mapping("CmalForPreTraining", [converter(r"logit_scale")], overwrite=True)
-
-
-_register_checkpoint_conversions()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -94,14 +94,17 @@ def _load_image(image, argument: str) -> Image.Image:
 def _saved_weight_names(folder) -> set[str] | None:
     """Names of the tensors in a model folder's safetensors weights (one file or a sharded index), None when the
     folder (a local path or a Hub id already in the cache) has none that can be read."""
-    from transformers.utils import cached_file
+    from huggingface_hub import try_to_load_from_cache
 
     def find(name):
+        if os.path.isdir(folder):
+            path = os.path.join(folder, name)
+            return path if os.path.isfile(path) else None
         try:
-            return cached_file(folder, name, local_files_only=True, _raise_exceptions_for_missing_entries=False,
-                               _raise_exceptions_for_connection_errors=False)
+            path = try_to_load_from_cache(str(folder), name)
         except Exception:  # an id that is neither a folder nor cached: nothing to compare with
             return None
+        return path if isinstance(path, str) else None  # not cached, or cached as missing
 
     try:
         index = find("model.safetensors.index.json")

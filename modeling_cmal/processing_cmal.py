@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import AutoTokenizer, BatchFeature, BertTokenizer
+# From its module: before 5.24 `transformers.AutoImageProcessor` is a placeholder that demands torchvision.
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import cached_file
 
 from .anchoring import ConceptLexicon, anchor_statistics, find_anchors
-from .configuration_cmal import ANCHOR_ACTIONS
+from .configuration_cmal import ANCHOR_ACTIONS, CmalConfig
 from .region_extraction import CmalRegionExtractor
 from .region_processing_cmal import (
     RETURN_TENSORS,
@@ -479,45 +481,57 @@ class CmalProcessor(ProcessorMixin):
     @classmethod
     def get_processor_dict(cls, pretrained_model_name_or_path, **kwargs):
         """`ProcessorMixin.get_processor_dict`, with the lexicon read from `concept_lexicon.json` (when the folder
-        has one; otherwise the default lexicon). A name that is not a folder, or a folder without a tokenizer, is a
-        `ValueError` naming `pretrained_model_name_or_path`."""
-        _check_pretrained_source(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
-        try:
-            processor_dict, unused_kwargs = super().get_processor_dict(pretrained_model_name_or_path, **kwargs)
-        except OSError as error:  # huggingface_hub's errors (not found, offline, bad id) are OSErrors
-            raise _hub_error(pretrained_model_name_or_path, error) from error
+        has one; otherwise `__init__` takes the default lexicon)."""
+        processor_dict, unused_kwargs = super().get_processor_dict(pretrained_model_name_or_path, **kwargs)
         # Folders saved before 2026-12 name the file; it has always been LEXICON_FILE.
         lexicon_file = processor_dict.pop("lexicon_file", LEXICON_FILE)
-        path = cached_file(pretrained_model_name_or_path, lexicon_file, _raise_exceptions_for_missing_entries=False,
-                           **{key: kwargs[key] for key in HUB_KWARGS if key in kwargs})
-        if path is not None and "lexicon" not in kwargs:
+        try:
+            path = cached_file(pretrained_model_name_or_path, lexicon_file,
+                               **{key: kwargs[key] for key in HUB_KWARGS if key in kwargs})
+        except OSError:  # the folder has no lexicon file (a tokenizer-only folder): the default lexicon
+            path = None
+        if path is not None:
             processor_dict["lexicon"] = ConceptLexicon.load(path)
         return processor_dict, unused_kwargs
 
     @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """The tokenizer as `ProcessorMixin` loads it, and the region processor from the `image_processor` entry of
-        `processor_config.json` as this module's `CmalRegionProcessor` (so that remote code needs no
-        `AutoImageProcessor` registry). A folder saved before the region processor existed, or holding only a
-        tokenizer, has no such entry: the region processor then comes from the top-level settings, which
-        `__init__` receives."""
-        for name in PROCESSOR_SETTINGS:  # settings go to __init__, not into the tokenizer's config
-            kwargs.pop(name, None)
-        subfolder = kwargs.pop("subfolder", "")
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`ProcessorMixin.from_pretrained`: the tokenizer through `AutoTokenizer`, the region processor through
+        `AutoImageProcessor` (registered for `CmalConfig` when this module is imported; named by the `auto_map` of
+        the saved `image_processor` entry for remote code), the lexicon from `concept_lexicon.json`.
+
+        `max_regions=`, `tag_vocabulary=`, `lexicon=` and `region_extractor=` override what the folder holds. A
+        folder saved before the region processor existed (`max_regions` and `tag_vocabulary` at the top of
+        `processor_config.json`) and a folder that holds only a tokenizer load too: their region processor is made
+        from the top-level settings (or the defaults). A name that is not a folder, or a folder without a tokenizer,
+        is a `ValueError` naming `pretrained_model_name_or_path`."""
+        settings = {name: kwargs.pop(name) for name in PROCESSOR_SETTINGS if name in kwargs}
+        _check_pretrained_source(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
         try:
-            tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path,
-                                                            subfolder=subfolder, **kwargs)
-        except OSError as error:  # a Hub id without a tokenizer, or that cannot be reached
+            processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **kwargs)
+            saved = processor_dict.get("image_processor")
+            if saved is None:
+                processor = cls._from_folder_without_region_processor(pretrained_model_name_or_path, processor_dict,
+                                                                      **kwargs)
+            elif not isinstance(saved, Mapping):
+                raise ValueError(f"pretrained_model_name_or_path {str(pretrained_model_name_or_path)!r}: the "
+                                 f"image_processor entry of processor_config.json is {_shorten(saved)}; expected the "
+                                 "settings of a CmalRegionProcessor (max_regions, tag_vocabulary)")
+            else:
+                processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except OSError as error:  # huggingface_hub's errors (not found, offline, bad id) are OSErrors
             raise _hub_error(pretrained_model_name_or_path, error) from error
-        saved = (processor_dict or {}).get("image_processor")
-        if saved is None:
-            return [tokenizer, CmalRegionProcessor()]
-        if not isinstance(saved, Mapping):
-            raise ValueError(f"pretrained_model_name_or_path {str(pretrained_model_name_or_path)!r}: the "
-                             f"image_processor entry of processor_config.json is {_shorten(saved)}; expected the "
-                             "settings of a CmalRegionProcessor (max_regions, tag_vocabulary)")
-        return [tokenizer, CmalRegionProcessor.from_dict({name: saved[name] for name in REGION_SETTINGS
-                                                          if name in saved})]
+        for name, value in settings.items():  # the setters validate, as __init__ does
+            setattr(processor, name, value)
+        return processor
+
+    @classmethod
+    def _from_folder_without_region_processor(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
+        """A folder of an earlier layout: its tokenizer, and a region processor of the top-level settings."""
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        settings = {name: processor_dict[name] for name in REGION_SETTINGS if name in processor_dict}
+        return cls(tokenizer=tokenizer, image_processor=CmalRegionProcessor(**settings),
+                   lexicon=processor_dict.get("lexicon"))
 
 
 def _check_pretrained_source(pretrained_model_name_or_path, subfolder: str = "") -> None:
@@ -541,3 +555,13 @@ def _hub_error(pretrained_model_name_or_path, error: OSError) -> ValueError:
 
 
 __all__ = ["LEXICON_FILE", "CmalProcessor", "CmalRegionExtractor", "CmalRegionProcessor", "default_tokenizer"]
+
+
+# The region processor is found the way transformers finds its image processors: through `AutoImageProcessor`, by
+# the class registered for `CmalConfig` in-process, or by the `auto_map` that saving writes into the processor's
+# `image_processor` entry (remote code). Registered here rather than in the package's `__init__`, because remote
+# code imports this file and not `__init__`; the registration by name also loads entries saved without that
+# `auto_map` (before 2026-12-07). Both backends name the one class: regions need neither PIL nor torchvision.
+AutoImageProcessor.register(CmalConfig, image_processor_classes={"pil": CmalRegionProcessor,
+                                                                 "torchvision": CmalRegionProcessor}, exist_ok=True)
+CmalRegionProcessor.register_for_auto_class("AutoImageProcessor")

@@ -25,7 +25,7 @@ from typing import TypedDict
 import numpy as np
 import torch
 from transformers import BatchFeature
-from transformers.image_processing_base import ImageProcessingMixin
+from transformers.image_processing_utils import BaseImageProcessor
 
 VISUAL_INPUT_NAMES = ("visual_feats", "visual_pos", "visual_attention_mask")
 REGION_KEYS = ("visual_feats", "visual_pos", "image_size", "tags", "scores", "image_id")
@@ -117,7 +117,7 @@ class CmalRegionProcessorKwargs(TypedDict, total=False):
     tag_vocabulary: list[str] | None
 
 
-class CmalRegionProcessor(ImageProcessingMixin):
+class CmalRegionProcessor(BaseImageProcessor):
     r"""
     Turns the detected regions of a batch of images into CMAL's visual inputs.
 
@@ -127,8 +127,9 @@ class CmalRegionProcessor(ImageProcessingMixin):
         tag_vocabulary (list of str or the path of a file of one name per line, *optional*): the detector's class
             names, so that `tags` may be given as ids (id = position in the list).
 
-    `save_pretrained` / `from_pretrained` are `ImageProcessingMixin`'s; inside a `CmalProcessor` folder the
-    settings are the `image_processor` entry of `processor_config.json`.
+    A `BaseImageProcessor` (whose `resize` / `normalize` machinery regions do not use), so that `AutoImageProcessor`
+    takes it: `save_pretrained` / `from_pretrained` are the library's; inside a `CmalProcessor` folder the settings
+    are the `image_processor` entry of `processor_config.json`.
     """
 
     model_input_names = list(VISUAL_INPUT_NAMES)
@@ -190,6 +191,10 @@ class CmalRegionProcessor(ImageProcessingMixin):
         if return_tensors == "pt":
             data = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in data.items()}
         return BatchFeature(data)
+
+    def preprocess(self, regions, **kwargs) -> BatchFeature:
+        """The same as calling the processor (`BaseImageProcessor`'s name for it)."""
+        return self(regions, **kwargs)
 
     def select(self, regions) -> list[RegionSelection]:
         """Validates the regions of each image (the `regions` of `__call__`), normalises their boxes and keeps the

@@ -31,10 +31,12 @@ from modeling_cmal import (  # noqa: E402
 from modeling_cmal.modeling_cmal import CmalLayer, mlm_prediction_positions  # noqa: E402
 
 
-def pretraining_batch(step: int, with_anchors: bool) -> dict:
+def pretraining_batch(step: int, anchors: str) -> dict:
+    """`anchors`: "anchors", "empty" (the collator's layout of a batch without anchors: zero rows) or "absent" (no
+    anchor inputs at all, as a caller's batch with nothing to anchor)."""
     rank = dist.get_rank()
-    inputs = make_inputs(seed=10 * step + rank, with_anchors=with_anchors)
-    if not with_anchors:  # the collator's layout of a batch without anchors
+    inputs = make_inputs(seed=10 * step + rank, with_anchors=anchors == "anchors")
+    if anchors == "empty":
         inputs.update(anchor_pairs=torch.full((3, 0, 2), -1), anchor_concept_ids=torch.full((3, 0), -1))
     labels = torch.full(inputs["input_ids"].shape, -100)
     labels[:, 2] = inputs["input_ids"][:, 2]
@@ -71,12 +73,13 @@ def ddp(model):
 
 def scenarios():
     for name, overrides in PRETRAINING.items():
-        for anchors in ("anchors", "no_anchors", "mixed"):
+        for anchors in ("anchors", "no_anchors", "mixed", "absent_between"):
             def run(overrides=overrides, anchors=anchors):
                 torch.manual_seed(0)
                 model = ddp(CmalForPreTraining(make_config(**overrides)).train())
-                flags = {"anchors": (True, True), "no_anchors": (False, False), "mixed": (True, False)}[anchors]
-                train_two_steps(model, [pretraining_batch(step, flag) for step, flag in enumerate(flags)])
+                steps = {"anchors": ("anchors", "anchors"), "no_anchors": ("empty", "empty"),
+                         "mixed": ("anchors", "empty"), "absent_between": ("anchors", "absent", "anchors")}[anchors]
+                train_two_steps(model, [pretraining_batch(step, kind) for step, kind in enumerate(steps)])
             yield f"ddp/{name}/{anchors}", run
     for head in HEADS:
         for checkpointing in (False, True):
@@ -104,7 +107,7 @@ def scenarios():
             if isinstance(module, CmalLayer):
                 fully_shard(module)
         fully_shard(model)
-        train_two_steps(model, [pretraining_batch(step, True) for step in range(2)])
+        train_two_steps(model, [pretraining_batch(step, "anchors") for step in range(2)])
     yield "fsdp2/pretraining", fsdp2
 
 

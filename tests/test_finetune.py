@@ -460,6 +460,7 @@ def real_format_runs(real_format_corpus, pretrained_folder, tmp_path_factory) ->
     return root, _run_together({**commands, "retrieval": retrieval}, root)
 
 
+@pytest.mark.smoke
 @pytest.mark.slow
 @pytest.mark.parametrize("task", list(SCRIPTS))
 def test_script_runs_end_to_end_on_real_formats(task, real_format_runs, real_format_corpus):

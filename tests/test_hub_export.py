@@ -86,6 +86,7 @@ def test_pretrained_folder_is_complete(tmp_path, processor):
     assert "@inproceedings{ma2022cmal" in card and "2410.12595" in card
 
 
+@pytest.mark.smoke
 def test_head_folder_loads_in_a_fresh_process_without_the_package(tmp_path, processor):
     torch.manual_seed(0)
     answers = {0: "red", 1: "blue", 2: "cup"}

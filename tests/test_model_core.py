@@ -227,6 +227,7 @@ def test_a_masked_region_takes_the_mask_embedding_and_its_gradient_stays_bounded
     assert max(norms.values()) < 1e3, sorted(norms.items(), key=lambda item: -item[1])[:3]
 
 
+@pytest.mark.smoke
 def test_save_load_round_trip_and_tied_decoder(tmp_path):
     model = CmalForPreTraining(make_config()).eval()
     inputs = make_inputs()
@@ -348,6 +349,7 @@ def test_bert_initialisation_reproduces_bert_hidden_states(bert_dir, tokenizer):
         load_bert_weights(CmalModel(CmalConfig(**{**config.to_dict(), "num_unified_layers": 5})), bert_dir)
 
 
+@pytest.mark.smoke
 def test_saved_folder_loads_with_remote_code_in_a_fresh_process(tmp_path):
     model = CmalForPreTraining(make_config()).eval()
     folder = tmp_path / "saved"

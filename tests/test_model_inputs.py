@@ -53,7 +53,14 @@ def _ids_with(row: int, column: int, value: int) -> torch.Tensor:
     (dict(visual_feats=make_inputs()["visual_feats"].index_fill(1, torch.tensor([2]), float("nan"))),
      r"visual_feats\[0, 2, 0\] = nan: region features must be finite"),
     (dict(visual_pos=make_inputs()["visual_pos"].index_fill(2, torch.tensor([3]), float("inf"))),
-     r"visual_pos\[0, 0, 3\] = inf: boxes must be finite"),
+     r"visual_pos\[0, 0, 3\] = inf; expected box coordinates x1, y1, x2, y2 normalised to \[0, 1\]"),
+    # huge finite boxes used to be accepted and give non-finite outputs
+    (dict(visual_pos=make_inputs()["visual_pos"].index_fill(1, torch.tensor([1]), 1e30)),
+     r"visual_pos\[0, 1, 0\] = 1.0\d*e\+30; expected box coordinates x1, y1, x2, y2 normalised to \[0, 1\]"),
+    (dict(visual_pos=make_inputs()["visual_pos"] * 640), r"visual_pos\[\d, \d, \d\] = .*normalised to \[0, 1\] "
+                                                         r"\(CmalProcessor normalises pixel boxes"),
+    (dict(input_ids=make_inputs()["input_ids"][0]), r"input_ids must have shape \[batch_size, text_length\], got "
+                                                    rf"\({N},\)"),
     (dict(visual_feats=make_inputs()["visual_feats"].to(torch.int64)), r"visual_feats must be a floating-point"),
     (dict(anchor_actions=torch.full((B, 3), 6)), r"anchor_actions\[0, 0\] = 6; expected 0 \(keep\)"),
 ])
@@ -149,3 +156,26 @@ def test_a_broken_weights_file_is_refused_naming_it(tmp_path, damage):
     weights.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": np.random.bytes(500)}[damage])
     with pytest.raises(ValueError, match=rf"{weights} is not a readable safetensors file"):
         CmalModel.from_pretrained(tmp_path)
+
+
+def test_pretraining_head_names_one_dimensional_input_ids():
+    # used to be "ValueError: not enough values to unpack (expected 2, got 1)", naming no argument
+    model = CmalForPreTraining(make_config()).eval()
+    inputs = make_inputs()
+    with pytest.raises(ValueError, match=rf"input_ids must have shape \[batch_size, text_length\], got \({N},\)"):
+        model(**{**inputs, "input_ids": inputs["input_ids"][0]}, itm_labels=torch.ones(B, dtype=torch.long))
+
+
+def test_a_training_batch_without_anchor_inputs_still_reaches_every_parameter():
+    # DDP with find_unused_parameters=False needs a gradient for every parameter in every step, also when a batch
+    # carries no anchor_* keys at all (tests/distributed_worker.py runs it in two processes).
+    torch.manual_seed(0)
+    model = CmalForPreTraining(make_config()).train()
+    inputs = {name: value for name, value in make_inputs().items() if not name.startswith("anchor_")}
+    labels = torch.full(inputs["input_ids"].shape, -100)
+    labels[:, 1] = inputs["input_ids"][:, 1]
+    outputs = model(**inputs, labels=labels, itm_labels=torch.ones(B, dtype=torch.long))
+    outputs.loss.backward()
+    assert outputs.amc_loss is not None and outputs.amc_loss.item() == 0.0
+    missing = [name for name, parameter in model.named_parameters() if parameter.grad is None]
+    assert not missing, f"parameters without a gradient: {missing}"

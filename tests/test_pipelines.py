@@ -115,8 +115,11 @@ def expected_result(task, model, processor, text, regions, top_k=1):
     if task == "cmal-referring-expression":
         probabilities = logits.softmax(-1)
         index = probabilities.argmax().item()
+        # Regions that a random detector gives identical features and boxes tie: any of them is the answer (another
+        # process may sum in another order and pick another).
+        tied = (probabilities >= probabilities.max() - 1e-6).nonzero().flatten().tolist()
         return {"box": [float(value) for value in regions["visual_pos"][index]], "score": probabilities[index].item(),
-                "region_index": index, "normalized": "image_size" not in regions}
+                "region_index": tied if len(tied) > 1 else index, "normalized": "image_size" not in regions}
     return {"match_probability": logits.softmax(-1)[1].item(), "is_match": logits.softmax(-1)[1].item() >= 0.5}
 
 
@@ -132,6 +135,8 @@ def assert_same_result(actual, expected):
             assert actual[key] == pytest.approx(value, abs=1e-4), key
         elif key == "box":
             assert actual[key] == pytest.approx(value, abs=1e-2)
+        elif key == "region_index" and isinstance(value, list):
+            assert actual[key] in value, key
         else:
             assert actual[key] == value, key
 
@@ -165,6 +170,7 @@ def test_the_five_tasks_are_registered_in_process():
         assert [model_class.__name__ for model_class in registered["pt"]] == [pipeline_class.auto_class_name]
 
 
+@pytest.mark.smoke
 def test_every_pipeline_from_a_hub_folder_in_a_process_without_the_package(tmp_path, processor, photo_regions,
                                                                              tiny_detector):
     folders, expected = {}, {}

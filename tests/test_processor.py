@@ -406,6 +406,7 @@ def test_the_tokenizer_may_be_a_folder_path(bert_dir, tokenizer, tmp_path):
         CmalProcessor(tokenizer=tmp_path / "config.json")
 
 
+@pytest.mark.smoke
 def test_from_pretrained_names_a_folder_that_is_missing_or_holds_no_tokenizer(tmp_path):
     from transformers import AutoProcessor
 
@@ -604,6 +605,7 @@ def test_the_earlier_region_keys_still_work_with_a_deprecation_warning(processor
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.smoke
 def test_save_and_load_round_trip(tokenizer, tmp_path):
     lexicon = ConceptLexicon({"cup": ["mug"], "saucer": [], "dog": ["puppy"]}, tag_aliases={"dog": ["hound"]})
     processor = CmalProcessor(tokenizer=tokenizer, lexicon=lexicon, tag_vocabulary=["cup", "saucer", "hound"],
@@ -639,6 +641,7 @@ def test_save_and_load_round_trip(tokenizer, tmp_path):
     assert CmalRegionProcessor.from_pretrained(tmp_path).max_regions == 2
 
 
+@pytest.mark.smoke
 def test_a_folder_saved_before_the_region_processor_loads(tokenizer, tmp_path):
     """processor_config.json as CmalProcessor wrote it until 2026-12: settings at the top, lexicon_file named."""
     tokenizer.save_pretrained(tmp_path)

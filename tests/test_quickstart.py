@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO_ROOT
 
 
+@pytest.mark.smoke
 @pytest.mark.slow
 def test_quickstart_smoke_preset_runs_every_step(tmp_path):
     output = tmp_path / "quickstart"
