@@ -240,7 +240,8 @@ regions = {"visual_feats": np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
 inputs = processor(text=["what color is the circle ?"], regions=[regions], return_tensors="pt")
 with torch.no_grad():
     logits = model(**inputs).logits
-json.dump({"transformers": transformers.__version__, "regions": regions, "logits": logits.tolist()},
+json.dump({"transformers": transformers.__version__, "text": "what color is the circle ?", "regions": regions,
+           "logits": logits.tolist()},
           open(folder + "/expected.json", "w"))
 """
 
@@ -259,7 +260,7 @@ folder = sys.argv[1]
 expected = json.load(open(folder + "/expected.json"))
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 model = AutoModelForVisualQuestionAnswering.from_pretrained(folder, trust_remote_code=True).eval()
-inputs = processor(text=["what color is the circle ?"], regions=[expected["regions"]], return_tensors="pt")
+inputs = processor(text=[expected["text"]], regions=[expected["regions"]], return_tensors="pt")
 with torch.no_grad():
     logits = model(**inputs).logits
 print(json.dumps({"transformers": transformers.__version__, "logits": logits.tolist()}))
@@ -292,3 +293,14 @@ def test_remote_code_crosses_between_two_environments(direction, tmp_path):
     loaded = json.loads(_run(loader, LOAD_SCRIPT, folder).strip().splitlines()[-1])
     assert expected["transformers"] == _versions(saver) and loaded["transformers"] == _versions(loader)
     np.testing.assert_allclose(loaded["logits"], expected["logits"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.smoke
+def test_a_folder_saved_with_transformers_5_24_written_anew_loads_with_remote_code(tmp_path):
+    """The documented way for an old folder to run as remote code: `cmal-hub-export` writes it with today's code."""
+    from cmal_examples.hub_export import main as hub_export
+
+    folder = hub_export(["--model", str(SAVED_5_24), "--output", str(tmp_path / "vqa")])
+    (folder / "expected.json").write_text((SAVED_5_24 / "expected_outputs.json").read_text())
+    loaded = json.loads(_run(sys.executable, LOAD_SCRIPT, folder).strip().splitlines()[-1])
+    np.testing.assert_allclose(loaded["logits"], _expected_5_24()["logits"], rtol=1e-5, atol=1e-6)
