@@ -6,7 +6,7 @@ content is swapped between the modalities while every slot keeps its own positio
 runs over ``[CLS] text [SEP] regions`` (USE); the pre-training heads classify the anchor concept at the slots whose
 own content was masked while their partner stayed in place (AMC: readable only through the other modality),
 predict masked words (MLM) and tell matched from mismatched pairs (ITM). Task heads read the pooled `[CLS]` together
-with an attention summary of every slot of the hybrid sequence (`CmalTaskPooler`).
+with the slots of the anchored words (`CmalTaskPooler`, `config.task_pooling`).
 """
 
 from __future__ import annotations
@@ -1289,26 +1289,34 @@ class CmalTaskOutput(ModelOutput):
 
 
 class CmalTaskPooler(nn.Module):
-    """What a task head reads: the pooled `[CLS]` state together with a summary of the whole hybrid sequence, each
-    attention head of the summary weighting the slots by their match with the `[CLS]` state.
+    """What a task head reads: the pooled `[CLS]` state together with a summary of the hybrid sequence, chosen by
+    `config.task_pooling`:
 
-    Measured on the synthetic world: a head that reads only the pooled `[CLS]` does not learn to route a question
-    word to the region it names at small scale (VQA stays at the answer prior, from scratch and pre-trained alike),
-    while the information is linearly readable at the slots; the summary lets the head reach the slot that holds
-    it (the region a question names, the filled word).
+    - `"anchored_words"`: the mean of the text slots of anchored words (every piece listed in `anchor_pairs`; zeros
+      for a sample without anchors). Under the fill-text policy those slots hold their regions' states, so a
+      question about a named object reaches its region in one linear read. Measured on the synthetic VQA from
+      scratch in the main job's budget: "what color is the ⟨shape⟩" 0.91 (0.12 with `"cls_attention"`, which
+      answers every colour question with one colour), VQA 0.68 against 0.53.
+    - `"cls_attention"`: a summary of all slots, each attention head weighting them by their match with `[CLS]`
+      (the heads of folders saved before 2026-12-07); it has the `query` and `key` projections.
     """
 
     def __init__(self, config: CmalConfig):
         super().__init__()
+        self.task_pooling = config.task_pooling
         self.num_heads = config.num_attention_heads
         self.head_size = config.hidden_size // config.num_attention_heads
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        if self.task_pooling == "cls_attention":
+            self.query = nn.Linear(config.hidden_size, config.hidden_size)
+            self.key = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, sequence_output: torch.Tensor, pooled_output: torch.Tensor,
-                slot_mask: torch.Tensor) -> torch.Tensor:
-        """`sequence_output` `[B, L, H]`, `pooled_output` `[B, H]`, `slot_mask` `[B, L]` (1 real slot, 0 padding)
-        → `[B, 2H]`: the pooled output, then the summary."""
+    def forward(self, sequence_output: torch.Tensor, pooled_output: torch.Tensor, slot_mask: torch.Tensor,
+                anchor_pairs: torch.Tensor | None = None) -> torch.Tensor:
+        """`sequence_output` `[B, L, H]`, `pooled_output` `[B, H]`, `slot_mask` `[B, L]` (1 real slot, 0 padding),
+        `anchor_pairs` `[B, K, 2]` (-1 padding; None: no anchors) → `[B, 2H]`: the pooled output, then the
+        summary."""
+        if self.task_pooling == "anchored_words":
+            return torch.cat([pooled_output, self._anchored_word_mean(sequence_output, anchor_pairs)], dim=-1)
         batch_size, length, hidden_size = sequence_output.shape
         query = self.query(sequence_output[:, 0]).view(batch_size, 1, self.num_heads, self.head_size)
         key = self.key(sequence_output).view(batch_size, length, self.num_heads, self.head_size)
@@ -1318,6 +1326,19 @@ class CmalTaskPooler(nn.Module):
         values = sequence_output.view(batch_size, length, self.num_heads, self.head_size)
         summary = (weights * values).sum(1).reshape(batch_size, hidden_size)
         return torch.cat([pooled_output, summary], dim=-1)
+
+    @staticmethod
+    def _anchored_word_mean(sequence_output: torch.Tensor, anchor_pairs: torch.Tensor | None) -> torch.Tensor:
+        """`[B, H]`: the mean of the slots at the text positions of `anchor_pairs` (each slot once, however many
+        rows name it), zeros where a sample has none."""
+        batch_size, length = sequence_output.shape[:2]
+        if anchor_pairs is None or anchor_pairs.shape[1] == 0:  # static shapes: no data-dependent branch
+            return sequence_output.new_zeros(batch_size, sequence_output.shape[-1])
+        positions = anchor_pairs[..., 0]
+        counts = torch.zeros(batch_size, length, dtype=sequence_output.dtype, device=sequence_output.device)
+        counts.scatter_add_(1, positions.clamp(min=0), (positions >= 0).to(sequence_output.dtype))
+        weights = (counts > 0).to(sequence_output.dtype)
+        return (sequence_output * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
 
 
 def _slot_mask(sequence_output: torch.Tensor, num_regions: int, attention_mask, visual_attention_mask) -> torch.Tensor:
@@ -1435,7 +1456,7 @@ class CmalForQuestionAnswering(CmalPreTrainedModel):
                                                 anchor_actions, inputs_embeds), kwargs)
         pooled = self.task_pooler(outputs.last_hidden_state, outputs.pooler_output,
                                   _slot_mask(outputs.last_hidden_state, visual_feats.shape[1], attention_mask,
-                                             visual_attention_mask))
+                                             visual_attention_mask), anchor_pairs)
         logits = self.answer_head(pooled)
         loss = None
         if labels is not None:
@@ -1488,7 +1509,7 @@ class CmalForVisualEntailment(CmalPreTrainedModel):
                                                 anchor_actions, inputs_embeds), kwargs)
         pooled = self.task_pooler(outputs.last_hidden_state, outputs.pooler_output,
                                   _slot_mask(outputs.last_hidden_state, visual_feats.shape[1], attention_mask,
-                                             visual_attention_mask))
+                                             visual_attention_mask), anchor_pairs)
         logits = self.classifier(pooled)
         return CmalTaskOutput(loss=classification_loss(self.config, logits, labels), logits=logits,
                               pooler_output=pooled, hidden_states=outputs.hidden_states,
@@ -1555,7 +1576,8 @@ class CmalForVisualReasoning(CmalPreTrainedModel):
             per_image(anchor_concept_ids), per_image(anchor_actions), repeat_text(inputs_embeds)), kwargs)
         image_summaries = self.task_pooler(outputs.last_hidden_state, outputs.pooler_output,
                                            _slot_mask(outputs.last_hidden_state, visual_feats.shape[2],
-                                                      repeat_text(attention_mask), per_image(visual_attention_mask)))
+                                                      repeat_text(attention_mask), per_image(visual_attention_mask)),
+                                           per_image(anchor_pairs))
         pooled = image_summaries.view(visual_feats.shape[0], -1)
         logits = self.classifier(pooled)
         return CmalTaskOutput(loss=classification_loss(self.config, logits, labels), logits=logits,

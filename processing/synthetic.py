@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 from datasets import Dataset
+from transformers import AutoTokenizer
 from tqdm.auto import tqdm
 
 from .builders import _install_folder, _own_progress_bar_only, _prepare_root, _save_atomically, _write_text_atomically
@@ -654,10 +655,13 @@ FEATURES = {"pretrain": pretrain_features, "vqa": vqa_features, "nlvr2": nlvr2_f
 def build_synthetic_corpus(output, num_scenes: int = 2000, seed: int = 0, feature_dim: int = DEFAULT_FEATURE_DIM,
                            validation_fraction: float = 0.1, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
                            progress: bool = False, questions_per_scene: int = DEFAULT_QUESTIONS_PER_SCENE,
-                           processor=None) -> dict:
+                           processor=None, pretrain_scenes: int = 0) -> dict:
     """Generate `num_scenes` scenes and write the pre-training corpus and the four task datasets under `output`.
 
     `questions_per_scene` is the `num_questions` of `vqa_questions`: VQA questions per scene where the scene allows.
+    `pretrain_scenes` more scenes of the same world give captions to the pre-training train split only (captions are
+    cheap, labels are not: VLP's regime, where the caption corpus dwarfs every task's labels); they are drawn after
+    the task scenes, so the tasks of a seed do not depend on it. No validation scene is in a train split.
     With a `CmalProcessor` as `processor`, the pre-training captions are also written as streamed corpora
     (`processing/shards.py`: each scene's regions once, its captions tokenised and anchored by that processor) in
     `pretrain_streamed/train` and `pretrain_streamed/validation`, for `open_streaming_corpus`.
@@ -684,6 +688,8 @@ def build_synthetic_corpus(output, num_scenes: int = 2000, seed: int = 0, featur
     if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / CONFIG_FILE).is_file())):
         raise ValueError(f"output {str(root)!r} exists and is not a synthetic corpus (no {CONFIG_FILE}): refusing to "
                          "replace it; pass a new folder")
+    if isinstance(pretrain_scenes, bool) or not isinstance(pretrain_scenes, (int, np.integer)) or pretrain_scenes < 0:
+        raise ValueError(f"pretrain_scenes must be an int >= 0, got {pretrain_scenes!r}")
     rng = np.random.default_rng(seed)
     scenes = []
     for index in tqdm(range(num_scenes), desc="synthetic scenes", disable=not progress, unit="scene"):
@@ -694,9 +700,19 @@ def build_synthetic_corpus(output, num_scenes: int = 2000, seed: int = 0, featur
     splits = {"train": scenes[:num_scenes - num_validation], "validation": scenes[num_scenes - num_validation:]}
     rows = {split: _split_rows(split_scenes, rng, answers, questions_per_scene)
             for split, split_scenes in splits.items()}
+    # Drawn from their own stream, after the task rows: the tasks of a seed are the same with or without them.
+    caption_rng = np.random.default_rng([seed, 1])
+    caption_scenes = []
+    for index in tqdm(range(pretrain_scenes), desc="pre-training scenes", disable=not progress, unit="scene"):
+        scene = generate_scene(caption_rng, image_size)
+        regions = scene_regions(scene, render_scene(scene), feature_dim, caption_rng)
+        caption_scenes.append((f"synthetic-{seed}-pretrain-{index:07d}", scene, regions))
+        rows["train"]["pretrain"] += [dict(_image_columns(*caption_scenes[-1]), text=text)
+                                      for text in scene["captions"][:2]]
     answer_vocab = sorted(answers, key=answers.get)
     # The vocabulary holds every answer of both splits (the world has about 22), in order of first appearance.
-    summary = {"seed": int(seed), "num_scenes": num_scenes, "feature_dim": feature_dim, "image_size": list(image_size),
+    summary = {"seed": int(seed), "num_scenes": num_scenes, "pretrain_scenes": int(pretrain_scenes),
+               "feature_dim": feature_dim, "image_size": list(image_size),
                "shapes": list(SHAPES), "colours": list(COLOURS), "questions_per_scene": questions_per_scene,
                "answer_vocabulary": len(answer_vocab), "rows": {}}
     # The corpus is written beside `output` and moved into place whole: an interrupted run leaves nothing half-written.
@@ -708,6 +724,7 @@ def build_synthetic_corpus(output, num_scenes: int = 2000, seed: int = 0, featur
             from .shards import write_image_shards
 
             for split, split_scenes in splits.items():
+                split_scenes = split_scenes + caption_scenes if split == "train" else split_scenes
                 info = write_image_shards(
                     ((RegionsDict(regions, image_id=scene_id), scene["captions"][:2])
                      for scene_id, scene, regions in split_scenes),
@@ -742,6 +759,18 @@ def _write_tasks(root: Path, rows: dict, splits: dict, feature_dim: int, answer_
                 summary["rows"].setdefault(task, {})[split] = len(task_rows)
 
 
+def corpus_texts(root: Path) -> Iterator[str]:
+    """Every text of a synthetic corpus: captions, questions, statements, hypotheses and premises, expressions."""
+    from .corpus import load_corpus
+
+    for task in TASKS:
+        for split in load_corpus(root / task).values():
+            table = split.with_format(None)
+            for column in ("text", "premise"):
+                if column in table.column_names:
+                    yield from table[column]
+
+
 def _summary_lines(summary: dict, output: Path) -> Iterator[str]:
     yield f"synthetic corpus written to {output} (seed {summary['seed']}, {summary['num_scenes']} scenes, " \
           f"{summary['feature_dim']}-d region features)"
@@ -764,6 +793,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--validation-fraction", type=float, default=0.1, help="share of scenes held out (0.1)")
     parser.add_argument("--questions-per-scene", type=int, default=DEFAULT_QUESTIONS_PER_SCENE,
                         help=f"VQA questions per scene where the scene allows (default {DEFAULT_QUESTIONS_PER_SCENE})")
+    parser.add_argument("--pretrain-scenes", type=int, default=0,
+                        help="more scenes whose captions only pre-training uses (default 0)")
+    parser.add_argument("--tokenizer-output", default=None,
+                        help="also save the world's own word-piece vocabulary (processing.vocabulary) to this folder")
     parser.add_argument("--processor", default=None,
                         help="CmalProcessor folder: also write pretrain_streamed/ (pre-tokenised streamed corpora)")
     args = parser.parse_args(argv)
@@ -776,13 +809,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = build_synthetic_corpus(args.output, num_scenes=args.num_scenes, seed=args.seed,
                                          feature_dim=args.feature_dim, validation_fraction=args.validation_fraction,
                                          progress=True, questions_per_scene=args.questions_per_scene,
-                                         processor=processor)
+                                         processor=processor, pretrain_scenes=args.pretrain_scenes)
     except ValueError as error:
         parser.error(str(error).replace("num_scenes", "--num-scenes").replace("feature_dim", "--feature-dim")
                      .replace("validation_fraction", "--validation-fraction")
-                     .replace("questions_per_scene", "--questions-per-scene"))
+                     .replace("questions_per_scene", "--questions-per-scene")
+                     .replace("pretrain_scenes", "--pretrain-scenes"))
     for line in _summary_lines(summary, Path(args.output)):
         print(line)
+    if args.tokenizer_output is not None:
+        from .vocabulary import save_subset_tokenizer
+
+        tokenizer = save_subset_tokenizer(corpus_texts(Path(args.output)), args.tokenizer_output)
+        print(f"  tokenizer: the world's {len(AutoTokenizer.from_pretrained(tokenizer))} word pieces, saved to "
+              f"{tokenizer}")
     return 0
 
 
