@@ -1,18 +1,21 @@
 """CMAL quickstart — the project's main job, on the embedded synthetic world (no downloads, a laptop CPU).
 
-    python examples/quickstart.py                     # 13 minutes on an idle 2-core CPU (measured: 803 s)
+    python examples/quickstart.py                     # about 15 minutes on an idle 2-core CPU
     python examples/quickstart.py --preset smoke      # a few minutes: the same steps, tiny sizes
 
-Steps: build a synthetic corpus (scenes of coloured shapes with captions and the four downstream tasks) →
-pre-train a small CMAL (AMC + MLM + ITM) with `examples/pretrain.py` → reload it through `AutoModelForPreTraining`
-with `trust_remote_code` in a process where this package cannot be imported and measure AMC accuracy against chance
-→ fine-tune each of the four tasks (VQA, NLVR2, SNLI-VE, RefCOCO+) with Trainer, from the pre-trained model and
-from the same architecture freshly initialised, with the same budget → evaluate each pre-trained fine-tuned model
-again with the validation images shuffled across samples (how much the head uses the image) → answer a few
-questions through the `cmal-vqa` pipeline. It ends with a table of the three scores per task; everything lands in
-`--output_dir` (default `outputs/quickstart`), including `loss_curves.png` and `summary.json`
-(`summary["tasks"][task] = {"pretrained": ..., "scratch": ..., "images_shuffled": ...}`, scores in [0, 1]).
-Deterministic for `--seed`.
+Steps: build a synthetic world in VLP's regime (1,000 task scenes with labels, 6,000 more scenes whose captions
+only pre-training sees, the world's own word-piece vocabulary) → pre-train a small CMAL (AMC + MLM + ITM) with
+`examples/pretrain.py` → reload it through `AutoModelForPreTraining` with `trust_remote_code` in a process where this
+package cannot be imported and measure AMC accuracy against chance → fine-tune each of the four tasks (VQA, NLVR2,
+SNLI-VE, RefCOCO+) with Trainer, from the pre-trained model and from the same architecture freshly initialised, at
+two label budgets (full: 3,000 samples × 3 epochs; scarce: 300 samples × 10 epochs) → evaluate each pre-trained
+fine-tuned model again with the validation images shuffled across samples (how much the head uses the image) →
+score VQA per question type → answer a few questions through the `cmal-vqa` pipeline. Everything lands in
+`--output_dir` (default `outputs/quickstart`), including `loss_curves.png` and `summary.json`:
+`summary["tasks"][task] = {"pretrained", "scratch", "images_shuffled"}` (full labels),
+`summary["scarce"][task] = {"pretrained", "scratch", "labels"}`, `summary["vqa_types"][question_type] =
+{"pretrained", "scratch", "chance", "questions"}` (full labels), `summary["pretraining"] = {"step", "itm_accuracy",
+"amc_accuracy", "mlm_accuracy"}` (held-out, at the last step); scores in [0, 1]. Deterministic for `--seed`.
 """
 
 from __future__ import annotations
@@ -28,14 +31,20 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 PRESETS = {
-    # scenes, pre-training steps, fine-tuning budget (the same from pre-trained and from scratch), model sizes
-    "default": dict(num_scenes=1500, pretrain_steps=600, finetune_epochs=3, finetune_samples=3000,
-                    finetune_learning_rate=3e-4, hidden_size=128, num_attention_heads=4, intermediate_size=256,
-                    num_text_layers=2, num_visual_layers=1, num_unified_layers=2),
-    "smoke": dict(num_scenes=200, pretrain_steps=20, finetune_epochs=1, finetune_samples=200,
+    # The world: task scenes (labels) and as many more scenes again whose captions only pre-training sees (VLP's
+    # regime: captions are cheap, labels are not), its own word-piece vocabulary; pre-training steps; the two label
+    # budgets of fine-tuning (the same from pre-trained and from scratch); model sizes.
+    "default": dict(num_scenes=1000, validation_fraction=0.2, questions_per_scene=4, pretrain_scenes=6000,
+                    pretrain_steps=1500, finetune_epochs=3, finetune_samples=3000, scarce_epochs=10,
+                    scarce_samples=300, finetune_learning_rate=3e-4, hidden_size=128, num_attention_heads=4,
+                    intermediate_size=256, num_text_layers=2, num_visual_layers=1, num_unified_layers=2),
+    "smoke": dict(num_scenes=200, validation_fraction=0.2, questions_per_scene=4, pretrain_scenes=200,
+                  pretrain_steps=20, finetune_epochs=1, finetune_samples=200, scarce_epochs=2, scarce_samples=50,
                   finetune_learning_rate=3e-4, hidden_size=32, num_attention_heads=2, intermediate_size=64,
                   num_text_layers=1, num_visual_layers=1, num_unified_layers=1),
 }
+# The two label budgets: samples and epochs of each fine-tuning run.
+BUDGETS = {"full": ("finetune_samples", "finetune_epochs"), "scarce": ("scarce_samples", "scarce_epochs")}
 MODEL_FIELDS = ("hidden_size", "num_attention_heads", "intermediate_size", "num_text_layers", "num_visual_layers",
                 "num_unified_layers")
 
@@ -226,15 +235,51 @@ def answer_questions(vqa_dir: Path, vqa_path: Path, count: int = 5) -> list[dict
     return shown
 
 
-def finetune_command(task: str, start: Path, dataset: Path, target: Path, preset: dict, seed: int) -> list[str]:
+def finetune_command(task: str, start: Path, dataset: Path, target: Path, preset: dict, seed: int,
+                     budget: str = "full") -> list[str]:
     """One fine-tuning run: the same budget from any starting point; the last step is evaluated on the whole
-    validation split (no checkpoint selection on it)."""
+    validation split (no checkpoint selection on it). VQA also writes its validation predictions (per question
+    type)."""
+    samples, epochs = (preset[key] for key in BUDGETS[budget])
     return [sys.executable, TASKS[task]["script"], "--model_name_or_path", str(start), "--dataset_path", str(dataset),
-            "--output_dir", str(target), "--num_train_epochs", str(preset["finetune_epochs"]),
-            "--max_train_samples", str(preset["finetune_samples"]), "--per_device_train_batch_size", "32",
-            "--per_device_eval_batch_size", "64", "--learning_rate", str(preset["finetune_learning_rate"]),
-            "--warmup_steps", "20", "--eval_strategy", "no", "--save_strategy", "no", "--seed", str(seed),
-            "--report_to", "none", "--do_train", "--do_eval"]
+            "--output_dir", str(target), "--num_train_epochs", str(epochs), "--max_train_samples", str(samples),
+            "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64", "--learning_rate",
+            str(preset["finetune_learning_rate"]), "--warmup_steps", "20", "--eval_strategy", "no", "--save_strategy",
+            "no", "--seed", str(seed), "--report_to", "none", "--do_train", "--do_eval",
+            *(["--do_predict"] if task == "vqa" else [])]
+
+
+def vqa_question_types(dataset: Path, runs: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Per question type of the validation split (as the world writes it: "what shape is the", ...): the accuracy of
+    each run's predictions (`predictions.jsonl`) and chance (always the type's most frequent answer)."""
+    from collections import Counter, defaultdict
+
+    from cmal_processing.corpus import load_corpus
+
+    rows = load_corpus(dataset)["validation"].with_format(None)
+    vocabulary = json.loads((dataset / "answer_vocab.json").read_text())
+    truth, kinds = {}, defaultdict(list)
+    for row in rows:
+        best = max(range(len(row["answer_ids"])), key=lambda index: row["answer_scores"][index])
+        truth[row["question_id"]] = vocabulary[row["answer_ids"][best]]
+        kinds[row["question_type"]].append(row["question_id"])
+    predicted = {name: {record["question_id"]: record["answer"]
+                        for record in map(json.loads, (run / "predictions.jsonl").read_text().splitlines())}
+                 for name, run in runs.items()}
+    table = {}
+    for kind, questions in sorted(kinds.items()):
+        table[kind] = {name: sum(answers[question] == truth[question] for question in questions) / len(questions)
+                       for name, answers in predicted.items()}
+        table[kind]["chance"] = Counter(truth[question] for question in questions).most_common(1)[0][1] / len(questions)
+        table[kind]["questions"] = len(questions)
+    return table
+
+
+def last_pretraining_accuracies(metrics_file: Path) -> dict[str, float]:
+    """The held-out ITM, AMC and MLM accuracies of pre-training's last evaluation."""
+    evaluations = [row for row in map(json.loads, metrics_file.read_text().splitlines()) if "eval/itm_accuracy" in row]
+    last = evaluations[-1]
+    return {"step": last["step"], **{f"{name}_accuracy": last[f"eval/{name}_accuracy"] for name in ("itm", "amc", "mlm")}}
 
 
 def evaluate_command(task: str, model: Path, dataset: Path, target: Path) -> list[str]:
@@ -242,15 +287,28 @@ def evaluate_command(task: str, model: Path, dataset: Path, target: Path) -> lis
             "--output_dir", str(target), "--per_device_eval_batch_size", "64", "--report_to", "none", "--do_eval"]
 
 
-def task_table(scores: dict[str, dict[str, float]]) -> list[str]:
-    """The closing table: per task, the three scores and the two differences that matter."""
-    lines = [f"    {'task':<9}{'pre-trained':>13}{'scratch':>10}{'images shuffled':>17}"
-             f"{'pre − scratch':>15}{'pre − shuffled':>16}"]
+def task_table(scores: dict[str, dict[str, float]], control: str = "images_shuffled") -> list[str]:
+    """A closing table: per task, pre-trained, scratch and the control column (images shuffled, or the labels of a
+    budget), with the differences that matter."""
+    with_shuffled = control == "images_shuffled"
+    lines = [f"    {'task':<9}{'pre-trained':>13}{'scratch':>10}{'images shuffled' if with_shuffled else 'labels':>17}"
+             f"{'pre − scratch':>15}{'pre − shuffled' if with_shuffled else '':>16}"]
     for task, row in scores.items():
-        lines.append(f"    {task:<9}{row['pretrained']:>13.3f}{row['scratch']:>10.3f}{row['images_shuffled']:>17.3f}"
-                     f"{row['pretrained'] - row['scratch']:>+15.3f}{row['pretrained'] - row['images_shuffled']:>+16.3f}")
+        control_value = f"{row[control]:>17.3f}" if with_shuffled else f"{row[control]:>17,}"
+        lines.append(f"    {task:<9}{row['pretrained']:>13.3f}{row['scratch']:>10.3f}{control_value}"
+                     f"{row['pretrained'] - row['scratch']:>+15.3f}"
+                     + (f"{row['pretrained'] - row['images_shuffled']:>+16.3f}" if with_shuffled else ""))
     mean_gain = sum(row["pretrained"] - row["scratch"] for row in scores.values()) / len(scores)
     lines.append(f"    mean over tasks of pre-trained − scratch: {mean_gain:+.3f}")
+    return lines
+
+
+def question_type_table(types: dict[str, dict[str, float]]) -> list[str]:
+    lines = [f"    {'question type':<20}{'questions':>10}{'pre-trained':>13}{'scratch':>10}{'chance':>9}"
+             f"{'pre − scratch':>15}"]
+    for kind, row in types.items():
+        lines.append(f"    {kind:<20}{row['questions']:>10}{row['pretrained']:>13.3f}{row['scratch']:>10.3f}"
+                     f"{row['chance']:>9.3f}{row['pretrained'] - row['scratch']:>+15.3f}")
     return lines
 
 
@@ -260,27 +318,34 @@ def main(argv=None) -> None:
     output = Path(args.output_dir).resolve()
     logs = output / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    data, pretrained = output / "data", output / "pretrained"
+    data, pretrained, tokenizer = output / "data", output / "pretrained", output / "tokenizer"
     timings = {}
     started = time.perf_counter()
 
-    timings["data"] = run_step("1/6 Build the synthetic corpus", [
+    timings["data"] = run_step("1/6 Build the synthetic world", [
         sys.executable, "-m", "processing.synthetic", "--output", str(data), "--num-scenes", str(preset["num_scenes"]),
-        "--seed", str(args.seed)], logs / "data.log")
+        "--validation-fraction", str(preset["validation_fraction"]), "--questions-per-scene",
+        str(preset["questions_per_scene"]), "--pretrain-scenes", str(preset["pretrain_scenes"]),
+        "--tokenizer-output", str(tokenizer), "--seed", str(args.seed)], logs / "data.log")
+    world = json.loads((data / "synthetic_config.json").read_text())["rows"]
+    labelled = {task: world[task]["train"] for task in TASKS}
+    print(f"    pre-training captions {world['pretrain']['train']:,}; labelled train rows "
+          + ", ".join(f"{task} {count:,}" for task, count in labelled.items()))
 
     model_config = output / "model_config.json"
     model_config.write_text(json.dumps({field: preset[field] for field in MODEL_FIELDS}))
     pretrain_command = [
         sys.executable, "examples/pretrain.py", "--dataset_path", str(data / "pretrain"), "--output_dir",
-        str(pretrained), "--model_config", str(model_config), "--max_steps", str(preset["pretrain_steps"]),
-        "--per_device_batch_size", "32", "--learning_rate", "5e-4", "--logging_steps", "10",
-        "--eval_steps", str(max(10, preset["pretrain_steps"] // 6)), "--checkpointing_steps",
-        str(preset["pretrain_steps"]), "--seed", str(args.seed), "--max_text_length", "40"]
+        str(pretrained), "--model_config", str(model_config), "--tokenizer_name", str(tokenizer), "--max_steps",
+        str(preset["pretrain_steps"]), "--per_device_batch_size", "32", "--learning_rate", "5e-4",
+        "--logging_steps", "10", "--eval_steps", str(max(10, preset["pretrain_steps"] // 10)),
+        "--checkpointing_steps", str(preset["pretrain_steps"]), "--seed", str(args.seed), "--max_text_length", "40"]
     # Only the widths come from the preset: the script sizes the vocabulary, lexicon and features from the data.
     timings["pretrain"] = run_step("2/6 Pre-train CMAL (AMC + MLM + ITM)", pretrain_command, logs / "pretrain.log")
     plot_curves(pretrained / "metrics.jsonl", output / "loss_curves.png")
     for line in loss_curve_lines(pretrained / "metrics.jsonl"):
         print(line)
+    pretraining = last_pretraining_accuracies(pretrained / "metrics.jsonl")
 
     print("\n=== 3/6 Reload through AutoModelForPreTraining(trust_remote_code=True), AMC on held-out captions")
     amc = amc_accuracy_after_reload(pretrained, data / "pretrain", args.seed, output)
@@ -288,20 +353,26 @@ def main(argv=None) -> None:
 
     scratch = write_untrained_copy(pretrained, output / "scratch", args.seed)
     scores: dict[str, dict[str, float]] = {}
+    scarce: dict[str, dict[str, float]] = {}
     for task in TASKS:
-        scores[task] = {}
-        for name, start in (("pretrained", pretrained), ("scratch", scratch)):
-            target = output / f"{task}_{name}"
-            command = finetune_command(task, start, data / task, target, preset, args.seed)
-            timings[f"{task}_{name}"] = run_step(f"4/6 Fine-tune {task} from {name}", command,
-                                                 logs / f"{task}_{name}.log")
-            scores[task][name] = read_eval_score(target, task)
+        scores[task], scarce[task] = {}, {"labels": min(preset["scarce_samples"], labelled[task])}
+        for budget, table in (("full", scores), ("scarce", scarce)):
+            for name, start in (("pretrained", pretrained), ("scratch", scratch)):
+                suffix = "" if budget == "full" else "_scarce"
+                target = output / f"{task}_{name}{suffix}"
+                command = finetune_command(task, start, data / task, target, preset, args.seed, budget)
+                timings[f"{task}_{name}{suffix}"] = run_step(
+                    f"4/6 Fine-tune {task} from {name} ({budget} labels: {preset[BUDGETS[budget][0]]:,} samples × "
+                    f"{preset[BUDGETS[budget][1]]} epochs)", command, logs / f"{task}_{name}{suffix}.log")
+                table[task][name] = read_eval_score(target, task)
         shuffled_data = write_shuffled_validation(data / task, output / "data_images_shuffled" / task, args.seed)
         target = output / f"{task}_pretrained_images_shuffled"
         timings[f"{task}_images_shuffled"] = run_step(
             f"5/6 Evaluate the pre-trained {task} model with the validation images shuffled",
             evaluate_command(task, output / f"{task}_pretrained", shuffled_data, target), logs / f"{task}_shuffled.log")
         scores[task]["images_shuffled"] = read_eval_score(target, task)
+    vqa_types = vqa_question_types(data / "vqa", {"pretrained": output / "vqa_pretrained",
+                                                  "scratch": output / "vqa_scratch"})
 
     print("\n=== 6/6 Answer questions through pipeline('cmal-vqa', trust_remote_code=True)")
     examples = answer_questions(output / "vqa_pretrained", data / "vqa")
@@ -309,12 +380,23 @@ def main(argv=None) -> None:
         print(f"    Q: {item['question']:<45} predicted: {item['predicted']:<8} truth: {item['truth']}")
 
     timings["total"] = time.perf_counter() - started
-    summary = {"preset": args.preset, "seed": args.seed, **amc, "tasks": scores, "examples": examples,
-               "seconds": {key: round(value, 1) for key, value in timings.items()}}
+    summary = {"preset": args.preset, "seed": args.seed, **amc, "pretraining": pretraining, "tasks": scores,
+               "scarce": scarce, "vqa_types": vqa_types, "world": {"pretrain_captions": world["pretrain"]["train"],
+                                                                   "labelled": labelled},
+               "examples": examples, "seconds": {key: round(value, 1) for key, value in timings.items()}}
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n=== Summary (validation split, whole)")
-    print(f"    AMC accuracy (held-out)  {amc['amc_accuracy']:.3f}   chance {amc['amc_chance']:.3f}")
+    print(f"    pre-training, held-out at step {pretraining['step']}: ITM {pretraining['itm_accuracy']:.3f}, AMC "
+          f"{pretraining['amc_accuracy']:.3f}, MLM {pretraining['mlm_accuracy']:.3f}; AMC after the remote-code "
+          f"reload {amc['amc_accuracy']:.3f} (chance {amc['amc_chance']:.3f})")
+    print(f"    full labels ({preset['finetune_samples']:,} samples × {preset['finetune_epochs']} epochs):")
     for line in task_table(scores):
+        print(line)
+    print(f"    scarce labels ({preset['scarce_samples']:,} samples × {preset['scarce_epochs']} epochs):")
+    for line in task_table(scarce, control="labels"):
+        print(line)
+    print("    VQA per question type (full labels):")
+    for line in question_type_table(vqa_types):
         print(line)
     print(f"    {timings['total']:.0f} s in all.   Loss curves: {output / 'loss_curves.png'}   "
           f"Summary: {output / 'summary.json'}")

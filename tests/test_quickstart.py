@@ -27,9 +27,23 @@ def test_quickstart_smoke_preset_runs_every_step(tmp_path):
     for task, scores in summary["tasks"].items():
         assert set(scores) == {"pretrained", "scratch", "images_shuffled"}, task
         assert all(0.0 <= value <= 1.0 for value in scores.values()), (task, scores)
+    # The scarce label budget, the VQA question types and pre-training's held-out accuracies at its last step.
+    assert set(summary["scarce"]) == set(summary["tasks"])
+    for task, scores in summary["scarce"].items():
+        assert set(scores) == {"pretrained", "scratch", "labels"} and scores["labels"] == 50, task
+        assert 0.0 <= scores["pretrained"] <= 1.0 and 0.0 <= scores["scratch"] <= 1.0, (task, scores)
+    assert set(summary["vqa_types"]) == {"what color is the", "what shape is the", "how many", "is there a"}
+    for kind, row in summary["vqa_types"].items():
+        assert {"pretrained", "scratch", "chance"} <= set(row) and row["questions"] > 0, kind
+        assert all(0.0 <= row[name] <= 1.0 for name in ("pretrained", "scratch", "chance")), (kind, row)
+    assert set(summary["pretraining"]) == {"step", "itm_accuracy", "amc_accuracy", "mlm_accuracy"}
+    assert summary["pretraining"]["step"] == 20
+    # VLP's regime: pre-training has more captions than any task has labelled rows.
+    assert summary["world"]["pretrain_captions"] > max(summary["world"]["labelled"].values())
     assert len(summary["examples"]) == 5 and all(item["predicted"] for item in summary["examples"])
     assert (output / "loss_curves.png").stat().st_size > 10_000
-    for line in ("AMC accuracy", "pre-trained", "scratch", "images shuffled", "mean over tasks of pre-trained"):
+    for line in ("AMC accuracy", "pre-trained", "scratch", "images shuffled", "mean over tasks of pre-trained",
+                 "scarce labels", "VQA per question type", "what shape is the"):
         assert line in result.stdout
     for task in summary["tasks"]:
         assert any(row.split()[:1] == [task] for row in result.stdout.splitlines()), task

@@ -492,3 +492,43 @@ def test_regions_stored_once_take_a_fraction_of_a_single_table(corpus, tmp_path)
     Dataset.from_list(python_rows, features=schema.vqa_features(32)).save_to_disk(str(single))
     assert load_from_disk(str(single)).num_rows == rows.num_rows
     assert _folder_bytes(corpus / "vqa" / "train") / _folder_bytes(single) < 0.5
+
+
+def test_pre_training_scenes_add_captions_only_and_leave_the_tasks_alone(tmp_path):
+    from cmal_processing.corpus import load_corpus
+
+    plain = build_synthetic_corpus(tmp_path / "plain", num_scenes=20, seed=3)
+    more = build_synthetic_corpus(tmp_path / "more", num_scenes=20, seed=3, pretrain_scenes=15)
+    assert more["rows"]["pretrain"]["train"] == plain["rows"]["pretrain"]["train"] + 30
+    assert more["rows"]["pretrain"]["validation"] == plain["rows"]["pretrain"]["validation"]
+    for task in ("vqa", "nlvr2", "snli_ve", "refcoco"):
+        assert more["rows"][task] == plain["rows"][task], task
+        for split in ("train", "validation"):
+            assert load_corpus(tmp_path / "more" / task)[split].with_format(None)["text"] == \
+                load_corpus(tmp_path / "plain" / task)[split].with_format(None)["text"], (task, split)
+    pretrain = load_corpus(tmp_path / "more" / "pretrain")
+    validation_images = set(pretrain["validation"].with_format(None)["image_id"])
+    train_images = set(pretrain["train"].with_format(None)["image_id"])
+    assert not validation_images & train_images
+    assert sum(image.startswith("synthetic-3-pretrain-") for image in train_images) == 15
+    with pytest.raises(ValueError, match=r"pretrain_scenes must be an int >= 0, got -1"):
+        build_synthetic_corpus(tmp_path / "bad", num_scenes=20, seed=3, pretrain_scenes=-1)
+
+
+def test_the_worlds_own_vocabulary_tokenizes_every_text_as_bert_base_does(tmp_path):
+    from cmal_processing.synthetic import corpus_texts
+    from cmal_processing.vocabulary import save_subset_tokenizer, subset_tokenizer
+    from transformers import AutoTokenizer
+
+    from modeling_cmal.processing_cmal import default_tokenizer
+
+    build_synthetic_corpus(tmp_path / "world", num_scenes=30, seed=1)
+    texts = list(corpus_texts(tmp_path / "world"))
+    base = default_tokenizer()
+    small = AutoTokenizer.from_pretrained(save_subset_tokenizer(texts, tmp_path / "tokenizer", base))
+    assert len(small) < 200 < len(base)
+    assert all(small.tokenize(text) == base.tokenize(text) for text in texts)
+    assert small("a crimson disc")["input_ids"][0] == small.cls_token_id
+    assert small.tokenize("zebra") == ["[UNK]"]  # outside the world's texts
+    with pytest.raises(ValueError, match="texts is empty"):
+        subset_tokenizer([])
