@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import AutoTokenizer, BatchFeature, BertTokenizer
-# From its module: before 5.24 `transformers.AutoImageProcessor` is a placeholder that demands torchvision.
+# From its module: in some 5.x releases (5.4 and 5.10 measured) `transformers.AutoImageProcessor` is a placeholder that
+# demands torchvision; the class itself needs only Pillow.
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import cached_file
