@@ -279,7 +279,8 @@ def last_pretraining_accuracies(metrics_file: Path) -> dict[str, float]:
     """The held-out ITM, AMC and MLM accuracies of pre-training's last evaluation."""
     evaluations = [row for row in map(json.loads, metrics_file.read_text().splitlines()) if "eval/itm_accuracy" in row]
     last = evaluations[-1]
-    return {"step": last["step"], **{f"{name}_accuracy": last[f"eval/{name}_accuracy"] for name in ("itm", "amc", "mlm")}}
+    return {"step": last["step"],
+            **{f"{name}_accuracy": last[f"eval/{name}_accuracy"] for name in ("itm", "amc", "mlm")}}
 
 
 def evaluate_command(task: str, model: Path, dataset: Path, target: Path) -> list[str]:
