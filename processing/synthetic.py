@@ -51,7 +51,6 @@ from pathlib import Path
 
 import numpy as np
 from datasets import Dataset
-from transformers import AutoTokenizer
 from tqdm.auto import tqdm
 
 from .builders import _install_folder, _own_progress_bar_only, _prepare_root, _save_atomically, _write_text_atomically
@@ -818,11 +817,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in _summary_lines(summary, Path(args.output)):
         print(line)
     if args.tokenizer_output is not None:
-        from .vocabulary import save_subset_tokenizer
+        from .vocabulary import subset_tokenizer
 
-        tokenizer = save_subset_tokenizer(corpus_texts(Path(args.output)), args.tokenizer_output)
-        print(f"  tokenizer: the world's {len(AutoTokenizer.from_pretrained(tokenizer))} word pieces, saved to "
-              f"{tokenizer}")
+        tokenizer = subset_tokenizer(corpus_texts(Path(args.output)))
+        tokenizer.save_pretrained(args.tokenizer_output)
+        print(f"  tokenizer: the world's {len(tokenizer)} word pieces, saved to {args.tokenizer_output}")
     return 0
 
 

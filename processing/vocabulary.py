@@ -11,8 +11,6 @@ differently or become `[UNK]`.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
-
 from transformers import BertTokenizer
 
 
@@ -36,11 +34,3 @@ def subset_tokenizer(texts: Iterable[str], base: BertTokenizer | None = None) ->
     return BertTokenizer(vocab={piece: index for index, piece in enumerate(pieces)},
                          do_lower_case=getattr(base, "do_lower_case", True),
                          model_max_length=base.model_max_length)
-
-
-def save_subset_tokenizer(texts: Iterable[str], output_dir: str | Path, base: BertTokenizer | None = None) -> Path:
-    """`subset_tokenizer(texts, base)` saved to `output_dir` (a folder `--tokenizer_name` and `AutoTokenizer` read)."""
-    tokenizer = subset_tokenizer(texts, base)
-    output_dir = Path(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    return output_dir

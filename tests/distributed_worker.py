@@ -1,8 +1,9 @@
-"""Run by `torch.distributed.run` (2 gloo processes) from tests/test_distributed.py: trains every scenario two steps
-under DDP with `find_unused_parameters=False` (DDP's default, and Trainer's under gradient checkpointing), and under
-FSDP2 (`fully_shard` on each `CmalLayer` and the root). A parameter without a gradient in step 1 makes DDP raise in
-step 2; FSDP2 refuses 0-dim parameters at `fully_shard`. Writes one JSON line per scenario to the file named by
-argv[1] (rank 0): {"scenario": ..., "ok": bool, "error": str | null}."""
+"""Run by `torch.distributed.run` (2 gloo processes) from tests/test_distributed.py: trains every scenario under DDP
+with `find_unused_parameters=False` (DDP's default, and Trainer's under gradient checkpointing), two steps, or three
+where a batch without anchor inputs comes between two with them; and under FSDP2 (`fully_shard` on each `CmalLayer`
+and the root). A parameter without a gradient in one step makes DDP raise in the next; FSDP2 refuses 0-dim
+parameters at `fully_shard`. Writes one JSON line per scenario to the file named by argv[1] (rank 0):
+{"scenario": ..., "ok": bool, "error": str | null}."""
 
 import json
 import os
@@ -56,7 +57,7 @@ HEADS = (CmalForQuestionAnswering, CmalForVisualEntailment, CmalForVisualReasoni
          CmalForImageTextMatching)
 
 
-def train_two_steps(model, batches) -> None:
+def train_steps(model, batches) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for batch in batches:
         optimizer.zero_grad()
@@ -79,7 +80,7 @@ def scenarios():
                 model = ddp(CmalForPreTraining(make_config(**overrides)).train())
                 steps = {"anchors": ("anchors", "anchors"), "no_anchors": ("empty", "empty"),
                          "mixed": ("anchors", "empty"), "absent_between": ("anchors", "absent", "anchors")}[anchors]
-                train_two_steps(model, [pretraining_batch(step, kind) for step, kind in enumerate(steps)])
+                train_steps(model, [pretraining_batch(step, kind) for step, kind in enumerate(steps)])
             yield f"ddp/{name}/{anchors}", run
     for head in HEADS:
         for checkpointing in (False, True):
@@ -95,7 +96,7 @@ def scenarios():
                         for key in ("anchor_pairs", "anchor_concept_ids", "anchor_actions"):
                             batch.pop(key)
                     batches.append(batch)
-                train_two_steps(ddp(model), batches)
+                train_steps(ddp(model), batches)
             yield f"ddp/{head.__name__}/{'checkpointing' if checkpointing else 'plain'}", run
 
     def fsdp2():
@@ -107,7 +108,7 @@ def scenarios():
             if isinstance(module, CmalLayer):
                 fully_shard(module)
         fully_shard(model)
-        train_two_steps(model, [pretraining_batch(step, "anchors") for step in range(2)])
+        train_steps(model, [pretraining_batch(step, "anchors") for step in range(2)])
     yield "fsdp2/pretraining", fsdp2
 
 

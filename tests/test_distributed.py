@@ -1,8 +1,8 @@
 """Two gloo processes (`torch.distributed.run`): every pre-training objective switched off in turn, the contrastive
-variant, batches with and without anchors, every task head with and without gradient checkpointing, under DDP with
-`find_unused_parameters=False`; and FSDP2 (`fully_shard` on each `CmalLayer` and the root). Each trains two steps
-(DDP raises in the second step when a parameter got no gradient in the first). The scenarios are in
-`distributed_worker.py`, run in one launch."""
+variant, batches with and without anchors (and without anchor inputs at all between two with them), every task head
+with and without gradient checkpointing, under DDP with `find_unused_parameters=False`; and FSDP2 (`fully_shard` on
+each `CmalLayer` and the root). Each trains two or three steps (DDP raises in a step when a parameter got no
+gradient in the one before). The scenarios are in `distributed_worker.py`, run in one launch."""
 
 import json
 import os

@@ -17,6 +17,7 @@ The tests marked `smoke` here and in the other files are the set that `.ci/run` 
 """
 
 import ast
+import importlib
 import inspect
 import json
 import os
@@ -78,6 +79,11 @@ def _defined_names(class_node: ast.ClassDef) -> set[str]:
     return names
 
 
+def importlib_module(path: pathlib.Path):
+    """The imported module of a runtime file (the probe test replaces this)."""
+    return importlib.import_module(f"modeling_cmal.{path.stem}") if path.stem != "__init__" else modeling_cmal
+
+
 def private_transformers_names() -> dict[str, set[str]]:
     """`{name: {where, ...}}` of every private transformers name the runtime files import, pass as a keyword
     argument, or define in a class that inherits it from a transformers class."""
@@ -113,12 +119,6 @@ def private_transformers_names() -> dict[str, set[str]]:
                     if name.startswith("_") and not name.startswith("__") and any(name in vars(b) for b in bases):
                         add(name, f"{path.name}: {node.name} overrides it")
     return found
-
-
-def importlib_module(path: pathlib.Path):
-    import importlib
-
-    return importlib.import_module(f"modeling_cmal.{path.stem}") if path.stem != "__init__" else modeling_cmal
 
 
 @pytest.mark.smoke

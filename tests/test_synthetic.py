@@ -517,7 +517,7 @@ def test_pre_training_scenes_add_captions_only_and_leave_the_tasks_alone(tmp_pat
 
 def test_the_worlds_own_vocabulary_tokenizes_every_text_as_bert_base_does(tmp_path):
     from cmal_processing.synthetic import corpus_texts
-    from cmal_processing.vocabulary import save_subset_tokenizer, subset_tokenizer
+    from cmal_processing.vocabulary import subset_tokenizer
     from transformers import AutoTokenizer
 
     from modeling_cmal.processing_cmal import default_tokenizer
@@ -525,7 +525,8 @@ def test_the_worlds_own_vocabulary_tokenizes_every_text_as_bert_base_does(tmp_pa
     build_synthetic_corpus(tmp_path / "world", num_scenes=30, seed=1)
     texts = list(corpus_texts(tmp_path / "world"))
     base = default_tokenizer()
-    small = AutoTokenizer.from_pretrained(save_subset_tokenizer(texts, tmp_path / "tokenizer", base))
+    subset_tokenizer(texts, base).save_pretrained(tmp_path / "tokenizer")
+    small = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")  # as pretrain.py --tokenizer_name reads it
     assert len(small) < 200 < len(base)
     assert all(small.tokenize(text) == base.tokenize(text) for text in texts)
     assert small("a crimson disc")["input_ids"][0] == small.cls_token_id
