@@ -11,6 +11,7 @@ differently or become `[UNK]`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+
 from transformers import BertTokenizer
 
 
