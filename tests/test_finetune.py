@@ -661,7 +661,7 @@ def test_head_learns_synthetic_task_well_above_chance(task, synthetic_runs, synt
 
 
 # A head that answers a whole question type with one constant fails here, whatever its overall score. "What color
-# is the <shape>?" needs the named object's region: with the heads' anchored-word pooling (config.task_pooling)
+# is the <shape>?" needs the named object's region: with the heads' anchored-word summary (config.task_pooling)
 # the tiny model learns it from scratch; with the [CLS]-queried summary it answered every colour question alike.
 ATTRIBUTE_MARGIN = 0.30
 

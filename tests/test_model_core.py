@@ -242,6 +242,35 @@ def test_save_load_round_trip_and_tied_decoder(tmp_path):
     torch.testing.assert_close(trunk(**inputs).pooler_output, model.cmal(**inputs).pooler_output, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("pooling", ["text_and_anchored_words", "anchored_words", "cls_attention"])
+def test_task_pooler_reads_what_its_mode_names_and_each_mode_round_trips(pooling, tmp_path):
+    """The VQA head's pooled input, by hand: `[CLS]` pooled, then the mean of the real text slots (padding left out),
+    then the mean of the anchored slots (each once); the NLVR2 head reads twice that width. A folder keeps its mode."""
+    from modeling_cmal import CmalForQuestionAnswering, CmalForVisualReasoning
+
+    model = CmalForQuestionAnswering(make_config(task_pooling=pooling, num_labels=4)).eval()
+    inputs = {key: value for key, value in make_inputs().items() if key != "anchor_actions"}
+    outputs = model(**inputs)
+    width = {"text_and_anchored_words": 3, "anchored_words": 2, "cls_attention": 2}[pooling] * 32
+    assert model.task_pooler.output_size == width and outputs.pooler_output.shape == (B, width)
+    trunk = model.cmal(**inputs)
+    states, pooled = trunk.last_hidden_state, trunk.pooler_output
+    torch.testing.assert_close(outputs.pooler_output[:, :32], pooled)
+    anchored = torch.stack([states[0, [1, 2, 4]].mean(0), states[1, [3, 5]].mean(0), states[2, 2]])
+    if pooling == "text_and_anchored_words":
+        text = torch.stack([states[0, :N].mean(0), states[1, :N].mean(0), states[2, :5].mean(0)])
+        torch.testing.assert_close(outputs.pooler_output[:, 32:64], text)
+        torch.testing.assert_close(outputs.pooler_output[:, 64:], anchored)
+    elif pooling == "anchored_words":
+        torch.testing.assert_close(outputs.pooler_output[:, 32:], anchored)
+    model.save_pretrained(tmp_path)
+    reloaded = CmalForQuestionAnswering.from_pretrained(tmp_path).eval()
+    assert reloaded.config.task_pooling == pooling
+    torch.testing.assert_close(reloaded(**inputs).logits, outputs.logits, rtol=0, atol=0)
+    reasoning = CmalForVisualReasoning(make_config(task_pooling=pooling, num_labels=2))
+    assert reasoning.classifier.dense.in_features == 2 * width
+
+
 def test_eager_and_sdpa_agree_also_without_regions():
     model = CmalForPreTraining(make_config()).eval()
     inputs = make_inputs()

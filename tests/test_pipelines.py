@@ -492,7 +492,7 @@ def _pretraining_folder(processor, folder):
     return str(folder)
 
 
-# (The anchored-word task pooler, config.task_pooling's default, has no weights of its own.)
+# (The text-and-anchored-word task pooler, config.task_pooling's default, has no weights of its own.)
 @pytest.mark.parametrize("task, head", [("cmal-vqa", "answer_head"),
                                         ("cmal-visual-entailment", "classifier"),
                                         ("cmal-visual-reasoning", "classifier"),
