@@ -8,8 +8,9 @@ only pre-training sees, the world's own word-piece vocabulary) → pre-train a s
 `examples/pretrain.py` → reload it through `AutoModelForPreTraining` with `trust_remote_code` in a process where this
 package cannot be imported and measure AMC accuracy against chance → fine-tune each of the four tasks (VQA, NLVR2,
 SNLI-VE, RefCOCO+) with Trainer, from the pre-trained model and from the same architecture freshly initialised, at
-two label budgets (full: 3,000 samples × 3 epochs; scarce: 300 samples × 10 epochs) → evaluate each pre-trained
-fine-tuned model again with the validation images shuffled across samples (how much the head uses the image) →
+two label budgets (full: 3,000 samples × 8 epochs; scarce: 300 samples × 20 epochs; the two starting points of a
+budget side by side, one core each) → evaluate each pre-trained fine-tuned model again with the validation images
+shuffled across samples (how much the head uses the image) →
 score VQA per question type → answer a few questions through the `cmal-vqa` pipeline. Everything lands in
 `--output_dir` (default `outputs/quickstart`), including `loss_curves.png` and `summary.json`:
 `summary["tasks"][task] = {"pretrained", "scratch", "images_shuffled"}` (full labels),
@@ -35,13 +36,15 @@ PRESETS = {
     # regime: captions are cheap, labels are not), its own word-piece vocabulary; pre-training steps; the two label
     # budgets of fine-tuning (the same from pre-trained and from scratch); model sizes.
     "default": dict(num_scenes=1000, validation_fraction=0.2, questions_per_scene=4, pretrain_scenes=6000,
-                    pretrain_steps=1500, finetune_epochs=3, finetune_samples=3000, scarce_epochs=10,
-                    scarce_samples=300, finetune_learning_rate=3e-4, hidden_size=128, num_attention_heads=4,
-                    intermediate_size=256, num_text_layers=2, num_visual_layers=1, num_unified_layers=2),
+                    pretrain_steps=2000, pretrain_learning_rate=1e-3, finetune_epochs=8, finetune_samples=3000,
+                    scarce_epochs=20, scarce_samples=300, finetune_learning_rate=3e-4, hidden_size=128,
+                    num_attention_heads=4, intermediate_size=256, num_text_layers=2, num_visual_layers=1,
+                    num_unified_layers=2),
     "smoke": dict(num_scenes=200, validation_fraction=0.2, questions_per_scene=4, pretrain_scenes=200,
-                  pretrain_steps=20, finetune_epochs=1, finetune_samples=200, scarce_epochs=2, scarce_samples=50,
-                  finetune_learning_rate=3e-4, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-                  num_text_layers=1, num_visual_layers=1, num_unified_layers=1),
+                  pretrain_steps=20, pretrain_learning_rate=5e-4, finetune_epochs=1, finetune_samples=200,
+                  scarce_epochs=2, scarce_samples=50, finetune_learning_rate=3e-4, hidden_size=32,
+                  num_attention_heads=2, intermediate_size=64, num_text_layers=1, num_visual_layers=1,
+                  num_unified_layers=1),
 }
 # The two label budgets: samples and epochs of each fine-tuning run.
 BUDGETS = {"full": ("finetune_samples", "finetune_epochs"), "scarce": ("scarce_samples", "scarce_epochs")}
@@ -59,16 +62,35 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_step(title: str, command: list[str], log_file: Path) -> float:
     """Runs one stage as its own process (as a user would), streaming to a log; returns seconds taken."""
-    print(f"\n=== {title}\n$ {' '.join(command)}", flush=True)
-    start = time.perf_counter()
-    with log_file.open("w") as log:
-        process = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                 env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-    elapsed = time.perf_counter() - start
-    if process.returncode != 0:
-        tail = "\n".join(log_file.read_text().splitlines()[-40:])
-        raise SystemExit(f"{title} failed (exit {process.returncode}); last lines of {log_file}:\n{tail}")
-    print(f"    done in {elapsed:.0f}s (log: {log_file})", flush=True)
+    return run_side_by_side([(title, command, log_file)])[0]
+
+
+def run_side_by_side(steps: list[tuple[str, list[str], Path]]) -> list[float]:
+    """Runs stages as processes at the same time, the machine's cores shared out between them (`OMP_NUM_THREADS`:
+    the tiny models of the main job gain little from a second thread, so two one-thread runs side by side take about
+    0.7 of the time of the two in turn on 2 cores); returns each one's seconds. Each stage streams to its log."""
+    threads = str(max(1, (os.cpu_count() or 1) // len(steps)))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false",
+               **({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} if len(steps) > 1 else {}))
+    for title, command, _ in steps:
+        print(f"\n=== {title}\n$ {' '.join(command)}", flush=True)
+    started, running = time.perf_counter(), []
+    for title, command, log_file in steps:
+        log = log_file.open("w")
+        running.append((title, log_file, log,
+                        subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)))
+    elapsed, failures = [], []
+    for title, log_file, log, process in running:
+        returncode = process.wait()
+        log.close()
+        elapsed.append(time.perf_counter() - started)
+        if returncode != 0:
+            tail = "\n".join(log_file.read_text().splitlines()[-40:])
+            failures.append(f"{title} failed (exit {returncode}); last lines of {log_file}:\n{tail}")
+        else:
+            print(f"    {title}: done in {elapsed[-1]:.0f}s (log: {log_file})", flush=True)
+    if failures:
+        raise SystemExit("\n\n".join(failures))
     return elapsed
 
 
@@ -338,9 +360,9 @@ def main(argv=None) -> None:
     pretrain_command = [
         sys.executable, "examples/pretrain.py", "--dataset_path", str(data / "pretrain"), "--output_dir",
         str(pretrained), "--model_config", str(model_config), "--tokenizer_name", str(tokenizer), "--max_steps",
-        str(preset["pretrain_steps"]), "--per_device_batch_size", "32", "--learning_rate", "5e-4",
-        "--logging_steps", "10", "--eval_steps", str(max(10, preset["pretrain_steps"] // 10)),
-        "--checkpointing_steps", str(preset["pretrain_steps"]), "--seed", str(args.seed), "--max_text_length", "40"]
+        str(preset["pretrain_steps"]), "--per_device_batch_size", "32", "--learning_rate",
+        str(preset["pretrain_learning_rate"]), "--logging_steps", "10", "--eval_steps",
+        str(max(10, preset["pretrain_steps"] // 10)), "--checkpointing_steps", str(preset["pretrain_steps"]), "--seed", str(args.seed), "--max_text_length", "40"]
     # Only the widths come from the preset: the script sizes the vocabulary, lexicon and features from the data.
     timings["pretrain"] = run_step("2/6 Pre-train CMAL (AMC + MLM + ITM)", pretrain_command, logs / "pretrain.log")
     plot_curves(pretrained / "metrics.jsonl", output / "loss_curves.png")
@@ -358,13 +380,17 @@ def main(argv=None) -> None:
     for task in TASKS:
         scores[task], scarce[task] = {}, {"labels": min(preset["scarce_samples"], labelled[task])}
         for budget, table in (("full", scores), ("scarce", scarce)):
-            for name, start in (("pretrained", pretrained), ("scratch", scratch)):
-                suffix = "" if budget == "full" else "_scarce"
-                target = output / f"{task}_{name}{suffix}"
-                command = finetune_command(task, start, data / task, target, preset, args.seed, budget)
-                timings[f"{task}_{name}{suffix}"] = run_step(
-                    f"4/6 Fine-tune {task} from {name} ({budget} labels: {preset[BUDGETS[budget][0]]:,} samples × "
-                    f"{preset[BUDGETS[budget][1]]} epochs)", command, logs / f"{task}_{name}{suffix}.log")
+            suffix = "" if budget == "full" else "_scarce"
+            runs = [(name, start, output / f"{task}_{name}{suffix}") for name, start in (("pretrained", pretrained),
+                                                                                        ("scratch", scratch))]
+            # The two starting points of one budget run side by side (same data, same steps, one seed).
+            seconds = run_side_by_side([
+                (f"4/6 Fine-tune {task} from {name} ({budget} labels: {preset[BUDGETS[budget][0]]:,} samples × "
+                 f"{preset[BUDGETS[budget][1]]} epochs)",
+                 finetune_command(task, start, data / task, target, preset, args.seed, budget),
+                 logs / f"{task}_{name}{suffix}.log") for name, start, target in runs])
+            for (name, _, target), elapsed in zip(runs, seconds, strict=True):
+                timings[f"{task}_{name}{suffix}"] = elapsed
                 table[task][name] = read_eval_score(target, task)
         shuffled_data = write_shuffled_validation(data / task, output / "data_images_shuffled" / task, args.seed)
         target = output / f"{task}_pretrained_images_shuffled"

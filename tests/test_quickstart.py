@@ -49,6 +49,29 @@ def test_quickstart_smoke_preset_runs_every_step(tmp_path):
         assert any(row.split()[:1] == [task] for row in result.stdout.splitlines()), task
 
 
+def test_side_by_side_stages_share_the_cores_and_a_failure_names_its_log(tmp_path, monkeypatch, capsys):
+    """The main job runs the two starting points of a fine-tuning budget at once: each process gets its share of
+    the cores (`OMP_NUM_THREADS`), every stage runs to its end, and a failed one stops the job with its log's tail."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart_module", REPO_ROOT / "examples" / "quickstart.py")
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    show = "import os, sys; print('threads', os.environ.get('OMP_NUM_THREADS')); sys.exit({})"
+    logs = [tmp_path / "ok.log", tmp_path / "bad.log", tmp_path / "alone.log"]
+    with pytest.raises(SystemExit) as failure:
+        quickstart.run_side_by_side([("ok", [sys.executable, "-c", show.format(0)], logs[0]),
+                                     ("bad", [sys.executable, "-c", show.format(3)], logs[1])])
+    assert "bad failed (exit 3)" in str(failure.value) and "threads 2" in str(failure.value)
+    assert "ok failed" not in str(failure.value) and logs[0].read_text().strip() == "threads 2"
+    assert "ok: done in" in capsys.readouterr().out
+    # One stage alone keeps the environment's threads.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    [seconds] = [quickstart.run_step("alone", [sys.executable, "-c", show.format(0)], logs[2])]
+    assert seconds > 0 and logs[2].read_text().strip() == "threads None"
+
+
 def test_images_shuffled_gives_every_row_another_image(synthetic_corpus):
     """The control of the closing table: text and labels stay, every image column comes from another image, and
     referring-expression labels are recomputed against the new regions. A split joined with its image table and
