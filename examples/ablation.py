@@ -1,6 +1,6 @@
 """Ablation study of CMAL on the synthetic world: which component buys what, and how data-efficient it is.
 
-    python examples/ablation.py --preset small --output_dir runs/ablation            # the README study (~1 h CPU)
+    python examples/ablation.py --preset small --output_dir runs/ablation            # the study of docs/research.md (~1 h CPU)
     python examples/ablation.py --preset tiny --output_dir /tmp/ablation             # a smoke run (minutes)
 
 From the same seeds, the same data and the same number of steps, every variant is pre-trained and then fine-tuned
@@ -142,7 +142,7 @@ PRESETS = {
                   finetune_steps=150, batch_size=32, max_eval_samples=None, pretrain_learning_rate=5e-4,
                   finetune_learning_rate=3e-4, data_fractions=[0.0, 0.1, 0.3, 1.0], max_text_length=32),
 }
-# Model sizes beyond CMAL_SIZES: a CPU-sized model for the README study.
+# Model sizes beyond CMAL_SIZES: a CPU-sized model for the study of docs/research.md.
 EXTRA_SIZES = {"small_cpu": dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, num_text_layers=1,
                                  num_visual_layers=1, num_unified_layers=2)}
 MAX_REGIONS = 36

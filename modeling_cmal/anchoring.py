@@ -1,4 +1,4 @@
-"""Anchor operator ⊕ of CMAL: which word of a caption names which detected region (DESIGN.md §2).
+"""Anchor operator ⊕ of CMAL: which word of a caption names which detected region (docs/processor.md).
 
 Words and detector tags are normalised the same way (lower case, accents stripped, punctuation split off like
 BERT's basic tokenizer, every word made singular by English rules plus an irregular list) and looked up in a

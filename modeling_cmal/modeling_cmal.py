@@ -1,6 +1,6 @@
 """PyTorch CMAL model: Cross-Modal Associative Learning for vision-language pre-training (ACM MM 2022).
 
-Data flow (see DESIGN.md): word pieces and detected regions are encoded by two uni-modal encoders whose outputs
+Data flow (docs/model.md): word pieces and detected regions are encoded by two uni-modal encoders whose outputs
 are L2-normalised onto two hyperspheres (UMSE); at anchor pairs (a word and a region naming the same concept)
 content is swapped between the modalities while every slot keeps its own position (CMAP); a unified encoder
 runs over ``[CLS] text [SEP] regions`` (USE); the pre-training heads classify the anchor concept at the slots whose
@@ -1304,7 +1304,7 @@ class CmalTaskPooler(nn.Module):
 
     Measured on the synthetic VQA of the main job (750 fine-tuning steps, seed 0), pre-trained / scratch: "what shape
     is the ⟨colour⟩ object" 0.586 / 0.117 with `"text_and_anchored_words"`, 0.123 / 0.123 with `"anchored_words"`
-    (the pooled `[CLS]` does not gather the routed word); README's model section has the table.
+    (the pooled `[CLS]` does not gather the routed word); docs/model.md has the table.
     """
 
     def __init__(self, config: CmalConfig):

@@ -22,7 +22,7 @@ from datasets import Array2D, ClassLabel, Features, Sequence, Value
 REGION_COLUMNS = ("image_id", "image_width", "image_height", "visual_feats", "visual_pos", "tags", "scores")
 SNLI_VE_LABELS = ("entailment", "neutral", "contradiction")
 NLVR2_LABELS = ("False", "True")
-# Folder names under a corpus root (see README "Data layout").
+# Folder names under a corpus root (see docs/data.md).
 TASK_FOLDERS = {"pretrain": "pretrain", "vqa": "vqa", "nlvr2": "nlvr2", "snli_ve": "snli_ve", "refcoco": "refcoco"}
 ANSWER_VOCAB_FILE = "answer_vocab.json"
 

@@ -837,10 +837,10 @@ def test_anchor_statistics_rejects_bad_rows():
         anchor_statistics([], [], ["cup"])
 
 
-def test_readme_example_extending_the_lexicon(capsys):
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+def test_docs_example_extending_the_lexicon(capsys):
+    readme = (Path(__file__).parent.parent / "docs" / "processor.md").read_text(encoding="utf-8")
     start = readme.index("```python\n", readme.index("Extending the lexicon")) + len("```python\n")
     example = readme[start : readme.index("```", start)]
-    exec(compile(example, "README.md", "exec"), {})
+    exec(compile(example, "docs/processor.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     assert printed == [line[2:] for line in example.splitlines() if line.startswith("# ")] and len(printed) == 4

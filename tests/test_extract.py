@@ -125,7 +125,7 @@ def test_two_processes_share_the_shards(tmp_path, photos, detector):
 
 
 def test_photos_to_a_streamed_corpus(tmp_path, photos, detector, bert_dir):
-    """The path of the README: photos → image table → streamed corpus → a pre-training batch."""
+    """The path of docs/data.md: photos → image table → streamed corpus → a pre-training batch."""
     from transformers import BertTokenizer
 
     from modeling_cmal.collator_cmal import CmalPretrainingCollator

@@ -1,5 +1,6 @@
 """The README's main job, end to end as a user runs it (smoke preset: the same steps at tiny sizes)."""
 
+import ast
 import json
 import os
 import subprocess
@@ -47,6 +48,15 @@ def test_quickstart_smoke_preset_runs_every_step(tmp_path):
         assert line in result.stdout
     for task in summary["tasks"]:
         assert any(row.split()[:1] == [task] for row in result.stdout.splitlines()), task
+    # The README's inference example, on the folders this run wrote, in a fresh process.
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("```python\n", readme.index("## Inference")) + len("```python\n")
+    example = readme[start:readme.index("```", start)].replace("outputs/quickstart", str(output))
+    inference = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, env=env, capture_output=True, text=True,
+                               timeout=600)
+    assert inference.returncode == 0, inference.stdout[-3000:] + inference.stderr[-3000:]
+    answers = ast.literal_eval(inference.stdout.strip().splitlines()[-1])
+    assert len(answers) == 3 and all(set(answer) == {"answer", "score"} for answer in answers), answers
 
 
 def test_side_by_side_stages_share_the_cores_and_a_failure_names_its_log(tmp_path, monkeypatch, capsys):

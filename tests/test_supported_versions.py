@@ -11,7 +11,7 @@ cross between the oldest declared and the newest transformers through remote cod
 - `test_remote_code_crosses_between_two_environments`: with `CMAL_OTHER_PYTHON` naming the Python of a second
   environment (`.ci/run` sets it to the other version leg's), a folder saved here loads there with
   `trust_remote_code=True` where `modeling_cmal` cannot be imported, and the other way round, with the same outputs.
-  Skipped without the variable (README, "Supported versions", says how to run it locally).
+  Skipped without the variable (docs/supported_versions.md says how to run it locally).
 
 The tests marked `smoke` here and in the other files are the set that `.ci/run` runs on the oldest declared versions.
 """
@@ -284,7 +284,7 @@ def _versions(python: str) -> str:
 def test_remote_code_crosses_between_two_environments(direction, tmp_path):
     other = os.environ.get(OTHER_PYTHON)
     if not other:
-        pytest.skip(f"{OTHER_PYTHON} names no second environment (.ci/run sets it; see README, Supported versions)")
+        pytest.skip(f"{OTHER_PYTHON} names no second environment (.ci/run sets it; see docs/supported_versions.md)")
     here = sys.executable
     saver, loader = (here, other) if direction == "saved_here_loaded_there" else (other, here)
     folder = tmp_path / "vqa"
