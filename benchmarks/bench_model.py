@@ -62,7 +62,6 @@ from transformers.models.bert.modeling_bert import (  # noqa: E402
     BertPooler,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("train", "infer", "memory", "attn")
 CLS_ID, SEP_ID, MASK_ID, FIRST_WORD_ID = 101, 102, 103, 1000
 ACTION_RATES = (0.1, 0.4, 0.4, 0.1)  # keep, fill text, fill region, mask both (CmalConfig defaults)
@@ -124,9 +123,10 @@ QUICK = Shapes(
 
 
 def import_cmal(cmal_root: str | None):
-    """Imports `modeling_cmal` from the repository, or from `--cmal-root` (a folder holding a patched copy of the
-    package, to measure a proposed change against the same references)."""
-    sys.path.insert(0, str(Path(cmal_root).resolve() if cmal_root else REPO_ROOT))
+    """Imports the installed `modeling_cmal`, or the one in `--cmal-root` (a folder holding a patched copy of the
+    package, to measure a proposed change against the same references: that folder goes first on the path)."""
+    if cmal_root:
+        sys.path.insert(0, str(Path(cmal_root).resolve()))
     import modeling_cmal
 
     return modeling_cmal

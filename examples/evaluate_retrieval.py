@@ -5,7 +5,7 @@
 
 `--model_name_or_path` is a CMAL folder whose weights include `itm_head` (pre-trained by `examples/pretrain.py`,
 or an image-text matching fine-tune); it loads as `CmalForImageTextMatching`. `--dataset_path` is a caption corpus
-written by `processing` (one row per image and caption: region columns + `text`, e.g. `DATA/pretrain`). The first
+written by `cmal_processing` (one row per image and caption: region columns + `text`, e.g. `DATA/pretrain`). The first
 `--max_images` images of the split and all their captions are scored against each other, every pair through the
 cross-modal encoder (anchors computed for that pair), with the ITM margin `logits[:, 1] - logits[:, 0]`. Image →
 text counts an image as found at k when one of its captions ranks in the top k; text → image when its image does.
@@ -54,7 +54,7 @@ class RetrievalArguments:
             raise ValueError(f"--model_name_or_path {self.model_name_or_path!r} is not a CMAL folder (no config.json)")
         if not Path(self.dataset_path).is_dir():
             raise ValueError(f"--dataset_path {self.dataset_path!r} is not a folder; expected a caption corpus written "
-                             "by `python -m processing build captions ...`")
+                             "by `python -m cmal_processing build captions ...`")
 
 
 def retrieval_recalls(scores: torch.Tensor, caption_image: torch.Tensor, ks=RECALL_AT) -> dict[str, float]:

@@ -3,7 +3,7 @@
     python examples/finetune_nlvr2.py --model_name_or_path runs/cmal --dataset_path DATA/nlvr2 \
         --output_dir runs/cmal-nlvr2 --num_train_epochs 10 --per_device_train_batch_size 32 --learning_rate 5e-5
 
-`--dataset_path` is a folder written by `processing` (NLVR2 builder or `python -m processing.synthetic`): one
+`--dataset_path` is a folder written by `cmal_processing` (NLVR2 builder or `python -m cmal_processing.synthetic`): one
 sentence and two images per row (region columns with the suffixes `_0` and `_1`), `label` False / True. The
 sentence is encoded with each image; the two pooled outputs are classified together. The metric is accuracy
 (test-P when the `test` split is the public test set); `predictions.jsonl` holds one `{"identifier", "label",

@@ -7,9 +7,9 @@ Several (DDP / FSDP):  accelerate launch --config_file examples/accelerate_confi
 CPU processes (gloo):  accelerate launch --multi_gpu --num_processes 2 examples/pretrain.py ...
 From a JSON file:      python examples/pretrain.py args.json      (the flags' names as keys)
 
-`--dataset_path` is a `datasets.DatasetDict` folder written by `processing` (splits `train`, `validation`; columns
-of `processing/schema.py`), read whole by every process and sharded by Accelerate. With `--streaming` it is a folder
-or fsspec URL holding the streamed corpora `train/` and `validation/` (`processing/shards.py`: each image's regions
+`--dataset_path` is a `datasets.DatasetDict` folder written by `cmal_processing` (splits `train`, `validation`; columns
+of `cmal_processing/schema.py`), read whole by every process and sharded by Accelerate. With `--streaming` it is a folder
+or fsspec URL holding the streamed corpora `train/` and `validation/` (`cmal_processing/shards.py`: each image's regions
 once, captions tokenised and anchored at build time): each process streams only its share of the Parquet shards
 (`datasets.distributed.split_dataset_by_node`), reshuffled every pass over its share, and resumes exactly from the
 loader state (`torchdata`'s `StatefulDataLoader`, also with workers) kept per process in the checkpoint.
@@ -195,7 +195,7 @@ class PretrainingArguments:
             return
         if (path / "dataset_dict.json").is_file():
             self._refuse("dataset_path", "streamed corpora with --streaming (it is a DatasetDict folder: convert each "
-                         "split with `python -m processing shards --dataset SPLIT_DIR --processor DIR --output "
+                         "split with `python -m cmal_processing shards --dataset SPLIT_DIR --processor DIR --output "
                          "NEW_DIR/SPLIT`, or leave out --streaming)")
         if not streamed:
             self._refuse("dataset_path", f"a folder holding the streamed corpora train/ and validation/ (each with "
@@ -317,7 +317,7 @@ def load_splits(args: PretrainingArguments):
         if split not in dataset:
             raise SystemExit(f"--dataset_path {args.dataset_path!r} has splits {list(dataset)}; expected {split!r}")
     if "visual_feats" not in corpus_features(dataset["train"]):
-        raise SystemExit(f"--dataset_path {args.dataset_path!r} has no visual_feats column (processing/schema.py)")
+        raise SystemExit(f"--dataset_path {args.dataset_path!r} has no visual_feats column (cmal_processing/schema.py)")
     train_split = dataset["train"]
     if args.max_train_samples is not None:
         train_split = train_split.select(range(min(args.max_train_samples, len(train_split))))
@@ -343,7 +343,7 @@ def check_streamed_corpora(args: PretrainingArguments, processor: CmalProcessor)
                              f"processor {info['processor_identity']}, not this run's "
                              f"({processor_identity(processor)}: another tokenizer vocabulary or lexicon); pass the "
                              "processor it was built with as --processor_name, or rebuild it with this one "
-                             "(python -m processing shards)")
+                             "(python -m cmal_processing shards)")
         widths[split] = info["feature_dim"]
     if widths["train"] != widths["validation"]:
         raise SystemExit(f"--dataset_path {args.dataset_path!r}: train has {widths['train']}-d region features, "

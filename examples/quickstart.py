@@ -105,7 +105,7 @@ RELOAD_AND_SCORE = """
 import json, sys
 # As on a machine that has transformers but not this package: the model must come from the folder's code.
 sys.modules["modeling_cmal"] = None
-sys.modules["processing"] = sys.modules["cmal_processing"] = None
+sys.modules["cmal_processing"] = None
 import torch
 from transformers import AutoModelForPreTraining
 
@@ -346,7 +346,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
 
     timings["data"] = run_step("1/6 Build the synthetic world", [
-        sys.executable, "-m", "processing.synthetic", "--output", str(data), "--num-scenes", str(preset["num_scenes"]),
+        sys.executable, "-m", "cmal_processing.synthetic", "--output", str(data), "--num-scenes", str(preset["num_scenes"]),
         "--validation-fraction", str(preset["validation_fraction"]), "--questions-per-scene",
         str(preset["questions_per_scene"]), "--pretrain-scenes", str(preset["pretrain_scenes"]),
         "--tokenizer-output", str(tokenizer), "--seed", str(args.seed)], logs / "data.log")

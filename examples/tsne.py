@@ -4,7 +4,7 @@
     python examples/tsne.py args.json      (one JSON file of the flags, their names as keys)
     python examples/tsne.py --model_name_or_path DIR --output mine.png --images photos.jsonl --detector DETECTOR_DIR
 
-Scenes of the synthetic world (`processing.synthetic`) are encoded by the model; every anchor pair (a caption word
+Scenes of the synthetic world (`cmal_processing.synthetic`) are encoded by the model; every anchor pair (a caption word
 and the region that names the same concept) gives two points: the word's `text_embeds` (mean of its pieces,
 renormalised onto the unit sphere) and the region's `image_embeds`. Both sets go through one scikit-learn t-SNE and
 are drawn in one plot: colour = concept, circle = word, triangle = region. After pre-training with AMC, words and

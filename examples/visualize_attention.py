@@ -12,13 +12,13 @@ the region slots is averaged over the pieces and the heads of one layer (`--laye
 normalised over the regions. Each panel draws the image with every region's box, line width and opacity growing
 with the share of the word's attention that the region receives; the anchor's own region is labelled.
 
-Images: `--image synthetic` (default) renders a scene of the synthetic world (`processing.synthetic`) with exact
+Images: `--image synthetic` (default) renders a scene of the synthetic world (`cmal_processing.synthetic`) with exact
 boxes and tags; `--image coffee` uses scikit-image's public-domain photo `skimage.data.coffee()` with the
 hand-written caption, boxes and tags of `examples/data/real_image_seeds.json`. Region features come from the
-pixels inside each box (`processing.synthetic.region_features_from_pixels`), the detector-free featuriser the
+pixels inside each box (`cmal_processing.synthetic.region_features_from_pixels`), the detector-free featuriser the
 synthetic world uses, so the model must have been trained on such features (`visual_feat_dim` must match).
 `--image PATH` takes any image file Pillow reads: its regions (boxes, tags, features) come from the transformers
-object detector of `--detector` (`CmalRegionExtractor`, the extractor of `python -m processing extract`), which must
+object detector of `--detector` (`CmalRegionExtractor`, the extractor of `python -m cmal_processing extract`), which must
 be the detector whose features the model was trained on (its feature width must equal `visual_feat_dim`), and the
 caption from `--caption`.
 """

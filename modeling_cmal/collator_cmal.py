@@ -101,7 +101,7 @@ def _region_array(value, num_regions: int, width: int, dtype: str, where: str) -
 
 @dataclass
 class CmalPretrainingCollator:
-    """Turns rows of a pre-training dataset (columns of `processing/schema.py`: `text`, `visual_feats` `[M, Dv]`,
+    """Turns rows of a pre-training dataset (columns of `cmal_processing/schema.py`: `text`, `visual_feats` `[M, Dv]`,
     `visual_pos` `[M, 4]` normalised, `tags`, `scores`, `image_id`) into a batch of torch tensors for
     `CmalForPreTraining`: the processor's outputs plus
 
@@ -245,7 +245,7 @@ class CmalPretrainingCollator:
             missing = [key for key in ("text", "visual_feats", "visual_pos") if key not in row]
             if missing:
                 raise ValueError(f"rows[{index}] has no {missing}; expected the columns text, visual_feats, "
-                                 "visual_pos, tags, scores (processing/schema.py)")
+                                 "visual_pos, tags, scores (cmal_processing/schema.py)")
             if not isinstance(row["text"], str):
                 raise ValueError(f"rows[{index}]['text'] must be a str, got {row['text']!r}")
         generator = self._start_batch(rows)
@@ -273,7 +273,7 @@ class CmalPretrainingCollator:
         return dict(batch)
 
     def _pretokenised_batch(self, rows: list[Mapping], caption_rows: list[int]) -> dict:
-        """Rows of a streamed corpus (`processing/shards.py`): pieces and anchors stored at build time are padded;
+        """Rows of a streamed corpus (`cmal_processing/shards.py`): pieces and anchors stored at build time are padded;
         only an ITM negative (another row's caption) gets its anchors found anew, from the stored words."""
         identity = self._processor_identity()
         for index, row in enumerate(rows):

@@ -44,7 +44,7 @@ def tokenizer(bert_dir):
 @pytest.fixture(scope="session")
 def synthetic_corpus(tmp_path_factory) -> pathlib.Path:
     """A small synthetic corpus (pre-training + the four tasks), built once per test session."""
-    from processing.synthetic import build_synthetic_corpus
+    from cmal_processing.synthetic import build_synthetic_corpus
 
     root = tmp_path_factory.mktemp("synthetic") / "corpus"
     build_synthetic_corpus(root, num_scenes=400, seed=0)

@@ -21,7 +21,7 @@ PRETRAINING_STEPS = 300
 
 @pytest.fixture(scope="module")
 def probe_corpus(tmp_path_factory):
-    from processing.synthetic import build_synthetic_corpus
+    from cmal_processing.synthetic import build_synthetic_corpus
 
     root = tmp_path_factory.mktemp("association") / "corpus"
     build_synthetic_corpus(root, num_scenes=1500, seed=0)

@@ -2,7 +2,7 @@
 
 Covers COCO / jsonl captions, VQA v2 (official answer normalisation, soft scores, answer vocabulary across splits),
 NLVR2, SNLI-VE, RefCOCO+ (IoU by hand), skip reasons, atomic writes (an interrupted build leaves nothing, a rerun
-cleans up), sharding + merge, and the command line. Corpora are read back through `processing.corpus.load_corpus`
+cleans up), sharding + merge, and the command line. Corpora are read back through `cmal_processing.corpus.load_corpus`
 (rows joined with their image's regions); the stored layout (a task table without region columns, an image table
 with each image once) and the join itself (equal to a single table, old single-table folders still read) are
 checked directly.
@@ -24,11 +24,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_readers import VG_VOCAB, Evil, butd_fields, make_regions, write_butd_tsv, write_npz
 
-import processing.builders
-from processing import build_captions, build_nlvr2, build_refcoco, build_snli_ve, build_vqa, merge_shards
-from processing.__main__ import main
-from processing.builders import ItemGroup, shard_bounds, write_split
-from processing.corpus import (
+import cmal_processing.builders
+from cmal_processing import build_captions, build_nlvr2, build_refcoco, build_snli_ve, build_vqa, merge_shards
+from cmal_processing.__main__ import main
+from cmal_processing.builders import ItemGroup, shard_bounds, write_split
+from cmal_processing.corpus import (
     IMAGE_TABLE,
     corpus_features,
     image_table,
@@ -38,9 +38,9 @@ from processing.corpus import (
     separate_images,
     split_features,
 )
-from processing.refcoco import box_iou, load_refs
-from processing.safe_pickle import UnsafePickleError
-from processing.schema import (
+from cmal_processing.refcoco import box_iou, load_refs
+from cmal_processing.safe_pickle import UnsafePickleError
+from cmal_processing.schema import (
     ANSWER_VOCAB_FILE,
     REGION_COLUMNS,
     nlvr2_features,
@@ -49,8 +49,8 @@ from processing.schema import (
     snli_ve_features,
     vqa_features,
 )
-from processing.skips import SkipCounter
-from processing.vqa import answer_soft_scores, build_answer_vocab, normalize_answer
+from cmal_processing.skips import SkipCounter
+from cmal_processing.vqa import answer_soft_scores, build_answer_vocab, normalize_answer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HANG_TIMEOUT_S = 1800  # catches a hung subprocess, not a slow machine
@@ -466,7 +466,7 @@ def test_box_iou_properties():
 
 def failing_image_columns(monkeypatch, after: int):
     """Make the build raise while its generator runs, after `after` images."""
-    original = processing.builders.image_columns
+    original = cmal_processing.builders.image_columns
     calls = []
 
     def image_columns(regions, suffix="", clipped=None):
@@ -475,7 +475,7 @@ def failing_image_columns(monkeypatch, after: int):
             raise RuntimeError("simulated crash in the middle of a build")
         return original(regions, suffix, clipped)
 
-    monkeypatch.setattr(processing.builders, "image_columns", image_columns)
+    monkeypatch.setattr(cmal_processing.builders, "image_columns", image_columns)
 
 
 def test_interrupted_build_leaves_nothing_and_rerun_succeeds(tmp_path, features, monkeypatch):
@@ -804,7 +804,7 @@ def test_command_line(tmp_path, features):
     tsv, _ = features
     questions, annotations = vqa_files(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "processing", "build", "vqa", "--questions", str(questions), "--annotations",
+        [sys.executable, "-m", "cmal_processing", "build", "vqa", "--questions", str(questions), "--annotations",
          str(annotations), "--features", str(tsv), "--image_id_format", "COCO_train2014_{image_id:012d}",
          "--top_k", "4", "--split", "train", "--output", str(tmp_path / "vqa")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=HANG_TIMEOUT_S,

@@ -19,7 +19,7 @@ FILLERS = ["next to", "near", "behind", "in front of", "beside", "under", "with"
 
 
 def make_rows(count: int, seed: int = 0) -> list[dict]:
-    """Dataset rows like `processing` writes them (float16 features, normalised boxes); two captions per image,
+    """Dataset rows like `cmal_processing` writes them (float16 features, normalised boxes); two captions per image,
     so rows 2k and 2k + 1 share an `image_id`, and every caption is different."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -331,7 +331,7 @@ def test_rates_come_from_the_config_or_the_arguments_and_are_checked(processor, 
 def test_dataset_rows_in_numpy_format(processor, config, rows):
     from datasets import Dataset
 
-    from processing.schema import pretrain_features
+    from cmal_processing.schema import pretrain_features
 
     features = pretrain_features(FEATURE_DIM)
     table = {name: [] for name in features}

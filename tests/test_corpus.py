@@ -1,4 +1,4 @@
-"""The joined view of a map-style corpus (`processing/corpus.py`): what a user does with the splits `load_corpus`
+"""The joined view of a map-style corpus (`cmal_processing/corpus.py`): what a user does with the splits `load_corpus`
 returns keeps each row's regions, and saving keeps only the images the rows use."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from processing.corpus import (IMAGE_TABLE, corpus_features, image_table, join_regions, load_corpus, load_split,
+from cmal_processing.corpus import (IMAGE_TABLE, corpus_features, image_table, join_regions, load_corpus, load_split,
                                save_corpus, separate_images, split_features)
-from processing.schema import nlvr2_features, vqa_features
+from cmal_processing.schema import nlvr2_features, vqa_features
 
 DIM = 6
 
@@ -110,13 +110,3 @@ def test_a_folder_that_is_not_a_corpus_is_named(tmp_path):
         load_corpus(tmp_path / "split")
     with pytest.raises(ValueError, match="no region columns and no image table"):
         load_split(tmp_path / "split")
-
-
-def test_a_split_read_under_either_import_name_is_recognised(tmp_path):
-    """From the repository root the folder imports as `processing` and installed as `cmal_processing`: a split
-    loaded through one is a joined split for the other's functions."""
-    import cmal_processing.corpus as installed
-
-    save_corpus({"train": joined(vqa_rows(), vqa_features(DIM))}, tmp_path / "vqa")
-    rows = installed.load_corpus(tmp_path / "vqa")["train"]
-    assert image_table(rows) is not None and corpus_features(rows) == vqa_features(DIM)

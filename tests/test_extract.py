@@ -1,4 +1,4 @@
-"""`python -m processing extract`: photos → the image table, through a tiny random DETR-family detector saved to a
+"""`python -m cmal_processing extract`: photos → the image table, through a tiny random DETR-family detector saved to a
 folder, in shards that a rerun keeps; the table feeds the builders and the streamed corpus."""
 
 import json
@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import save_tiny_detector
 
-from processing.__main__ import main as cli
-from processing.extract import decode_region_row, extract_regions, list_images, read_region_table
-from processing.readers import RegionFeatureIndex
+from cmal_processing.__main__ import main as cli
+from cmal_processing.extract import decode_region_row, extract_regions, list_images, read_region_table
+from cmal_processing.readers import RegionFeatureIndex
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FEATURE_DIM = 16
@@ -100,14 +100,14 @@ def test_bad_arguments_name_themselves(tmp_path, photos, detector):
 
 WORKER = """
 import sys
-from processing.extract import extract_regions
+from cmal_processing.extract import extract_regions
 summary = extract_regions(sys.argv[1], sys.argv[2], sys.argv[3], images_per_shard=2, progress=False)
 print("shards", summary.shards_written, "images", summary.images)
 """
 
 
 def test_two_processes_share_the_shards(tmp_path, photos, detector):
-    """What `accelerate launch --num_processes 2 -m processing extract` does: two ranks (gloo), disjoint shards."""
+    """What `accelerate launch --num_processes 2 -m cmal_processing extract` does: two ranks (gloo), disjoint shards."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -130,7 +130,7 @@ def test_photos_to_a_streamed_corpus(tmp_path, photos, detector, bert_dir):
 
     from modeling_cmal.collator_cmal import CmalPretrainingCollator
     from modeling_cmal.processing_cmal import CmalProcessor
-    from processing.shards import open_streaming_corpus
+    from cmal_processing.shards import open_streaming_corpus
 
     extract_regions(photos, detector, tmp_path / "table", progress=False)
     processor = CmalProcessor(tokenizer=BertTokenizer.from_pretrained(str(bert_dir), model_max_length=32))

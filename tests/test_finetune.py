@@ -1,7 +1,7 @@
 """Fine-tuning scripts (examples/finetune_*.py) and zero-shot retrieval (examples/evaluate_retrieval.py).
 
 - the metrics and the collator, in process;
-- every script end to end on tiny real-format fixtures built through the `processing` builders;
+- every script end to end on tiny real-format fixtures built through the `cmal_processing` builders;
 - on the synthetic tasks, each head fine-tuned from scratch (`tiny`) learns well above chance (chance and threshold
   stated per task), and its folder reloads through its Auto class with `trust_remote_code` in a fresh process
   where this package cannot be imported, and reproduces the evaluation metric.
@@ -101,8 +101,8 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
 def real_format_corpus(tmp_path_factory) -> Path:
     """Official VQA v2 / NLVR2 / SNLI-VE / RefCOCO+ / COCO-captions files over 16-d region features (a BUTD `.tsv`
     for COCO and NLVR2 images, a folder of bottom-up-attention.pytorch `.npz` for Flickr30k), built into
-    `<root>/{vqa,nlvr2,snli_ve,refcoco,captions}` (train, validation, test) by `processing` (SNLI-VE through the
-    `python -m processing build` command line, the others through the builder functions it calls)."""
+    `<root>/{vqa,nlvr2,snli_ve,refcoco,captions}` (train, validation, test) by `cmal_processing` (SNLI-VE through the
+    `python -m cmal_processing build` command line, the others through the builder functions it calls)."""
     from test_readers import butd_fields, make_regions, write_butd_tsv, write_npz
 
     from cmal_processing import build_captions, build_nlvr2, build_refcoco, build_vqa
@@ -359,8 +359,8 @@ def test_a_corpus_of_another_task_is_refused_naming_the_corpus_and_its_builder(t
         run_finetuning(task, argv)
     message = str(raised.value)
     assert message.startswith(f"--dataset_path {str(synthetic_corpus / 'pretrain')!r}: the 'train' split has no column")
-    assert f"needs a {task.corpus_name} corpus" in message and f"python -m processing build {task_name}" in message
-    assert f"{task_name}/ folder of `python -m processing.synthetic" in message
+    assert f"needs a {task.corpus_name} corpus" in message and f"python -m cmal_processing build {task_name}" in message
+    assert f"{task_name}/ folder of `python -m cmal_processing.synthetic" in message
 
 
 def test_argument_defaults_json_file_and_no_evaluation(tmp_path):
@@ -719,7 +719,7 @@ REPRODUCE = textwrap.dedent("""
     import json, sys
     # CI installs the package in editable mode: hide it, as on a machine that only has transformers.
     sys.modules["modeling_cmal"] = None
-    sys.modules["processing"] = sys.modules["cmal_processing"] = sys.modules["cmal_examples"] = None
+    sys.modules["cmal_processing"] = sys.modules["cmal_examples"] = None
     import numpy as np, torch
     from datasets import load_from_disk
     from transformers import AutoModelForSequenceClassification, AutoModelForVisualQuestionAnswering, AutoProcessor

@@ -262,7 +262,7 @@ def streamed_corpus(synthetic_corpus, tmp_path_factory):
     from cmal_processing.corpus import load_split
 
     from cmal_examples.models import new_processor
-    from processing.shards import convert_caption_dataset
+    from cmal_processing.shards import convert_caption_dataset
 
     root = tmp_path_factory.mktemp("streamed")
     processor = new_processor(None, 32, 36)
@@ -280,7 +280,7 @@ def test_streamed_two_processes_stop_and_resume_reproduces_uninterrupted_run(str
     """`--streaming` with 2 CPU processes: each streams its own shards, and a run stopped after step 3 and resumed
     from `latest` repeats every loss of the run that never stopped and ends on the same weights. Dropout is on; each
     process' share is about 56 caption pairs, 7 batches of 8, so the 9 steps cross the end of a pass (reshuffled)."""
-    from processing.shards import read_corpus_info
+    from cmal_processing.shards import read_corpus_info
 
     train_info = read_corpus_info(streamed_corpus / "corpus" / "train")
     assert len(train_info["shards"]) % 2 == 0  # whole shards per process
@@ -366,7 +366,7 @@ def test_streaming_flags_are_checked(pretrain_module, capsys, tmp_path):
     out = ["--output_dir", str(tmp_path / "out")]
     assert "it holds streamed corpora: add --streaming" in _refusal(
         pretrain_module, capsys, ["--dataset_path", str(streamed)] + out)
-    assert "python -m processing shards --dataset SPLIT_DIR" in _refusal(
+    assert "python -m cmal_processing shards --dataset SPLIT_DIR" in _refusal(
         pretrain_module, capsys, ["--streaming", "--dataset_path", str(table)] + out)
     assert "--dataset_path must be a folder holding the streamed corpora train/ and validation/" in _refusal(
         pretrain_module, capsys, ["--streaming", "--dataset_path", str(tmp_path)] + out)

@@ -123,8 +123,8 @@ def test_images_shuffled_gives_every_row_another_image(synthetic_corpus):
 
 
 def test_the_install_puts_only_names_of_the_project_into_site_packages():
-    """setup.cfg installs the folders `processing/` and `examples/cmal_examples/` as `cmal_processing` and
-    `cmal_examples`: no generic top-level `processing` beside other packages."""
+    """setup.cfg installs `modeling_cmal`, `cmal_processing` (folders of those names) and `examples/cmal_examples/`
+    as `cmal_examples`: no generic top-level name beside other packages, one import name for each."""
     import configparser
 
     setup = configparser.ConfigParser()
@@ -132,33 +132,48 @@ def test_the_install_puts_only_names_of_the_project_into_site_packages():
     packages = setup["options"]["packages"].split()
     assert packages == ["modeling_cmal", "cmal_processing", "cmal_examples"]
     mapping = dict(line.split(" = ") for line in setup["options"]["package_dir"].strip().splitlines())
-    assert mapping == {"cmal_processing": "processing", "cmal_examples": "examples/cmal_examples"}
-    for folder in mapping.values():
-        assert (REPO_ROOT / folder / "__init__.py").is_file(), folder
+    assert mapping == {"cmal_examples": "examples/cmal_examples"}
+    for package in packages:
+        assert (REPO_ROOT / mapping.get(package, package) / "__init__.py").is_file(), package
+    assert not (REPO_ROOT / "processing").exists(), "the corpus package is cmal_processing/, under one name"
     scripts = setup["options.entry_points"]["console_scripts"]
     assert "cmal-processing = cmal_processing.__main__:main" in scripts
 
 
-def _program_imports() -> dict[str, set[str]]:
-    """The top-level modules each program and each module of cmal_examples imports (absolute imports)."""
+def _top_level_imports(path) -> set[str]:
+    """The top-level modules a file imports (absolute imports, anywhere in the file)."""
     import ast
 
+    tree = ast.parse(path.read_text())
+    names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for alias in node.names}
+    return names | {node.module.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+
+
+def _program_imports() -> dict[str, set[str]]:
+    """The top-level modules each program and each module of cmal_examples imports (absolute imports)."""
     examples = REPO_ROOT / "examples"
-    imports = {}
-    for path in sorted(examples.glob("*.py")) + sorted((examples / "cmal_examples").glob("*.py")):
-        tree = ast.parse(path.read_text())
-        names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                 for alias in node.names}
-        names |= {node.module.split(".")[0] for node in ast.walk(tree)
-                  if isinstance(node, ast.ImportFrom) and node.module and not node.level}
-        imports[str(path.relative_to(examples))] = names
-    return imports
+    paths = sorted(examples.glob("*.py")) + sorted((examples / "cmal_examples").glob("*.py"))
+    return {str(path.relative_to(examples)): _top_level_imports(path) for path in paths}
 
 
 def test_no_program_patches_sys_path_or_imports_the_folder_name_processing():
     for name, imported in _program_imports().items():
-        assert "processing" not in imported, f"{name} imports processing; the installed name is cmal_processing"
+        assert "processing" not in imported, f"{name} imports processing; the corpus package is cmal_processing"
         assert "sys.path" not in (REPO_ROOT / "examples" / name).read_text(), name
+
+
+def test_imports_run_downward_programs_corpus_package_runtime_package():
+    """modeling_cmal (the Hub code) imports neither the corpus package nor the programs' code; cmal_processing does
+    not import the programs' code; nothing in the repository imports the old folder name `processing`."""
+    layers = {"modeling_cmal": {"cmal_processing", "cmal_examples"}, "cmal_processing": {"cmal_examples"}}
+    for package, forbidden in layers.items():
+        for path in sorted((REPO_ROOT / package).glob("*.py")):
+            assert not _top_level_imports(path) & forbidden, (str(path.relative_to(REPO_ROOT)), forbidden)
+    for folder in ("modeling_cmal", "cmal_processing", "examples", "tests", "benchmarks"):
+        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+            assert "processing" not in _top_level_imports(path), str(path.relative_to(REPO_ROOT))
 
 
 def test_no_program_imports_another_program():

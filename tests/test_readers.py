@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processing import (
+from cmal_processing import (
     CorruptRegionsError,
     RegionFeatureIndex,
     SkipCounter,
@@ -26,8 +26,8 @@ from processing import (
     read_npz_regions,
     read_region_features,
 )
-from processing.readers import parse_tsv_fields
-from processing.safe_pickle import UnsafePickleError, safe_loads
+from cmal_processing.readers import parse_tsv_fields
+from cmal_processing.safe_pickle import UnsafePickleError, safe_loads
 
 VG_VOCAB = load_tag_vocab()
 
@@ -360,7 +360,7 @@ def test_safe_pickle_admits_numpy_and_plain_containers(protocol):
     [
         (Evil("true"), "posix.system"),
         (type("EvalReduce", (), {"__reduce__": lambda self: (eval, ("1 + 1",))})(), "builtins.eval"),
-        (SkipCounter(), "processing.skips.SkipCounter"),
+        (SkipCounter(), "cmal_processing.skips.SkipCounter"),
         (b"raw bytes", "_codecs.encode"),  # protocol 2 pickles bytes as _codecs.encode(str, 'latin1') ...
     ],
 )
@@ -421,7 +421,7 @@ def test_skip_counter_keeps_counts_and_first_examples():
 
 
 def test_regions_use_the_model_names_and_the_old_ones_warn(tmp_path):
-    from processing.readers import RegionsDict
+    from cmal_processing.readers import RegionsDict
 
     regions = RegionsDict(visual_feats=np.ones((2, 3), np.float32), visual_pos=np.zeros((2, 4), np.float32))
     assert "features" not in regions and "boxes" not in regions

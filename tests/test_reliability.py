@@ -34,8 +34,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO_ROOT
-from processing import CorruptRegionsError, SkipCounter, read_npz_regions, read_region_features
-from processing.readers import parse_tsv_fields
+from cmal_processing import CorruptRegionsError, SkipCounter, read_npz_regions, read_region_features
+from cmal_processing.readers import parse_tsv_fields
 from test_readers import VG_VOCAB, butd_fields, make_regions, write_npz
 
 PRETRAIN = str(REPO_ROOT / "examples" / "pretrain.py")

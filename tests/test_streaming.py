@@ -1,4 +1,4 @@
-"""Streamed corpora (processing/shards.py): each image stored once, tokenised and anchored at build time, Parquet
+"""Streamed corpora (cmal_processing/shards.py): each image stored once, tokenised and anchored at build time, Parquet
 shards read per process with exact resume, and the collator's pre-tokenised path."""
 
 import json
@@ -13,7 +13,7 @@ import torch
 
 from modeling_cmal.collator_cmal import CmalPretrainingCollator, processor_identity
 from modeling_cmal.processing_cmal import CmalProcessor
-from processing.shards import (convert_caption_dataset, open_streaming_corpus, read_corpus_info,
+from cmal_processing.shards import (convert_caption_dataset, open_streaming_corpus, read_corpus_info,
                                write_image_shards)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_resumed_reader_continues_at_the_same_row(corpus, shuffle_seed, stop):
 
 WORKER = """
 import json, os, sys
-from processing.shards import open_streaming_corpus
+from cmal_processing.shards import open_streaming_corpus
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 reader = open_streaming_corpus(sys.argv[1], rank=rank, world_size=world)
 rows = [row["text"] for row in reader]

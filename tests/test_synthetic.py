@@ -1,7 +1,7 @@
 """The synthetic scene world: deterministic, the real builders' schema, and ground truth correct by construction.
 
 Answers are checked against an independent reading of the scene graph (and, for colours and boxes, of the rendered
-pixels), never against the generator's own bookkeeping. Tasks are read through `processing.corpus.load_corpus`
+pixels), never against the generator's own bookkeeping. Tasks are read through `cmal_processing.corpus.load_corpus`
 (each row joined with its scene's regions); every split stores each of its scenes once, in its image table.
 """
 
@@ -15,9 +15,9 @@ import pytest
 from conftest import REPO_ROOT
 from datasets import Dataset, load_from_disk
 
-from processing import schema
-from processing.corpus import IMAGE_TABLE, corpus_features, image_table, load_corpus
-from processing.synthetic import (
+from cmal_processing import schema
+from cmal_processing.corpus import IMAGE_TABLE, corpus_features, image_table, load_corpus
+from cmal_processing.synthetic import (
     COLOURS,
     QUESTION_TYPES,
     SHAPE_WORDS,
@@ -398,14 +398,14 @@ def test_invalid_arguments_and_a_foreign_folder(tmp_path):
 
 
 def test_command_line_writes_the_corpus_and_a_summary(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "processing.synthetic", "--output", str(tmp_path / "c"),
+    result = subprocess.run([sys.executable, "-m", "cmal_processing.synthetic", "--output", str(tmp_path / "c"),
                              "--num-scenes", "30", "--seed", "1", "--feature-dim", "16"],
                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "vqa" in result.stdout and "anchors" in result.stdout
     assert json.loads((tmp_path / "c" / "synthetic_config.json").read_text())["feature_dim"] == 16
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
-    bad = subprocess.run([sys.executable, "-m", "processing.synthetic", "--output", str(tmp_path / "d"),
+    bad = subprocess.run([sys.executable, "-m", "cmal_processing.synthetic", "--output", str(tmp_path / "d"),
                           "--num-scenes", "0"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert bad.returncode == 2 and "--num-scenes" in bad.stderr
 
@@ -424,7 +424,7 @@ def test_streamed_pretraining_corpus_stores_each_scene_once(tmp_path, bert_dir):
     from transformers import BertTokenizer
 
     from modeling_cmal.processing_cmal import CmalProcessor
-    from processing.shards import open_streaming_corpus, read_corpus_info
+    from cmal_processing.shards import open_streaming_corpus, read_corpus_info
 
     processor = CmalProcessor(tokenizer=BertTokenizer.from_pretrained(str(bert_dir), model_max_length=40))
     summary = build_synthetic_corpus(tmp_path / "world", num_scenes=24, seed=2, feature_dim=32, processor=processor)

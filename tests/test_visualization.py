@@ -46,7 +46,7 @@ def tsne():
 
 
 def synthetic_rows(num_scenes: int, seed: int) -> list[dict]:
-    """Pre-training rows (the columns of processing/schema.py) of synthetic scenes."""
+    """Pre-training rows (the columns of cmal_processing/schema.py) of synthetic scenes."""
     from cmal_processing.synthetic import generate_scene, render_scene, scene_regions
 
     rng = np.random.default_rng(seed)

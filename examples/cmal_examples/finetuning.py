@@ -106,7 +106,7 @@ class DataArguments:
         """The dataset folder exists (checked when a run starts, not when the flags are parsed)."""
         if not Path(self.dataset_path).is_dir():
             raise ValueError(f"--dataset_path {self.dataset_path!r} is not a folder; expected a task folder written "
-                             "by `python -m processing build ...` (a DatasetDict)")
+                             "by `python -m cmal_processing build ...` (a DatasetDict)")
 
 
 @dataclass
@@ -192,7 +192,7 @@ class FinetuneTask:
     task_columns: tuple[str, ...] = ("text", "label")
     corpus_name: str
     build_command: str
-    synthetic_folder: str  # the task's folder in a corpus of `python -m processing.synthetic`
+    synthetic_folder: str  # the task's folder in a corpus of `python -m cmal_processing.synthetic`
 
     def setup(self, dataset: DatasetDict, dataset_path: Path, processor: CmalProcessor) -> list[str] | None:
         """Called once, before the model is built: reads what the task needs beyond the rows and returns the class
@@ -212,7 +212,7 @@ class FinetuneTask:
                 f"--dataset_path {dataset_path!r}: the {split!r} split has no column {', '.join(map(repr, missing))}; "
                 f"this script needs a {self.corpus_name} corpus (columns {', '.join(self.task_columns)}, "
                 f"{self.id_column} and the region columns), built by `{self.build_command}`, or the "
-                f"{self.synthetic_folder}/ folder of `python -m processing.synthetic --output DIR`"
+                f"{self.synthetic_folder}/ folder of `python -m cmal_processing.synthetic --output DIR`"
             )
 
     def labelled(self, rows: Dataset) -> np.ndarray:

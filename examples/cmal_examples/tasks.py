@@ -30,7 +30,7 @@ class VqaTask(FinetuneTask):
     id_column = "question_id"
     task_columns = ("text", "answer_ids", "answer_scores")
     corpus_name = "VQA"
-    build_command = "python -m processing build vqa --questions FILE ..."
+    build_command = "python -m cmal_processing build vqa --questions FILE ..."
     synthetic_folder = "vqa"
 
     num_answers: int
@@ -83,7 +83,7 @@ class Nlvr2Task(FinetuneTask):
     model_class = CmalForVisualReasoning
     id_column = "identifier"
     corpus_name = "NLVR2"
-    build_command = "python -m processing build nlvr2 --annotations FILE ..."
+    build_command = "python -m cmal_processing build nlvr2 --annotations FILE ..."
     synthetic_folder = "nlvr2"
     image_suffixes = ("_0", "_1")
 
@@ -94,7 +94,7 @@ class SnliVeTask(FinetuneTask):
     model_class = CmalForVisualEntailment
     id_column = "pair_id"
     corpus_name = "SNLI-VE"
-    build_command = "python -m processing build snli_ve --annotations FILE ..."
+    build_command = "python -m cmal_processing build snli_ve --annotations FILE ..."
     synthetic_folder = "snli_ve"
 
 
@@ -107,7 +107,7 @@ class RefcocoTask(FinetuneTask):
     id_column = "ref_id"
     task_columns = ("text", "label", "region_ious", "image_width", "image_height")
     corpus_name = "RefCOCO+"
-    build_command = "python -m processing build refcoco --refs FILE ..."
+    build_command = "python -m cmal_processing build refcoco --refs FILE ..."
     synthetic_folder = "refcoco"
     metric_inputs = ("region_ious",)
     max_regions: int

@@ -21,7 +21,7 @@ From the same scenes come the four downstream tasks with ground truth:
   each label per scene;
 - RefCOCO+: referring expressions to one object; `region_ious` of every region with the referred box.
 
-`build_synthetic_corpus(root, num_scenes, seed)` writes them in the column layout of `processing.schema`, the
+`build_synthetic_corpus(root, num_scenes, seed)` writes them in the column layout of `cmal_processing.schema`, the
 same as the real-format builders, so every script runs on it unchanged::
 
     root/
@@ -32,10 +32,10 @@ same as the real-format builders, so every script runs on it unchanged::
       refcoco/    train, validation
       synthetic_config.json                    (seed, sizes, feature_dim, shapes, colours; written last)
 
-Each split folder holds its task table and, in `images/`, each scene's regions once (`processing/corpus.py`);
-`processing.corpus.load_corpus(root / "vqa")` reads a task with the regions joined to every row.
+Each split folder holds its task table and, in `images/`, each scene's regions once (`cmal_processing/corpus.py`);
+`cmal_processing.corpus.load_corpus(root / "vqa")` reads a task with the regions joined to every row.
 
-From the shell: ``python -m processing.synthetic --output DIR --num-scenes N --seed S [--questions-per-scene Q]``.
+From the shell: ``python -m cmal_processing.synthetic --output DIR --num-scenes N --seed S [--questions-per-scene Q]``.
 """
 
 from __future__ import annotations
@@ -662,7 +662,7 @@ def build_synthetic_corpus(output, num_scenes: int = 2000, seed: int = 0, featur
     cheap, labels are not: VLP's regime, where the caption corpus dwarfs every task's labels); they are drawn after
     the task scenes, so the tasks of a seed do not depend on it. No validation scene is in a train split.
     With a `CmalProcessor` as `processor`, the pre-training captions are also written as streamed corpora
-    (`processing/shards.py`: each scene's regions once, its captions tokenised and anchored by that processor) in
+    (`cmal_processing/shards.py`: each scene's regions once, its captions tokenised and anchored by that processor) in
     `pretrain_streamed/train` and `pretrain_streamed/validation`, for `open_streaming_corpus`.
 
     Deterministic for a seed. The corpus is written to a temporary folder beside `output` and moved into place
@@ -783,7 +783,7 @@ def _summary_lines(summary: dict, output: Path) -> Iterator[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m processing.synthetic", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cmal_processing.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="folder to write the corpus to")
     parser.add_argument("--num-scenes", type=int, default=2000, help="number of scenes (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -795,7 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pretrain-scenes", type=int, default=0,
                         help="more scenes whose captions only pre-training uses (default 0)")
     parser.add_argument("--tokenizer-output", default=None,
-                        help="also save the world's own word-piece vocabulary (processing.vocabulary) to this folder")
+                        help="also save the world's own word-piece vocabulary (cmal_processing.vocabulary) to this folder")
     parser.add_argument("--processor", default=None,
                         help="CmalProcessor folder: also write pretrain_streamed/ (pre-tokenised streamed corpora)")
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ from datasets import Dataset, concatenate_datasets
 from .corpus import image_suffixes, image_table, join_regions
 from .refcoco import box_iou
 
-# The columns that describe an image in every task schema (`processing/schema.py`); NLVR2 has them once per image,
+# The columns that describe an image in every task schema (`cmal_processing/schema.py`); NLVR2 has them once per image,
 # with the suffixes `_0` and `_1`.
 IMAGE_COLUMNS = ("image_id", "image_width", "image_height", "visual_feats", "visual_pos", "tags", "scores")
 
@@ -50,7 +50,7 @@ def images_shuffled(dataset: Dataset, seed: int = 0) -> Dataset:
     own. Referring-expression rows (`target_box`, `region_ious`) get `region_ious` and `label` recomputed against
     the new image's boxes (the referred box, in normalised coordinates, stays where it was).
 
-    A split read with `processing.corpus.load_corpus` (each image's regions in its image table) comes back the same
+    A split read with `cmal_processing.corpus.load_corpus` (each image's regions in its image table) comes back the same
     way, with only the rows' image ids exchanged; a seed shuffles it as it shuffles the single table of the same rows.
 
     Deterministic for `seed`. Raises `ValueError` for a split without image columns or with a single image.

@@ -1,7 +1,7 @@
 """Region extraction at corpus scale: a folder (or list) of photos → the image table, through a transformers detector.
 
-    python -m processing extract --images DIR_OR_LIST --detector DIR --output DIR [--batch_size 8] [--top_k 36]
-    accelerate launch -m processing extract ...          # one process per GPU, each its own shards
+    python -m cmal_processing extract --images DIR_OR_LIST --detector DIR --output DIR [--batch_size 8] [--top_k 36]
+    accelerate launch -m cmal_processing extract ...          # one process per GPU, each its own shards
 
 `extract_regions` runs `modeling_cmal.region_extraction.CmalRegionExtractor` (any DETR-family detector saved with
 `save_pretrained`: DETR, Conditional / Deformable DETR, YOLOS, RT-DETR, ...) over the images in batches, on the
@@ -10,7 +10,7 @@ process' accelerator when there is one (`accelerate.PartialState().device`). The
 file `regions-0000i.parquet` (written under a temporary name, renamed when complete), so a rerun after a crash
 skips it: work resumes at the first unfinished shard.
 
-**The image table** (the output, one row per image: what `processing.readers.RegionFeatureIndex` reads in place of
+**The image table** (the output, one row per image: what `cmal_processing.readers.RegionFeatureIndex` reads in place of
 BUTD files, so every builder accepts `--features OUTPUT`): `image_id` (the file's stem, or its path relative to
 the folder with `/` replaced by `__` when stems repeat), `image_width` / `image_height` (pixels), `num_regions` (M),
 `feature_dim` (Dv, the detector's hidden size), `visual_feats` binary float16 `[M, Dv]`, `visual_pos` binary
@@ -261,7 +261,7 @@ def read_region_table(folder) -> dict[str, tuple[Path, int]]:
     shards = sorted(root.glob("regions-*.parquet"))
     if not shards:
         raise FileNotFoundError(f"folder {str(root)!r} holds no regions-*.parquet shard; expected the output of "
-                                "python -m processing extract")
+                                "python -m cmal_processing extract")
     located = {}
     for shard in shards:
         for row, image_id in enumerate(pq.read_table(shard, columns=["image_id"]).column(0).to_pylist()):

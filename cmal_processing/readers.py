@@ -11,7 +11,7 @@ Two public layouts are read:
   The attribute columns are not used.
 - **bottom-up-attention.pytorch `.npz`**, one file per image named `<image_id>.npz`: `x` [N, D] features, `bbox`
   [N, 4] pixels, `num_bbox`, `image_h`, `image_w`, and `info`, a pickled dict (0-d object array) with
-  `objects_id` [N] and `objects_conf` [N]. `info` is read through `processing.safe_pickle`, never `allow_pickle`.
+  `objects_id` [N] and `objects_conf` [N]. `info` is read through `cmal_processing.safe_pickle`, never `allow_pickle`.
 
 Both give the `regions` format of `CmalProcessor`, one dict per image:
 
@@ -458,7 +458,7 @@ class RegionFeatureIndex:
 
     Args:
         paths: one source or a list of sources (`.tsv` file, `.npz` folder or file, or the image table folder of
-            `python -m processing extract`), searched in order.
+            `python -m cmal_processing extract`), searched in order.
         tag_vocab, id_offset: as for `read_region_features`.
         errors: receives every image that cannot be indexed or decoded (default: a new `SkipCounter`, `.errors`).
     """
@@ -482,7 +482,7 @@ class RegionFeatureIndex:
         self._locations: dict[str, tuple[Path, int | None, int]] = {}
         self._table_cache: tuple[Path, list[dict]] | None = None
         for source in self.sources:
-            if source.is_dir() and any(source.glob("regions-*.parquet")):  # an image table (processing.extract)
+            if source.is_dir() and any(source.glob("regions-*.parquet")):  # an image table (cmal_processing.extract)
                 from .extract import read_region_table
 
                 for image_id, (path, row) in read_region_table(source).items():

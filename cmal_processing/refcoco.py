@@ -1,10 +1,10 @@
 """RefCOCO+ (and RefCOCO / RefCOCOg, same files) → `datasets`: one row per referring sentence, columns of
-`processing.schema.refcoco_features`.
+`cmal_processing.schema.refcoco_features`.
 
 Inputs:
 
 - refs: the `refs(unc).p` pickle of the refer toolkit — a list of `{"ref_id", "ann_id", "image_id", "split",
-  "sentences": [{"sent", ...}]}` — read with the restricted unpickler of `processing.safe_pickle` (Python 2 text
+  "sentences": [{"sent", ...}]}` — read with the restricted unpickler of `cmal_processing.safe_pickle` (Python 2 text
   decoded as UTF-8), or a JSON dump of the same list (`.json`).
 - instances: `instances.json`, COCO `annotations` (`id`, `image_id`, `bbox` [x, y, w, h] pixels) and `images`
   (`id`, `width`, `height`).
@@ -20,7 +20,7 @@ Skip reasons: `malformed_record`, `empty_text`, `missing_annotation` (ann_id not
 `bad_box`, `image_size_mismatch` (instances and features disagree on the image size, so boxes would not compare),
 `bad_image_id`, `missing_features`, `corrupt_features`.
 
-    python -m processing build refcoco --refs "refcoco+/refs(unc).p" --instances refcoco+/instances.json \\
+    python -m cmal_processing build refcoco --refs "refcoco+/refs(unc).p" --instances refcoco+/instances.json \\
         --features train2014_obj36.tsv --image_id_format "COCO_train2014_{image_id:012d}" \\
         --split validation --output DATA/refcoco
 """
@@ -125,7 +125,7 @@ def build_refcoco(
         refs_split: the refs' `split` value to take (default: `split`, with "validation" → "val").
         image_id_format: COCO image id → feature image id.
         region_features, output, split, tag_vocab, id_offset, num_shards, shard_index, lexicon, progress: see
-            `processing.builders.write_split`.
+            `cmal_processing.builders.write_split`.
     """
     template = check_image_id_format(image_id_format, ("image_id",))
     refs_split = refs_split if refs_split is not None else {"validation": "val"}.get(split, split)

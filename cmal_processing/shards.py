@@ -253,10 +253,10 @@ def read_corpus_info(path) -> dict:
             raise ValueError(
                 f"path {str(path)!r} is a map-style corpus (a datasets folder, what pretrain.py reads without "
                 "--streaming), not a streamed one; rebuild it as a streamed corpus with "
-                "`python -m processing shards --dataset "
-                f"{path} --processor PROCESSOR_DIR --output NEW_DIR` (processing.shards.convert_caption_dataset)")
+                "`python -m cmal_processing shards --dataset "
+                f"{path} --processor PROCESSOR_DIR --output NEW_DIR` (cmal_processing.shards.convert_caption_dataset)")
         raise FileNotFoundError(f"path {str(path)!r} has no {CORPUS_INFO_FILE}; expected a corpus written by "
-                                "processing.shards.write_image_shards")
+                                "cmal_processing.shards.write_image_shards")
     with fs.open(info_path, "r") as file:
         info = json.loads(file.read())
     if info.get("format_version") != FORMAT_VERSION:
@@ -344,10 +344,10 @@ def open_streaming_corpus(path, *, rank: int = 0, world_size: int = 1, processor
 
 def convert_caption_dataset(dataset, output, processor, *, max_length: int | None = None,
                             images_per_shard: int = DEFAULT_IMAGES_PER_SHARD, progress: bool = True) -> dict:
-    """A map-style caption corpus split (what `python -m processing build captions` and the synthetic world's
+    """A map-style caption corpus split (what `python -m cmal_processing build captions` and the synthetic world's
     `pretrain` write: a task table with its image table, or the older single table with the regions in every row)
     → a streamed corpus, each image stored once with all its captions. `dataset` is a `datasets.Dataset` (as
-    `processing.corpus.load_split` reads it, or a single table) or the path of a saved split. Images come in the
+    `cmal_processing.corpus.load_split` reads it, or a single table) or the path of a saved split. Images come in the
     order of their first caption."""
     from datasets import Dataset
 
@@ -365,7 +365,7 @@ def convert_caption_dataset(dataset, output, processor, *, max_length: int | Non
     missing = [name for name in ("image_id", "text", "visual_feats", "visual_pos", "tags", "scores")
                if name not in corpus_features(dataset)]
     if missing:
-        raise ValueError(f"dataset lacks the columns {missing}; expected a caption corpus (processing/schema.py)")
+        raise ValueError(f"dataset lacks the columns {missing}; expected a caption corpus (cmal_processing/schema.py)")
     task_columns = dataset.with_format(None)
     first_row: dict[str, int] = {}
     captions: dict[str, list[str]] = {}
@@ -388,7 +388,7 @@ def build_streamed_captions(captions, region_features, processor, output, *, ima
                             tag_vocab=None, id_offset: int = 0, max_length: int | None = None,
                             images_per_shard: int = DEFAULT_IMAGES_PER_SHARD, progress: bool = True) -> dict:
     """A caption file (COCO captions `.json` or `.jsonl`, as `build_captions`) with region features (BUTD `.tsv`,
-    `.npz` folders, or the image table of `python -m processing extract`) → a streamed corpus, each image once
+    `.npz` folders, or the image table of `python -m cmal_processing extract`) → a streamed corpus, each image once
     with all its captions. Images without (or with corrupt) features are skipped; the returned corpus info has
     `skipped` (items by reason) and `region_errors`."""
     from .captions import caption_groups

@@ -9,7 +9,7 @@ into `ItemGroup`s — the items that need the same image(s), in order of first a
   index order is exactly the unsharded dataset, and every image is decoded by one shard only;
 - decodes each group's images once through a `RegionFeatureIndex` (one image in memory at a time) and streams
   the task rows into `datasets.Dataset.from_generator` and each image used by a written row, once, into the
-  split's image table (`processing/corpus.py`), with the explicit `Features` of `processing/schema.py` cut by
+  split's image table (`cmal_processing/corpus.py`), with the explicit `Features` of `cmal_processing/schema.py` cut by
   `split_features` (`visual_feats` float16, `visual_pos` = boxes / (width, height, width, height) clipped to
   [0, 1]; every box that reached past the image edge is counted in the summary's `clipped_boxes`, the first one
   logged as a warning);
@@ -21,12 +21,12 @@ into `ItemGroup`s — the items that need the same image(s), in order of first a
   `<output>/<split>/images/`) plus `dataset_dict.json` listing every split present.
 
 **Splits.** Each run writes one split; run the builder once per split with the same `--output` and the splits
-accumulate in one `DatasetDict` (`processing.corpus.load_corpus(output)` gives them all, regions joined). Splits
+accumulate in one `DatasetDict` (`cmal_processing.corpus.load_corpus(output)` gives them all, regions joined). Splits
 of one folder must share their features (same feature dimension), and files written beside them (VQA's
 `answer_vocab.json`) must agree.
 
 **Shards.** With `num_shards > 1` shard `i` writes `<output>/shard-0000i-of-0000N/` (a `DatasetDict` folder of its
-own). Once all shards are done, `merge_shards(output, split)` (CLI: `python -m processing merge`) concatenates
+own). Once all shards are done, `merge_shards(output, split)` (CLI: `python -m cmal_processing merge`) concatenates
 their task tables and their image tables (an image two shards hold, as NLVR2 pairs can, keeps one row) into
 `<output>/<split>/`.
 """
@@ -149,7 +149,7 @@ def format_image_id(template: str, **fields) -> str:
 
 
 def image_columns(regions: dict, suffix: str = "", clipped: SkipCounter | None = None) -> dict:
-    """The region columns of `processing/schema.py` for one image's `regions` dict.
+    """The region columns of `cmal_processing/schema.py` for one image's `regions` dict.
 
     `visual_feats` float16 [M, D]; `visual_pos` float32 [M, 4] = boxes / (width, height, width, height) clipped
     to [0, 1]. Every box that reaches past the image edge is counted in `clipped` (reason `box_past_edge`, one
@@ -486,7 +486,7 @@ def write_split(
     Args:
         task: name for the progress bar and summary (e.g. "vqa").
         groups: every `ItemGroup` of the split (all shards); this shard takes its contiguous block.
-        features: `feature_dim -> Features` of the task (from `processing/schema.py`).
+        features: `feature_dim -> Features` of the task (from `cmal_processing/schema.py`).
         refused: records the task refused while reading its annotations (malformed, unknown image, ...). They
             belong to no group, so shard 0 alone reports them: the shards' summaries add up to the whole split.
 

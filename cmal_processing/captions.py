@@ -1,6 +1,6 @@
 """Caption corpora (pre-training data) → `datasets`: one row per (image, caption) as read, columns of
-`processing.schema.pretrain_features` (the region columns + `text`; stored as `image_id` + `text` with each image's
-regions once in the split's image table, `processing/corpus.py`).
+`cmal_processing.schema.pretrain_features` (the region columns + `text`; stored as `image_id` + `text` with each image's
+regions once in the split's image table, `cmal_processing/corpus.py`).
 
 Two caption formats:
 
@@ -12,9 +12,9 @@ Two caption formats:
   `"{image_id}"`.
 
 Skip reasons: `malformed_record`, `empty_text`, `unknown_image` (a COCO caption whose image is not in `images`),
-`bad_image_id`, plus `missing_features` / `corrupt_features` (see `processing.builders`).
+`bad_image_id`, plus `missing_features` / `corrupt_features` (see `cmal_processing.builders`).
 
-    python -m processing build captions --captions captions_train2014.json --features train2014_obj36.tsv \\
+    python -m cmal_processing build captions --captions captions_train2014.json --features train2014_obj36.tsv \\
         --split train --output DATA/pretrain
 """
 
@@ -75,7 +75,7 @@ def build_captions(
         captions: a COCO captions `.json` or a `.jsonl` of `{"image_id", "caption"}` (format by suffix).
         image_id_format: caption's image → feature image id (defaults in the module docstring).
         region_features, output, split, tag_vocab, id_offset, num_shards, shard_index, lexicon, progress: see
-            `processing.builders.write_split`.
+            `cmal_processing.builders.write_split`.
     """
     refused = SkipCounter("skipped items")
     groups = caption_groups(captions, image_id_format, refused)
@@ -98,7 +98,7 @@ def build_captions(
 
 def caption_groups(captions: PathLike, image_id_format: str | None, refused: SkipCounter) -> list:
     """The `ItemGroup`s of a captions file (one per feature image, items `{"text"}`); refused records are counted
-    in `refused`. Shared by `build_captions` and `processing.shards.build_streamed_captions`."""
+    in `refused`. Shared by `build_captions` and `cmal_processing.shards.build_streamed_captions`."""
     captions = Path(captions)
     if captions.suffix == ".json":
         template = check_image_id_format(image_id_format or "{file_stem}", ("image_id", "file_stem"))

@@ -1,4 +1,4 @@
-"""VQA v2 → `datasets`: one row per question, columns of `processing.schema.vqa_features`, and the answer
+"""VQA v2 → `datasets`: one row per question, columns of `cmal_processing.schema.vqa_features`, and the answer
 vocabulary saved beside the splits as `answer_vocab.json` (a JSON list; `answer_ids` index it).
 
 Inputs are the official files: questions `{"questions": [{"image_id", "question", "question_id"}]}` and, except
@@ -19,10 +19,10 @@ Skip reasons: `malformed_record`, `empty_text`, `missing_annotation` (annotation
 `inconsistent_annotation` (its `image_id` differs from the question's), `bad_image_id`, `missing_features`,
 `corrupt_features`.
 
-    python -m processing build vqa --questions v2_OpenEnded_mscoco_train2014_questions.json \\
+    python -m cmal_processing build vqa --questions v2_OpenEnded_mscoco_train2014_questions.json \\
         --annotations v2_mscoco_train2014_annotations.json --features train2014_obj36.tsv \\
         --image_id_format "COCO_train2014_{image_id:012d}" --split train --output DATA/vqa
-    python -m processing build vqa --questions ..._val2014_questions.json --annotations ..._val2014_annotations.json \\
+    python -m cmal_processing build vqa --questions ..._val2014_questions.json --annotations ..._val2014_annotations.json \\
         --features val2014_obj36.tsv --image_id_format "COCO_val2014_{image_id:012d}" \\
         --answer_vocab DATA/vqa/answer_vocab.json --split validation --output DATA/vqa
 """
@@ -193,7 +193,7 @@ def build_vqa(
         answer_vocab: a JSON list file or a list of answers; None: the `top_k` answers of `annotations`.
         image_id_format: question's COCO `image_id` → feature image id, e.g. `"COCO_val2014_{image_id:012d}"`.
         region_features, output, split, tag_vocab, id_offset, num_shards, shard_index, lexicon, progress: see
-            `processing.builders.write_split`.
+            `cmal_processing.builders.write_split`.
     """
     template = check_image_id_format(image_id_format, ("image_id",))
     question_records = read_json(questions, "questions", list_keys=("questions",))["questions"]

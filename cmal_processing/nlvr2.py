@@ -1,5 +1,5 @@
 """NLVR2 → `datasets`: one row per sentence with the region columns of both images (suffixes `_0` and `_1`),
-columns of `processing.schema.nlvr2_features`.
+columns of `cmal_processing.schema.nlvr2_features`.
 
 Input: the official JSON lines (`train.json`, `dev.json`, `test1.json`), each `{"identifier", "sentence", "label"}`
 with `label` "True" / "False" (a line without `label` gets -1, "no label"). The images of identifier
@@ -9,7 +9,7 @@ with `label` "True" / "False" (a line without `label` gets -1, "no label"). The 
 Skip reasons: `malformed_record`, `malformed_identifier`, `empty_text`, `bad_label`, `bad_image_id`,
 `missing_features`, `corrupt_features` (either image).
 
-    python -m processing build nlvr2 --annotations dev.json --features valid_obj36.tsv --split validation \\
+    python -m cmal_processing build nlvr2 --annotations dev.json --features valid_obj36.tsv --split validation \\
         --output DATA/nlvr2
 """
 
@@ -65,7 +65,7 @@ def build_nlvr2(
         annotations: the official `.json` lines file of the split.
         image_id_format: NLVR2 image id (`"dev-850-0-img0"`) → feature image id.
         region_features, output, split, tag_vocab, id_offset, num_shards, shard_index, lexicon, progress: see
-            `processing.builders.write_split`.
+            `cmal_processing.builders.write_split`.
     """
     template = check_image_id_format(image_id_format, ("image_id",))
     refused = SkipCounter("skipped items")

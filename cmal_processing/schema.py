@@ -1,4 +1,4 @@
-"""Column layout shared by every dataset that `processing` writes (real formats and the synthetic world).
+"""Column layout shared by every dataset that `cmal_processing` writes (real formats and the synthetic world).
 
 Column names are the model's input names where one exists. Region columns describe one image:
 
@@ -8,9 +8,9 @@ Column names are the model's input names where one exists. Region columns descri
 - ``tags``: ``M`` detector class names; ``scores``: ``M`` detector confidences (float32)
 
 Tasks that see two images (NLVR2) have the region columns twice with the suffixes ``_0`` and ``_1``.
-The functions below give the columns of a row *as read* (`processing.corpus.load_corpus`); on disk each split
+The functions below give the columns of a row *as read* (`cmal_processing.corpus.load_corpus`); on disk each split
 stores its task columns with ``image_id`` (per image slot) in the task table and each image's region columns once
-in its image table (`processing.corpus.split_features` cuts one of these `Features` into the two). Every builder
+in its image table (`cmal_processing.corpus.split_features` cuts one of these `Features` into the two). Every builder
 saves a ``datasets.DatasetDict`` with ``save_to_disk``; splits are ``train``, ``validation`` and, where the source
 has one, ``test``.
 """

@@ -1,4 +1,4 @@
-"""SNLI-VE → `datasets`: one row per (image premise, hypothesis), columns of `processing.schema.snli_ve_features`
+"""SNLI-VE → `datasets`: one row per (image premise, hypothesis), columns of `cmal_processing.schema.snli_ve_features`
 (`premise` is SNLI's text premise, kept for reference; `text` is the hypothesis the model reads).
 
 Input: the official JSON lines (`snli_ve_train.jsonl`, `snli_ve_dev.jsonl`, `snli_ve_test.jsonl`), each with
@@ -9,7 +9,7 @@ the Flickr30k id to the feature files' image id (default `"{image_id}"`).
 Skip reasons: `malformed_record`, `empty_text`, `bad_label`, `bad_image_id`, `missing_features`,
 `corrupt_features`.
 
-    python -m processing build snli_ve --annotations snli_ve_train.jsonl --features flickr30k_obj36.tsv \\
+    python -m cmal_processing build snli_ve --annotations snli_ve_train.jsonl --features flickr30k_obj36.tsv \\
         --split train --output DATA/snli_ve
 """
 
@@ -57,7 +57,7 @@ def build_snli_ve(
         annotations: the official `.jsonl` file of the split.
         image_id_format: Flickr30k image id (`"1234"`) → feature image id.
         region_features, output, split, tag_vocab, id_offset, num_shards, shard_index, lexicon, progress: see
-            `processing.builders.write_split`.
+            `cmal_processing.builders.write_split`.
     """
     template = check_image_id_format(image_id_format, ("image_id",))
     refused = SkipCounter("skipped items")

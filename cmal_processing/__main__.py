@@ -1,15 +1,15 @@
-"""Command line of the corpus builders: `python -m processing ...` from the repository root; once installed (the
+"""Command line of the corpus builders: `python -m cmal_processing ...` from the repository root; once installed (the
 package installs as `cmal_processing`) also `python -m cmal_processing ...` or the console script `cmal-processing ...`.
 
-    python -m processing build captions --captions FILE --features SRC [SRC ...] --output DIR --split NAME
-    python -m processing build vqa      --questions FILE [--annotations FILE] [--answer_vocab FILE] [--top_k K] ...
-    python -m processing build nlvr2    --annotations FILE ...
-    python -m processing build snli_ve  --annotations FILE ...
-    python -m processing build refcoco  --refs FILE --instances FILE [--refs_split NAME] ...
-    python -m processing merge --output DIR --split NAME
-    python -m processing extract --images DIR_OR_LIST --detector DIR --output DIR   (also under accelerate launch)
-    python -m processing shards --captions FILE --features SRC [SRC ...] --processor DIR --output DIR
-    python -m processing shards --dataset SPLIT_DIR --processor DIR --output DIR   (convert a map-style caption split)
+    python -m cmal_processing build captions --captions FILE --features SRC [SRC ...] --output DIR --split NAME
+    python -m cmal_processing build vqa      --questions FILE [--annotations FILE] [--answer_vocab FILE] [--top_k K] ...
+    python -m cmal_processing build nlvr2    --annotations FILE ...
+    python -m cmal_processing build snli_ve  --annotations FILE ...
+    python -m cmal_processing build refcoco  --refs FILE --instances FILE [--refs_split NAME] ...
+    python -m cmal_processing merge --output DIR --split NAME
+    python -m cmal_processing extract --images DIR_OR_LIST --detector DIR --output DIR   (also under accelerate launch)
+    python -m cmal_processing shards --captions FILE --features SRC [SRC ...] --processor DIR --output DIR
+    python -m cmal_processing shards --dataset SPLIT_DIR --processor DIR --output DIR   (convert a map-style caption split)
 
 Every `build` takes `--features` (BUTD `.tsv` files and/or `.npz` folders), `--output` (a DatasetDict folder; run
 once per split into the same folder), `--split`, `--image_id_format` (how the annotation's image id becomes the
@@ -53,8 +53,7 @@ def _common_arguments(parser: argparse.ArgumentParser, image_id_default: str | N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # `processing` from the repository root, `cmal_processing` once installed
-    parser = argparse.ArgumentParser(prog=f"python -m {__package__ or 'processing'}",
+    parser = argparse.ArgumentParser(prog="python -m cmal_processing",
                                      description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="write one split of a corpus").add_subparsers(dest="task", required=True)

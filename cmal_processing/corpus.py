@@ -9,9 +9,9 @@ split folder holds two saved `Dataset`s:
       train/                       the task table: one row per item (question, caption, pair, expression)
         data-00000-of-00001.arrow    with its task columns and `image_id` (`image_id_0`, `image_id_1` for NLVR2)
         images/                    the image table: one row per image its items use, keyed by `image_id`,
-          data-00000-of-00001.arrow  holding the region columns of `processing/schema.py` once
+          data-00000-of-00001.arrow  holding the region columns of `cmal_processing/schema.py` once
 
-The schema functions of `processing/schema.py` (`vqa_features`, ...) describe the *joined* row, which is what
+The schema functions of `cmal_processing/schema.py` (`vqa_features`, ...) describe the *joined* row, which is what
 `load_corpus` returns; `split_features` cuts such a `Features` into the two stored tables.
 
 **Reading.** `load_corpus(path)` returns every split as the task table with a `RegionJoin` transform: a row (or a
@@ -21,7 +21,7 @@ every column. `select`, `shuffle`, `filter` and `map` keep the join; `with_forma
 columns alone (fast, for labels). `corpus_features(rows)` is the `Features` of the joined rows. A folder written
 before the image table existed (one table, region columns in every row) is read as it is.
 
-**Writing.** `processing.builders.write_split` and the synthetic world write this layout; `save_corpus` saves a
+**Writing.** `cmal_processing.builders.write_split` and the synthetic world write this layout; `save_corpus` saves a
 `DatasetDict` of joined splits (keeping only the images each split uses) or of single-table splits.
 """
 
@@ -67,13 +67,13 @@ def image_suffixes(features: Features | Sequence[str]) -> list[str]:
 
 
 def split_features(features: Features) -> tuple[Features, Features]:
-    """`(task table features, image table features)` of the joined row `features` (a `processing/schema.py`
+    """`(task table features, image table features)` of the joined row `features` (a `cmal_processing/schema.py`
     function's result): the task table keeps its own columns and each image slot's `image_id{suffix}`; the image
     table holds the region columns once, without suffix."""
     suffixes = image_suffixes(features)
     if not suffixes:
         raise ValueError(f"features have no image_id column (columns: {list(features)}); expected a task schema of "
-                         "processing/schema.py")
+                         "cmal_processing/schema.py")
     regions = {f"{name}{suffix}" for suffix in suffixes for name in _REGION_VALUES}
     task = Features({name: value for name, value in features.items() if name not in regions})
     suffix = suffixes[0]
@@ -98,7 +98,7 @@ def separate_images(rows: Iterable[Mapping], suffixes: Sequence[str] = ("",)) ->
 
 
 def joined_features(task_features: Features, image_features: Features) -> Features:
-    """The `Features` of joined rows, in the order of `processing/schema.py`: each image slot's region columns
+    """The `Features` of joined rows, in the order of `cmal_processing/schema.py`: each image slot's region columns
     (from the image table, with the slot's suffix), then the task columns."""
     joined = {f"{name}{suffix}": image_features[name] for suffix in image_suffixes(task_features)
               for name in REGION_COLUMNS}
@@ -116,10 +116,6 @@ class RegionJoin:
 
     Raises `KeyError` naming the image for a row whose image the image table lacks.
     """
-
-    # Recognised by this marker rather than by class: from the repository root this module is importable both as
-    # `processing.corpus` and as the installed `cmal_processing.corpus`, two classes of one name.
-    region_join = True
 
     def __init__(self, images: Dataset, task_features: Features):
         missing = [name for name in REGION_COLUMNS if name not in images.column_names]
@@ -173,7 +169,7 @@ def join_regions(rows: Dataset, images: Dataset) -> Dataset:
 
 def _join_of(rows: Dataset) -> RegionJoin | None:
     transform = rows.format.get("format_kwargs", {}).get("transform") if rows.format.get("type") == "custom" else None
-    return transform if getattr(transform, "region_join", False) is True else None
+    return transform if isinstance(transform, RegionJoin) else None
 
 
 def image_table(rows: Dataset) -> Dataset | None:
@@ -201,7 +197,7 @@ def load_split(path) -> Dataset:
         return join_regions(rows, load_from_disk(str(path / IMAGE_TABLE)))
     if not any(name.startswith("visual_feats") for name in rows.column_names):
         raise ValueError(f"split {str(path)!r} has no region columns and no image table ({IMAGE_TABLE}/): rebuild it "
-                         "with python -m processing build (or the synthetic world)")
+                         "with python -m cmal_processing build (or the synthetic world)")
     return rows.with_format("numpy")
 
 
