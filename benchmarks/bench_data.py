@@ -389,7 +389,8 @@ def main(argv=None) -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         print(f"building {args.num_images} images x {args.captions_per_image} captions "
-              f"({NUM_REGIONS} regions x {FEATURE_DIM}-d) with cmal_processing.build_captions in {scratch} ...", flush=True)
+              f"({NUM_REGIONS} regions x {FEATURE_DIM}-d) with cmal_processing.build_captions in {scratch} ...",
+              flush=True)
         dataset_path, build_seconds = build_dataset(scratch, args)
         dataset = load_corpus(dataset_path)["train"]
         dataset_mib = sum(path.stat().st_size for path in dataset_path.rglob("*") if path.is_file()) / 2**20

@@ -8,10 +8,10 @@
   joins the shards of a split built on several machines. The same from the shell:
   `python -m cmal_processing build {captions,vqa,nlvr2,snli_ve,refcoco} ...` and `python -m cmal_processing merge ...`
   (`python -m cmal_processing build vqa --help` lists the flags).
-- `cmal_processing.extract.extract_regions` (`python -m cmal_processing extract`) runs a transformers detector over a folder
-  of photos into the image table (regions once per image); `RegionFeatureIndex`, so every builder, reads it.
-- `cmal_processing.shards.write_image_shards` / `build_streamed_captions` (`python -m cmal_processing shards`) write a streamed
-  pre-training corpus (Parquet shards, one row per image with its captions pre-tokenised and anchored);
+- `cmal_processing.extract.extract_regions` (`python -m cmal_processing extract`) runs a transformers detector over
+  a folder of photos into the image table (regions once per image); `RegionFeatureIndex`, so every builder, reads it.
+- `cmal_processing.shards.write_image_shards` / `build_streamed_captions` (`python -m cmal_processing shards`) write
+  a streamed pre-training corpus (Parquet shards, one row per image with its captions pre-tokenised and anchored);
   `cmal_processing.shards.open_streaming_corpus` reads this process' share as a `datasets.IterableDataset` with exact
   resume.
 - Bad records never stop a build and never vanish: they are counted by reason in `SkipCounter`s and reported in

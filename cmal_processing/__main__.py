@@ -9,7 +9,7 @@ package installs as `cmal_processing`) also `python -m cmal_processing ...` or t
     python -m cmal_processing merge --output DIR --split NAME
     python -m cmal_processing extract --images DIR_OR_LIST --detector DIR --output DIR   (also under accelerate launch)
     python -m cmal_processing shards --captions FILE --features SRC [SRC ...] --processor DIR --output DIR
-    python -m cmal_processing shards --dataset SPLIT_DIR --processor DIR --output DIR   (convert a map-style caption split)
+    python -m cmal_processing shards --dataset SPLIT_DIR --processor DIR --output DIR   (from a map-style caption split)
 
 Every `build` takes `--features` (BUTD `.tsv` files and/or `.npz` folders), `--output` (a DatasetDict folder; run
 once per split into the same folder), `--split`, `--image_id_format` (how the annotation's image id becomes the

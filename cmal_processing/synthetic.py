@@ -795,7 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pretrain-scenes", type=int, default=0,
                         help="more scenes whose captions only pre-training uses (default 0)")
     parser.add_argument("--tokenizer-output", default=None,
-                        help="also save the world's own word-piece vocabulary (cmal_processing.vocabulary) to this folder")
+                        help="also save the world's own word-piece vocabulary (cmal_processing.vocabulary) there")
     parser.add_argument("--processor", default=None,
                         help="CmalProcessor folder: also write pretrain_streamed/ (pre-tokenised streamed corpora)")
     args = parser.parse_args(argv)

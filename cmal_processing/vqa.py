@@ -22,7 +22,8 @@ Skip reasons: `malformed_record`, `empty_text`, `missing_annotation` (annotation
     python -m cmal_processing build vqa --questions v2_OpenEnded_mscoco_train2014_questions.json \\
         --annotations v2_mscoco_train2014_annotations.json --features train2014_obj36.tsv \\
         --image_id_format "COCO_train2014_{image_id:012d}" --split train --output DATA/vqa
-    python -m cmal_processing build vqa --questions ..._val2014_questions.json --annotations ..._val2014_annotations.json \\
+    python -m cmal_processing build vqa --questions ..._val2014_questions.json \\
+        --annotations ..._val2014_annotations.json \\
         --features val2014_obj36.tsv --image_id_format "COCO_val2014_{image_id:012d}" \\
         --answer_vocab DATA/vqa/answer_vocab.json --split validation --output DATA/vqa
 """

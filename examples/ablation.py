@@ -1,7 +1,7 @@
 """Ablation study of CMAL on the synthetic world: which component buys what, and how data-efficient it is.
 
-    python examples/ablation.py --preset small --output_dir runs/ablation            # the study of docs/research.md (~1 h CPU)
-    python examples/ablation.py --preset tiny --output_dir /tmp/ablation             # a smoke run (minutes)
+    python examples/ablation.py --preset small --output_dir runs/ablation   # docs/research.md's study (~1 h CPU)
+    python examples/ablation.py --preset tiny --output_dir /tmp/ablation    # a smoke run (minutes)
 
 From the same seeds, the same data and the same number of steps, every variant is pre-trained and then fine-tuned
 and evaluated on the four synthetic downstream tasks (VQA, NLVR2, SNLI-VE, RefCOCO+). The variants:

@@ -8,11 +8,12 @@ CPU processes (gloo):  accelerate launch --multi_gpu --num_processes 2 examples/
 From a JSON file:      python examples/pretrain.py args.json      (the flags' names as keys)
 
 `--dataset_path` is a `datasets.DatasetDict` folder written by `cmal_processing` (splits `train`, `validation`; columns
-of `cmal_processing/schema.py`), read whole by every process and sharded by Accelerate. With `--streaming` it is a folder
-or fsspec URL holding the streamed corpora `train/` and `validation/` (`cmal_processing/shards.py`: each image's regions
-once, captions tokenised and anchored at build time): each process streams only its share of the Parquet shards
-(`datasets.distributed.split_dataset_by_node`), reshuffled every pass over its share, and resumes exactly from the
-loader state (`torchdata`'s `StatefulDataLoader`, also with workers) kept per process in the checkpoint.
+of `cmal_processing/schema.py`), read whole by every process and sharded by Accelerate. With `--streaming` it is a
+folder or fsspec URL holding the streamed corpora `train/` and `validation/` (`cmal_processing/shards.py`: each
+image's regions once, captions tokenised and anchored at build time): each process streams only its share of the
+Parquet shards (`datasets.distributed.split_dataset_by_node`), reshuffled every pass over its share, and resumes
+exactly from the loader state (`torchdata`'s `StatefulDataLoader`, also with workers) kept per process in the
+checkpoint.
 
 The output folder ends up holding the final model (safetensors, config with `auto_map`, code files) and the
 processor, loadable with `AutoModelForPreTraining.from_pretrained(dir, trust_remote_code=True)`;

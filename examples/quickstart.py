@@ -346,7 +346,8 @@ def main(argv=None) -> None:
     started = time.perf_counter()
 
     timings["data"] = run_step("1/6 Build the synthetic world", [
-        sys.executable, "-m", "cmal_processing.synthetic", "--output", str(data), "--num-scenes", str(preset["num_scenes"]),
+        sys.executable, "-m", "cmal_processing.synthetic", "--output", str(data), "--num-scenes",
+        str(preset["num_scenes"]),
         "--validation-fraction", str(preset["validation_fraction"]), "--questions-per-scene",
         str(preset["questions_per_scene"]), "--pretrain-scenes", str(preset["pretrain_scenes"]),
         "--tokenizer-output", str(tokenizer), "--seed", str(args.seed)], logs / "data.log")
@@ -362,7 +363,8 @@ def main(argv=None) -> None:
         str(pretrained), "--model_config", str(model_config), "--tokenizer_name", str(tokenizer), "--max_steps",
         str(preset["pretrain_steps"]), "--per_device_batch_size", "32", "--learning_rate",
         str(preset["pretrain_learning_rate"]), "--logging_steps", "10", "--eval_steps",
-        str(max(10, preset["pretrain_steps"] // 10)), "--checkpointing_steps", str(preset["pretrain_steps"]), "--seed", str(args.seed), "--max_text_length", "40"]
+        str(max(10, preset["pretrain_steps"] // 10)), "--checkpointing_steps", str(preset["pretrain_steps"]),
+        "--seed", str(args.seed), "--max_text_length", "40"]
     # Only the widths come from the preset: the script sizes the vocabulary, lexicon and features from the data.
     timings["pretrain"] = run_step("2/6 Pre-train CMAL (AMC + MLM + ITM)", pretrain_command, logs / "pretrain.log")
     plot_curves(pretrained / "metrics.jsonl", output / "loss_curves.png")

@@ -18,8 +18,8 @@ hand-written caption, boxes and tags of `examples/data/real_image_seeds.json`. R
 pixels inside each box (`cmal_processing.synthetic.region_features_from_pixels`), the detector-free featuriser the
 synthetic world uses, so the model must have been trained on such features (`visual_feat_dim` must match).
 `--image PATH` takes any image file Pillow reads: its regions (boxes, tags, features) come from the transformers
-object detector of `--detector` (`CmalRegionExtractor`, the extractor of `python -m cmal_processing extract`), which must
-be the detector whose features the model was trained on (its feature width must equal `visual_feat_dim`), and the
+object detector of `--detector` (`CmalRegionExtractor`, the extractor of `python -m cmal_processing extract`), which
+must be the detector whose features the model was trained on (its feature width must equal `visual_feat_dim`), and the
 caption from `--caption`.
 """
 

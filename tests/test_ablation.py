@@ -428,7 +428,7 @@ def test_a_failing_finetuning_stops_the_study_with_its_log_tail(ablation, tmp_pa
 
 @pytest.mark.slow
 def test_tiny_preset_end_to_end(tmp_path, synthetic_corpus, bert_dir):
-    """The program as docs/research.md runs it (tiny preset, two seeds, four variants, two tasks, the curve of full CMAL):
+    """The program as docs/research.md runs it (tiny preset, two seeds, four variants, two tasks, full CMAL's curve):
     every pre-training through pretrain.py with the variant's config, every fine-tuning through run_finetuning."""
     import json
     import os

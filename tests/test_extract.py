@@ -1,5 +1,5 @@
-"""`python -m cmal_processing extract`: photos → the image table, through a tiny random DETR-family detector saved to a
-folder, in shards that a rerun keeps; the table feeds the builders and the streamed corpus."""
+"""`python -m cmal_processing extract`: photos → the image table, through a tiny random DETR-family detector saved to
+a folder, in shards that a rerun keeps; the table feeds the builders and the streamed corpus."""
 
 import json
 import os
