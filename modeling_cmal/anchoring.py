@@ -211,7 +211,8 @@ def _normalized(phrase: str) -> str:
     return " ".join(_singular(word) for word in split_words(phrase))
 
 
-def _shorten(value: object, limit: int = 60) -> str:
+def _shorten(value: object, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters for an error message (the one helper of the runtime files)."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -25,7 +25,7 @@ from transformers.models.auto.image_processing_auto import AutoImageProcessor
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import cached_file
 
-from .anchoring import ConceptLexicon, anchor_statistics, find_anchors
+from .anchoring import ConceptLexicon, _shorten, anchor_statistics, find_anchors
 from .configuration_cmal import ANCHOR_ACTIONS, CmalConfig
 from .region_extraction import CmalRegionExtractor
 from .region_processing_cmal import (
@@ -33,7 +33,6 @@ from .region_processing_cmal import (
     VISUAL_INPUT_NAMES,
     CmalRegionProcessor,
     RegionSelection,
-    _shorten,
 )
 
 LEXICON_FILE = "concept_lexicon.json"

@@ -19,10 +19,7 @@ import torch
 from PIL import Image
 from transformers.image_transforms import center_to_corners_format
 
-
-def _shorten(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+from .anchoring import _shorten
 
 
 def _as_rgb(image, index: int) -> Image.Image:

@@ -27,6 +27,8 @@ import torch
 from transformers import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
+from .anchoring import _shorten
+
 VISUAL_INPUT_NAMES = ("visual_feats", "visual_pos", "visual_attention_mask")
 REGION_KEYS = ("visual_feats", "visual_pos", "image_size", "tags", "scores", "image_id")
 # The region keys before the processor and the corpus shared one vocabulary: still read, with a warning.
@@ -42,11 +44,6 @@ PIXEL_BOX_TOLERANCE = 0.5
 SWAPPED_SIZE_OVERSHOOT = 0.05
 
 logger = logging.getLogger(__name__)
-
-
-def _shorten(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _number_array(value, name: str) -> np.ndarray:
