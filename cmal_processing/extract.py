@@ -37,6 +37,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+# The table's readers live with the other readers; this module writes the table (and re-exports them).
+from .readers import decode_region_row, read_region_table  # noqa: F401
 from .skips import SkipCounter
 
 logger = logging.getLogger(__name__)
@@ -255,30 +257,3 @@ def _extract_shard(extractor, shard_images, min_size: int, batch_size: int, skip
     return rows
 
 
-def read_region_table(folder) -> dict[str, tuple[Path, int]]:
-    """`image_id -> (shard file, row)` of an image table written by `extract_regions`."""
-    root = Path(folder)
-    shards = sorted(root.glob("regions-*.parquet"))
-    if not shards:
-        raise FileNotFoundError(f"folder {str(root)!r} holds no regions-*.parquet shard; expected the output of "
-                                "python -m cmal_processing extract")
-    located = {}
-    for shard in shards:
-        for row, image_id in enumerate(pq.read_table(shard, columns=["image_id"]).column(0).to_pylist()):
-            located.setdefault(image_id, (shard, row))
-    return located
-
-
-def decode_region_row(row: dict) -> dict:
-    """One image-table row → the `regions` dict of `CmalProcessor` (pixel boxes with `image_size`)."""
-    from .readers import RegionsDict
-
-    count, dim = int(row["num_regions"]), int(row["feature_dim"])
-    return RegionsDict(
-        image_id=row["image_id"],
-        visual_feats=np.frombuffer(row["visual_feats"], "<f2").reshape(count, dim).astype(np.float32),
-        visual_pos=np.frombuffer(row["visual_pos"], "<f4").reshape(count, 4).copy(),
-        image_size=(int(row["image_width"]), int(row["image_height"])),
-        tags=list(row["tags"]),
-        scores=np.asarray(row["scores"], dtype=np.float32),
-    )

@@ -61,8 +61,10 @@ __all__ = [
     "default_tag_vocab_path",
     "load_tag_vocab",
     "parse_tsv_fields",
+    "decode_region_row",
     "read_npz_regions",
     "read_region_features",
+    "read_region_table",
 ]
 
 TSV_FIELDS = (
@@ -483,8 +485,6 @@ class RegionFeatureIndex:
         self._table_cache: tuple[Path, list[dict]] | None = None
         for source in self.sources:
             if source.is_dir() and any(source.glob("regions-*.parquet")):  # an image table (cmal_processing.extract)
-                from .extract import read_region_table
-
                 for image_id, (path, row) in read_region_table(source).items():
                     self._add(image_id, (path, None, row))
             elif source.is_dir() or source.suffix == ".npz":
@@ -520,8 +520,6 @@ class RegionFeatureIndex:
     def _decode(self, image_id: str) -> dict:
         path, offset, row = self._locations[image_id]
         if path.suffix == ".parquet":
-            from .extract import decode_region_row
-
             if self._table_cache is None or self._table_cache[0] != path:  # one shard in memory at a time
                 import pyarrow.parquet as pq
 
@@ -556,3 +554,35 @@ class RegionFeatureIndex:
             except CorruptRegionsError:
                 continue
         raise ValueError(f"no image of {[str(source) for source in self.sources]} has decodable region features")
+
+
+# The image table of `python -m cmal_processing extract` (written by `extract.py`)
+
+
+def read_region_table(folder) -> dict[str, tuple[Path, int]]:
+    """`image_id -> (shard file, row)` of an image table written by `extract_regions`."""
+    import pyarrow.parquet as pq
+
+    root = Path(folder)
+    shards = sorted(root.glob("regions-*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"folder {str(root)!r} holds no regions-*.parquet shard; expected the output of "
+                                "python -m cmal_processing extract")
+    located = {}
+    for shard in shards:
+        for row, image_id in enumerate(pq.read_table(shard, columns=["image_id"]).column(0).to_pylist()):
+            located.setdefault(image_id, (shard, row))
+    return located
+
+
+def decode_region_row(row: dict) -> dict:
+    """One image-table row → the `regions` dict of `CmalProcessor` (pixel boxes with `image_size`)."""
+    count, dim = int(row["num_regions"]), int(row["feature_dim"])
+    return RegionsDict(
+        image_id=row["image_id"],
+        visual_feats=np.frombuffer(row["visual_feats"], "<f2").reshape(count, dim).astype(np.float32),
+        visual_pos=np.frombuffer(row["visual_pos"], "<f4").reshape(count, 4).copy(),
+        image_size=(int(row["image_width"]), int(row["image_height"])),
+        tags=list(row["tags"]),
+        scores=np.asarray(row["scores"], dtype=np.float32),
+    )

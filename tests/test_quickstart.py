@@ -183,6 +183,31 @@ def test_no_program_imports_another_program():
         assert not imported & programs, (name, imported & programs)
 
 
+def test_no_import_circle_inside_the_corpus_package():
+    """The modules of cmal_processing import one another (also lazily, inside functions) without a circle."""
+    import ast
+
+    package = REPO_ROOT / "cmal_processing"
+    graph = {}
+    for path in sorted(package.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        graph[path.stem] = {(node.module or "").split(".")[0] for node in ast.walk(tree)
+                            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module} - {path.stem}
+    state = {}
+
+    def visit(module, trail):
+        if state.get(module) == "done":
+            return
+        assert state.get(module) != "open", "import circle: " + " -> ".join([*trail, module])
+        state[module] = "open"
+        for imported in sorted(graph.get(module, ())):
+            visit(imported, [*trail, module])
+        state[module] = "done"
+
+    for module in graph:
+        visit(module, [])
+
+
 @pytest.mark.skipif(__import__("importlib.util").util.find_spec("cmal_processing") is None,
                     reason="the project is not installed (pip install -e .)")
 def test_the_builders_run_under_their_installed_name(tmp_path):
