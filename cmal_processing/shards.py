@@ -19,7 +19,7 @@ tokenised and anchored by the corpus' processor:
   build's `max_length`), `word_ids` (int32 per piece: index into that caption's `words`, -1 for special tokens and
   words cut by truncation), `words` (the caption's words as the tokenizer split them) and `anchor_rows` (int32,
   flattened `(piece position, region index, concept id)` triples of `CmalProcessor`'s anchors);
-- `processor_identity`: `collator_cmal.processor_identity(processor)` (tokenizer vocabulary + lexicon hash).
+- `processor_identity`: `processing_cmal.processor_identity(processor)` (tokenizer vocabulary + lexicon hash).
 
 Binary columns keep decoding to one `np.frombuffer` per image (no Python lists of floats on the loader's hot path).
 `open_streaming_corpus` expands each image row into one row per caption (the features shared, not copied), and
@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from modeling_cmal.collator_cmal import anchor_rows_of_words, processor_identity
+from modeling_cmal.processing_cmal import anchor_rows_of_words, processor_identity
 
 from .extract import REGION_FIELDS
 

@@ -63,7 +63,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from modeling_cmal import CMAL_SIZES, CmalForPreTraining, load_bert_weights
-from modeling_cmal.collator_cmal import CmalPretrainingCollator, processor_identity
+from modeling_cmal.collator_cmal import CmalPretrainingCollator
+from modeling_cmal.processing_cmal import processor_identity
 from modeling_cmal.processing_cmal import CmalProcessor
 
 TRACKERS = sorted(t.value for t in LoggerType) + ["none"]

@@ -11,6 +11,8 @@ Remote code: this module imports only the standard library, numpy, torch, transf
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -92,6 +94,38 @@ def _looks_like_a_path(name) -> bool:
     text = os.fspath(name)
     return (isinstance(name, os.PathLike) or os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1
             or os.path.exists(text))
+
+
+# What a pre-tokenised (streamed) corpus row depends on and how its anchors are found: shared by the corpus writer
+# (`cmal_processing.shards`) and the pre-training collator that reads it.
+
+
+def processor_identity(processor) -> str:
+    """What pre-tokenised corpus rows depend on: a 16-hex digest of the tokenizer's vocabulary (piece -> id), its
+    special tokens and the lexicon (`to_dict()`). A corpus built with another tokenizer or lexicon has another one."""
+    digest = hashlib.sha256()
+    tokenizer = processor.tokenizer
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+    digest.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
+    digest.update(json.dumps(processor.lexicon.to_dict(), sort_keys=True, ensure_ascii=False, default=str).encode())
+    max_regions = getattr(processor.image_processor, "max_regions", None)
+    digest.update(f"max_regions={max_regions}".encode())
+    return digest.hexdigest()[:16]
+
+
+def anchor_rows_of_words(words, word_ids, tags, scores, lexicon) -> list[int]:
+    """Flattened `(piece position, region index, concept id)` of every piece of every anchored word, for a caption
+    already split into `words` (`word_ids[p]`: the word of piece `p`, -1 for special tokens and cut words) and the
+    selected regions' `tags` / `scores`: the anchors `CmalProcessor` finds for the pair."""
+    if tags is None or len(tags) == 0 or len(words) == 0:
+        return []
+    word_ids = np.asarray(word_ids)
+    rows = []
+    for match in find_anchors([str(word) for word in words], [str(tag) for tag in tags], lexicon,
+                              None if scores is None else [float(score) for score in scores]):
+        for position in np.flatnonzero((word_ids >= match.word_start) & (word_ids < match.word_end)).tolist():
+            rows += [position, match.region_index, match.concept_id]
+    return rows
 
 
 class CmalProcessor(ProcessorMixin):

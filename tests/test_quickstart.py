@@ -171,6 +171,9 @@ def test_imports_run_downward_programs_corpus_package_runtime_package():
     for package, forbidden in layers.items():
         for path in sorted((REPO_ROOT / package).glob("*.py")):
             assert not _top_level_imports(path) & forbidden, (str(path.relative_to(REPO_ROOT)), forbidden)
+    # The corpus package reads the processor, not the training code (the pre-training collator).
+    for path in sorted((REPO_ROOT / "cmal_processing").glob("*.py")):
+        assert "collator_cmal" not in path.read_text(), str(path.relative_to(REPO_ROOT))
     for folder in ("modeling_cmal", "cmal_processing", "examples", "tests", "benchmarks"):
         for path in sorted((REPO_ROOT / folder).rglob("*.py")):
             assert "processing" not in _top_level_imports(path), str(path.relative_to(REPO_ROOT))

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_cmal.collator_cmal import CmalPretrainingCollator, processor_identity
+from modeling_cmal.collator_cmal import CmalPretrainingCollator
+from modeling_cmal.processing_cmal import processor_identity
 from modeling_cmal.processing_cmal import CmalProcessor
 from cmal_processing.shards import (convert_caption_dataset, open_streaming_corpus, read_corpus_info,
                                write_image_shards)
