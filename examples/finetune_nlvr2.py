@@ -1,7 +1,8 @@
 """Fine-tune CMAL on NLVR2 (or the synthetic two-image reasoning task) with `transformers.Trainer`.
 
     python examples/finetune_nlvr2.py --model_name_or_path runs/cmal --dataset_path DATA/nlvr2 \
-        --output_dir runs/cmal-nlvr2 --num_train_epochs 10 --per_device_train_batch_size 32 --learning_rate 5e-5
+        --output_dir runs/cmal-nlvr2 --num_train_epochs 10 --per_device_train_batch_size 32 --learning_rate 5e-5 \
+        --do_train --do_eval --do_predict
 
 `--dataset_path` is a folder written by `cmal_processing` (NLVR2 builder or `python -m cmal_processing.synthetic`): one
 sentence and two images per row (region columns with the suffixes `_0` and `_1`), `label` False / True. The

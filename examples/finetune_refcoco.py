@@ -1,7 +1,8 @@
 """Fine-tune CMAL on RefCOCO+ (or the synthetic referring-expression task) with `transformers.Trainer`.
 
     python examples/finetune_refcoco.py --model_name_or_path runs/cmal --dataset_path DATA/refcoco \
-        --output_dir runs/cmal-refcoco --num_train_epochs 10 --per_device_train_batch_size 64 --learning_rate 5e-5
+        --output_dir runs/cmal-refcoco --num_train_epochs 10 --per_device_train_batch_size 64 --learning_rate 5e-5 \
+        --do_train --do_eval --do_predict
 
 `--dataset_path` is a folder written by `cmal_processing` (RefCOCO+ builder or `python -m cmal_processing.synthetic`):
 an expression per row, the image's regions, `region_ious` (IoU of every region with the referred box) and `label`

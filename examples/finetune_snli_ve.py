@@ -1,7 +1,8 @@
 """Fine-tune CMAL on SNLI-VE (or the synthetic entailment task) with `transformers.Trainer`.
 
     python examples/finetune_snli_ve.py --model_name_or_path runs/cmal --dataset_path DATA/snli_ve \
-        --output_dir runs/cmal-snli-ve --num_train_epochs 2 --per_device_train_batch_size 64 --learning_rate 5e-5
+        --output_dir runs/cmal-snli-ve --num_train_epochs 2 --per_device_train_batch_size 64 --learning_rate 5e-5 \
+        --do_train --do_eval --do_predict
 
 `--dataset_path` is a folder written by `cmal_processing` (SNLI-VE builder or `python -m cmal_processing.synthetic`):
 the image is the premise, the `text` column the hypothesis, `label` one of entailment / neutral / contradiction.

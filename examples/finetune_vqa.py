@@ -1,7 +1,7 @@
 """Fine-tune CMAL on VQA v2 (or the synthetic VQA task) with `transformers.Trainer`.
 
     python examples/finetune_vqa.py --model_name_or_path runs/cmal --dataset_path DATA/vqa --output_dir runs/cmal-vqa \
-        --num_train_epochs 10 --per_device_train_batch_size 64 --learning_rate 5e-5
+        --num_train_epochs 10 --per_device_train_batch_size 64 --learning_rate 5e-5 --do_train --do_eval --do_predict
 
 `--dataset_path` is a folder written by `cmal_processing` (VQA v2 builder or `python -m cmal_processing.synthetic`): a
 DatasetDict with `train` / `validation` (/ `test`) splits and `answer_vocab.json` beside them. The head scores every

@@ -64,7 +64,7 @@ def _run_together(commands: dict[str, list[str]], logs: Path, timeout: int = 600
 def _script(task: str, dataset: Path, output_dir: Path, *args: str) -> list[str]:
     return [sys.executable, str(EXAMPLES / SCRIPTS[task]), "--dataset_path", str(dataset), "--output_dir",
             str(output_dir), "--report_to", "none", "--disable_tqdm", "true", "--dataloader_pin_memory", "false",
-            *args]
+            "--do_train", "--do_eval", "--do_predict", *args]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -341,7 +341,7 @@ def test_invalid_arguments_stop_the_run_naming_flag_and_value(flags, message, re
 
     # (a flag given twice takes its later value)
     argv = ["--model_name_or_path", "tiny", "--dataset_path", str(real_format_corpus / "snli_ve"),
-            "--output_dir", str(tmp_path), "--report_to", "none"]
+            "--output_dir", str(tmp_path), "--report_to", "none", "--do_train", "--do_eval"]
     with pytest.raises(SystemExit, match=message):
         run_finetuning(SnliVeTask(), [*argv, *flags])
 
@@ -354,7 +354,7 @@ def test_a_corpus_of_another_task_is_refused_naming_the_corpus_and_its_builder(t
 
     task = TASKS[task_name]()
     argv = ["--model_name_or_path", "tiny", "--dataset_path", str(synthetic_corpus / "pretrain"),
-            "--output_dir", str(tmp_path), "--report_to", "none"]
+            "--output_dir", str(tmp_path), "--report_to", "none", "--do_train", "--do_eval"]
     with pytest.raises(SystemExit) as raised:
         run_finetuning(task, argv)
     message = str(raised.value)
@@ -368,7 +368,12 @@ def test_argument_defaults_json_file_and_no_evaluation(tmp_path):
     from cmal_examples.tasks import RefcocoTask
 
     base = {"model_name_or_path": "tiny", "dataset_path": str(tmp_path), "output_dir": str(tmp_path / "out")}
-    _, data_args, training_args = parse_arguments(RefcocoTask(), [f"--{k}={v}" for k, v in base.items()])
+    flags = [f"--{k}={v}" for k, v in base.items()]
+    # each step only when asked for, as in transformers' examples; none at all is refused
+    with pytest.raises(SystemExit, match="nothing to do: give --do_train, --do_eval and/or --do_predict"):
+        parse_arguments(RefcocoTask(), flags)
+    every_step = ["--do_train", "--do_eval", "--do_predict"]
+    _, data_args, training_args = parse_arguments(RefcocoTask(), [*flags, *every_step])
     assert training_args.load_best_model_at_end and training_args.metric_for_best_model == "iou_accuracy"
     assert training_args.greater_is_better and training_args.eval_strategy == "epoch"
     assert training_args.do_train and training_args.do_eval and training_args.do_predict
@@ -383,20 +388,19 @@ def test_argument_defaults_json_file_and_no_evaluation(tmp_path):
     # lists stay lists (a JSON file turned into argv used to make ["labels"] the string "['labels']")
     assert training_args.label_names == ["labels"] and "['none']" not in str(training_args.report_to)
     # the task's defaults hold for a JSON file as for flags
-    _, _, training_args = parse_arguments(RefcocoTask(), [str(_write_json(tmp_path / "plain.json", base))])
+    _, _, training_args = parse_arguments(RefcocoTask(),
+                                          [str(_write_json(tmp_path / "plain.json", {**base, "do_train": True}))])
     assert training_args.metric_for_best_model == "iou_accuracy" and training_args.do_train
     with pytest.raises(SystemExit, match="must hold one JSON object"):
         parse_arguments(RefcocoTask(), [str(_write_json(tmp_path / "list.json", [1, 2]))])
     # only the steps asked for (TrainingArguments alone would switch evaluation on with the eval strategy)
-    _, _, training_args = parse_arguments(RefcocoTask(), [*(f"--{k}={v}" for k, v in base.items()), "--do_predict"])
+    _, _, training_args = parse_arguments(RefcocoTask(), [*flags, "--do_predict"])
     assert training_args.do_predict and not training_args.do_eval and not training_args.do_train
     assert training_args.eval_strategy == "no" and not training_args.load_best_model_at_end
-    _, _, training_args = parse_arguments(RefcocoTask(), [*(f"--{k}={v}" for k, v in base.items()),
-                                                          "--do_train", "--do_eval=false"])
+    _, _, training_args = parse_arguments(RefcocoTask(), [*flags, "--do_train", "--do_eval=false"])
     assert training_args.do_train and not training_args.do_eval and not training_args.do_predict
     # no evaluation during training: no best checkpoint to select
-    _, _, training_args = parse_arguments(RefcocoTask(), [*(f"--{k}={v}" for k, v in base.items()),
-                                                          "--eval_strategy", "no"])
+    _, _, training_args = parse_arguments(RefcocoTask(), [*flags, *every_step, "--eval_strategy", "no"])
     assert not training_args.load_best_model_at_end
 
 

@@ -113,8 +113,9 @@ class DataArguments:
 class FinetuningArguments(TrainingArguments):
     """`TrainingArguments` with the defaults fine-tuning wants: evaluate and save every epoch, keep the best
     checkpoint (by the task's metric, which `parse_arguments` sets unless one is given), one checkpoint on disk, whole
-    rows for the collator. Without any of `--do_train/--do_eval/--do_predict` a run does all three; otherwise
-    exactly the steps asked for (TrainingArguments alone would switch evaluation on with the eval strategy)."""
+    rows for the collator. A run does exactly the steps asked for with `--do_train/--do_eval/--do_predict`, as in
+    transformers' examples, and refuses to start without any (TrainingArguments alone would switch evaluation on
+    with the eval strategy)."""
 
     eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate during training."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
@@ -129,7 +130,8 @@ class FinetuningArguments(TrainingArguments):
     def __post_init__(self):
         steps = (self.do_train, self.do_eval, self.do_predict)
         if not any(steps):
-            steps = (True, True, True)
+            raise ValueError("nothing to do: give --do_train, --do_eval and/or --do_predict (each step runs only when "
+                             "asked for, as in transformers' examples)")
         if not steps[0]:
             # Evaluation during training has no meaning without training (and Trainer would ask for an eval split).
             self.eval_strategy = IntervalStrategy.NO
