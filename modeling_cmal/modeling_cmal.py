@@ -1318,7 +1318,7 @@ class CmalTaskPooler(nn.Module):
             self.key = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, sequence_output: torch.Tensor, pooled_output: torch.Tensor, slot_mask: torch.Tensor,
-                anchor_pairs: torch.Tensor | None = None, num_regions: int = 0) -> torch.Tensor:
+                anchor_pairs: torch.Tensor | None, num_regions: int) -> torch.Tensor:
         """`sequence_output` `[B, N + M, H]` (N text slots, then `num_regions` = M region slots), `pooled_output`
         `[B, H]`, `slot_mask` `[B, N + M]` (1 real slot, 0 padding), `anchor_pairs` `[B, K, 2]` (-1 padding; None:
         no anchors) → `[B, output_size]`: the pooled output, then the summaries."""
