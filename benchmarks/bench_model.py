@@ -209,7 +209,7 @@ def make_batch(shapes: Shapes, batch_size: int, num_anchor_concepts: int, seed: 
         "anchor_actions": anchor_actions,
         "labels": labels,
         # As the pre-training collator gives them: the vocabulary decoder runs at the masked pieces only.
-        "mlm_positions": sys.modules["modeling_cmal"].modeling_cmal.mlm_prediction_positions(labels),
+        "mlm_positions": sys.modules["modeling_cmal"].collator_cmal.mlm_prediction_positions(labels),
         "itm_labels": torch.randint(0, 2, (batch_size,), generator=generator),
     }
 

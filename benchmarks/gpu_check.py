@@ -24,7 +24,8 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from modeling_cmal import CmalConfig, CmalForPreTraining  # noqa: E402
-from modeling_cmal.modeling_cmal import CmalLayer, mlm_prediction_positions  # noqa: E402
+from modeling_cmal.collator_cmal import mlm_prediction_positions  # noqa: E402
+from modeling_cmal.modeling_cmal import CmalLayer  # noqa: E402
 
 # Dense bf16 peaks in TFLOP/s (vendor datasheets, without structured sparsity); matched on the device name.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "GH200": 989.0,

@@ -19,6 +19,7 @@ from transformers import (
 from .anchoring import ConceptLexicon, anchor_statistics, find_anchors
 from .collator_cmal import CmalPretrainingCollator
 from .configuration_cmal import ANCHOR_ACTIONS, CMAL_SIZES, CmalConfig
+from .convert_bert_to_cmal import bert_to_cmal_key_mapping, convert_bert_state_dict, load_bert_weights
 from .convert_cmal_checkpoint import upgrade_checkpoint_folder, upgrade_scalar_parameters
 from .modeling_cmal import (
     CMAL_AUTO_MAP,
@@ -33,9 +34,6 @@ from .modeling_cmal import (
     CmalModelOutput,
     CmalPreTrainedModel,
     CmalTaskOutput,
-    bert_to_cmal_key_mapping,
-    convert_bert_state_dict,
-    load_bert_weights,
 )
 from .pipelines_cmal import (
     CMAL_PIPELINES,

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from .configuration_cmal import ANCHOR_ACTIONS, ANCHOR_RATE_FIELDS, CmalConfig
-from .modeling_cmal import mlm_prediction_positions
 from .processing_cmal import CmalProcessor, anchor_rows_of_words, processor_identity
 
 IGNORE_INDEX = -100
@@ -382,4 +381,21 @@ class CmalPretrainingCollator:
         return masked, labels
 
 
-__all__ = ["IGNORE_INDEX", "CmalPretrainingCollator", "anchor_rows_of_words", "processor_identity"]
+def mlm_prediction_positions(labels: torch.Tensor, multiple_of: int = 8) -> torch.Tensor:
+    """The `mlm_positions` of `labels` `[B, N]` (-100 = not predicted): every labelled position of each row, in
+    order, padded with -1 to the batch's largest count rounded up to `multiple_of` (few distinct shapes, so a
+    compiled model recompiles rarely). Data preparation: the collator calls it; the model reads the result."""
+    if not isinstance(multiple_of, int) or isinstance(multiple_of, bool) or multiple_of < 1:
+        raise ValueError(f"multiple_of must be an int >= 1, got {multiple_of!r}")
+    labelled = labels != -100
+    counts = labelled.sum(1)
+    width = int(counts.max()) if labels.shape[0] > 0 and labels.shape[1] > 0 else 0
+    width = min(labels.shape[1], -(-max(width, 1) // multiple_of) * multiple_of)
+    # Labelled positions first, in their order (a stable sort of "not labelled"), then -1.
+    order = torch.sort((~labelled).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    keep = torch.arange(width, device=labels.device).unsqueeze(0) < counts.unsqueeze(1)
+    return torch.where(keep, order, torch.full_like(order, -1))
+
+
+__all__ = ["IGNORE_INDEX", "CmalPretrainingCollator", "anchor_rows_of_words", "mlm_prediction_positions",
+           "processor_identity"]

@@ -12,9 +12,7 @@ with the mean of the text slots and that of the anchored words' slots (`CmalTask
 from __future__ import annotations
 
 import math
-import shutil
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial, wraps
 
@@ -24,6 +22,7 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -32,13 +31,22 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_cmal import ANCHOR_ACTIONS, CmalConfig
+from .distributed_cmal import gather_with_gradients
+from .validation_cmal import (
+    text_shape,
+    validate_class_labels,
+    validate_cmal_inputs,
+    validate_image_pair_inputs,
+    validate_match_labels,
+    validate_pretraining_targets,
+    validate_region_labels,
+    validate_soft_scores,
+)
 
 ACTION_KEEP, ACTION_FILL_TEXT, ACTION_FILL_REGION, ACTION_MASK_BOTH, ACTION_MASK_TEXT, ACTION_MASK_REGION = range(
     len(ANCHOR_ACTIONS)
 )
 TEXT_TYPE, REGION_TYPE = 0, 1
-# Normalised box coordinates may stray this far outside [0, 1] (rounding of pixel boxes) before they are an error.
-BOX_TOLERANCE = 1e-3
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -446,205 +454,6 @@ class CmalPooler(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Input validation
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _check_shape(name: str, tensor: torch.Tensor | None, expected: tuple, description: str) -> None:
-    """`expected` holds ints or None (any size)."""
-    if tensor is None:
-        return
-    if tensor.dim() != len(expected) or any(e is not None and s != e for s, e in zip(tensor.shape, expected)):
-        raise ValueError(f"{name} must have shape {description}, got {tuple(tensor.shape)}")
-
-
-def _check_tensor(name: str, value, kind: str) -> None:
-    """`value` is None or a `torch.Tensor` of `kind`: "integer" (ids, indices, labels), "float" (features, boxes,
-    embeddings) or "mask" (integers, bools or floats)."""
-    if value is None:
-        return
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(
-            f"{name} must be a torch.Tensor, got {type(value).__module__}.{type(value).__name__}: call the processor "
-            "with return_tensors='pt', or convert with torch.as_tensor"
-        )
-    if value.is_complex() or (kind == "integer" and (value.is_floating_point() or value.dtype == torch.bool)):
-        expected = "integers (torch.long)" if kind == "integer" else "real numbers"
-        raise ValueError(f"{name} must hold {expected}, got a tensor of dtype {value.dtype}")
-    if kind == "float" and not value.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-
-
-def _first_bad(bad: torch.Tensor) -> tuple[int, ...]:
-    return tuple(bad.nonzero()[0].tolist())
-
-
-def raise_for_bad_values(checks: list[tuple[torch.Tensor, Callable[[torch.Tensor], str]]]) -> None:
-    """Raises `ValueError` with the message of the first check whose boolean tensor has a True element.
-
-    `checks` are (bad-element mask, message built from that mask). All checks cost one device→host transfer;
-    they run in eager mode only: a compiled forward is a pure tensor program (the processor, the collators and the
-    pipelines check the values where the data is made)."""
-    if not checks or torch.compiler.is_compiling():
-        return
-    flags = torch.stack([bad.any() for bad, _ in checks]).tolist()
-    for (bad, message), flag in zip(checks, flags):
-        if flag:
-            raise ValueError(message(bad))
-
-
-def _out_of_range(name: str, tensor: torch.Tensor, low: int, high: int, expected: str, ignore: int | None = None):
-    """A check of `raise_for_bad_values`: `tensor` values outside `[low, high)` (and not `ignore`)."""
-    bad = (tensor < low) | (tensor >= high)
-    if ignore is not None:
-        bad = bad & (tensor != ignore)
-
-    def message(bad: torch.Tensor) -> str:
-        index = _first_bad(bad)
-        return f"{name}[{', '.join(map(str, index))}] = {tensor[index].item()}; expected {expected}"
-
-    return bad, message
-
-
-def _not_finite(name: str, tensor: torch.Tensor, what: str):
-    """A check of `raise_for_bad_values`: NaN or infinite values of a float tensor."""
-    bad = ~torch.isfinite(tensor)
-
-    def message(bad: torch.Tensor) -> str:
-        index = _first_bad(bad)
-        return (f"{name}[{', '.join(map(str, index))}] = {tensor[index].item()}: {what} must be finite "
-                "(a NaN or inf here turns every output into NaN)")
-
-    return bad, message
-
-
-def _not_normalised(name: str, boxes: torch.Tensor):
-    """A check of `raise_for_bad_values`: box coordinates that are not finite or lie outside `[0, 1]` (beyond
-    rounding), which the box embedding would turn into huge or non-finite states."""
-    bad = ~torch.isfinite(boxes) | (boxes < -BOX_TOLERANCE) | (boxes > 1 + BOX_TOLERANCE)
-
-    def message(bad: torch.Tensor) -> str:
-        index = _first_bad(bad)
-        return (f"{name}[{', '.join(map(str, index))}] = {boxes[index].item()}; expected box coordinates x1, y1, x2, "
-                "y2 normalised to [0, 1] (CmalProcessor normalises pixel boxes given with image_size)")
-
-    return bad, message
-
-
-def _text_shape(input_ids, inputs_embeds) -> tuple[int, int]:
-    """`(batch_size, text_length)` of the one text input given; a `ValueError` naming it when its shape is not
-    `[B, N]` (ids) or `[B, N, H]` (embeddings)."""
-    if input_ids is not None:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must have shape [batch_size, text_length], got {shape}")
-        return tuple(input_ids.shape)
-    if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3:
-        shape = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds).__name__
-        raise ValueError(f"inputs_embeds must have shape [batch_size, text_length, hidden_size], got {shape}")
-    return tuple(inputs_embeds.shape[:2])
-
-
-def validate_cmal_inputs(
-    config: CmalConfig,
-    input_ids,
-    inputs_embeds,
-    attention_mask,
-    token_type_ids,
-    visual_feats,
-    visual_pos,
-    visual_attention_mask,
-    anchor_pairs,
-    anchor_concept_ids,
-    anchor_actions,
-) -> None:
-    """Raises `ValueError` naming the argument, the value and what was expected.
-
-    Types and shapes are checked always (they are static under `torch.compile`); values (id ranges, finiteness,
-    anchor indices) in eager mode only, in one device→host transfer (`raise_for_bad_values`)."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("Give exactly one of input_ids [B, N] or inputs_embeds [B, N, H]")
-    if visual_feats is None or visual_pos is None:
-        raise ValueError("CMAL needs visual_feats [B, M, visual_feat_dim] and visual_pos [B, M, 4]")
-    for name, value, kind in (
-        ("input_ids", input_ids, "integer"), ("inputs_embeds", inputs_embeds, "float"),
-        ("attention_mask", attention_mask, "mask"), ("token_type_ids", token_type_ids, "integer"),
-        ("visual_feats", visual_feats, "float"), ("visual_pos", visual_pos, "float"),
-        ("visual_attention_mask", visual_attention_mask, "mask"), ("anchor_pairs", anchor_pairs, "integer"),
-        ("anchor_concept_ids", anchor_concept_ids, "integer"), ("anchor_actions", anchor_actions, "integer"),
-    ):
-        _check_tensor(name, value, kind)
-    batch_size, text_length = _text_shape(input_ids, inputs_embeds)
-    if inputs_embeds is not None and inputs_embeds.shape[-1] != config.hidden_size:
-        raise ValueError(f"inputs_embeds must have shape [batch_size, text_length, {config.hidden_size}] "
-                         f"(config.hidden_size), got {tuple(inputs_embeds.shape)}")
-    if batch_size == 0:
-        raise ValueError(f"input_ids has batch size 0 (shape {tuple((input_ids if input_ids is not None else inputs_embeds).shape)}): "
-                         "give at least one sample")
-    if text_length == 0:
-        raise ValueError("input_ids has 0 pieces: every sample needs at least [CLS], whose state the heads pool")
-    if text_length > config.max_position_embeddings:
-        raise ValueError(
-            f"input_ids has {text_length} pieces but config.max_position_embeddings is "
-            f"{config.max_position_embeddings}"
-        )
-    if visual_feats.dim() != 3 or visual_feats.shape[-1] != config.visual_feat_dim:
-        raise ValueError(
-            f"visual_feats must have shape [batch_size, num_regions, {config.visual_feat_dim}] "
-            f"(config.visual_feat_dim), got {tuple(visual_feats.shape)}"
-        )
-    if visual_feats.shape[0] != batch_size:
-        raise ValueError(
-            f"visual_feats has batch size {visual_feats.shape[0]} but input_ids has batch size {batch_size}"
-        )
-    num_regions = visual_feats.shape[1]
-    _check_shape("attention_mask", attention_mask, (batch_size, text_length), f"[{batch_size}, {text_length}]")
-    _check_shape("token_type_ids", token_type_ids, (batch_size, text_length), f"[{batch_size}, {text_length}]")
-    _check_shape("visual_pos", visual_pos, (batch_size, num_regions, 4), f"[{batch_size}, {num_regions}, 4]")
-    _check_shape(
-        "visual_attention_mask", visual_attention_mask, (batch_size, num_regions), f"[{batch_size}, {num_regions}]"
-    )
-    if anchor_pairs is None and (anchor_actions is not None or anchor_concept_ids is not None):
-        raise ValueError("anchor_actions and anchor_concept_ids need anchor_pairs [B, K, 2]")
-    if anchor_pairs is not None:
-        _check_shape("anchor_pairs", anchor_pairs, (batch_size, None, 2), f"[{batch_size}, K, 2]")
-        num_anchors = anchor_pairs.shape[1]
-        _check_shape("anchor_actions", anchor_actions, (batch_size, num_anchors), f"[{batch_size}, {num_anchors}]")
-        _check_shape(
-            "anchor_concept_ids", anchor_concept_ids, (batch_size, num_anchors), f"[{batch_size}, {num_anchors}]"
-        )
-
-    checks = [_not_finite("visual_feats", visual_feats, "region features"), _not_normalised("visual_pos", visual_pos)]
-    if input_ids is not None:
-        checks.append(_out_of_range("input_ids", input_ids, 0, config.vocab_size,
-                                    f"a word-piece id in [0, {config.vocab_size}) (config.vocab_size)"))
-    if inputs_embeds is not None:
-        checks.append(_not_finite("inputs_embeds", inputs_embeds, "input embeddings"))
-    if token_type_ids is not None:
-        checks.append(_out_of_range("token_type_ids", token_type_ids, 0, config.type_vocab_size,
-                                    f"a token type in [0, {config.type_vocab_size}) (config.type_vocab_size)"))
-    if anchor_pairs is not None:
-        pieces, regions = anchor_pairs[..., 0], anchor_pairs[..., 1]
-        padding = (pieces == -1) & (regions == -1)
-        bad_pairs = ~padding & ((pieces < 0) | (pieces >= text_length) | (regions < 0) | (regions >= num_regions))
-        checks.append((bad_pairs, lambda bad: (
-            f"anchor_pairs[{_first_bad(bad)[0]}, {_first_bad(bad)[1]}] = {anchor_pairs[_first_bad(bad)].tolist()} is "
-            f"out of range: expected a text piece position in [0, {text_length}) and a region index in "
-            f"[0, {num_regions}), or [-1, -1] for padding")))
-        if anchor_actions is not None:
-            checks.append(_out_of_range(
-                "anchor_actions", anchor_actions, 0, len(ANCHOR_ACTIONS),
-                "0 (keep), 1 (fill text), 2 (fill region), 3 (mask both), 4 (mask text) or 5 (mask region)"))
-        if anchor_concept_ids is not None:
-            bad_concepts, concept_message = _out_of_range(
-                "anchor_concept_ids", anchor_concept_ids, 0, config.num_anchor_concepts,
-                f"a concept id in [0, {config.num_anchor_concepts}) (config.num_anchor_concepts must equal the "
-                "lexicon size)")
-            checks.append((bad_concepts & ~padding, concept_message))
-    raise_for_bad_values(checks)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------
 
@@ -743,9 +552,9 @@ class CmalPreTrainedModel(PreTrainedModel):
             if previous is None:
                 del self.config.auto_map
         if self._auto_class is None:
-            # Heads without a transformers Auto class are not copied by transformers itself.
-            for module_name in (type(self).__module__, type(self.config).__module__):
-                shutil.copy(sys.modules[module_name].__file__, save_directory)
+            # Heads without a transformers Auto class are not copied by transformers itself: this file, the
+            # configuration and every sibling file they import.
+            custom_object_save(self, save_directory)
 
 
 class CmalModel(CmalPreTrainedModel):
@@ -924,26 +733,6 @@ class CmalConceptHead(nn.Module):
         return self.classifier(self.transform(hidden_states))
 
 
-def _gather_across_processes(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Every process's `rows` `[B, D]`, concatenated in rank order, with gradients flowing back to every process;
-    plus this process's offset in the result.
-
-    `all_gather` needs equal sizes on every rank. In eager mode the batch sizes are exchanged first and every rank
-    pads its rows to the largest (the last batch of an epoch may be smaller on some ranks; padding rows are zero,
-    so the caller marks them invalid through a column of its own); compiled, the shapes must be static, so every
-    process must have the same batch size (Accelerate's default `even_batches=True` gives that)."""
-    from torch.distributed.nn.functional import all_gather
-
-    rank, size = torch.distributed.get_rank(), rows.shape[0]
-    if not torch.compiler.is_compiling():
-        sizes = [torch.zeros(1, dtype=torch.long, device=rows.device)
-                 for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather(sizes, torch.tensor([size], device=rows.device))
-        size = int(torch.cat(sizes).max())
-    gathered = all_gather(F.pad(rows, (0, 0, 0, size - rows.shape[0])))
-    return torch.cat(gathered, dim=0), rank * size
-
-
 class CmalContrastiveHead(nn.Module):
     """ITC (ablation baseline): symmetric InfoNCE between the mean-pooled text and region hypersphere embeddings
     of matched pairs, with a learnable temperature; in-batch negatives are the matched pairs of every process."""
@@ -972,7 +761,7 @@ class CmalContrastiveHead(nn.Module):
                 and torch.distributed.get_world_size() > 1:
             # The matched flag travels as the last column, so one gather (with gradients) carries everything.
             rows = torch.cat([text, image, pair_mask.to(text.dtype).unsqueeze(-1)], dim=-1)
-            gathered, offset = _gather_across_processes(rows)
+            gathered, offset = gather_with_gradients(rows)
             all_text, all_image = gathered[:, :text.shape[-1]], gathered[:, text.shape[-1]:-1]
             all_matched = gathered[:, -1] > 0
         scale = self.logit_scale.clamp(max=self.max_logit_scale).exp()
@@ -1083,25 +872,6 @@ class CmalForPreTraining(CmalPreTrainedModel):
         self.cls.decoder = new_embeddings
         self.cls.bias = new_embeddings.bias
 
-    def _check_targets(self, labels, itm_labels, mlm_positions, input_shape) -> None:
-        """Shapes always, values in eager mode (`raise_for_bad_values`)."""
-        batch_size, text_length = input_shape
-        for name, value in (("labels", labels), ("itm_labels", itm_labels), ("mlm_positions", mlm_positions)):
-            _check_tensor(name, value, "integer")
-        _check_shape("labels", labels, (batch_size, text_length), f"[{batch_size}, {text_length}] (as input_ids)")
-        _check_shape("itm_labels", itm_labels, (batch_size,), f"[{batch_size}]")
-        _check_shape("mlm_positions", mlm_positions, (batch_size, None), f"[{batch_size}, P]")
-        checks = []
-        if labels is not None:
-            checks.append(_out_of_range("labels", labels, 0, self.config.vocab_size,
-                                        f"a word-piece id in [0, {self.config.vocab_size}) or -100 (ignored)", -100))
-        if itm_labels is not None:
-            checks.append(_out_of_range("itm_labels", itm_labels, 0, 2, "1 (the caption matches) or 0 (it does not)"))
-        if mlm_positions is not None:
-            checks.append(_out_of_range("mlm_positions", mlm_positions, 0, text_length,
-                                        f"a piece position in [0, {text_length}) or -1 (padding)", -1))
-        raise_for_bad_values(checks)
-
     @can_return_tuple
     def forward(
         self,
@@ -1128,8 +898,8 @@ class CmalForPreTraining(CmalPreTrainedModel):
             mlm_positions (`torch.LongTensor` of shape `(batch_size, num_predictions)`, *optional*): the piece
                 positions at which MLM predicts (-1 padding), as BERT's `masked_lm_positions`: the vocabulary
                 decoder then runs on `num_predictions` slots per row instead of all `text_length` (the
-                pre-training collator gives them; `mlm_prediction_positions` makes them from `labels`). Labels at
-                positions not listed are not predicted.
+                pre-training collator gives them; `collator_cmal.mlm_prediction_positions` makes them from
+                `labels`). Labels at positions not listed are not predicted.
         AMC needs no extra labels (its loss is computed when `anchor_concept_ids` are given): its concept term
         classifies `anchor_concept_ids` at the *mask text* and *mask region* anchors (`anchor_targets`), its mapping
         term maps every other anchor word to its own region (`anchor_pairing_targets`); `amc_loss` is their sum.
@@ -1139,9 +909,9 @@ class CmalForPreTraining(CmalPreTrainedModel):
         over the pairs with `itm_labels == 1`, symmetric (mean of the text-to-image and image-to-text
         cross-entropies), with the matched pairs of every process as negatives.
         """
-        input_shape = _text_shape(input_ids, inputs_embeds) if (input_ids is None) != (inputs_embeds is None) else None
+        input_shape = text_shape(input_ids, inputs_embeds) if (input_ids is None) != (inputs_embeds is None) else None
         if input_shape is not None:
-            self._check_targets(labels, itm_labels, mlm_positions, input_shape)
+            validate_pretraining_targets(self.config, labels, itm_labels, mlm_positions, input_shape)
             if anchor_pairs is None and anchor_concept_ids is None and anchor_actions is None and (
                     labels is not None or itm_labels is not None):
                 # A training batch without anchor inputs: AMC runs on zero anchor rows (loss 0), so that its
@@ -1243,22 +1013,6 @@ class CmalForPreTraining(CmalPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-
-
-def mlm_prediction_positions(labels: torch.Tensor, multiple_of: int = 8) -> torch.Tensor:
-    """The `mlm_positions` of `labels` `[B, N]` (-100 = not predicted): every labelled position of each row, in
-    order, padded with -1 to the batch's largest count rounded up to `multiple_of` (few distinct shapes, so a
-    compiled model recompiles rarely). Host-side data preparation for the collator, not for the forward pass."""
-    if not isinstance(multiple_of, int) or isinstance(multiple_of, bool) or multiple_of < 1:
-        raise ValueError(f"multiple_of must be an int >= 1, got {multiple_of!r}")
-    labelled = labels != -100
-    counts = labelled.sum(1)
-    width = int(counts.max()) if labels.shape[0] > 0 and labels.shape[1] > 0 else 0
-    width = min(labels.shape[1], -(-max(width, 1) // multiple_of) * multiple_of)
-    # Labelled positions first, in their order (a stable sort of "not labelled"), then -1.
-    order = torch.sort((~labelled).to(torch.int8), dim=1, stable=True).indices[:, :width]
-    keep = torch.arange(width, device=labels.device).unsqueeze(0) < counts.unsqueeze(1)
-    return torch.where(keep, order, torch.full_like(order, -1))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1405,35 +1159,21 @@ def classification_loss(config: CmalConfig, logits: torch.Tensor, labels: torch.
     regression; integer labels: single label; else multi label) and stored in the config."""
     if labels is None:
         return None
-    _check_tensor("labels", labels, "mask")
-    num_labels = logits.shape[-1]
-    if config.problem_type is None:
+    problem_type = config.problem_type
+    if problem_type is None:
+        num_labels = logits.shape[-1]
         if num_labels == 1:
-            config.problem_type = "regression"
-        elif not labels.is_floating_point():
-            config.problem_type = "single_label_classification"
+            problem_type = "regression"
+        elif isinstance(labels, torch.Tensor) and not labels.is_floating_point():
+            problem_type = "single_label_classification"
         else:
-            config.problem_type = "multi_label_classification"
-    batch_size = logits.shape[0]
-    if config.problem_type == "single_label_classification":
-        if labels.is_floating_point() or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be class ids (torch.long) for problem_type 'single_label_classification', "
-                             f"got dtype {labels.dtype}")
-        _check_shape("labels", labels, (batch_size,), f"[{batch_size}] (one class id per sample)")
-        raise_for_bad_values([_out_of_range("labels", labels, 0, num_labels,
-                                            f"a class id in [0, {num_labels}) or -100 (ignored)", -100)])
+            problem_type = "multi_label_classification"
+    labels = validate_class_labels(problem_type, labels, logits)
+    config.problem_type = problem_type  # as transformers' heads do, once the labels have been accepted
+    if problem_type == "single_label_classification":
         return F.cross_entropy(logits.float(), labels, ignore_index=-100)
-    labels = labels.to(torch.float32)
-    if config.problem_type == "multi_label_classification":
-        _check_shape("labels", labels, (batch_size, num_labels), f"[{batch_size}, {num_labels}] (targets in [0, 1])")
-        raise_for_bad_values([_not_finite("labels", labels, "multi-label targets"),
-                              _out_of_range("labels", labels, 0, 1 + 1e-6, "a target in [0, 1]")])
+    if problem_type == "multi_label_classification":
         return F.binary_cross_entropy_with_logits(logits.float(), labels)
-    # regression
-    if num_labels == 1 and labels.dim() == 1:
-        labels = labels.unsqueeze(-1)
-    _check_shape("labels", labels, (batch_size, num_labels), f"[{batch_size}] or [{batch_size}, {num_labels}]")
-    raise_for_bad_values([_not_finite("labels", labels, "regression targets")])
     return F.mse_loss(logits.float(), labels)
 
 
@@ -1477,14 +1217,7 @@ class CmalForQuestionAnswering(CmalPreTrainedModel):
         logits = self.answer_head(pooled)
         loss = None
         if labels is not None:
-            _check_tensor("labels", labels, "mask")
-            if labels.shape != logits.shape:
-                raise ValueError(
-                    f"labels must be soft scores of shape {tuple(logits.shape)} (batch, num_labels), got {tuple(labels.shape)}"
-                )
-            labels = labels.float()
-            raise_for_bad_values([_not_finite("labels", labels, "VQA soft scores"),
-                                  _out_of_range("labels", labels, 0, 1 + 1e-6, "a soft score in [0, 1]")])
+            labels = validate_soft_scores(labels, logits)
             loss = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum") / logits.shape[0]
         return CmalTaskOutput(loss=loss, logits=logits, pooler_output=pooled,
                               hidden_states=outputs.hidden_states, attentions=outputs.attentions)
@@ -1569,17 +1302,8 @@ class CmalForVisualReasoning(CmalPreTrainedModel):
     ) -> CmalTaskOutput:
         r"""See the class docstring for shapes; `labels` (`torch.LongTensor` of shape `(batch_size,)`, *optional*).
         Returns `logits` `(batch_size, num_labels)`."""
-        _check_tensor("visual_feats", visual_feats, "float")
-        if visual_feats is None or visual_feats.dim() != 4 or visual_feats.shape[1] != 2:
-            shape = None if visual_feats is None else tuple(visual_feats.shape)
-            raise ValueError(f"visual_feats must have shape [batch_size, 2, num_regions, visual_feat_dim], got {shape}")
-        for name, value, dims in (("visual_pos", visual_pos, 4), ("visual_attention_mask", visual_attention_mask, 3),
-                                  ("anchor_pairs", anchor_pairs, 4), ("anchor_concept_ids", anchor_concept_ids, 3),
-                                  ("anchor_actions", anchor_actions, 3)):
-            _check_tensor(name, value, "mask")
-            if value is not None and (value.dim() != dims or value.shape[1] != 2):
-                raise ValueError(f"{name} must have an image axis of size 2 after the batch axis ({dims} dimensions, "
-                                 f"see CmalForVisualReasoning), got shape {tuple(value.shape)}")
+        validate_image_pair_inputs(visual_feats, visual_pos, visual_attention_mask, anchor_pairs, anchor_concept_ids,
+                                   anchor_actions)
 
         def per_image(tensor):
             return None if tensor is None else tensor.flatten(0, 1)
@@ -1643,18 +1367,7 @@ class CmalForReferringExpression(CmalPreTrainedModel):
         logits = logits.masked_fill(~real, torch.finfo(logits.dtype).min)
         loss = None
         if labels is not None:
-            _check_tensor("labels", labels, "integer")
-            batch_size = logits.shape[0]
-            _check_shape("labels", labels, (batch_size,), f"[{batch_size}] (one region index per sample)")
-            checks = [_out_of_range("labels", labels, 0, num_regions,
-                                    f"a region index in [0, {num_regions}) or -100 (ignored)", -100)]
-            if num_regions > 0:
-                at_padding = (labels >= 0) & (labels < num_regions) & ~real.gather(
-                    1, labels.clamp(0, num_regions - 1).unsqueeze(1)).squeeze(1)
-                checks.append((at_padding, lambda bad: (
-                    f"labels[{_first_bad(bad)[0]}] = {labels[_first_bad(bad)].item()} points at a padding region "
-                    "(visual_attention_mask == 0): labels must point at real regions")))
-            raise_for_bad_values(checks)
+            validate_region_labels(labels, real)
             loss = F.cross_entropy(logits.float(), labels, ignore_index=-100)
         return CmalTaskOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                               attentions=outputs.attentions)
@@ -1694,9 +1407,7 @@ class CmalForImageTextMatching(CmalPreTrainedModel):
         logits = self.itm_head(outputs.pooler_output)
         loss = None
         if labels is not None:
-            _check_tensor("labels", labels, "integer")
-            _check_shape("labels", labels, (logits.shape[0],), f"[{logits.shape[0]}]")
-            raise_for_bad_values([_out_of_range("labels", labels, 0, 2, "1 (match), 0 (mismatch) or -100", -100)])
+            validate_match_labels(labels, logits.shape[0])
             loss = F.cross_entropy(logits.float(), labels, ignore_index=-100)
         return CmalTaskOutput(loss=loss, logits=logits, pooler_output=outputs.pooler_output,
                               hidden_states=outputs.hidden_states, attentions=outputs.attentions)
@@ -1721,93 +1432,10 @@ CMAL_AUTO_MAP = {
 }
 
 
-# --------------------------------------------------------------------------------------------------------------
-# BERT → CMAL weight conversion
-# --------------------------------------------------------------------------------------------------------------
-
-
-def bert_to_cmal_key_mapping(config: CmalConfig, num_bert_layers: int, prefix: str = "cmal.") -> dict[str, str]:
-    """Explicit mapping from BERT parameter-name prefixes to CMAL ones: embeddings → text embeddings, BERT layers
-    `0 .. num_text_layers-1` → text encoder, the next `num_unified_layers` → unified encoder, pooler → pooler.
-
-    Raises `ValueError` when the BERT checkpoint has fewer layers than the two encoders need.
-    """
-    needed = config.num_text_layers + config.num_unified_layers
-    if num_bert_layers < needed:
-        raise ValueError(
-            f"The BERT checkpoint has {num_bert_layers} layers but num_text_layers + num_unified_layers = {needed}"
-        )
-    mapping = {"embeddings.": f"{prefix}text_embeddings.", "pooler.": f"{prefix}pooler."}
-    for layer in range(config.num_text_layers):
-        mapping[f"encoder.layer.{layer}."] = f"{prefix}text_encoder.layer.{layer}."
-    for layer in range(config.num_unified_layers):
-        mapping[f"encoder.layer.{config.num_text_layers + layer}."] = f"{prefix}unified_encoder.layer.{layer}."
-    return mapping
-
-
-def convert_bert_state_dict(
-    bert_state_dict: Mapping[str, torch.Tensor], config: CmalConfig, prefix: str = "cmal."
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Renames a BERT state dict (keys with or without the `bert.` prefix) to CMAL names.
-
-    Returns (converted state dict, BERT keys that have no CMAL counterpart, e.g. the MLM head or unmapped layers).
-    """
-    state = {key.removeprefix("bert."): value for key, value in bert_state_dict.items()}
-    layer_ids = {int(key.split(".")[2]) for key in state if key.startswith("encoder.layer.")}
-    mapping = bert_to_cmal_key_mapping(config, max(layer_ids, default=-1) + 1, prefix)
-    converted, skipped = {}, []
-    for key, value in state.items():
-        source = next((src for src in mapping if key.startswith(src)), None)
-        if source is None or key.endswith("position_ids"):
-            skipped.append(key)
-            continue
-        converted[mapping[source] + key[len(source):]] = value
-    return converted, skipped
-
-
-def load_bert_weights(model: CmalPreTrainedModel, bert_path) -> dict[str, list[str]]:
-    """Initialises `model`'s text and unified encoders (and embeddings, pooler) from a BERT checkpoint folder or
-    `.safetensors` file, in place. Returns `{"loaded": [...], "skipped_bert_keys": [...], "not_initialised": [...]}`.
-
-    Shapes must agree (same `hidden_size`, `intermediate_size`, `vocab_size`); otherwise `ValueError`.
-    """
-    import os
-
-    from safetensors.torch import load_file
-
-    path = os.fspath(bert_path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(path):
-        raise ValueError(f"bert_path must be a folder with model.safetensors or a .safetensors file, got {bert_path!r}")
-    prefix = "cmal." if hasattr(model, "cmal") else ""
-    converted, skipped = convert_bert_state_dict(load_file(path), model.config, prefix)
-    own = model.state_dict()
-    for key, value in converted.items():
-        if key not in own:
-            raise ValueError(f"BERT weight maps to {key!r}, which {type(model).__name__} does not have")
-        if own[key].shape != value.shape:
-            raise ValueError(
-                f"BERT weight for {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)} "
-                "(hidden_size, intermediate_size and vocab_size must match the checkpoint)"
-            )
-    model.load_state_dict(converted, strict=False)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    return {
-        "loaded": sorted(converted),
-        "skipped_bert_keys": sorted(skipped),
-        "not_initialised": sorted(set(own) - set(converted)),
-    }
-
-
 __all__ = [
     "CmalForPreTraining",
     "CmalForPreTrainingOutput",
     "CmalModel",
     "CmalModelOutput",
     "CmalPreTrainedModel",
-    "bert_to_cmal_key_mapping",
-    "convert_bert_state_dict",
-    "load_bert_weights",
 ]

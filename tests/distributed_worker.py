@@ -29,7 +29,8 @@ from modeling_cmal import (  # noqa: E402
     CmalForVisualEntailment,
     CmalForVisualReasoning,
 )
-from modeling_cmal.modeling_cmal import CmalLayer, mlm_prediction_positions  # noqa: E402
+from modeling_cmal.collator_cmal import mlm_prediction_positions  # noqa: E402
+from modeling_cmal.modeling_cmal import CmalLayer  # noqa: E402
 
 
 def pretraining_batch(step: int, anchors: str) -> dict:

@@ -379,7 +379,7 @@ def test_clean_pairs_are_left_as_fine_tuning_sees_them_for_both_itm_labels(proce
 
 
 def test_mlm_positions_are_the_labelled_positions(processor, config, rows):
-    from modeling_cmal.modeling_cmal import mlm_prediction_positions
+    from modeling_cmal.collator_cmal import mlm_prediction_positions
 
     batch = CmalPretrainingCollator(processor, config, seed=3)(rows[:16])
     assert torch.equal(batch["mlm_positions"], mlm_prediction_positions(batch["labels"]))

@@ -9,7 +9,7 @@ from test_common import ALL_CLASSES, head_config, head_inputs
 from test_model_core import make_config, make_inputs
 
 from modeling_cmal import CmalForPreTraining, CmalModel
-from modeling_cmal.modeling_cmal import mlm_prediction_positions
+from modeling_cmal.collator_cmal import mlm_prediction_positions
 
 
 

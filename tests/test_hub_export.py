@@ -30,7 +30,8 @@ from modeling_cmal.anchoring import ConceptLexicon
 from modeling_cmal.pipelines_cmal import CMAL_PIPELINES
 from modeling_cmal.processing_cmal import CmalProcessor
 
-CODE_FILES = {"configuration_cmal.py", "modeling_cmal.py", "processing_cmal.py", "pipelines_cmal.py", "anchoring.py",
+CODE_FILES = {"configuration_cmal.py", "modeling_cmal.py", "validation_cmal.py", "distributed_cmal.py",
+              "processing_cmal.py", "pipelines_cmal.py", "anchoring.py",
               "region_extraction.py", "region_processing_cmal.py"}
 PROCESSOR_FILES = {"processor_config.json", "concept_lexicon.json", "tokenizer.json", "tokenizer_config.json"}
 

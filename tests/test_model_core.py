@@ -16,8 +16,8 @@ from modeling_cmal.modeling_cmal import (
     ACTION_MASK_BOTH,
     ACTION_MASK_REGION,
     ACTION_MASK_TEXT,
-    mlm_prediction_positions,
 )
+from modeling_cmal.collator_cmal import mlm_prediction_positions
 
 B, N, M, DV, C, V = 3, 7, 5, 11, 13, 99
 
