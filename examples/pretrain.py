@@ -18,7 +18,7 @@ checkpoint.
 The output folder ends up holding the final model (safetensors, config with `auto_map`, code files) and the
 processor, loadable with `AutoModelForPreTraining.from_pretrained(dir, trust_remote_code=True)`;
 `checkpoints/step_XXXXXXX` hold `save_state` checkpoints for `--resume_from_checkpoint`, `logs/` the tensorboard
-events and `metrics.jsonl` every logged value.
+events and `metrics.jsonl` every logged value (`cmal_examples.tracking.JsonLinesTracker`, an Accelerate tracker).
 
 Reliability (the checkpoint machinery is `cmal_examples.checkpoints`):
 - A checkpoint is written into `checkpoints/.tmp_step_XXXXXXX`, completed with `trainer_state.json` and the marker
@@ -39,7 +39,6 @@ Reliability (the checkpoint machinery is `cmal_examples.checkpoints`):
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import warnings
@@ -55,6 +54,7 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedType, LoggerTy
 from cmal_examples import checkpoints
 from cmal_examples.arguments import parse_arguments
 from cmal_examples.models import config_from, data_sizes, new_processor, parameter_groups
+from cmal_examples.tracking import JsonLinesTracker
 from cmal_processing.corpus import corpus_features, load_corpus
 from cmal_processing.shards import CORPUS_INFO_FILE, open_streaming_corpus, read_corpus_info
 from torch.utils.data import DataLoader
@@ -222,91 +222,63 @@ def build_processor(args: PretrainingArguments) -> CmalProcessor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def rng_untouched():
-    """Restore the global torch RNG (CPU and CUDA) on exit: evaluation must not shift the dropout of training, or
-    a run that evaluated before a checkpoint and the run resumed from it would part ways."""
-    cpu_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-
-
 @torch.no_grad()
 def evaluate(model, eval_loader, accelerator: Accelerator, max_batches: int) -> dict[str, float]:
     """AMC / MLM / ITM accuracies and losses on the held-out split (the eval collator's draws depend only on its
     seed and the rows, so every evaluation sees the same anchors, masks and negatives)."""
     model.eval()
-    # correct and count for amc, mlm, itm; then the loss sums of amc, mlm, itm and the number of batches
-    totals = torch.zeros(10, device=accelerator.device)
+    device = accelerator.device
+    objectives = ("amc", "mlm", "itm")
+    # Sums over this process's batches, then over the processes (one `reduce` of the whole dict).
+    totals = {f"{name}_{kind}": torch.zeros((), device=device)
+              for name in objectives for kind in ("correct", "count", "loss")}
+    totals["batches"] = torch.zeros((), device=device)
     batches = iter(eval_loader)
-    with rng_untouched():
+    # Evaluation must not shift the dropout of training, or a run that evaluated before a checkpoint and the run
+    # resumed from it would part ways: the global RNG (CPU and this process's accelerator) is restored on exit.
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         for _ in range(max_batches):
             batch = next(batches, None)
             # Streamed shares may differ in length: all processes stop at the first that has no batch left (sharded
             # models need every process in every forward).
-            if accelerator.gather(torch.tensor([batch is not None], device=accelerator.device)).min().item() == 0:
+            if accelerator.gather(torch.tensor([batch is not None], device=device)).min().item() == 0:
                 break
-            outputs = model(**send_to_device(batch, accelerator.device))
-            stats = [0.0] * 10
+            outputs = model(**send_to_device(batch, device))
             if outputs.amc_logits is not None and outputs.amc_labels is not None:
                 targeted = outputs.amc_labels != -100  # rows without an AMC target are -100
-                stats[0] = ((outputs.amc_logits.argmax(-1) == outputs.amc_labels) & targeted).sum()
-                stats[1] = targeted.sum()
+                totals["amc_correct"] += ((outputs.amc_logits.argmax(-1) == outputs.amc_labels) & targeted).sum()
+                totals["amc_count"] += targeted.sum()
             mlm_labels = batch["labels"]
             if "mlm_positions" in batch:  # sparse MLM: logits only at the predicted positions, [B, P, V]
                 positions = batch["mlm_positions"]
                 mlm_labels = mlm_labels.gather(1, positions.clamp(min=0)).masked_fill(positions < 0, -100)
             if outputs.mlm_logits is not None:  # [B, P, V] at mlm_positions, else [B, N, V]
                 labelled = mlm_labels != -100
-                stats[2] = ((outputs.mlm_logits.argmax(-1) == mlm_labels) & labelled).sum()
-                stats[3] = labelled.sum()
+                totals["mlm_correct"] += ((outputs.mlm_logits.argmax(-1) == mlm_labels) & labelled).sum()
+                totals["mlm_count"] += labelled.sum()
             if outputs.itm_logits is not None:
-                stats[4] = (outputs.itm_logits.argmax(-1) == batch["itm_labels"]).sum()
-                stats[5] = batch["itm_labels"].numel()
-            for offset, name in enumerate(("amc", "mlm", "itm")):
+                totals["itm_correct"] += (outputs.itm_logits.argmax(-1) == batch["itm_labels"]).sum()
+                totals["itm_count"] += batch["itm_labels"].numel()
+            for name in objectives:
                 loss = getattr(outputs, f"{name}_loss")
-                stats[6 + offset] = loss.detach().float() if loss is not None else 0.0
-            stats[9] = 1.0
-            totals += torch.stack([torch.as_tensor(value, dtype=torch.float, device=accelerator.device)
-                                   for value in stats])
-    totals = accelerator.reduce(totals, reduction="sum")
+                if loss is not None:
+                    totals[f"{name}_loss"] += loss.detach().float()
+            totals["batches"] += 1
+    totals = {key: value.item() for key, value in accelerator.reduce(totals, reduction="sum").items()}
     model.train()
-    batches = max(1.0, totals[9].item())
     metrics = {}
-    for offset, name in enumerate(("amc", "mlm", "itm")):
-        correct, count = totals[2 * offset].item(), totals[2 * offset + 1].item()
-        metrics[f"eval/{name}_accuracy"] = correct / count if count else float("nan")
-        metrics[f"eval/{name}_loss"] = totals[6 + offset].item() / batches
+    for name in objectives:
+        count = totals[f"{name}_count"]
+        metrics[f"eval/{name}_accuracy"] = totals[f"{name}_correct"] / count if count else float("nan")
+        metrics[f"eval/{name}_loss"] = totals[f"{name}_loss"] / max(1.0, totals["batches"])
     return metrics
 
 
-def log_metrics(accelerator: Accelerator, logs: dict, step: int, metrics_file: Path, progress) -> None:
+def log_metrics(accelerator: Accelerator, logs: dict, step: int, progress) -> None:
+    """To every tracker (metrics.jsonl always) and the progress bar."""
     accelerator.log(logs, step=step)
-    if accelerator.is_main_process:
-        with metrics_file.open("a") as handle:
-            handle.write(json.dumps({"step": step, **logs}) + "\n")
-        shown = {key.split("/")[-1]: f"{value:.4g}" for key, value in logs.items() if not math.isnan(value)}
-        progress.set_postfix(shown, refresh=False)
-
-
-def truncate_metrics(metrics_file: Path, step: int) -> None:
-    """On resume: drop the lines a killed run logged after its checkpoint (and a half-written last line)."""
-    if not metrics_file.is_file():
-        return
-    kept = []
-    for line in metrics_file.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            kept.append(line)
-    metrics_file.write_text("".join(line + "\n" for line in kept))
+    shown = {key.split("/")[-1]: f"{value:.4g}" for key, value in logs.items() if not math.isnan(value)}
+    progress.set_postfix(shown, refresh=False)
 
 
 def load_splits(args: PretrainingArguments):
@@ -528,13 +500,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
+    metrics = JsonLinesTracker(output_dir / "metrics.jsonl")
     accelerator = Accelerator(
         # Several processes on a machine without GPUs (`accelerate launch --multi_gpu --num_processes 2`, torchrun)
         # run as CPU DDP over gloo.
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=[metrics] + ([] if args.report_to == "none" else [args.report_to]),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         # The seedable sampler reshuffles from (seed, epoch): resumed runs and 1- vs N-process runs see the same order.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
@@ -588,22 +561,21 @@ def main(argv: list[str] | None = None) -> None:
         train_batches = map_style_batches(accelerator, train_loader, steps_per_epoch,
                                           args.gradient_accumulation_steps, global_step)
 
-    metrics_file = output_dir / "metrics.jsonl"
     if accelerator.is_main_process:
-        truncate_metrics(metrics_file, global_step)
-    if args.report_to != "none":
-        # purge_step: tensorboard hides events a killed run wrote after the checkpoint.
-        accelerator.init_trackers(
-            "cmal_pretraining",
-            config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
-            init_kwargs={"tensorboard": {"purge_step": global_step + 1}} if global_step else {},
-        )
+        metrics.drop_after(global_step)
+    # purge_step: tensorboard hides events a killed run wrote after the checkpoint.
+    accelerator.init_trackers(
+        "cmal_pretraining",
+        config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+        init_kwargs={"tensorboard": {"purge_step": global_step + 1}} if global_step else {},
+    )
 
     stop_at = args.stop_after_steps or args.max_steps
     progress = tqdm(total=args.max_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc="pre-training")
     model.train()
-    running = torch.zeros(5, device=accelerator.device)  # total, amc, mlm, itm, itc losses summed over micro-batches
+    losses = ("loss", "amc_loss", "mlm_loss", "itm_loss", "itc_loss")
+    running = {name: torch.zeros((), device=accelerator.device) for name in losses}  # summed over micro-batches
     uses_itc = accelerator.unwrap_model(model).config.itc_loss_weight > 0
     micro_batches = 0
     grad_norm = None
@@ -617,10 +589,10 @@ def main(argv: list[str] | None = None) -> None:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            running += torch.stack([
-                (value.detach().float() if value is not None else torch.zeros((), device=accelerator.device))
-                for value in (outputs.loss, outputs.amc_loss, outputs.mlm_loss, outputs.itm_loss, outputs.itc_loss)
-            ])
+            for name in losses:
+                value = getattr(outputs, name)
+                if value is not None:
+                    running[name] += value.detach().float()
             micro_batches += 1
             if not accelerator.sync_gradients:
                 continue
@@ -631,21 +603,21 @@ def main(argv: list[str] | None = None) -> None:
             checkpoint = global_step % args.checkpointing_steps == 0 or global_step == args.stop_after_steps
             # A checkpoint step always logs, so that no partial window of losses outlives the checkpoint.
             if global_step % args.logging_steps == 0 or checkpoint:
-                means = accelerator.reduce(running, reduction="mean") / micro_batches
-                logs = {"train/loss": means[0].item(), "train/amc_loss": means[1].item(),
-                        "train/mlm_loss": means[2].item(), "train/itm_loss": means[3].item(),
-                        "train/learning_rate": scheduler.get_last_lr()[0]}
-                if uses_itc:  # the contrastive baseline's loss (absent from CMAL's own objective)
-                    logs["train/itc_loss"] = means[4].item()
+                means = accelerator.reduce(running, reduction="mean")
+                logs = {f"train/{name}": means[name].item() / micro_batches for name in losses
+                        # the contrastive baseline's loss is absent from CMAL's own objective
+                        if name != "itc_loss" or uses_itc}
+                logs["train/learning_rate"] = scheduler.get_last_lr()[0]
                 if grad_norm is not None:
                     logs["train/grad_norm"] = float(grad_norm)
-                running.zero_()
+                for value in running.values():
+                    value.zero_()
                 micro_batches = 0
-                log_metrics(accelerator, logs, global_step, metrics_file, progress)
+                log_metrics(accelerator, logs, global_step, progress)
             if global_step % args.eval_steps == 0 or global_step == args.max_steps:
                 eval_collator.reset()
                 log_metrics(accelerator, evaluate(model, eval_loader, accelerator, args.max_eval_batches),
-                            global_step, metrics_file, progress)
+                            global_step, progress)
             if checkpoint:
                 trainer_state = {"step": global_step, "collator": train_collator.state_dict(), **run_state}
                 if streamed is not None:  # every process' position in its own share
