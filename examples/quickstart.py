@@ -27,7 +27,10 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from cmal_examples.arguments import parse_arguments
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,12 +55,27 @@ MODEL_FIELDS = ("hidden_size", "num_attention_heads", "intermediate_size", "num_
                 "num_unified_layers")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="outputs/quickstart")
-    parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+@dataclass
+class QuickstartArguments:
+    """The flags of the main job (`HfArgumentParser`)."""
+
+    output_dir: str = field(default="outputs/quickstart", metadata={"help": "where everything is written"})
+    preset: str = field(default="default", metadata={
+        "help": "default: the main job (about 13 minutes on 2 cores); smoke: a minute-long check of the plumbing",
+        "choices": sorted(PRESETS)})
+    seed: int = field(default=0, metadata={"help": "the world, pre-training and fine-tuning seed"})
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be an int >= 0, got {self.seed}")
+
+
+def parse_args(argv: list[str] | None = None) -> QuickstartArguments:
+    (args,) = parse_arguments(QuickstartArguments, argv, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    return args
 
 
 def run_step(title: str, command: list[str], log_file: Path) -> float:

@@ -282,7 +282,9 @@ def test_variants_differ_from_full_cmal_only_where_intended(ablation, variant_se
     (["--finetune_learning_rate", "-1"], "--finetune_learning_rate"),
     (["--model_config", "huge"], "--model_config"),
     (["--corpus_dir", "/nonexistent/corpus"], "--corpus_dir"),
-    (["--keep_runs", "yes"], "unrecognized arguments"),
+    (["--keep_runs", "maybe"], "--keep_runs"),
+    (["--no_such_flag", "1"], "--no_such_flag"),
+    (["--seeds", "0,one"], "--seeds"),
 ])
 def test_arguments_are_validated(ablation, capsys, flags, message):
     with pytest.raises(SystemExit):

@@ -66,6 +66,7 @@ def test_side_by_side_stages_share_the_cores_and_a_failure_names_its_log(tmp_pat
 
     spec = importlib.util.spec_from_file_location("quickstart_module", REPO_ROOT / "examples" / "quickstart.py")
     quickstart = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, quickstart)  # as an import would: its dataclasses look it up
     spec.loader.exec_module(quickstart)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     show = "import os, sys; print('threads', os.environ.get('OMP_NUM_THREADS')); sys.exit({})"

@@ -1,9 +1,10 @@
 """How every example program reads its arguments, as transformers' example scripts do: dataclasses of flags through
 `HfArgumentParser`, from the command line or from one JSON file of them (keys: the flags' names without `--`).
 
-`parse_arguments` is the one parser of `pretrain.py`, `visualize_attention.py` and `tsne.py`; the fine-tuning
-programs read their JSON file with `read_json_arguments` too (`cmal_examples.finetuning`). A bad value, flag or file
-stops the program with exit status 2 and a message naming the flag (or the key) and the value.
+`parse_arguments` is the one parser of `quickstart.py`, `pretrain.py`, `ablation.py`, `visualize_attention.py` and
+`tsne.py`; the fine-tuning programs read their JSON file with `read_json_arguments` too (`cmal_examples.finetuning`).
+A bad value, flag or file stops the program with exit status 2 and a message naming the flag (or the key) and the
+value.
 """
 
 from __future__ import annotations
