@@ -33,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
 # The table's readers live with the other readers; this module writes the table (and re-exports them).
 from .readers import decode_region_row, read_region_table  # noqa: F401
+from .schema import write_parquet_shard
 from .skips import SkipCounter
 
 logger = logging.getLogger(__name__)
@@ -124,13 +124,12 @@ class ExtractionSummary:
 
 
 def _open_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
+    from modeling_cmal.region_extraction import load_rgb_image
 
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
-        raise _Skip("unreadable", f"{path}: {type(error).__name__}: {error}") from None
+        return load_rgb_image(path, "image")
+    except ValueError as error:
+        raise _Skip("unreadable", str(error)) from None
 
 
 class _Skip(Exception):
@@ -220,10 +219,7 @@ def extract_regions(images, detector, output, *, batch_size: int = 8, images_per
                 bar.update(len(shard_images))
                 continue
             rows = _extract_shard(extractor, shard_images, min_size, batch_size, summary.skipped, bar)
-            temporary = root / f".{target.name}.tmp-{os.getpid()}"
-            pq.write_table(pa.Table.from_pylist(rows, schema=REGION_TABLE_SCHEMA), temporary, row_group_size=200,
-                           compression="none")
-            os.replace(temporary, target)
+            write_parquet_shard(pa.Table.from_pylist(rows, schema=REGION_TABLE_SCHEMA), str(target), row_group_size=200)
             summary.rows_written += len(rows)
             summary.shards_written += 1
             bar.set_postfix(skipped=summary.skipped.total, refresh=False)

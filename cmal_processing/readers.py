@@ -48,6 +48,8 @@ from typing import Union
 
 import numpy as np
 
+from modeling_cmal.region_processing_cmal import DEPRECATED_REGION_KEYS
+
 from .safe_pickle import UnsafePickleError, safe_load_npy
 from .skips import SkipCounter
 
@@ -76,9 +78,6 @@ INFO_KEYS = ("objects_id", "objects_conf")
 
 PathLike = Union[str, os.PathLike]
 TagVocab = Union[PathLike, Sequence[str], None]
-
-
-DEPRECATED_REGION_KEYS = {"features": "visual_feats", "boxes": "visual_pos"}
 
 
 class RegionsDict(dict):

@@ -13,10 +13,16 @@ stores its task columns with ``image_id`` (per image slot) in the task table and
 in its image table (`cmal_processing.corpus.split_features` cuts one of these `Features` into the two). Every builder
 saves a ``datasets.DatasetDict`` with ``save_to_disk``; splits are ``train``, ``validation`` and, where the source
 has one, ``test``.
+
+Parquet shards (region tables, streamed corpora) are written by `write_parquet_shard`: whole or not at all.
 """
 
 from __future__ import annotations
 
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 from datasets import Array2D, ClassLabel, Features, Sequence, Value
 
 REGION_COLUMNS = ("image_id", "image_width", "image_height", "visual_feats", "visual_pos", "tags", "scores")
@@ -99,3 +105,21 @@ def refcoco_features(feature_dim: int) -> Features:
             "label": Value("int32"),
         }
     )
+
+
+def write_parquet_shard(table: pa.Table, path: str, *, row_group_size: int, filesystem=None) -> None:
+    """Write `table` to `path` as one Parquet shard (uncompressed: the region features do not compress), atomically:
+    into a temporary sibling `.<name>.tmp-<token>` renamed when complete, so a killed writer leaves no shard that
+    looks finished (its leftover is hidden and overwritten by the next run). `filesystem` is an fsspec filesystem
+    (a local path without one)."""
+    folder, _, name = str(path).rpartition("/")
+    temporary = f"{folder}/.{name}.tmp-{uuid.uuid4().hex}"
+    if filesystem is None:
+        import os
+
+        pq.write_table(table, temporary, row_group_size=row_group_size, compression="none")
+        os.replace(temporary, path)
+        return
+    with filesystem.open(temporary, "wb") as file:
+        pq.write_table(table, file, row_group_size=row_group_size, compression="none")
+    filesystem.mv(temporary, str(path))

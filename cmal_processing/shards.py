@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -43,9 +42,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from modeling_cmal.processing_cmal import anchor_rows_of_words, processor_identity
+from modeling_cmal.processing_cmal import anchor_rows_of_words, processor_identity, words_of_encoding
 
 from .extract import REGION_FIELDS
+from .schema import write_parquet_shard
 
 __all__ = [
     "CORPUS_INFO_FILE",
@@ -89,21 +89,7 @@ def caption_columns(processor, caption: str, tags: Sequence[str] | None, scores:
     if not isinstance(caption, str):
         raise ValueError(f"caption must be a str, got {caption!r}")
     encoding = processor.tokenizer(caption, truncation=True, max_length=max_length).encodings[0]
-    cut = {word for part in encoding.overflowing for word in part.word_ids if word is not None}
-    dense: dict[int, int] = {}
-    pieces_of_word: list[list[int]] = []
-    word_ids = []
-    for position, word in enumerate(encoding.word_ids):
-        if word is None or word in cut:
-            word_ids.append(-1)
-            continue
-        if word not in dense:
-            dense[word] = len(dense)
-            pieces_of_word.append([])
-        word_ids.append(dense[word])
-        pieces_of_word[dense[word]].append(position)
-    offsets = encoding.offsets
-    words = [caption[offsets[pieces[0]][0]: offsets[pieces[-1]][1]] for pieces in pieces_of_word]
+    words, word_ids = words_of_encoding(encoding, caption)
     return {"input_ids": list(encoding.ids), "word_ids": word_ids, "words": words,
             "anchor_rows": anchor_rows_of_words(words, word_ids, tags, scores, processor.lexicon)}
 
@@ -166,12 +152,9 @@ class ShardWriter:
 
     def write(self, index: int, rows: list[dict]) -> None:
         """Write shard `index` from `rows` (atomically: a temporary file renamed when complete)."""
-        name = self.shard_name(index)
-        temporary = f"{self._root}/.{name}.tmp-{uuid.uuid4().hex}"
-        table = pa.Table.from_pylist(rows, schema=IMAGE_TABLE_SCHEMA)
-        with self._fs.open(temporary, "wb") as file:
-            pq.write_table(table, file, row_group_size=ROW_GROUP_IMAGES, compression="none")
-        self._fs.mv(temporary, f"{self._root}/{name}")
+        write_parquet_shard(pa.Table.from_pylist(rows, schema=IMAGE_TABLE_SCHEMA),
+                            f"{self._root}/{self.shard_name(index)}", row_group_size=ROW_GROUP_IMAGES,
+                            filesystem=self._fs)
 
 
 def write_image_shards(images: Iterable[tuple[Mapping, Sequence[str]]], output, processor, *,

@@ -33,13 +33,12 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 from transformers import Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .modeling_cmal import CmalForImageTextMatching, CmalForReferringExpression, CmalForVisualReasoning
+from .region_extraction import describe_image, load_rgb_image
 
 # What the task heads' forward takes from the processor's output. `anchor_actions` is left out on purpose: at
 # inference the model applies `config.default_anchor_action` to every anchor.
@@ -50,45 +49,8 @@ MODEL_INPUT_NAMES = (
 # Padding of each model input when items of different lengths are batched (`batch_size > 1`); 0 for the rest.
 INPUT_PADDING = {"anchor_pairs": -1, "anchor_concept_ids": -1}
 IMAGE_SIZE_KEY = "image_size"
-IMAGE_EXPECTED = "a PIL image, a uint8 array [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], or the path of an image file"
 
 logger = logging.getLogger(__name__)
-
-
-def _describe_image(image) -> str:
-    if isinstance(image, (str, os.PathLike)):
-        return f"the path {os.fspath(image)!r}"
-    if isinstance(image, np.ndarray):
-        return f"an array of shape {tuple(image.shape)} and dtype {image.dtype}"
-    if isinstance(image, Image.Image):
-        return f"a {image.mode} PIL image"
-    return type(image).__name__
-
-
-def _load_image(image, argument: str) -> Image.Image:
-    """A PIL image, a numpy uint8 array (`[H, W]`, `[H, W, 1]`, `[H, W, 3]`, `[H, W, 4]`) or a path → an RGB PIL
-    image of at least 1 x 1 pixels; anything else is a `ValueError` naming `argument`, the value and what is
-    expected."""
-    if isinstance(image, (str, os.PathLike)):
-        if not os.path.isfile(image):
-            raise ValueError(f"{argument} must be {IMAGE_EXPECTED}; got {_describe_image(image)}, which is not a file")
-        try:
-            with Image.open(image) as opened:
-                rgb = opened.convert("RGB")  # decodes the whole file: a truncated one fails here
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise ValueError(f"{argument} must be {IMAGE_EXPECTED}; got {_describe_image(image)}, which PIL cannot "
-                             f"read as an image (not an image, truncated or corrupt: {error})") from None
-    elif isinstance(image, Image.Image):
-        rgb = image.convert("RGB")
-    elif isinstance(image, np.ndarray) and image.dtype == np.uint8 and (
-            image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
-        rgb = Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image).convert("RGB")
-    else:
-        raise ValueError(f"{argument} must be {IMAGE_EXPECTED}; got {_describe_image(image)}")
-    if rgb.width < 1 or rgb.height < 1:
-        raise ValueError(f"{argument} must be an image of at least 1 x 1 pixels; got {_describe_image(image)} of "
-                         f"{rgb.width}x{rgb.height} pixels")
-    return rgb
 
 
 def _saved_weight_names(folder) -> set[str] | None:
@@ -114,7 +76,9 @@ def _saved_weight_names(folder) -> set[str] | None:
         weights = find("model.safetensors")
         if not weights:
             return None
-        with open(weights, "rb") as handle:  # the safetensors header: 8-byte little-endian length, then JSON
+        # The safetensors header (8-byte little-endian length, then JSON) read by hand: remote code imports torch,
+        # transformers, numpy and Pillow only (the programs use `safe_open`, cmal_examples.checkpoints).
+        with open(weights, "rb") as handle:
             header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
         return {name for name in header if name != "__metadata__"}
     except Exception:  # an unreadable file is from_pretrained's to report; this is only a warning
@@ -292,11 +256,11 @@ class CmalPipeline(Pipeline):
         regions = []
         for index, image in enumerate(images):
             name = argument if len(images) == 1 and argument == "image" else f"{argument}[{index}]"
-            rgb = _load_image(image, name)
+            rgb = load_rgb_image(image, name)
             try:
                 regions.append(self.region_extractor([rgb])[0])
             except ValueError as error:
-                raise ValueError(f"{name} ({_describe_image(image)}, {rgb.width}x{rgb.height} pixels) cannot go "
+                raise ValueError(f"{name} ({describe_image(image)}, {rgb.width}x{rgb.height} pixels) cannot go "
                                  f"through the region extractor: {error}") from error
         return regions
 

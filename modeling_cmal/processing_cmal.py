@@ -113,6 +113,29 @@ def processor_identity(processor) -> str:
     return digest.hexdigest()[:16]
 
 
+def words_of_encoding(encoding, text: str) -> tuple[list[str], list[int]]:
+    """The words of one tokenised caption (a `tokenizers.Encoding` of `text`) and the word of each piece.
+
+    Returns `(words, word_ids)`: `words` the tokenizer's words, their text cut from `text` by the pieces' offsets;
+    `word_ids[p]` the index in `words` of piece `p`, -1 for special tokens and for the pieces of a word that
+    truncation cut in part (such a word is left out, so an anchor always covers all pieces of its word)."""
+    cut = {word for part in encoding.overflowing for word in part.word_ids if word is not None}
+    dense: dict[int, int] = {}
+    pieces_of_word: list[list[int]] = []
+    word_ids = []
+    for position, word in enumerate(encoding.word_ids):
+        if word is None or word in cut:
+            word_ids.append(-1)
+            continue
+        if word not in dense:
+            dense[word] = len(dense)
+            pieces_of_word.append([])
+        word_ids.append(dense[word])
+        pieces_of_word[dense[word]].append(position)
+    offsets = encoding.offsets
+    return [text[offsets[pieces[0]][0]: offsets[pieces[-1]][1]] for pieces in pieces_of_word], word_ids
+
+
 def anchor_rows_of_words(words, word_ids, tags, scores, lexicon) -> list[int]:
     """Flattened `(piece position, region index, concept id)` of every piece of every anchored word, for a caption
     already split into `words` (`word_ids[p]`: the word of piece `p`, -1 for special tokens and cut words) and the
@@ -389,28 +412,13 @@ class CmalProcessor(ProcessorMixin):
     # ----------------------------------------------------------------------------------------------------------
 
     def _anchor_rows(self, encoding, text: str, selection: RegionSelection) -> list[tuple[int, int, int]]:
-        """`(piece position, region index, concept id)` of every piece of every anchored word.
-
-        The words are the tokenizer's (its word ids), their text cut from the caption by the pieces' offsets. A
-        word that truncation cut in part is left out, so an anchor always covers all pieces of its word.
-        """
+        """`(piece position, region index, concept id)` of every piece of every anchored word (`words_of_encoding`,
+        `anchor_rows_of_words`)."""
         if not selection.tags:
             return []
-        cut_words = {word for part in encoding.overflowing for word in part.word_ids if word is not None}
-        pieces_of_word: dict[int, list[int]] = {}
-        for position, word in enumerate(encoding.word_ids):
-            if word is not None and word not in cut_words:
-                pieces_of_word.setdefault(word, []).append(position)
-        if not pieces_of_word:
-            return []
-        offsets = encoding.offsets
-        word_pieces = list(pieces_of_word.values())
-        words = [text[offsets[pieces[0]][0]: offsets[pieces[-1]][1]] for pieces in word_pieces]
-        rows = []
-        for match in find_anchors(words, selection.tags, self.lexicon, selection.scores):
-            for pieces in word_pieces[match.word_start: match.word_end]:
-                rows.extend((position, match.region_index, match.concept_id) for position in pieces)
-        return rows
+        words, word_ids = words_of_encoding(encoding, text)
+        flat = anchor_rows_of_words(words, word_ids, selection.tags, selection.scores, self.lexicon)
+        return [tuple(flat[start: start + 3]) for start in range(0, len(flat), 3)]
 
     def _uncut_anchor_count(self, encoding, text: str, selection: RegionSelection) -> int:
         """How many anchors the whole caption has (truncation undone: the overflowing pieces put back)."""

@@ -12,6 +12,7 @@ Remote code: this module imports only the standard library, numpy, PIL, torch an
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,19 +23,45 @@ from transformers.image_transforms import center_to_corners_format
 from .anchoring import _shorten
 
 
-def _as_rgb(image, index: int) -> Image.Image:
+IMAGE_EXPECTED = "a PIL image, a uint8 array [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], or the path of an image file"
+
+
+def describe_image(image) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return f"the path {os.fspath(image)!r}"
+    if isinstance(image, np.ndarray):
+        return f"an array of shape {tuple(image.shape)} and dtype {image.dtype}"
     if isinstance(image, Image.Image):
+        return f"a {image.mode} PIL image"
+    return type(image).__name__
+
+
+def load_rgb_image(image, argument: str) -> Image.Image:
+    """The one image loader of the package (the extractor, the pipelines, the corpus builders and the programs).
+
+    A PIL image, a numpy uint8 array (`[H, W]`, `[H, W, 1]`, `[H, W, 3]`, `[H, W, 4]`) or a path → an RGB PIL
+    image of at least 1 x 1 pixels; anything else is a `ValueError` naming `argument`, the value and what is
+    expected. (`transformers.image_utils.load_image` also fetches URLs, which a run without network must not
+    try, and its errors name no argument.)"""
+    if isinstance(image, (str, os.PathLike)):
+        if not os.path.isfile(image):
+            raise ValueError(f"{argument} must be {IMAGE_EXPECTED}; got {describe_image(image)}, which is not a file")
+        try:
+            with Image.open(image) as opened:
+                rgb = opened.convert("RGB")  # decodes the whole file: a truncated one fails here
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise ValueError(f"{argument} must be {IMAGE_EXPECTED}; got {describe_image(image)}, which PIL cannot "
+                             f"read as an image (not an image, truncated or corrupt: {error})") from None
+    elif isinstance(image, Image.Image):
         rgb = image.convert("RGB")
     elif isinstance(image, np.ndarray) and image.dtype == np.uint8 and (
-        image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))
-    ):
+            image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
         rgb = Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image).convert("RGB")
     else:
-        raise ValueError(f"images[{index}] must be a PIL image or a uint8 array [H, W] / [H, W, 1|3|4], got "
-                         f"{type(image).__name__}{getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}".rstrip())
+        raise ValueError(f"{argument} must be {IMAGE_EXPECTED}; got {describe_image(image)}")
     if rgb.width < 1 or rgb.height < 1:
-        raise ValueError(f"images[{index}] must be an image of at least 1 x 1 pixels, got {rgb.width}x{rgb.height} "
-                         f"({type(image).__name__}{getattr(image, 'shape', '')})")
+        raise ValueError(f"{argument} must be an image of at least 1 x 1 pixels; got {describe_image(image)} of "
+                         f"{rgb.width}x{rgb.height} pixels")
     return rgb
 
 
@@ -55,7 +82,8 @@ class CmalRegionExtractor:
         top_k (`int`, defaults to 36): at most this many detections per image, highest scores first.
         batch_size (`int`, defaults to 8): images per forward pass.
 
-    Calling it with one image (a PIL image or a uint8 array) gives one dict, with a list a list of dicts:
+    Calling it with one image (a PIL image, a uint8 array or the path of an image file) gives one dict, with a
+    list a list of dicts:
     `visual_feats` float32 `[K, D]` (D = the detector's hidden size), `visual_pos` float32 `[K, 4]` (x1, y1, x2, y2
     in pixels, clipped to the image), `image_size` `(width, height)`, `tags` (K class names), `scores` float32 `[K]`,
     sorted by score. `CmalProcessor(..., region_extractor=extractor)` runs it for `processor(images=...)`.
@@ -99,11 +127,11 @@ class CmalRegionExtractor:
         return getattr(config, "d_model", None) or config.hidden_size
 
     def __call__(self, images):
-        single = isinstance(images, (Image.Image, np.ndarray))
+        single = isinstance(images, (Image.Image, np.ndarray, str, os.PathLike))
         image_list = [images] if single else images
-        if not isinstance(image_list, Sequence) or isinstance(image_list, (str, bytes)) or not image_list:
+        if not isinstance(image_list, Sequence) or isinstance(image_list, bytes) or not image_list:
             raise ValueError(f"images must be an image or a non-empty list of images, got {_shorten(images)}")
-        rgb_images = [_as_rgb(image, index) for index, image in enumerate(image_list)]
+        rgb_images = [load_rgb_image(image, f"images[{index}]") for index, image in enumerate(image_list)]
         regions = []
         for start in range(0, len(rgb_images), self.batch_size):
             regions.extend(self._detect(rgb_images[start: start + self.batch_size], start))

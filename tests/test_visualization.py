@@ -171,7 +171,7 @@ def test_image_files_that_cannot_be_used_are_refused(visualize_attention, traine
         visualize_attention.main(common + ["--image", str(photo), "--detector", str(narrow)])
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("not pixels")
-    with pytest.raises(SystemExit, match="is not an image file Pillow can read"):
+    with pytest.raises(SystemExit, match="which PIL cannot read as an image"):
         visualize_attention.main(common + ["--image", str(not_an_image), "--detector", str(detector)])
     with pytest.raises(SystemExit, match="is not a transformers object detector"):
         visualize_attention.main(common + ["--image", str(photo), "--detector", str(tmp_path)])

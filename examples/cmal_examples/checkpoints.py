@@ -5,6 +5,11 @@ A checkpoint is written into `checkpoints/.tmp_step_XXXXXXX`, completed with `tr
 checkpoints untouched, and `--resume_from_checkpoint latest` takes the newest complete one. Resuming never unpickles
 arbitrary objects: weights come from safetensors, every other state file must load with
 `torch.load(weights_only=True)`, and the trainer state (step, collator state, run layout) is JSON.
+
+Why not Accelerate's own naming and pruning (`ProjectConfiguration(automatic_checkpoint_naming=True,
+total_limit=N)`): it writes `checkpoint_<i>` in place, numbered by save count rather than step, and prunes before the
+new one is complete, so a kill while saving can leave a half-written folder that looks like a checkpoint and has
+already cost a complete one. The folders here are named by step and appear whole or not at all.
 """
 
 from __future__ import annotations
@@ -138,14 +143,21 @@ def _model_tensor_shapes(model: torch.nn.Module) -> tuple[dict[str, tuple[int, .
     return {name: tuple(tensor.shape) for name, tensor in state.items()}, tied
 
 
+def safetensors_shapes(file: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape in a safetensors file, from its header (nothing else is read)."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(file), framework="pt") as weights:
+        return {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118
+
+
 def _check_safetensors(file: Path, model: torch.nn.Module | None) -> None:
     """The safetensors header must be complete (a truncated file is refused here, not by Accelerate's loader) and,
     given the model, name exactly its tensors with their shapes (tied weights once)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
     try:
-        with safe_open(str(file), framework="pt") as weights:
-            shapes = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118
+        shapes = safetensors_shapes(file)
     except (SafetensorError, OSError, ValueError) as error:
         raise UnsafeCheckpointError(f"{file} is not a complete safetensors file (truncated or corrupt?): "
                                     f"{error}") from None

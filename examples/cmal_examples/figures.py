@@ -54,12 +54,11 @@ def region_extractor(detector: str, score_threshold: float, feature_dim: int, ma
 def image_file_regions(path, extractor: CmalRegionExtractor, flag: str = "--image"):
     """(the RGB image of the file at `path`, its regions from `extractor`, or None when nothing scored above the
     extractor's threshold). A file Pillow cannot read stops the program with a message naming `flag` and the file."""
-    from PIL import Image, UnidentifiedImageError
+    from modeling_cmal.region_extraction import load_rgb_image
 
     try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise SystemExit(f"{flag}: {str(path)!r} is not an image file Pillow can read: {error}") from None
+        image = load_rgb_image(path, flag)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     regions = extractor(image)
     return image, (regions if len(regions["tags"]) else None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -29,13 +30,14 @@ from pathlib import Path
 import jinja2
 import jinja2.meta
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from safetensors import safe_open
 from transformers.dynamic_module_utils import get_relative_import_files
 
 import modeling_cmal
 from modeling_cmal.configuration_cmal import CmalConfig
 from modeling_cmal.modeling_cmal import CMAL_AUTO_MAP
 from modeling_cmal.pipelines_cmal import CMAL_PIPELINES, custom_pipelines_entry
+
+from .checkpoints import safetensors_shapes
 
 PACKAGE_DIR = Path(modeling_cmal.__file__).resolve().parent
 DEFAULT_MODEL_CARD = Path(__file__).resolve().parent / "model_card_template.md"
@@ -222,15 +224,7 @@ def _count_parameters(folder: Path) -> int:
     files = sorted(folder.glob("model*.safetensors"))
     if not files:
         raise ValueError(f"{folder} has no model*.safetensors; save the model with save_pretrained first")
-    total = 0
-    for file in files:
-        with safe_open(str(file), framework="pt") as weights:
-            for name in weights.keys():  # noqa: SIM118
-                count = 1
-                for size in weights.get_slice(name).get_shape():
-                    count *= size
-                total += count
-    return total
+    return sum(math.prod(shape) for file in files for shape in safetensors_shapes(file).values())
 
 
 def add_hub_files(folder: str | os.PathLike, *, pipeline_task: str | Sequence[str] | None = None,
