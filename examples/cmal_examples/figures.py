@@ -59,6 +59,6 @@ def image_file_regions(path, extractor: CmalRegionExtractor, flag: str = "--imag
     try:
         image = load_rgb_image(path, flag)
     except ValueError as error:
-        raise SystemExit(str(error)) from None
+        raise SystemExit(f"{flag}: {str(path)!r} is not an image file Pillow can read ({error})") from None
     regions = extractor(image)
     return image, (regions if len(regions["tags"]) else None)
