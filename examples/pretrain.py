@@ -574,9 +574,11 @@ def main(argv: list[str] | None = None) -> None:
     progress = tqdm(total=args.max_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc="pre-training")
     model.train()
-    losses = ("loss", "amc_loss", "mlm_loss", "itm_loss", "itc_loss")
+    losses = ("loss", "amc_loss", "mlm_loss", "itm_loss", "itc_loss", "mrfr_loss")
     running = {name: torch.zeros((), device=accelerator.device) for name in losses}  # summed over micro-batches
-    uses_itc = accelerator.unwrap_model(model).config.itc_loss_weight > 0
+    unwrapped_config = accelerator.unwrap_model(model).config
+    # The optional objectives' losses are logged when they are on (absent from CMAL's own objective).
+    optional_on = {"itc_loss": unwrapped_config.itc_loss_weight > 0, "mrfr_loss": unwrapped_config.mrfr_loss_weight > 0}
     micro_batches = 0
     grad_norm = None
     with contextlib.closing(train_batches):  # leaves the data generators' loaders cleanly
@@ -605,8 +607,7 @@ def main(argv: list[str] | None = None) -> None:
             if global_step % args.logging_steps == 0 or checkpoint:
                 means = accelerator.reduce(running, reduction="mean")
                 logs = {f"train/{name}": means[name].item() / micro_batches for name in losses
-                        # the contrastive baseline's loss is absent from CMAL's own objective
-                        if name != "itc_loss" or uses_itc}
+                        if optional_on.get(name, True)}
                 logs["train/learning_rate"] = scheduler.get_last_lr()[0]
                 if grad_norm is not None:
                     logs["train/grad_norm"] = float(grad_norm)

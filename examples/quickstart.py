@@ -4,9 +4,9 @@
     python examples/quickstart.py --preset smoke      # a few minutes: the same steps, tiny sizes
 
 Steps: build a synthetic world in VLP's regime (1,000 task scenes with labels, 6,000 more scenes whose captions
-only pre-training sees, the world's own word-piece vocabulary) → pre-train a small CMAL (AMC + MLM + ITM) with
-`examples/pretrain.py` → reload it through `AutoModelForPreTraining` with `trust_remote_code` in a process where this
-package cannot be imported and measure AMC accuracy against chance → fine-tune each of the four tasks (VQA, NLVR2,
+only pre-training sees, the world's own word-piece vocabulary) → pre-train a small CMAL (AMC + MLM + ITM, plus
+MRFR) with `examples/pretrain.py` → reload it through `AutoModelForPreTraining` with `trust_remote_code` in a
+process where this package cannot be imported and measure AMC accuracy against chance → fine-tune each of the four tasks (VQA, NLVR2,
 SNLI-VE, RefCOCO+) with Trainer, from the pre-trained model and from the same architecture freshly initialised, at
 two label budgets (full: 3,000 samples × 8 epochs; scarce: 300 samples × 20 epochs; the two starting points of a
 budget side by side, one core each) → evaluate each pre-trained fine-tuned model again with the validation images
@@ -37,22 +37,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
     # The world: task scenes (labels) and as many more scenes again whose captions only pre-training sees (VLP's
     # regime: captions are cheap, labels are not), its own word-piece vocabulary; pre-training steps; the two label
-    # budgets of fine-tuning (the same from pre-trained and from scratch); model sizes.
+    # budgets of fine-tuning (the same from pre-trained and from scratch); model sizes; MRFR beside AMC, MLM and ITM
+    # (without it pre-training leaves a region's colour a few percent of its state's variance: docs/research.md).
     "default": dict(num_scenes=1000, validation_fraction=0.2, questions_per_scene=4, pretrain_scenes=6000,
                     pretrain_steps=2000, pretrain_learning_rate=1e-3, finetune_epochs=8, finetune_samples=3000,
                     scarce_epochs=20, scarce_samples=300, finetune_learning_rate=3e-4, hidden_size=128,
                     num_attention_heads=4, intermediate_size=256, num_text_layers=2, num_visual_layers=1,
-                    num_unified_layers=2),
+                    num_unified_layers=2, mrfr_loss_weight=1.0),
     "smoke": dict(num_scenes=200, validation_fraction=0.2, questions_per_scene=4, pretrain_scenes=200,
                   pretrain_steps=20, pretrain_learning_rate=5e-4, finetune_epochs=1, finetune_samples=200,
                   scarce_epochs=2, scarce_samples=50, finetune_learning_rate=3e-4, hidden_size=32,
                   num_attention_heads=2, intermediate_size=64, num_text_layers=1, num_visual_layers=1,
-                  num_unified_layers=1),
+                  num_unified_layers=1, mrfr_loss_weight=1.0),
 }
 # The two label budgets: samples and epochs of each fine-tuning run.
 BUDGETS = {"full": ("finetune_samples", "finetune_epochs"), "scarce": ("scarce_samples", "scarce_epochs")}
 MODEL_FIELDS = ("hidden_size", "num_attention_heads", "intermediate_size", "num_text_layers", "num_visual_layers",
-                "num_unified_layers")
+                "num_unified_layers", "mrfr_loss_weight")
 
 
 @dataclass
@@ -383,8 +384,10 @@ def main(argv=None) -> None:
         str(preset["pretrain_learning_rate"]), "--logging_steps", "10", "--eval_steps",
         str(max(10, preset["pretrain_steps"] // 10)), "--checkpointing_steps", str(preset["pretrain_steps"]),
         "--seed", str(args.seed), "--max_text_length", "40"]
-    # Only the widths come from the preset: the script sizes the vocabulary, lexicon and features from the data.
-    timings["pretrain"] = run_step("2/6 Pre-train CMAL (AMC + MLM + ITM)", pretrain_command, logs / "pretrain.log")
+    # Only the widths (and MRFR's weight) come from the preset: the script sizes the vocabulary, lexicon and features
+    # from the data.
+    timings["pretrain"] = run_step("2/6 Pre-train CMAL (AMC + MLM + ITM + MRFR)", pretrain_command,
+                                   logs / "pretrain.log")
     plot_curves(pretrained / "metrics.jsonl", output / "loss_curves.png")
     for line in loss_curve_lines(pretrained / "metrics.jsonl"):
         print(line)

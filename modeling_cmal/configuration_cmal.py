@@ -69,8 +69,12 @@ class CmalConfig(PreTrainedConfig):
             `"mask_both"`, `"mask_text"`, `"mask_region"`. Measured on the synthetic tasks, `fill_text` (each
             anchored word carries its region's state) against `keep`: VQA 0.38 → 0.53, NLVR2 0.60 → 0.67, SNLI-VE
             0.68 → 0.78, RefCOCO+ 0.57 → 0.78 from scratch.
-        amc_loss_weight, mlm_loss_weight, itm_loss_weight, itc_loss_weight (`float`): weights of the pre-training
-            objectives in the total loss; 0 skips an objective. ITC (contrastive) is off by default.
+        amc_loss_weight, mlm_loss_weight, itm_loss_weight, itc_loss_weight, mrfr_loss_weight (`float`): weights of
+            the pre-training objectives in the total loss; 0 skips an objective. ITC (contrastive) is off by
+            default. MRFR (masked region feature regression, as in UNITER and LXMERT) regresses every real region's
+            input features, normalised per region, from the unified encoder's region slot: from context where
+            the region was masked, and through the region encoder elsewhere, so that what AMC does not name (a
+            region's colour, say) survives pre-training; off by default (docs/research.md measures it).
         classifier_dropout (`float`, *optional*): dropout of the task heads (defaults to `hidden_dropout_prob`).
         task_pooling (`str`, defaults to `"text_and_anchored_words"`): what the VQA, SNLI-VE and NLVR2 heads read
             beside the pooled `[CLS]` state (`CmalTaskPooler`):
@@ -131,6 +135,7 @@ class CmalConfig(PreTrainedConfig):
     mlm_loss_weight: float = 1.0
     itm_loss_weight: float = 1.0
     itc_loss_weight: float = 0.0
+    mrfr_loss_weight: float = 0.0
     classifier_dropout: float | None = None
     classifier_activation: str = "gelu"
     task_pooling: str = "text_and_anchored_words"
@@ -183,7 +188,7 @@ class CmalConfig(PreTrainedConfig):
             raise ValueError(
                 f"CmalConfig.default_anchor_action must be one of {ANCHOR_ACTIONS}, got {self.default_anchor_action!r}"
             )
-        for name in ("amc_loss_weight", "mlm_loss_weight", "itm_loss_weight", "itc_loss_weight"):
+        for name in ("amc_loss_weight", "mlm_loss_weight", "itm_loss_weight", "itc_loss_weight", "mrfr_loss_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"CmalConfig.{name} must be a finite float >= 0, got {value!r}")

@@ -90,7 +90,7 @@ class CmalForPreTrainingOutput(ModelOutput):
     r"""
     loss (`torch.FloatTensor` of shape `()`, *optional*):
         Weighted sum of the objectives whose targets were given.
-    amc_loss / mlm_loss / itm_loss / itc_loss (`torch.FloatTensor` of shape `()`, *optional*):
+    amc_loss / mlm_loss / itm_loss / itc_loss / mrfr_loss (`torch.FloatTensor` of shape `()`, *optional*):
         Each objective's unweighted loss.
     amc_logits (`torch.FloatTensor` of shape `(batch_size, num_anchor_rows, num_anchor_concepts)`):
         Concept logits at each anchor row's AMC slot (see `anchor_targets`): the word's first piece for *mask
@@ -117,6 +117,7 @@ class CmalForPreTrainingOutput(ModelOutput):
     mlm_loss: torch.FloatTensor | None = None
     itm_loss: torch.FloatTensor | None = None
     itc_loss: torch.FloatTensor | None = None
+    mrfr_loss: torch.FloatTensor | None = None
     amc_logits: torch.FloatTensor | None = None
     amc_labels: torch.LongTensor | None = None
     amc_slot_is_text: torch.LongTensor | None = None
@@ -733,6 +734,19 @@ class CmalConceptHead(nn.Module):
         return self.classifier(self.transform(hidden_states))
 
 
+class CmalRegionFeatureHead(nn.Module):
+    """MRFR: region slot state → the region's input features (normalised per region)."""
+
+    def __init__(self, config: CmalConfig):
+        super().__init__()
+        self.transform = CmalPredictionHeadTransform(config)
+        self.regressor = nn.Linear(config.hidden_size, config.visual_feat_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`[B, M, H]` → `[B, M, visual_feat_dim]`."""
+        return self.regressor(self.transform(hidden_states))
+
+
 class CmalContrastiveHead(nn.Module):
     """ITC (ablation baseline): symmetric InfoNCE between the mean-pooled text and region hypersphere embeddings
     of matched pairs, with a learnable temperature; in-batch negatives are the matched pairs of every process."""
@@ -847,7 +861,8 @@ def anchor_targets(anchor_pairs, anchor_actions, anchor_concept_ids, text_length
 
 
 class CmalForPreTraining(CmalPreTrainedModel):
-    """CMAL with its pre-training objectives: AMC (mapping + concept), MLM (tied decoder) and ITM (+ optional ITC).
+    """CMAL with its pre-training objectives: AMC (mapping + concept), MLM (tied decoder) and ITM (+ optional ITC
+    and MRFR).
 
     A head exists only when its objective's weight is > 0 (and the pooler only when ITM reads it), so that every
     parameter takes part in every step: DDP runs without `find_unused_parameters`, whatever objectives are on."""
@@ -860,6 +875,7 @@ class CmalForPreTraining(CmalPreTrainedModel):
         self.amc_pairing_head = CmalAnchorPairingHead(config) if config.amc_loss_weight > 0 else None
         self.itm_head = nn.Linear(config.hidden_size, 2) if config.itm_loss_weight > 0 else None
         self.itc_head = CmalContrastiveHead(config) if config.itc_loss_weight > 0 else None
+        self.mrfr_head = CmalRegionFeatureHead(config) if config.mrfr_loss_weight > 0 else None
         # The MLM decoder is tied to the word embeddings only where it exists.
         self._tied_weights_keys = ({"cls.decoder.weight": "cmal.text_embeddings.word_embeddings.weight",
                                     "cls.decoder.bias": "cls.bias"} if self.cls is not None else {})
@@ -989,8 +1005,19 @@ class CmalForPreTraining(CmalPreTrainedModel):
             losses["itc"] = 0.5 * (_masked_mean_cross_entropy(itc_logits, itc_targets)
                                    + _masked_mean_cross_entropy(itc_logits_per_image, itc_targets))
 
+        if self.mrfr_head is not None and (labels is not None or itm_labels is not None):
+            # Every real region, masked or not: the target is the region's input, normalised per region (the
+            # features' scale is the detector's), so the loss is comparable across corpora.
+            num_regions = visual_feats.shape[1]
+            predicted = self.mrfr_head(sequence_output[:, sequence_output.shape[1] - num_regions:]).float()
+            target = F.layer_norm(visual_feats.float(), (visual_feats.shape[-1],))
+            real = (visual_attention_mask if visual_attention_mask is not None
+                    else torch.ones_like(visual_feats[..., 0])).to(predicted.dtype)
+            per_region = (predicted - target).pow(2).mean(-1)
+            losses["mrfr"] = (per_region * real).sum() / real.sum().clamp(min=1)
+
         weights = {"amc": config.amc_loss_weight, "mlm": config.mlm_loss_weight, "itm": config.itm_loss_weight,
-                   "itc": config.itc_loss_weight}
+                   "itc": config.itc_loss_weight, "mrfr": config.mrfr_loss_weight}
         loss = sum(weights[name] * value for name, value in losses.items()) if losses else None
         return CmalForPreTrainingOutput(
             loss=loss,
@@ -998,6 +1025,7 @@ class CmalForPreTraining(CmalPreTrainedModel):
             mlm_loss=losses.get("mlm"),
             itm_loss=losses.get("itm"),
             itc_loss=losses.get("itc"),
+            mrfr_loss=losses.get("mrfr"),
             amc_logits=amc_logits,
             amc_labels=amc_labels,
             # 1 / 0 rather than bool, so that outputs compare and subtract like every other tensor output.
