@@ -193,8 +193,37 @@ def test_loss_weights_and_mlm_logits_only_where_labelled():
         torch.testing.assert_close(result.loss, sum(others))
 
 
+def test_mrfr_regresses_every_real_regions_normalised_features_from_its_slot():
+    inputs = make_inputs()
+    labels = torch.full((B, N), -100)
+    labels[0, 3] = 5
+    itm_labels = torch.tensor([1, 0, 1])
+    torch.manual_seed(0)
+    model = CmalForPreTraining(make_config(mrfr_loss_weight=0.5)).eval()
+    outputs = model(**inputs, labels=labels, itm_labels=itm_labels, output_hidden_states=True)
+    # By hand: the head at the region slots of the unified encoder's output, against each real region's features
+    # normalised over its feature axis; padding regions (sample 2 from region 3 on) do not count.
+    slots = outputs.hidden_states[-1][:, -M:]
+    predicted = model.mrfr_head(slots)
+    target = (inputs["visual_feats"] - inputs["visual_feats"].mean(-1, keepdim=True)) / torch.sqrt(
+        inputs["visual_feats"].var(-1, unbiased=False, keepdim=True) + 1e-5)
+    real = inputs["visual_attention_mask"].bool()
+    expected = (predicted - target).pow(2).mean(-1)[real].mean()
+    torch.testing.assert_close(outputs.mrfr_loss, expected)
+    torch.testing.assert_close(outputs.loss, outputs.amc_loss + outputs.mlm_loss + outputs.itm_loss
+                               + 0.5 * outputs.mrfr_loss)
+    # A padding region's features change nothing.
+    changed = {**inputs, "visual_feats": inputs["visual_feats"].clone()}
+    changed["visual_feats"][2, 4] += 100.0
+    torch.testing.assert_close(model(**changed, labels=labels, itm_labels=itm_labels).mrfr_loss, outputs.mrfr_loss)
+    # Only a training batch has the objective; off (the config's default), there is no head.
+    assert model(**inputs).mrfr_loss is None
+    off = CmalForPreTraining(make_config())
+    assert off.mrfr_head is None and off(**inputs, labels=labels, itm_labels=itm_labels).mrfr_loss is None
+
+
 def test_every_parameter_gets_a_gradient():
-    model = CmalForPreTraining(make_config(itc_loss_weight=0.5)).train()
+    model = CmalForPreTraining(make_config(itc_loss_weight=0.5, mrfr_loss_weight=1.0)).train()
     labels = torch.full((B, N), -100)
     labels[:, 3] = 7
     outputs = model(**make_inputs(), labels=labels, itm_labels=torch.tensor([1, 0, 1]))
