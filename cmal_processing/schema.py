@@ -19,6 +19,7 @@ Parquet shards (region tables, streamed corpora) are written by `write_parquet_s
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pyarrow as pa
@@ -115,8 +116,6 @@ def write_parquet_shard(table: pa.Table, path: str, *, row_group_size: int, file
     folder, _, name = str(path).rpartition("/")
     temporary = f"{folder}/.{name}.tmp-{uuid.uuid4().hex}"
     if filesystem is None:
-        import os
-
         pq.write_table(table, temporary, row_group_size=row_group_size, compression="none")
         os.replace(temporary, path)
         return
