@@ -405,7 +405,7 @@ def test_argument_defaults_json_file_and_no_evaluation(tmp_path):
 
 
 def test_documented_command_lines_parse():
-    """Every `python examples/...py` command of examples/FINETUNING.md uses flags that exist (transformers renames
+    """Every `python examples/...py` command of docs/finetuning.md uses flags that exist (transformers renames
     TrainingArguments flags between versions: `--warmup_ratio` is gone in 5.x)."""
     import re
     import shlex
@@ -414,7 +414,7 @@ def test_documented_command_lines_parse():
     from cmal_examples.finetuning import DataArguments, FinetuningArguments, ModelArguments
     from transformers import HfArgumentParser
 
-    text = (EXAMPLES / "FINETUNING.md").read_text()
+    text = (REPO_ROOT / "docs" / "finetuning.md").read_text(encoding="utf-8")
     commands = [" ".join(command.replace("\\\n", " ").split())
                 for command in re.findall(r"^python (examples/\w+\.py .*?)(?:\n```|\n\n)", text, re.M | re.S)]
     scripts = [command.split()[0] for command in commands]
