@@ -17,36 +17,48 @@ import contextlib
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
 
 from modeling_cmal import CmalConfig, CmalForPreTraining  # noqa: E402
 from modeling_cmal.collator_cmal import mlm_prediction_positions  # noqa: E402
 from modeling_cmal.modeling_cmal import CmalLayer  # noqa: E402
+from cmal_processing.arguments import parse_dataclasses  # noqa: E402
 
 # Dense bf16 peaks in TFLOP/s (vendor datasheets, without structured sparsity); matched on the device name.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "GH200": 989.0,
                     "A100": 312.0, "A10G": 70.0, "A10": 125.0, "L40S": 362.0, "L4": 121.0, "B200": 2250.0}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_regions", type=int, default=36)
-    parser.add_argument("--num_pieces", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per mode (after warm-up)")
-    parser.add_argument("--peak_tflops", type=float, default=None, help="bf16 peak of the device (default: table)")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes (hidden 64), to check the script")
-    args = parser.parse_args(argv)
-    for name in ("batch_size", "num_regions", "num_pieces", "steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.peak_tflops is not None and not args.peak_tflops > 0:
-        parser.error(f"--peak_tflops must be > 0, got {args.peak_tflops}")
+@dataclass
+class GpuCheckArguments:
+    """The flags of the script (`HfArgumentParser`)."""
+
+    device: str = "cuda"
+    batch_size: int = 64
+    num_regions: int = 36
+    num_pieces: int = 40
+    steps: int = field(default=20, metadata={"help": "timed steps per mode (after warm-up)"})
+    peak_tflops: float | None = field(default=None, metadata={"help": "bf16 peak of the device (default: table)"})
+    smoke: bool = field(default=False, metadata={"help": "tiny shapes (hidden 64), to check the script"})
+
+    def __post_init__(self):
+        for name in ("batch_size", "num_regions", "num_pieces", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"--peak_tflops must be > 0, got {self.peak_tflops}")
+
+
+def parse_args(argv=None) -> GpuCheckArguments:
+    parser = HfArgumentParser(GpuCheckArguments, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    (args,) = parse_dataclasses(parser, argv)
     return args
 
 

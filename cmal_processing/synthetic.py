@@ -47,6 +47,7 @@ import shutil
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -782,23 +783,34 @@ def _summary_lines(summary: dict, output: Path) -> Iterator[str]:
            f"unmatched words {statistics['top_unmatched_words']}")
 
 
+@dataclass
+class SyntheticArguments:
+    """The flags of `python -m cmal_processing.synthetic` (`HfArgumentParser`: `--num-scenes` or `--num_scenes`)."""
+
+    output: str = field(metadata={"help": "folder to write the corpus to"})
+    num_scenes: int = field(default=2000, metadata={"help": "number of scenes (default 2000)"})
+    seed: int = field(default=0, metadata={"help": "random seed (default 0)"})
+    feature_dim: int = field(default=DEFAULT_FEATURE_DIM, metadata={
+        "help": f"region feature size Dv (default {DEFAULT_FEATURE_DIM})"})
+    validation_fraction: float = field(default=0.1, metadata={"help": "share of scenes held out (0.1)"})
+    questions_per_scene: int = field(default=DEFAULT_QUESTIONS_PER_SCENE, metadata={
+        "help": f"VQA questions per scene where the scene allows (default {DEFAULT_QUESTIONS_PER_SCENE})"})
+    pretrain_scenes: int = field(default=0, metadata={
+        "help": "more scenes whose captions only pre-training uses (default 0)"})
+    tokenizer_output: str | None = field(default=None, metadata={
+        "help": "also save the world's own word-piece vocabulary (cmal_processing.vocabulary) there"})
+    processor: str | None = field(default=None, metadata={
+        "help": "CmalProcessor folder: also write pretrain_streamed/ (pre-tokenised streamed corpora)"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cmal_processing.synthetic", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", required=True, help="folder to write the corpus to")
-    parser.add_argument("--num-scenes", type=int, default=2000, help="number of scenes (default 2000)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--feature-dim", type=int, default=DEFAULT_FEATURE_DIM,
-                        help=f"region feature size Dv (default {DEFAULT_FEATURE_DIM})")
-    parser.add_argument("--validation-fraction", type=float, default=0.1, help="share of scenes held out (0.1)")
-    parser.add_argument("--questions-per-scene", type=int, default=DEFAULT_QUESTIONS_PER_SCENE,
-                        help=f"VQA questions per scene where the scene allows (default {DEFAULT_QUESTIONS_PER_SCENE})")
-    parser.add_argument("--pretrain-scenes", type=int, default=0,
-                        help="more scenes whose captions only pre-training uses (default 0)")
-    parser.add_argument("--tokenizer-output", default=None,
-                        help="also save the world's own word-piece vocabulary (cmal_processing.vocabulary) there")
-    parser.add_argument("--processor", default=None,
-                        help="CmalProcessor folder: also write pretrain_streamed/ (pre-tokenised streamed corpora)")
-    args = parser.parse_args(argv)
+    from transformers import HfArgumentParser
+
+    from .arguments import parse_dataclasses
+
+    parser = HfArgumentParser(SyntheticArguments, prog="python -m cmal_processing.synthetic",
+                              description=__doc__.split("\n\n")[0], formatter_class=argparse.HelpFormatter)
+    (args,) = parse_dataclasses(parser, argv)
     processor = None
     if args.processor is not None:
         from modeling_cmal.processing_cmal import CmalProcessor

@@ -825,3 +825,38 @@ def test_command_line(tmp_path, features):
         main(["build", "snli_ve", "--annotations", str(tmp_path / "absent.jsonl"), "--features", str(tsv),
               "--split", "test", "--output", str(tmp_path / "snli_ve")])
     assert exited.value.code == 2
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["bogus"], "argument command: invalid choice: 'bogus'"),
+    (["build"], "the following arguments are required: task"),
+    (["build", "vqa", "--questions", "q.json", "--features", "a.tsv", "--output", "out", "--split", "train",
+      "--top_k", "many"], "argument --top_k/--top-k: invalid int value: 'many'"),
+    (["build", "nlvr2", "--annotations", "a.json", "--output", "out", "--split", "train"],
+     "the following arguments are required: --features"),
+    (["merge", "--output", "out", "--split", "train", "--shards", "2"], "unrecognized arguments: --shards 2"),
+    (["extract", "--images", "photos", "--detector", "detr", "--output", "table", "--score_threshold", "high"],
+     "argument --score_threshold/--score-threshold: invalid float value: 'high'"),
+    (["shards", "--processor", "p", "--output", "out"], "one of the arguments --captions --dataset is required"),
+    (["shards", "--processor", "p", "--output", "out", "--captions", "c.jsonl", "--dataset", "d"],
+     "argument --dataset: not allowed with argument --captions"),
+    (["shards", "--processor", "p", "--output", "out", "--captions", "c.jsonl"], "--captions needs --features"),
+])
+def test_command_line_refuses_a_bad_command_naming_the_flag(argv, message, capsys):
+    """Each command's dataclasses (`HfArgumentParser`) refuse a bad command line as argparse does: exit status 2
+    and a message naming the flag and the value, before anything is read."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_command_line_help_lists_the_commands(capsys):
+    for argv, names in ((["--help"], ("build", "merge", "extract", "shards")),
+                        (["build", "--help"], ("captions", "vqa", "nlvr2", "snli_ve", "refcoco")),
+                        (["build", "refcoco", "--help"], ("--refs", "--instances", "--refs_split", "--num_shards"))):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 0
+        out = capsys.readouterr().out
+        assert all(name in out for name in names), (argv, out)

@@ -222,8 +222,27 @@ def test_command_line_exports_a_trained_folder(tmp_path, processor, capsys):
     reloaded = CmalForReferringExpression.from_pretrained(folder)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[name], value)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exited:
         main(["--model", str(trained), "--output", str(tmp_path / "other"), "--task", "cmal-nothing"])
+    assert exited.value.code == 2 and "argument --task: invalid choice: 'cmal-nothing'" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
+def test_the_command_line_is_a_dataclass_of_flags(capsys):
+    """`HfArgumentParser` over `HubExportArguments`: --task repeats (or takes several), a bad command line stops
+    with exit status 2 and names the flag."""
+    from cmal_examples.hub_export import parse_args
+
+    args = parse_args(["--model", "m", "--output", "o", "--task", "cmal-vqa", "--task", "cmal-image-text-matching"])
+    assert args.task == ["cmal-vqa", "cmal-image-text-matching"] and args.metrics is None
+    assert parse_args(["--model", "m", "--output", "o", "--task", "cmal-vqa", "cmal-visual-entailment"]).task == [
+        "cmal-vqa", "cmal-visual-entailment"]
+    assert parse_args(["--model", "m", "--output", "o"]).task is None
+    for argv, message in ((["--output", "o"], "the following arguments are required: --model"),
+                          (["--model", "m", "--output", "o", "--push", "x"], "['--push', 'x']")):
+        with pytest.raises(SystemExit) as exited:
+            parse_args(argv)
+        assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_measured_metrics_are_the_cards_eval_results(tmp_path, processor):

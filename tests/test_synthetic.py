@@ -533,3 +533,22 @@ def test_the_worlds_own_vocabulary_tokenizes_every_text_as_bert_base_does(tmp_pa
     assert small.tokenize("zebra") == ["[UNK]"]  # outside the world's texts
     with pytest.raises(ValueError, match="texts is empty"):
         subset_tokenizer([])
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--num-scenes", "30"], "the following arguments are required: --output"),
+    (["--output", "c", "--num-scenes", "many"], "argument --num_scenes/--num-scenes: invalid int value: 'many'"),
+    (["--output", "c", "--validation-fraction", "half"],
+     "argument --validation_fraction/--validation-fraction: invalid float value: 'half'"),
+    (["--output", "c", "--scenes", "30"], "unrecognized arguments: --scenes 30"),
+])
+def test_command_line_refuses_a_bad_flag_naming_it(argv, message, tmp_path, capsys, monkeypatch):
+    """The flags are a dataclass read by `HfArgumentParser`: a bad one stops with exit status 2 and its name, before
+    anything is written."""
+    from cmal_processing.synthetic import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -50,13 +50,14 @@ def check_json_keys(values: dict, path: str, dataclass_types: Sequence[type]) ->
 
 
 def parse_arguments(dataclass_types: type | Sequence[type], argv: list[str] | None = None, *,
-                    description: str | None = None,
+                    description: str | None = None, prog: str | None = None,
                     formatter_class: type[argparse.HelpFormatter] = argparse.HelpFormatter) -> tuple:
     """One instance of each of `dataclass_types` from the flags of `argv` (default `sys.argv[1:]`), or from one JSON
     file when `argv` is a single `.json` path. A `ValueError` of a dataclass' `__post_init__` (or of the file) stops
-    the program through `parser.error`: exit status 2 and the message."""
+    the program through `parser.error`: exit status 2 and the message. `prog`: the program's name in the usage and
+    the messages (default: argparse's, the name of the script)."""
     types = tuple(dataclass_types) if isinstance(dataclass_types, Sequence) else (dataclass_types,)
-    parser = HfArgumentParser(types, description=description, formatter_class=formatter_class)
+    parser = HfArgumentParser(types, prog=prog, description=description, formatter_class=formatter_class)
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):

@@ -25,6 +25,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
@@ -37,6 +38,7 @@ from modeling_cmal.configuration_cmal import CmalConfig
 from modeling_cmal.modeling_cmal import CMAL_AUTO_MAP
 from modeling_cmal.pipelines_cmal import CMAL_PIPELINES, custom_pipelines_entry
 
+from .arguments import parse_arguments
 from .checkpoints import safetensors_shapes
 
 PACKAGE_DIR = Path(modeling_cmal.__file__).resolve().parent
@@ -353,19 +355,31 @@ def load_trained_folder(folder: str | os.PathLike):
     return model_class.from_pretrained(folder).eval(), CmalProcessor.from_pretrained(folder)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cmal_examples.hub_export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a trained CMAL folder (model, config, processor)")
-    parser.add_argument("--output", required=True, help="the Hub-ready folder to write")
-    parser.add_argument("--task", action="append", choices=sorted(CMAL_PIPELINES),
-                        help="a pipeline task of the folder (repeatable; default: the task of the model's head)")
-    parser.add_argument("--model_card",
-                        help="Jinja model-card template (default: cmal_examples/model_card_template.md)")
-    parser.add_argument("--metrics", help="a JSON file of measured results, e.g. a Trainer eval_results.json")
-    parser.add_argument("--metrics_source", help="what the metrics were measured on (required with --metrics)")
-    parser.add_argument("--repo_id", help="the Hub repository the folder is for, as the card names it")
-    return parser.parse_args(argv)
+@dataclass
+class HubExportArguments:
+    """The flags of `python -m cmal_examples.hub_export` (`HfArgumentParser`)."""
+
+    model: str = field(metadata={"help": "a trained CMAL folder (model, config, processor)"})
+    output: str = field(metadata={"help": "the Hub-ready folder to write"})
+    task: list[str] | None = field(default=None, metadata={
+        "action": "extend", "choices": sorted(CMAL_PIPELINES), "metavar": "TASK",
+        "help": "a pipeline task of the folder, one of " + ", ".join(sorted(CMAL_PIPELINES))
+                + " (repeatable, or several after one --task; default: the task of the model's head)"})
+    model_card: str | None = field(default=None, metadata={
+        "help": "Jinja model-card template (default: cmal_examples/model_card_template.md)"})
+    metrics: str | None = field(default=None, metadata={
+        "help": "a JSON file of measured results, e.g. a Trainer eval_results.json"})
+    metrics_source: str | None = field(default=None, metadata={
+        "help": "what the metrics were measured on (required with --metrics)"})
+    repo_id: str | None = field(default=None, metadata={
+        "help": "the Hub repository the folder is for, as the card names it"})
+
+
+def parse_args(argv: Sequence[str] | None = None) -> HubExportArguments:
+    (args,) = parse_arguments(HubExportArguments, None if argv is None else list(argv),
+                              prog="python -m cmal_examples.hub_export", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
