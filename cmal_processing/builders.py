@@ -52,8 +52,9 @@ from datasets.arrow_writer import ArrowWriter
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from tqdm.auto import tqdm
 
-from .corpus import IMAGE_TABLE, joined_features, split_features
+from .corpus import IMAGE_TABLE, binary_image_table, image_suffixes, joined_features, split_features
 from .readers import CorruptRegionsError, PathLike, RegionFeatureIndex, TagVocab
+from .schema import FLOAT16_MAX, encode_regions
 from .skips import SkipCounter
 
 __all__ = [
@@ -81,7 +82,6 @@ SPLIT_ORDER = ("train", "validation", "test")
 SHARD_FOLDER = re.compile(r"^shard-(\d{5})-of-(\d{5})$")
 # Rows buffered before each Arrow flush: 100 rows of 100 regions x 2048 float16 features are about 40 MB.
 WRITER_BATCH_SIZE = 100
-FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 class SkipItem(Exception):
@@ -272,13 +272,10 @@ def _remove_stale_temporaries(root: Path, name: str) -> None:
 
 def _stored_features(split_folder: Path) -> Features:
     """The joined row `Features` of a saved split: its task table's with its image table's, or the single table's."""
-    def saved(folder: Path) -> Features:
-        return Features.from_dict(json.loads((folder / "dataset_info.json").read_text(encoding="utf-8"))["features"])
-
-    task = saved(split_folder)
+    task = Features.from_dict(json.loads((split_folder / "dataset_info.json").read_text(encoding="utf-8"))["features"])
     if not (split_folder / IMAGE_TABLE / "dataset_info.json").is_file():
         return task
-    return joined_features(task, saved(split_folder / IMAGE_TABLE))
+    return joined_features(task, load_from_disk(str(split_folder / IMAGE_TABLE)))
 
 
 def _prepare_root(root: Path, split: str, features: Features, extra_files: dict[str, str]) -> None:
@@ -291,7 +288,12 @@ def _prepare_root(root: Path, split: str, features: Features, extra_files: dict[
     others = [name for name in _saved_splits(root) if name != split]
     for other in others:
         other_features = _stored_features(root / other)
-        if other_features != features:
+        if _feature_dim(other_features) is None and image_suffixes(other_features):
+            # An empty split of the binary layout: its feature width is unknown, its columns are what count.
+            same = split_features(other_features)[0] == split_features(features)[0]
+        else:
+            same = other_features == features
+        if not same:
             raise ValueError(
                 f"split {other!r} of {str(root)!r} has other columns than the {split!r} split being built (its region "
                 f"features are {_feature_dim(other_features)}-d, these {_feature_dim(features)}-d, or it is another "
@@ -308,7 +310,7 @@ def _prepare_root(root: Path, split: str, features: Features, extra_files: dict[
 
 def _feature_dim(features: Features) -> int | None:
     visual = next((value for name, value in features.items() if name.startswith("visual_feats")), None)
-    return None if visual is None else visual.shape[1]
+    return getattr(visual, "shape", (None, None))[1]
 
 
 def _install_folder(source: Path, target: Path) -> None:
@@ -547,7 +549,7 @@ def write_split(
             for image_id, (_, columns) in zip(group.image_ids, images):
                 if image_id not in written_images:
                     written_images.add(image_id)
-                    image_writer.write(image_features.encode_example(columns))
+                    image_writer.write(image_features.encode_example(encode_regions(columns)))
             yield row
 
     def rows(image_writer: ArrowWriter) -> Iterator[dict]:
@@ -665,13 +667,14 @@ def merge_shards(output: PathLike, split: str) -> Path:
     images = None
     if all(with_images):
         # An image can be used by items of two shards (NLVR2 pairs): the merged table keeps its first row.
-        images = concatenate_datasets([load_from_disk(str(folder / split / IMAGE_TABLE)) for folder in folders])
+        images = concatenate_datasets([binary_image_table(load_from_disk(str(folder / split / IMAGE_TABLE)))
+                                       for folder in folders])
         first_row: dict[str, int] = {}
         for row, image_id in enumerate(images.with_format(None)["image_id"]):
             first_row.setdefault(image_id, row)
         if len(first_row) < len(images):
             images = images.select(np.fromiter(first_row.values(), dtype=np.int64, count=len(first_row)))
-    features = merged.features if images is None else joined_features(merged.features, images.features)
+    features = merged.features if images is None else joined_features(merged.features, images)
     _prepare_root(output, split, features, extra_files)
     with _own_progress_bar_only():
         _save_atomically(output, split, lambda temporary: (merged, images), extra_files)

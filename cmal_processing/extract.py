@@ -19,7 +19,8 @@ float32 `[M, 4]` pixel boxes `x1, y1, x2, y2`, `tags` (M class names of the dete
 
 Images that give no row are counted by reason and summarised at the end: `unreadable` (PIL cannot open it),
 `too_small` (a side below `min_size` pixels, or too small for the detector's image processor), `empty` (no detection
-above `score_threshold`).
+above `score_threshold`), `float16_overflow` (a feature beyond float16's range, which the table would store as
+infinity).
 """
 
 from __future__ import annotations
@@ -31,14 +32,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
 # The table's readers live with the other readers; this module writes the table (and re-exports them).
 from .readers import decode_region_row, read_region_table  # noqa: F401
-from .schema import write_parquet_shard
+from .schema import REGION_FIELDS, encode_regions, write_parquet_shard
 from .skips import SkipCounter
 
 logger = logging.getLogger(__name__)
@@ -52,18 +52,6 @@ INFO_FILE = "region_table.json"
 DEFAULT_IMAGES_PER_SHARD = 1000
 DEFAULT_MIN_SIZE = 16
 
-# An image's regions, stored once: the columns of extract's image table and of the streamed corpus's rows.
-REGION_FIELDS = [
-    ("image_id", pa.string()),
-    ("image_width", pa.int32()),
-    ("image_height", pa.int32()),
-    ("num_regions", pa.int32()),
-    ("feature_dim", pa.int32()),
-    ("visual_feats", pa.binary()),
-    ("visual_pos", pa.binary()),
-    ("tags", pa.list_(pa.string())),
-    ("scores", pa.list_(pa.float32())),
-]
 REGION_TABLE_SCHEMA = pa.schema([*REGION_FIELDS, ("source", pa.string())])
 
 
@@ -107,7 +95,7 @@ def list_images(images) -> list[tuple[str, Path]]:
 @dataclass
 class ExtractionSummary:
     """What one process did: images of its shards, rows written, shards written / kept from an earlier run, and the
-    images skipped by reason (`unreadable`, `too_small`, `empty`)."""
+    images skipped by reason (`unreadable`, `too_small`, `empty`, `float16_overflow`)."""
 
     output: Path
     images: int = 0
@@ -154,14 +142,13 @@ def _rows_of_batch(extractor, batch: list[tuple[str, Path, object]], skipped: Sk
         if count == 0:
             skipped.add("empty", f"{path}: no detection above score_threshold {extractor.score_threshold}")
             continue
-        rows.append({
-            "image_id": image_id, "image_width": image.width, "image_height": image.height, "num_regions": count,
-            "feature_dim": int(regions["visual_feats"].shape[1]),
-            "visual_feats": np.ascontiguousarray(regions["visual_feats"], dtype="<f2").tobytes(),
-            "visual_pos": np.ascontiguousarray(regions["visual_pos"], dtype="<f4").tobytes(),
-            "tags": list(regions["tags"]), "scores": [float(score) for score in regions["scores"]],
-            "source": str(path),
-        })
+        try:
+            row = encode_regions({**regions, "image_id": image_id, "image_width": image.width,
+                                  "image_height": image.height})
+        except ValueError as error:  # features beyond float16's range: stored they would read as infinity
+            skipped.add("float16_overflow", f"{path}: {error}")
+            continue
+        rows.append({**row, "source": str(path)})
     return rows
 
 

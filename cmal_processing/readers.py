@@ -51,6 +51,7 @@ import numpy as np
 from modeling_cmal.region_processing_cmal import DEPRECATED_REGION_KEYS
 
 from .safe_pickle import UnsafePickleError, safe_load_npy
+from .schema import decode_regions
 from .skips import SkipCounter
 
 logger = logging.getLogger(__name__)
@@ -576,11 +577,12 @@ def read_region_table(folder) -> dict[str, tuple[Path, int]]:
 
 def decode_region_row(row: dict) -> dict:
     """One image-table row → the `regions` dict of `CmalProcessor` (pixel boxes with `image_size`)."""
-    count, dim = int(row["num_regions"]), int(row["feature_dim"])
+    visual_feats, visual_pos = decode_regions(row["num_regions"], row["feature_dim"], row["visual_feats"],
+                                              row["visual_pos"])
     return RegionsDict(
         image_id=row["image_id"],
-        visual_feats=np.frombuffer(row["visual_feats"], "<f2").reshape(count, dim).astype(np.float32),
-        visual_pos=np.frombuffer(row["visual_pos"], "<f4").reshape(count, 4).copy(),
+        visual_feats=visual_feats,
+        visual_pos=visual_pos,
         image_size=(int(row["image_width"]), int(row["image_height"])),
         tags=list(row["tags"]),
         scores=np.asarray(row["scores"], dtype=np.float32),

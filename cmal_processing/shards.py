@@ -44,8 +44,7 @@ from tqdm.auto import tqdm
 
 from modeling_cmal.processing_cmal import anchor_rows_of_words, processor_identity, words_of_encoding
 
-from .extract import REGION_FIELDS
-from .schema import write_parquet_shard
+from .schema import REGION_FIELDS, encode_regions, write_parquet_shard
 
 __all__ = [
     "CORPUS_INFO_FILE",
@@ -108,15 +107,9 @@ def image_row(processor, regions: Mapping, captions: Sequence[str], *, max_lengt
     per_caption = [caption_columns(processor, caption, selection.tags, selection.scores, max_length)
                    for caption in captions]
     return {
-        "image_id": str(regions["image_id"]),
-        "image_width": int(width),
-        "image_height": int(height),
-        "num_regions": int(selection.num_regions),
-        "feature_dim": int(selection.visual_feats.shape[1]),
-        "visual_feats": np.ascontiguousarray(selection.visual_feats, dtype="<f2").tobytes(),
-        "visual_pos": np.ascontiguousarray(selection.visual_pos, dtype="<f4").tobytes(),
-        "tags": list(selection.tags or []),
-        "scores": [float(score) for score in (selection.scores or [])],
+        **encode_regions({"image_id": str(regions["image_id"]), "image_width": width, "image_height": height,
+                          "visual_feats": selection.visual_feats, "visual_pos": selection.visual_pos,
+                          "tags": selection.tags, "scores": selection.scores}),
         "captions": list(captions),
         **{name: [columns[name] for columns in per_caption]
            for name in ("input_ids", "word_ids", "words", "anchor_rows")},

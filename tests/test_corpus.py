@@ -7,12 +7,14 @@ import pickle
 
 import numpy as np
 import pytest
-from datasets import Dataset
+from datasets import Dataset, Features, Value
 from torch.utils.data import DataLoader
 
-from cmal_processing.corpus import (IMAGE_TABLE, corpus_features, image_table, join_regions, load_corpus, load_split,
-                               save_corpus, separate_images, split_features)
-from cmal_processing.schema import nlvr2_features, vqa_features
+from cmal_processing.corpus import (IMAGE_TABLE, binary_image_table, corpus_features, image_feature_dim, image_table,
+                                    join_regions, load_corpus, load_split, save_corpus, separate_images,
+                                    split_features)
+from cmal_processing.schema import (REGION_COLUMNS, STORED_REGION_COLUMNS, decode_regions, encode_regions,
+                                    image_table_features, nlvr2_features, region_features, vqa_features)
 
 DIM = 6
 
@@ -110,3 +112,51 @@ def test_a_folder_that_is_not_a_corpus_is_named(tmp_path):
         load_corpus(tmp_path / "split")
     with pytest.raises(ValueError, match="no region columns and no image table"):
         load_split(tmp_path / "split")
+
+
+def test_the_image_table_stores_each_images_arrays_as_binary_buffers():
+    """The one on-disk encoding (schema.REGION_FIELDS): width and count beside little-endian buffers, which decode
+    to what was written (float16 features, float32 boxes)."""
+    rows = joined(vqa_rows(), vqa_features(DIM))
+    images = image_table(rows)
+    assert images.column_names == list(STORED_REGION_COLUMNS) and images.features == image_table_features()
+    stored = images.with_format(None)[1]
+    assert (stored["num_regions"], stored["feature_dim"]) == (3, DIM)
+    feats, pos = decode_regions(stored["num_regions"], stored["feature_dim"], stored["visual_feats"],
+                                stored["visual_pos"])
+    np.testing.assert_array_equal(feats, image(1, 3)["visual_feats"])
+    np.testing.assert_array_equal(pos, image(1, 3)["visual_pos"])
+    assert feats.dtype == pos.dtype == np.float32 and feats.flags.writeable
+    assert image_feature_dim(images) == DIM
+    with pytest.raises(ValueError, match="num_regions 4 x feature_dim 6"):
+        decode_regions(4, DIM, stored["visual_feats"], stored["visual_pos"])
+    with pytest.raises(ValueError, match="'big'.*beyond float16"):
+        encode_regions({**image(0, 2), "image_id": "big", "visual_feats": np.full((2, DIM), 1e6, np.float32)})
+    with pytest.raises(ValueError, match="'odd'.*visual_pos \\[M, 4\\]"):
+        encode_regions({**image(0, 2), "image_id": "odd", "visual_pos": np.zeros((3, 4))})
+
+
+def test_a_corpus_folder_of_the_earlier_array_layout_still_reads(tmp_path):
+    """Image tables written before the binary encoding (Array2D region columns) read as they did, equal row for
+    row, and `binary_image_table` re-encodes them to the one layout."""
+    rows = joined(vqa_rows(), vqa_features(DIM))
+    save_corpus({"train": rows}, tmp_path / "now")
+    numbers = sorted({int(str(value)[3:]) for value in rows["image_id"]})
+    earlier = Dataset.from_list([{name: image(number, 2 + number % 4)[name] for name in REGION_COLUMNS}
+                                 for number in numbers],
+                                features=Features({"image_id": Value("string"), **region_features(DIM)}))
+    save_corpus({"train": join_regions(rows.with_format(None), earlier)}, tmp_path / "earlier")
+    old, new = load_corpus(tmp_path / "earlier")["train"], load_corpus(tmp_path / "now")["train"]
+    assert image_table(old).features["visual_feats"] == region_features(DIM)["visual_feats"]  # as it was written
+    assert corpus_features(old) == corpus_features(new) == vqa_features(DIM)
+    assert_rows_hold_their_images(old)
+    for index in range(len(new)):
+        for name in ("visual_feats", "visual_pos", "scores", "tags", "image_width"):
+            np.testing.assert_array_equal(old[index][name], new[index][name])
+    for name in ("visual_feats", "visual_pos"):  # batches of mixed and of equal region counts
+        for selection in (slice(0, 4), [0, 4, 8]):
+            for left, right in zip(old[selection][name], new[selection][name], strict=True):
+                np.testing.assert_array_equal(left, right)
+            assert type(old[selection][name]) is type(new[selection][name])
+            assert old[selection][name].dtype == new[selection][name].dtype
+    assert binary_image_table(image_table(old)).to_dict() == image_table(new).to_dict()

@@ -102,7 +102,9 @@ WORKER = """
 import sys
 from cmal_processing.extract import extract_regions
 summary = extract_regions(sys.argv[1], sys.argv[2], sys.argv[3], images_per_shard=2, progress=False)
-print("shards", summary.shards_written, "images", summary.images)
+# One write per line: the two processes share the pipe, and print() writes its arguments piece by piece.
+sys.stdout.write(f"shards {summary.shards_written} images {summary.images}\\n")
+sys.stdout.flush()
 """
 
 

@@ -734,14 +734,15 @@ REPRODUCE = textwrap.dedent("""
     OWN_KEY = {"nlvr2": "CmalForVisualReasoning", "refcoco": "CmalForReferringExpression"}
     TEXT = ("input_ids", "attention_mask", "token_type_ids")
 
-    def regions(row, suffix=""):
-        return {"visual_feats": np.asarray(row["visual_feats" + suffix], np.float32),
-                "visual_pos": np.asarray(row["visual_pos" + suffix], np.float32),
+    def regions(row, suffix=""):  # the image table's binary arrays (schema.REGION_FIELDS), decoded with numpy alone
+        count, width = int(row["num_regions" + suffix]), int(row["feature_dim" + suffix])
+        return {"visual_feats": np.frombuffer(row["visual_feats" + suffix], "<f2").reshape(count, width),
+                "visual_pos": np.frombuffer(row["visual_pos" + suffix], "<f4").reshape(count, 4),
                 "tags": [str(tag) for tag in row["tags" + suffix]],
                 "scores": np.asarray(row["scores" + suffix], np.float32)}
 
     def joined_rows(split_folder):  # a split's rows with each image's regions from its image table, datasets alone
-        images = load_from_disk(split_folder + "/images").with_format("numpy")
+        images = load_from_disk(split_folder + "/images").with_format(None)
         row_of = {str(image_id): row for row, image_id in enumerate(images.with_format(None)["image_id"])}
         for row in load_from_disk(split_folder).with_format("numpy"):
             for suffix in [name[len("image_id"):] for name in row if name.startswith("image_id")]:

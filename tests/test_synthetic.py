@@ -454,7 +454,8 @@ def test_every_task_stores_each_scene_of_a_split_once(corpus, scenes):
         for split, expected in split_scenes.items():
             folder = corpus / task / split
             images = load_from_disk(str(folder / IMAGE_TABLE))
-            assert images.column_names == list(schema.REGION_COLUMNS), (task, split)
+            assert images.column_names == list(schema.STORED_REGION_COLUMNS), (task, split)
+            assert images.features == schema.image_table_features(), (task, split)
             assert images.num_rows == len(set(images["image_id"])) == len(expected), (task, split)
             assert set(images["image_id"]) == expected, (task, split)
             stored = load_from_disk(str(folder))
