@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from torch.nn import functional as F
 
 from modeling_cmal import CmalConfig, CmalForPreTraining, CmalModel
@@ -362,7 +363,8 @@ def test_resize_token_embeddings_keeps_the_decoder_tied():
 ])
 def test_invalid_config_values_name_the_field(field, value):
     expected = "anchor rates must sum" if field == "anchor_fill_text_rate" else field
-    with pytest.raises(ValueError, match=expected):
+    # `@strict`'s errors, as for transformers' own configs: a wrong type, or a value the validators refuse
+    with pytest.raises((StrictDataclassFieldValidationError, StrictDataclassClassValidationError), match=expected):
         make_config(**{field: value})
 
 
