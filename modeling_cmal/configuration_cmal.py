@@ -7,6 +7,7 @@ import json
 import math
 import os
 
+# huggingface_hub comes with transformers, which decorates its own configs with this same `strict`.
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.utils import CONFIG_NAME
