@@ -74,7 +74,7 @@ from pathlib import Path
 import numpy as np
 from cmal_examples.arguments import parse_arguments
 from cmal_examples.finetuning import run_finetuning
-from cmal_examples.models import default_tokenizer_dir, new_processor, write_untrained_model
+from cmal_examples.models import CONFIG_ERRORS, default_tokenizer_dir, new_processor, write_untrained_model
 from cmal_examples.tasks import TASKS
 from cmal_processing.corpus import load_corpus, save_corpus
 from tqdm.auto import tqdm
@@ -266,7 +266,10 @@ def base_fields(model_config: str, processor: CmalProcessor, visual_feat_dim: in
     for name, expected in data_sizes.items():
         if fields.setdefault(name, expected) != expected:
             raise SystemExit(f"--model_config sets {name}={fields[name]} but the data needs {expected}")
-    CmalConfig(**fields)  # validates the fields once, with the config's own errors
+    try:
+        CmalConfig(**fields)  # validates the fields once, with the config's own errors
+    except CONFIG_ERRORS as error:
+        raise SystemExit(f"--model_config {model_config!r}: {error}") from None
     return fields
 
 

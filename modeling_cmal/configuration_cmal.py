@@ -1,11 +1,14 @@
 """CMAL model configuration."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: `@strict` reads the fields' annotations as types, and as strings it
+# would skip every field's type check without a word.
 
 import json
 import math
 import os
 
+# huggingface_hub comes with transformers, which decorates its own configs with this same `strict`.
+from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.utils import CONFIG_NAME
 
@@ -28,6 +31,7 @@ CMAL_SIZES = {
 }
 
 
+@strict
 class CmalConfig(PreTrainedConfig):
     r"""
     Configuration of a CMAL model (Cross-Modal Associative Learning, ACM MM 2022).
@@ -112,38 +116,34 @@ class CmalConfig(PreTrainedConfig):
     num_visual_layers: int = 3
     num_unified_layers: int = 6
     hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
+    hidden_dropout_prob: float | int = 0.1
+    attention_probs_dropout_prob: float | int = 0.1
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-12
+    initializer_range: float | int = 0.02
+    layer_norm_eps: float | int = 1e-12
     pad_token_id: int | None = 0
     visual_feat_dim: int = 2048
     num_anchor_concepts: int = 1363
-    anchor_fill_text_rate: float = 0.4
-    anchor_fill_region_rate: float = 0.1
-    anchor_mask_both_rate: float = 0.0
-    anchor_mask_text_rate: float = 0.2
-    anchor_mask_region_rate: float = 0.2
+    anchor_fill_text_rate: float | int = 0.4
+    anchor_fill_region_rate: float | int = 0.1
+    anchor_mask_both_rate: float | int = 0.0
+    anchor_mask_text_rate: float | int = 0.2
+    anchor_mask_region_rate: float | int = 0.2
     default_anchor_action: str = "fill_text"
-    anchor_pairing_temperature: float = 0.07
-    anchor_pairing_min_temperature: float = 0.01
-    itc_temperature: float = 0.07
-    itc_min_temperature: float = 0.01
-    amc_loss_weight: float = 1.0
-    mlm_loss_weight: float = 1.0
-    itm_loss_weight: float = 1.0
-    itc_loss_weight: float = 0.0
-    mrfr_loss_weight: float = 0.0
-    classifier_dropout: float | None = None
+    anchor_pairing_temperature: float | int = 0.07
+    anchor_pairing_min_temperature: float | int = 0.01
+    itc_temperature: float | int = 0.07
+    itc_min_temperature: float | int = 0.01
+    amc_loss_weight: float | int = 1.0
+    mlm_loss_weight: float | int = 1.0
+    itm_loss_weight: float | int = 1.0
+    itc_loss_weight: float | int = 0.0
+    mrfr_loss_weight: float | int = 0.0
+    classifier_dropout: float | int | None = None
     classifier_activation: str = "gelu"
     task_pooling: str = "text_and_anchored_words"
     tie_word_embeddings: bool = True
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self._validate()
 
     @property
     def num_hidden_layers(self) -> int:
@@ -154,87 +154,95 @@ class CmalConfig(PreTrainedConfig):
     def anchor_keep_rate(self) -> float:
         return 1.0 - sum(getattr(self, name) for name in ANCHOR_RATE_FIELDS)
 
-    def _validate(self) -> None:
-        def check_int(name: str, minimum: int) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"CmalConfig.{name} must be an int >= {minimum}, got {value!r}")
+    # Validation as transformers' configs do it: `@strict` checks every field's type on assignment (an int field
+    # refuses a str, a float or a bool, naming the field and the value); the `validate_*` methods below check
+    # ranges and relations once the config is built (`strict` runs them and raises
+    # `huggingface_hub.errors.StrictDataclassClassValidationError` carrying their message).
 
-        def check_unit_float(name: str, value, *, allow_none: bool = False) -> None:
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"CmalConfig.{name} must be a float in [0, 1], got {value!r}")
-
+    def validate_sizes(self):
+        """Sizes are positive (layer counts of the uni-modal encoders may be 0) and the heads divide the width."""
         for name in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "num_unified_layers",
                      "max_position_embeddings", "type_vocab_size", "visual_feat_dim", "num_anchor_concepts"):
-            check_int(name, 1)
-        check_int("num_text_layers", 0)
-        check_int("num_visual_layers", 0)
+            if getattr(self, name) < 1:
+                raise ValueError(f"CmalConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("num_text_layers", "num_visual_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"CmalConfig.{name} must be an int >= 0, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"CmalConfig.hidden_size ({self.hidden_size}) must be a multiple of "
                 f"CmalConfig.num_attention_heads ({self.num_attention_heads})"
             )
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            check_unit_float(name, getattr(self, name))
-        check_unit_float("classifier_dropout", self.classifier_dropout, allow_none=True)
-        for name in ANCHOR_RATE_FIELDS:
-            check_unit_float(name, getattr(self, name))
+
+    def validate_probabilities(self):
+        """Dropouts and anchor-action rates are probabilities; the rates leave a keep share >= 0."""
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
+                     *ANCHOR_RATE_FIELDS):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"CmalConfig.{name} must be a float in [0, 1], got {value!r}")
         if self.anchor_keep_rate < -1e-9:
             rates = " + ".join(f"{name}={getattr(self, name)}" for name in ANCHOR_RATE_FIELDS)
             raise ValueError(f"CmalConfig anchor rates must sum to at most 1, got {rates}")
-        if self.default_anchor_action not in ANCHOR_ACTIONS:
-            raise ValueError(
-                f"CmalConfig.default_anchor_action must be one of {ANCHOR_ACTIONS}, got {self.default_anchor_action!r}"
-            )
+
+    def validate_objectives(self):
+        """Loss weights are finite and >= 0; scales and temperatures finite and > 0, each floor below its start."""
         for name in ("amc_loss_weight", "mlm_loss_weight", "itm_loss_weight", "itc_loss_weight", "mrfr_loss_weight"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not math.isfinite(value) or value < 0:
                 raise ValueError(f"CmalConfig.{name} must be a finite float >= 0, got {value!r}")
         for name in ("initializer_range", "layer_norm_eps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"CmalConfig.{name} must be a finite float > 0, got {value!r}")
         for prefix in ("anchor_pairing", "itc"):
             for name in (f"{prefix}_temperature", f"{prefix}_min_temperature"):
                 value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                if not 0 < value < float("inf"):
                     raise ValueError(f"CmalConfig.{name} must be a positive finite float, got {value!r}")
             if getattr(self, f"{prefix}_min_temperature") > getattr(self, f"{prefix}_temperature"):
                 raise ValueError(
                     f"CmalConfig.{prefix}_min_temperature ({getattr(self, f'{prefix}_min_temperature')}) must not "
                     f"exceed {prefix}_temperature ({getattr(self, f'{prefix}_temperature')})"
                 )
+
+    def validate_choices(self):
+        """Named choices: the anchor policy, the task pooling and the activations (names of transformers'
+        `ACT2FN`)."""
+        from transformers.activations import ACT2FN
+
+        if self.default_anchor_action not in ANCHOR_ACTIONS:
+            raise ValueError(
+                f"CmalConfig.default_anchor_action must be one of {ANCHOR_ACTIONS}, got {self.default_anchor_action!r}"
+            )
+        if self.task_pooling not in TASK_POOLINGS:
+            raise ValueError(f"CmalConfig.task_pooling must be one of {TASK_POOLINGS}, got {self.task_pooling!r}")
+        for name in ("hidden_act", "classifier_activation"):
+            if getattr(self, name) not in ACT2FN:
+                raise ValueError(f"CmalConfig.{name} must be the name of an activation of transformers' ACT2FN, one "
+                                 f"of {sorted(ACT2FN)}, got {getattr(self, name)!r}")
+
+    def validate_pad_token_id(self):
+        """`pad_token_id` is None or a word-piece id (transformers only warns; an id past the vocabulary would
+        fail inside the embedding)."""
+        pad = self.pad_token_id
+        if pad is not None and not 0 <= pad < self.vocab_size:
+            raise ValueError(f"CmalConfig.pad_token_id must be None or an int in [0, vocab_size = {self.vocab_size}), "
+                             f"got {pad!r}")
+
+    def validate_removed_fields(self):
+        """Fields that are gone and would silently mean something else if kept."""
         # The switch is gone (measured inert: the encoders end in LayerNorm, so their states already lie on a
-        # sphere of radius ~sqrt(H), and switching the normalisation off changed the losses in the fourth digit);
-        # a config that still turns it off would silently mean something else.
+        # sphere of radius ~sqrt(H), and switching the normalisation off changed the losses in the fourth digit).
         if getattr(self, "use_hypersphere_normalization", True) is not True:
             raise ValueError(
                 "CmalConfig.use_hypersphere_normalization=False is no longer supported: the uni-modal outputs are "
                 "always L2-normalised (AMC's mapping term is a cosine similarity between the two hyperspheres); "
                 "remove the field from the config"
             )
-        self._validate_activation_and_padding()
-        if self.task_pooling not in TASK_POOLINGS:
-            raise ValueError(f"CmalConfig.task_pooling must be one of {TASK_POOLINGS}, got {self.task_pooling!r}")
-
-    def _validate_activation_and_padding(self) -> None:
-        """`hidden_act` names an activation of transformers' `ACT2FN`; `pad_token_id` is None or a word-piece id."""
-        from transformers.activations import ACT2FN
-
-        for name in ("hidden_act", "classifier_activation"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or value not in ACT2FN:
-                raise ValueError(f"CmalConfig.{name} must be the name of an activation of transformers' ACT2FN, one "
-                                 f"of {sorted(ACT2FN)}, got {value!r}")
-        pad = self.pad_token_id
-        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < self.vocab_size):
-            raise ValueError(f"CmalConfig.pad_token_id must be None or an int in [0, vocab_size = {self.vocab_size}), "
-                             f"got {pad!r}")
 
     def __setattr__(self, key, value):
-        # Checked on assignment: transformers' own __post_init__ reads `id2label.items()` before `_validate` runs.
+        # Checked on assignment: transformers' own __post_init__ reads `id2label.items()` before the validators run.
         if key in ("id2label", "label2id") and value is not None:
             self._check_label_map(key, value)
         super().__setattr__(key, value)

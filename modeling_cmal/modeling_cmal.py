@@ -26,7 +26,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, auto_docstring
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -454,6 +454,26 @@ class CmalPooler(nn.Module):
         return self.activation(self.dense(hidden_states[:, 0]))
 
 
+# The inputs of every CMAL forward besides transformers' standard ones (`input_ids`, `attention_mask`,
+# `token_type_ids`, `inputs_embeds`, `output_attentions`, ...), for `auto_docstring`.
+CMAL_INPUTS_DOCSTRING = r"""
+    visual_feats (`torch.FloatTensor` of shape `(batch_size, num_regions, visual_feat_dim)`):
+        Features of the image's detected regions (`CmalProcessor`'s `regions`).
+    visual_pos (`torch.FloatTensor` of shape `(batch_size, num_regions, 4)`):
+        Region boxes `x1, y1, x2, y2` normalised to `[0, 1]`.
+    visual_attention_mask (`torch.LongTensor` of shape `(batch_size, num_regions)`, *optional*):
+        1 for a real region, 0 for padding.
+    anchor_pairs (`torch.LongTensor` of shape `(batch_size, num_anchor_rows, 2)`, *optional*):
+        Anchors: rows `(text piece position, region index)`, `[-1, -1]` for padding; a word of several pieces gives
+        one row per piece.
+    anchor_concept_ids (`torch.LongTensor` of shape `(batch_size, num_anchor_rows)`, *optional*):
+        The concept of each anchor row (AMC's targets in pre-training; only validated otherwise).
+    anchor_actions (`torch.LongTensor` of shape `(batch_size, num_anchor_rows)`, *optional*):
+        0 keep, 1 fill text, 2 fill region, 3 mask both, 4 mask text, 5 mask region; defaults to
+        `config.default_anchor_action` (the one policy of fine-tuning and inference).
+"""
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------
@@ -563,7 +583,11 @@ class CmalModel(CmalPreTrainedModel):
     (unified encoder + pooler).
 
     `add_pooling_layer=False` leaves the pooler out, for heads that do not read it (every parameter must take
-    part in every step under DDP without `find_unused_parameters`)."""
+    part in every step under DDP without `find_unused_parameters`).
+
+    Every shape of `forward` follows from the inputs' shapes (no data-dependent branch), so it compiles with
+    `torch.compile(fullgraph=True)` and exports with `torch.export`; the inputs' value checks run in eager mode
+    only."""
 
     def __init__(self, config: CmalConfig, add_pooling_layer: bool = True):
         super().__init__(config)
@@ -593,6 +617,11 @@ class CmalModel(CmalPreTrainedModel):
 
     @_per_encoder_output_flags
     @capture_outputs(tie_last_hidden_states=False)
+    @auto_docstring(custom_args=CMAL_INPUTS_DOCSTRING + r"""
+    output_attentions (`bool`, *optional*):
+        Return the attention probabilities of every layer: the unified encoder's as `attentions`, the uni-modal
+        encoders' as `text_attentions` and `vision_attentions` (the eager attention runs for that call).
+    """)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -608,32 +637,6 @@ class CmalModel(CmalPreTrainedModel):
         output_attentions: bool | None = None,
         **kwargs,
     ) -> CmalModelOutput:
-        r"""
-        Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, text_length)`): word pieces `[CLS] ... [SEP]`.
-            attention_mask (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*): 1 real, 0 pad.
-            token_type_ids (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*).
-            visual_feats (`torch.FloatTensor` of shape `(batch_size, num_regions, visual_feat_dim)`).
-            visual_pos (`torch.FloatTensor` of shape `(batch_size, num_regions, 4)`): boxes `x1, y1, x2, y2`
-                normalised to `[0, 1]`.
-            visual_attention_mask (`torch.LongTensor` of shape `(batch_size, num_regions)`, *optional*).
-            anchor_pairs (`torch.LongTensor` of shape `(batch_size, num_anchor_rows, 2)`, *optional*): rows
-                `(text piece position, region index)`, `[-1, -1]` for padding; a word of several pieces gives one
-                row per piece.
-            anchor_concept_ids (`torch.LongTensor` of shape `(batch_size, num_anchor_rows)`, *optional*): the
-                concept of each row (AMC targets; only validated here).
-            anchor_actions (`torch.LongTensor` of shape `(batch_size, num_anchor_rows)`, *optional*): 0 keep,
-                1 fill text, 2 fill region, 3 mask both, 4 mask text, 5 mask region; defaults to
-                `config.default_anchor_action` (the one policy of fine-tuning and inference).
-            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, text_length, hidden_size)`, *optional*):
-                instead of `input_ids`.
-            output_attentions / output_hidden_states / return_dict (`bool`, *optional*): as in transformers; the
-                unified encoder's outputs come as `hidden_states` / `attentions`, the uni-modal encoders' as
-                `text_*` and `vision_*`.
-
-        Every shape follows from the inputs' shapes (no data-dependent branch), so the forward compiles with
-        `torch.compile(fullgraph=True)` and exports with `torch.export`; value checks run in eager mode only.
-        """
         validate_cmal_inputs(
             self.config, input_ids, inputs_embeds, attention_mask, token_type_ids, visual_feats, visual_pos,
             visual_attention_mask, anchor_pairs, anchor_concept_ids, anchor_actions,
@@ -663,7 +666,8 @@ class CmalModel(CmalPreTrainedModel):
         # unified encoder, so letting them attend to each other here changes nothing downstream.
         no_region = visual_attention_mask.sum(dim=1, keepdim=True) == 0
         region_mask = create_bidirectional_mask(
-            self.config, region_hidden, torch.where(no_region, torch.ones_like(visual_attention_mask), visual_attention_mask)
+            self.config, region_hidden,
+            torch.where(no_region, torch.ones_like(visual_attention_mask), visual_attention_mask),
         ) if num_regions > 0 else None
         if num_regions > 0:  # a static shape; attention over zero regions cannot even be reshaped
             region_hidden = self.visual_encoder(region_hidden, region_mask, output_attentions)
@@ -766,8 +770,8 @@ class CmalContrastiveHead(nn.Module):
         """`text_embeds` `[B, N, H]`, `attention_mask` `[B, N]`, `image_embeds` `[B, M, H]`, `visual_attention_mask`
         `[B, M]`, `pair_mask` `[B]` bool (the matched pairs) → (text-to-image logits `[B, G]`, image-to-text logits
         `[B, G]`, targets `[B]`): `G` columns (`world_size * B`, more where the ranks' batch sizes differ), the pairs
-        of every process in rank order, those that are not matched (or padding) at the dtype's minimum; `targets` is each local pair's column, -100 where it is not
-        matched."""
+        of every process in rank order, those that are not matched (or padding) at the dtype's minimum; `targets` is
+        each local pair's column, -100 where it is not matched."""
         text = self._pool(text_embeds, attention_mask)
         image = self._pool(image_embeds, visual_attention_mask)
         all_text, all_image, all_matched, offset = text, image, pair_mask, 0
@@ -865,7 +869,17 @@ class CmalForPreTraining(CmalPreTrainedModel):
     and MRFR).
 
     A head exists only when its objective's weight is > 0 (and the pooler only when ITM reads it), so that every
-    parameter takes part in every step: DDP runs without `find_unused_parameters`, whatever objectives are on."""
+    parameter takes part in every step: DDP runs without `find_unused_parameters`, whatever objectives are on.
+
+    AMC needs no extra labels (its loss is computed when `anchor_concept_ids` are given): its concept term
+    classifies `anchor_concept_ids` at the *mask text* and *mask region* anchors (`anchor_targets`), its mapping
+    term maps every other anchor word to its own region (`anchor_pairing_targets`); `amc_loss` is their sum.
+    Each objective's loss is computed when its targets are given and its config weight is > 0 (a batch
+    without any target of an objective, e.g. no anchors, gives that objective 0, still in the graph); `loss` is
+    their weighted sum. ITC (when `config.itc_loss_weight > 0`) is computed whenever `itm_labels` are given,
+    over the pairs with `itm_labels == 1`, symmetric (mean of the text-to-image and image-to-text
+    cross-entropies), with the matched pairs of every process as negatives.
+    """
 
     def __init__(self, config: CmalConfig):
         super().__init__(config)
@@ -889,6 +903,17 @@ class CmalForPreTraining(CmalPreTrainedModel):
         self.cls.bias = new_embeddings.bias
 
     @can_return_tuple
+    @auto_docstring(custom_args=CMAL_INPUTS_DOCSTRING + r"""
+    labels (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*):
+        MLM targets, -100 where no piece is predicted.
+    itm_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+        1 when the caption matches the image, 0 when it does not.
+    mlm_positions (`torch.LongTensor` of shape `(batch_size, num_predictions)`, *optional*):
+        The piece positions at which MLM predicts (-1 padding), as BERT's `masked_lm_positions`: the vocabulary
+        decoder then runs on `num_predictions` slots per row instead of all `text_length` (the pre-training
+        collator gives them; `collator_cmal.mlm_prediction_positions` makes them from `labels`). Labels at
+        positions not listed are not predicted.
+    """)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -906,25 +931,6 @@ class CmalForPreTraining(CmalPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         **kwargs,
     ) -> CmalForPreTrainingOutput:
-        r"""
-        Inputs as [`CmalModel`], plus:
-            labels (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*): MLM targets, -100 ignored.
-            itm_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): 1 the caption matches the image,
-                0 it does not.
-            mlm_positions (`torch.LongTensor` of shape `(batch_size, num_predictions)`, *optional*): the piece
-                positions at which MLM predicts (-1 padding), as BERT's `masked_lm_positions`: the vocabulary
-                decoder then runs on `num_predictions` slots per row instead of all `text_length` (the
-                pre-training collator gives them; `collator_cmal.mlm_prediction_positions` makes them from
-                `labels`). Labels at positions not listed are not predicted.
-        AMC needs no extra labels (its loss is computed when `anchor_concept_ids` are given): its concept term
-        classifies `anchor_concept_ids` at the *mask text* and *mask region* anchors (`anchor_targets`), its mapping
-        term maps every other anchor word to its own region (`anchor_pairing_targets`); `amc_loss` is their sum.
-        Each objective's loss is computed when its targets are given and its config weight is > 0 (a batch
-        without any target of an objective, e.g. no anchors, gives that objective 0, still in the graph); `loss` is
-        their weighted sum. ITC (when `config.itc_loss_weight > 0`) is computed whenever `itm_labels` are given,
-        over the pairs with `itm_labels == 1`, symmetric (mean of the text-to-image and image-to-text
-        cross-entropies), with the matched pairs of every process as negatives.
-        """
         input_shape = text_shape(input_ids, inputs_embeds) if (input_ids is None) != (inputs_embeds is None) else None
         if input_shape is not None:
             validate_pretraining_targets(self.config, labels, itm_labels, mlm_positions, input_shape)
@@ -977,7 +983,8 @@ class CmalForPreTraining(CmalPreTrainedModel):
         if self.cls is not None:
             text_output = sequence_output[:, :text_length]
             if labels is not None and mlm_positions is not None:
-                slots = text_output.gather(1, mlm_positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, text_output.shape[-1]))
+                slots = text_output.gather(
+                    1, mlm_positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, text_output.shape[-1]))
                 slot_labels = labels.gather(1, mlm_positions.clamp(min=0))
                 slot_labels = torch.where(mlm_positions >= 0, slot_labels, torch.full_like(slot_labels, -100))
                 mlm_logits = self.cls(slots)
@@ -993,7 +1000,8 @@ class CmalForPreTraining(CmalPreTrainedModel):
                 losses["itm"] = F.cross_entropy(itm_logits.float(), itm_labels)
 
         if self.itc_head is not None and itm_labels is not None:
-            text_mask = attention_mask if attention_mask is not None else torch.ones_like(sequence_output[:, :text_length, 0])
+            text_mask = (attention_mask if attention_mask is not None
+                         else torch.ones_like(sequence_output[:, :text_length, 0]))
             region_mask = (
                 visual_attention_mask if visual_attention_mask is not None
                 else torch.ones_like(outputs.image_embeds[..., 0])
@@ -1150,7 +1158,8 @@ def _slot_mask(sequence_output: torch.Tensor, num_regions: int, attention_mask, 
 
 
 class CmalClassificationHead(nn.Module):
-    """`Linear(in, 2H) → activation (config.classifier_activation) → LayerNorm → dropout → Linear(2H, num_labels)`, the answer head of LXMERT/UNITER."""
+    """`Linear(in, 2H) → activation (config.classifier_activation) → LayerNorm → dropout →
+    Linear(2H, num_labels)`, the answer head of LXMERT/UNITER."""
 
     def __init__(self, config: CmalConfig, input_size: int, num_labels: int):
         super().__init__()
@@ -1179,30 +1188,30 @@ def _trunk_arguments(input_ids, attention_mask, token_type_ids, visual_feats, vi
                 inputs_embeds=inputs_embeds)
 
 
-def classification_loss(config: CmalConfig, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
-    """The loss of a sequence-classification head, as transformers' own heads compute it from
-    `config.problem_type`: `"single_label_classification"` (class ids `[B]`, cross-entropy, -100 ignored),
-    `"multi_label_classification"` (`[B, num_labels]` targets in [0, 1], binary cross-entropy) or `"regression"`
-    (`[B]` or `[B, num_labels]` values, mean squared error). Unset, it is inferred as transformers does (1 label:
-    regression; integer labels: single label; else multi label) and stored in the config."""
+def classification_loss(model: PreTrainedModel, logits: torch.Tensor, labels: torch.Tensor | None
+                        ) -> torch.Tensor | None:
+    """The loss of a sequence-classification head (`model.loss_type = "ForSequenceClassification"`): transformers'
+    own `ForSequenceClassificationLoss` (`model.loss_function`), which follows `config.problem_type`:
+    `"single_label_classification"` (class ids `[B]`, cross-entropy, -100 ignored), `"multi_label_classification"`
+    (`[B, num_labels]` targets in [0, 1], binary cross-entropy) or `"regression"` (`[B]` or `[B, num_labels]`
+    values, mean squared error). Before it, the labels are checked against the problem type (a clear `ValueError`
+    instead of a shape error deep in torch), which is inferred first when unset, as transformers does (1 label:
+    regression; integer labels: single label; else multi label), and stored in the config once the labels are
+    accepted. The logits go in as float32, for a loss that bf16 would round."""
     if labels is None:
         return None
+    config = model.config
     problem_type = config.problem_type
     if problem_type is None:
-        num_labels = logits.shape[-1]
-        if num_labels == 1:
+        if logits.shape[-1] == 1:
             problem_type = "regression"
         elif isinstance(labels, torch.Tensor) and not labels.is_floating_point():
             problem_type = "single_label_classification"
         else:
             problem_type = "multi_label_classification"
     labels = validate_class_labels(problem_type, labels, logits)
-    config.problem_type = problem_type  # as transformers' heads do, once the labels have been accepted
-    if problem_type == "single_label_classification":
-        return F.cross_entropy(logits.float(), labels, ignore_index=-100)
-    if problem_type == "multi_label_classification":
-        return F.binary_cross_entropy_with_logits(logits.float(), labels)
-    return F.mse_loss(logits.float(), labels)
+    config.problem_type = problem_type
+    return model.loss_function(labels, logits.float(), config)
 
 
 class CmalForQuestionAnswering(CmalPreTrainedModel):
@@ -1219,6 +1228,10 @@ class CmalForQuestionAnswering(CmalPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
+    @auto_docstring(custom_args=CMAL_INPUTS_DOCSTRING + r"""
+    labels (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
+        VQA soft scores in `[0, 1]` (binary cross-entropy per answer). `logits` are `(batch_size, num_labels)`.
+    """)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1234,8 +1247,6 @@ class CmalForQuestionAnswering(CmalPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         **kwargs,
     ) -> CmalTaskOutput:
-        r"""Inputs as [`CmalModel`]; `labels` (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
-        VQA soft scores in [0, 1]. Returns `logits` `(batch_size, num_labels)`."""
         outputs = _trunk(self, _trunk_arguments(input_ids, attention_mask, token_type_ids, visual_feats, visual_pos,
                                                 visual_attention_mask, anchor_pairs, anchor_concept_ids,
                                                 anchor_actions, inputs_embeds), kwargs)
@@ -1258,6 +1269,7 @@ class CmalForVisualEntailment(CmalPreTrainedModel):
 
     def __init__(self, config: CmalConfig):
         super().__init__(config)
+        self.loss_type = "ForSequenceClassification"  # transformers' loss of sequence-classification heads
         self.num_labels = config.num_labels
         self.cmal = CmalModel(config)
         self.task_pooler = CmalTaskPooler(config)
@@ -1265,6 +1277,11 @@ class CmalForVisualEntailment(CmalPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
+    @auto_docstring(custom_args=CMAL_INPUTS_DOCSTRING + r"""
+    labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+        Class ids, or what `config.problem_type` asks for (see the class docstring). `logits` are
+        `(batch_size, num_labels)`.
+    """)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1280,8 +1297,6 @@ class CmalForVisualEntailment(CmalPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         **kwargs,
     ) -> CmalTaskOutput:
-        r"""Inputs as [`CmalModel`]; `labels` (`torch.LongTensor` of shape `(batch_size,)`, *optional*; see the
-        class docstring for the other problem types). Returns `logits` `(batch_size, num_labels)`."""
         outputs = _trunk(self, _trunk_arguments(input_ids, attention_mask, token_type_ids, visual_feats, visual_pos,
                                                 visual_attention_mask, anchor_pairs, anchor_concept_ids,
                                                 anchor_actions, inputs_embeds), kwargs)
@@ -1289,7 +1304,7 @@ class CmalForVisualEntailment(CmalPreTrainedModel):
                                   _slot_mask(outputs.last_hidden_state, visual_feats.shape[1], attention_mask,
                                              visual_attention_mask), anchor_pairs, num_regions=visual_feats.shape[1])
         logits = self.classifier(pooled)
-        return CmalTaskOutput(loss=classification_loss(self.config, logits, labels), logits=logits,
+        return CmalTaskOutput(loss=classification_loss(self, logits, labels), logits=logits,
                               pooler_output=pooled, hidden_states=outputs.hidden_states,
                               attentions=outputs.attentions)
 
@@ -1306,6 +1321,7 @@ class CmalForVisualReasoning(CmalPreTrainedModel):
 
     def __init__(self, config: CmalConfig):
         super().__init__(config)
+        self.loss_type = "ForSequenceClassification"  # transformers' loss of sequence-classification heads
         self.num_labels = config.num_labels
         self.cmal = CmalModel(config)
         self.task_pooler = CmalTaskPooler(config)
@@ -1313,6 +1329,16 @@ class CmalForVisualReasoning(CmalPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
+    @auto_docstring(custom_args=CMAL_INPUTS_DOCSTRING + r"""
+    visual_feats (`torch.FloatTensor` of shape `(batch_size, 2, num_regions, visual_feat_dim)`):
+        The two images' region features; `visual_pos` `(batch_size, 2, num_regions, 4)`,
+        `visual_attention_mask` `(batch_size, 2, num_regions)`, `anchor_pairs` `(batch_size, 2, num_anchor_rows,
+        2)`, `anchor_concept_ids` and `anchor_actions` `(batch_size, 2, num_anchor_rows)` carry the same image
+        axis; the text inputs are shared by both images.
+    labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+        Class ids (0 False, 1 True), or what `config.problem_type` asks for. `logits` are
+        `(batch_size, num_labels)`.
+    """)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1328,8 +1354,6 @@ class CmalForVisualReasoning(CmalPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         **kwargs,
     ) -> CmalTaskOutput:
-        r"""See the class docstring for shapes; `labels` (`torch.LongTensor` of shape `(batch_size,)`, *optional*).
-        Returns `logits` `(batch_size, num_labels)`."""
         validate_image_pair_inputs(visual_feats, visual_pos, visual_attention_mask, anchor_pairs, anchor_concept_ids,
                                    anchor_actions)
 
@@ -1349,7 +1373,7 @@ class CmalForVisualReasoning(CmalPreTrainedModel):
                                            per_image(anchor_pairs), num_regions=visual_feats.shape[2])
         pooled = image_summaries.view(visual_feats.shape[0], -1)
         logits = self.classifier(pooled)
-        return CmalTaskOutput(loss=classification_loss(self.config, logits, labels), logits=logits,
+        return CmalTaskOutput(loss=classification_loss(self, logits, labels), logits=logits,
                               pooler_output=pooled, hidden_states=outputs.hidden_states,
                               attentions=outputs.attentions)
 
@@ -1367,6 +1391,11 @@ class CmalForReferringExpression(CmalPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
+    @auto_docstring(custom_args=CMAL_INPUTS_DOCSTRING + r"""
+    labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+        The referred region's index. `logits` are `(batch_size, num_regions)`, padding regions at the dtype's
+        minimum.
+    """)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1382,8 +1411,6 @@ class CmalForReferringExpression(CmalPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         **kwargs,
     ) -> CmalTaskOutput:
-        r"""Inputs as [`CmalModel`]; `labels` (`torch.LongTensor` of shape `(batch_size,)`, *optional*): referred
-        region index. Returns `logits` `(batch_size, num_regions)`."""
         outputs = _trunk(self, _trunk_arguments(input_ids, attention_mask, token_type_ids, visual_feats, visual_pos,
                                                 visual_attention_mask, anchor_pairs, anchor_concept_ids,
                                                 anchor_actions, inputs_embeds), kwargs)
@@ -1412,6 +1439,11 @@ class CmalForImageTextMatching(CmalPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
+    @auto_docstring(custom_args=CMAL_INPUTS_DOCSTRING + r"""
+    labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+        1 when the text matches the image, 0 when it does not (-100 ignored). `logits` are `(batch_size, 2)`;
+        `logits[:, 1] - logits[:, 0]` ranks pairs for retrieval.
+    """)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1427,8 +1459,6 @@ class CmalForImageTextMatching(CmalPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         **kwargs,
     ) -> CmalTaskOutput:
-        r"""Inputs as [`CmalModel`]; `labels` (`torch.LongTensor` of shape `(batch_size,)`, *optional*).
-        Returns `logits` `(batch_size, 2)`; `logits[:, 1] - logits[:, 0]` ranks pairs for retrieval."""
         outputs = _trunk(self, _trunk_arguments(input_ids, attention_mask, token_type_ids, visual_feats, visual_pos,
                                                 visual_attention_mask, anchor_pairs, anchor_concept_ids,
                                                 anchor_actions, inputs_embeds), kwargs)

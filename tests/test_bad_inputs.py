@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 
 import pytest
+from huggingface_hub.errors import (StrictDataclassClassValidationError, StrictDataclassError,
+                                    StrictDataclassFieldValidationError)
 
 from modeling_cmal import CmalConfig
 
@@ -53,12 +55,33 @@ TINY = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_tex
             num_unified_layers=1, visual_feat_dim=8, vocab_size=100, num_anchor_concepts=10)
 
 
-@pytest.mark.parametrize("hidden_act", ["nope", "GELU", "", None, 3, math.tanh])
+# A config refuses a value of the wrong type through `@strict` (as transformers' own configs do: "Field 'x' expected
+# int, got str (value: '3')") and a value of the right type out of range through its validators ("CmalConfig.x must
+# be ..., got ..."); both errors name the field and the value.
+CONFIG_ERRORS = (ValueError, StrictDataclassError)
+
+
+def wrong_type(name: str, value) -> str:
+    """The message `@strict` gives for `value` of the wrong type in field `name`."""
+    return rf"Field '{name}' .*{re.escape(repr(value))}"
+
+
+@pytest.mark.parametrize("hidden_act", ["nope", "GELU", ""])
 def test_config_refuses_an_activation_outside_act2fn(hidden_act):
     # used to be accepted, then a KeyError when the model was built
-    with pytest.raises(ValueError, match=r"CmalConfig.hidden_act must be the name of an activation of transformers' "
-                                         r"ACT2FN, one of \[.*'gelu'.*\], got " + re.escape(repr(hidden_act))):
+    with pytest.raises(StrictDataclassClassValidationError,
+                       match=r"CmalConfig.hidden_act must be the name of an activation of transformers' ACT2FN, one of "
+                             r"\[.*'gelu'.*\], got " + re.escape(repr(hidden_act))):
         CmalConfig(**TINY, hidden_act=hidden_act)
+
+
+@pytest.mark.parametrize("name, value", [("hidden_act", None), ("hidden_act", 3), ("hidden_act", math.tanh),
+                                         ("classifier_activation", 1.0), ("hidden_size", "32"), ("hidden_size", True),
+                                         ("num_text_layers", 1.0), ("default_anchor_action", None),
+                                         ("tie_word_embeddings", "yes")])
+def test_config_refuses_a_field_of_the_wrong_type_naming_it(name, value):
+    with pytest.raises(StrictDataclassFieldValidationError, match=wrong_type(name, value)):
+        CmalConfig(**{**TINY, name: value})
 
 
 @pytest.mark.parametrize("hidden_act", ["gelu", "relu", "gelu_new", "silu", "tanh"])
@@ -71,8 +94,10 @@ def test_config_accepts_every_act2fn_activation_and_the_model_builds(hidden_act)
 @pytest.mark.parametrize("pad_token_id", [100, 101, 10**9, -1, True, 1.0, "0"])
 def test_config_refuses_a_pad_token_id_outside_the_vocabulary(pad_token_id):
     # 100 >= vocab_size 100 used to be an AssertionError from torch.nn.Embedding when the model was built
-    with pytest.raises(ValueError, match=r"CmalConfig.pad_token_id must be None or an int in \[0, vocab_size = 100\), "
-                                         r"got " + re.escape(repr(pad_token_id))):
+    in_range = r"CmalConfig.pad_token_id must be None or an int in \[0, vocab_size = 100\), got "
+    typed = isinstance(pad_token_id, int) and not isinstance(pad_token_id, bool)
+    with pytest.raises(CONFIG_ERRORS, match=in_range + re.escape(repr(pad_token_id)) if typed
+                       else wrong_type("pad_token_id", pad_token_id)):
         CmalConfig(**TINY, pad_token_id=pad_token_id)
 
 
@@ -85,8 +110,15 @@ def test_config_pad_token_id_inside_the_vocabulary_or_none_is_accepted():
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 0.0, -1e-3, True, "0.02"])
 def test_config_refuses_non_finite_or_non_positive_initializer_range_and_layer_norm_eps(name, value):
     # NaN and inf used to be accepted and give NaN outputs
-    with pytest.raises(ValueError, match=rf"CmalConfig.{name} must be a finite float > 0, got " + re.escape(repr(value))):
+    typed = isinstance(value, float)
+    with pytest.raises(CONFIG_ERRORS, match=rf"CmalConfig.{name} must be a finite float > 0, got "
+                       + re.escape(repr(value)) if typed else wrong_type(name, value)):
         CmalConfig(**TINY, **{name: value})
+
+
+def test_config_float_fields_take_ints_as_transformers_configs_do():
+    config = CmalConfig(**TINY, hidden_dropout_prob=0, itc_loss_weight=1, anchor_mask_both_rate=0, layer_norm_eps=1)
+    assert (config.hidden_dropout_prob, config.itc_loss_weight, config.layer_norm_eps) == (0, 1, 1)
 
 
 @pytest.mark.parametrize("content, kind", [("[1, 2]", "array"), ("null", "null"), ('"cmal"', "string"),
@@ -121,5 +153,6 @@ def test_config_label_maps_round_trip_through_a_folder(tmp_path):
     # a config.json with a bad field names the field
     (tmp_path / "config.json").write_text(json.dumps({**json.loads((tmp_path / "config.json").read_text()),
                                                       "layer_norm_eps": float("nan")}))
-    with pytest.raises(ValueError, match="CmalConfig.layer_norm_eps must be a finite float > 0, got nan"):
+    with pytest.raises(StrictDataclassClassValidationError,
+                       match="CmalConfig.layer_norm_eps must be a finite float > 0, got nan"):
         CmalConfig.from_pretrained(tmp_path)

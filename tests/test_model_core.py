@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from torch.nn import functional as F
 
 from modeling_cmal import CmalConfig, CmalForPreTraining, CmalModel
@@ -362,7 +363,8 @@ def test_resize_token_embeddings_keeps_the_decoder_tied():
 ])
 def test_invalid_config_values_name_the_field(field, value):
     expected = "anchor rates must sum" if field == "anchor_fill_text_rate" else field
-    with pytest.raises(ValueError, match=expected):
+    # `@strict`'s errors, as for transformers' own configs: a wrong type, or a value the validators refuse
+    with pytest.raises((StrictDataclassFieldValidationError, StrictDataclassClassValidationError), match=expected):
         make_config(**{field: value})
 
 
@@ -442,3 +444,22 @@ def test_saved_folder_loads_with_remote_code_in_a_fresh_process(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300)
     assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_every_forward_is_documented_through_auto_docstring():
+    """The forwards' docstrings come from transformers' `auto_docstring` (its standard arguments) and CMAL's own
+    (`CMAL_INPUTS_DOCSTRING` and each head's): every argument has its entry with its shape, and importing the
+    package logs no "is part of ... but not documented" error (checked in a fresh process, where the import runs)."""
+    import inspect
+
+    from modeling_cmal import modeling_cmal
+
+    done = subprocess.run([sys.executable, "-c", "import modeling_cmal"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "not documented" not in done.stderr + done.stdout, done.stderr[-2000:]
+    for name in ("CmalModel", "CmalForPreTraining", "CmalForQuestionAnswering", "CmalForVisualEntailment",
+                 "CmalForVisualReasoning", "CmalForReferringExpression", "CmalForImageTextMatching"):
+        forward = getattr(modeling_cmal, name).forward
+        for argument in inspect.signature(forward).parameters:
+            if argument not in ("self", "kwargs"):
+                assert f"{argument} (`" in forward.__doc__, (name, argument)
+        assert "visual_feats (`torch.FloatTensor` of shape" in forward.__doc__, name

@@ -6,10 +6,15 @@ import json
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import BertTokenizer
 
 from modeling_cmal import CMAL_SIZES, CmalConfig
 from modeling_cmal.processing_cmal import CmalProcessor
+
+# What building a `CmalConfig` from bad fields raises: `@strict`'s errors for a field of the wrong type or a value its
+# validators refuse (as for transformers' own configs), `ValueError` / `TypeError` for the rest.
+CONFIG_ERRORS = (StrictDataclassError, ValueError, TypeError)
 
 
 def default_tokenizer_dir() -> str:
@@ -72,12 +77,11 @@ def decays(name: str, parameter: torch.nn.Parameter) -> bool:
 def config_from(size_or_file: str, flag: str, sizes: dict[str, int], **fields) -> CmalConfig:
     """A named size (`CMAL_SIZES`) or a JSON file of `CmalConfig` fields given to `flag`, with `sizes`
     (`data_sizes`) and `fields` on top. Raises `ValueError` naming the flag."""
-    if size_or_file in CMAL_SIZES:
-        return CmalConfig.from_size(size_or_file, **sizes, **fields)
-    merged = {**read_config_fields(size_or_file, flag, sizes), **fields}
     try:
-        return CmalConfig(**merged)
-    except (TypeError, ValueError) as error:
+        if size_or_file in CMAL_SIZES:
+            return CmalConfig.from_size(size_or_file, **sizes, **fields)
+        return CmalConfig(**{**read_config_fields(size_or_file, flag, sizes), **fields})
+    except CONFIG_ERRORS as error:
         raise ValueError(f"{flag} {size_or_file!r}: {error}") from None
 
 
