@@ -298,7 +298,7 @@ def test_remote_code_crosses_between_two_environments(direction, tmp_path):
 @pytest.mark.smoke
 def test_a_folder_saved_with_transformers_5_24_written_anew_loads_with_remote_code(tmp_path):
     """The documented way for an old folder to run as remote code: `cmal-hub-export` writes it with today's code."""
-    from cmal_examples.hub_export import main as hub_export
+    from cmal_examples.hub_export import export as hub_export
 
     folder = hub_export(["--model", str(SAVED_5_24), "--output", str(tmp_path / "vqa")])
     (folder / "expected.json").write_text((SAVED_5_24 / "expected_outputs.json").read_text())
