@@ -51,6 +51,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,11 +59,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
+from transformers import HfArgumentParser  # noqa: E402
 
 from modeling_cmal import CmalConfig, CmalForPreTraining  # noqa: E402
 from modeling_cmal.collator_cmal import CmalPretrainingCollator  # noqa: E402
 from modeling_cmal.processing_cmal import CmalProcessor  # noqa: E402
+from cmal_processing.arguments import parse_dataclasses  # noqa: E402
 from cmal_processing.readers import load_tag_vocab  # noqa: E402
 
 TARGET_RATIO = 10.0
@@ -74,43 +76,50 @@ RELATIONS = ("next to", "on top of", "in front of", "behind", "beside", "under",
 OPENINGS = ("a photo of", "there is", "this picture shows", "we can see", "an image with")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+@dataclass
+class BenchDataArguments:
+    """The flags of the benchmark (`HfArgumentParser`: `--num-images` and `--num_images` alike). The sizes left at
+    None take the defaults of the mode (`--quick` or not); a bad value raises `ValueError` naming the flag."""
+
+    num_images: int | None = field(default=None, metadata={"help": "images in the dataset (default 256)"})
+    captions_per_image: int = field(default=2, metadata={"help": "rows per image (default 2)"})
+    batch_size: int | None = field(default=None, metadata={"help": "batch of both sides (default 32)"})
+    steps: int | None = field(default=None, metadata={
+        "help": "rounds: timed model steps, each paired with a data measurement (default 3)"})
+    data_epochs: int = field(default=1, metadata={"help": "epochs timed on the data side in each round (default 1)"})
+    threads: int | None = field(default=None, metadata={"help": "torch threads (default: as set)"})
+    quick: bool = field(default=False, metadata={"help": "64 images, batch 16, 1 round (smoke test)"})
+    work_dir: str | None = field(default=None, metadata={
+        "help": "scratch folder for the .tsv and the dataset (default: a temporary one, removed at the end)"})
+    json: str | None = field(default=None, metadata={"help": "write the results to this JSON file"})
+    seed: int = 0
+    streaming: bool = field(default=False, metadata={
+        "help": "the streamed-corpus check instead: bytes stored per caption pair (40 images x 5 captions) and "
+                "samples/s of one DataLoader worker on pre-tokenised rows (see streaming_main)"})
+    workers: int = field(default=1, metadata={"help": "--streaming: DataLoader workers (default 1)"})
+
+    def __post_init__(self):
+        for name in ("num_images", "captions_per_image", "batch_size", "steps", "data_epochs", "threads", "workers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        defaults = dict(num_images=64, batch_size=16, steps=1) if self.quick else dict(num_images=256, batch_size=32,
+                                                                                        steps=3)
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        rows = self.num_images * self.captions_per_image
+        if rows < 2 * self.batch_size:
+            raise ValueError(f"--num-images x --captions-per-image ({rows} rows) must give at least two batches of "
+                             f"--batch-size {self.batch_size}")
+        if self.work_dir and Path(self.work_dir).exists() and any(Path(self.work_dir).iterdir()):
+            raise ValueError(f"--work-dir {self.work_dir!r} exists and is not empty")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-images", type=positive_int, default=None, help="images in the dataset (default 256)")
-    parser.add_argument("--captions-per-image", type=positive_int, default=2, help="rows per image (default 2)")
-    parser.add_argument("--batch-size", type=positive_int, default=None, help="batch of both sides (default 32)")
-    parser.add_argument("--steps", type=positive_int, default=None, help="rounds: timed model steps, each paired with a data measurement (default 3)")
-    parser.add_argument("--data-epochs", type=positive_int, default=1,
-                        help="epochs timed on the data side in each round (default 1)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: as set)")
-    parser.add_argument("--quick", action="store_true", help="64 images, batch 16, 1 round (smoke test)")
-    parser.add_argument("--work-dir", help="scratch folder for the .tsv and the dataset (default: a temporary one, "
-                                           "removed at the end)")
-    parser.add_argument("--json", help="write the results to this JSON file")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--streaming", action="store_true",
-                        help="the streamed-corpus check instead: bytes stored per caption pair (40 images x 5 captions) "
-                             "and samples/s of one DataLoader worker on pre-tokenised rows (see streaming_main)")
-    parser.add_argument("--workers", type=positive_int, default=1, help="--streaming: DataLoader workers (default 1)")
-    args = parser.parse_args(argv)
-    defaults = dict(num_images=64, batch_size=16, steps=1) if args.quick else dict(num_images=256, batch_size=32,
-                                                                                    steps=3)
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    rows = args.num_images * args.captions_per_image
-    if rows < 2 * args.batch_size:
-        parser.error(f"--num-images x --captions-per-image ({rows} rows) must give at least two batches of "
-                     f"--batch-size {args.batch_size}")
-    if args.work_dir and Path(args.work_dir).exists() and any(Path(args.work_dir).iterdir()):
-        parser.error(f"--work-dir {args.work_dir!r} exists and is not empty")
+def parse_args(argv=None) -> BenchDataArguments:
+    parser = HfArgumentParser(BenchDataArguments, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    (args,) = parse_dataclasses(parser, argv)
     return args
 
 
@@ -160,7 +169,7 @@ def write_sources(folder: Path, num_images: int, captions_per_image: int, seed: 
     return tsv, jsonl
 
 
-def build_dataset(folder: Path, args: argparse.Namespace) -> tuple[Path, float]:
+def build_dataset(folder: Path, args: BenchDataArguments) -> tuple[Path, float]:
     """Writes the sources, runs the real builder, removes the sources; returns the dataset folder and build time."""
     from cmal_processing.captions import build_captions
 
@@ -322,7 +331,7 @@ def streaming_samples_per_second(corpus: Path, processor: CmalProcessor, batch_s
     return samples / (time.perf_counter() - start), samples
 
 
-def streaming_main(args: argparse.Namespace) -> int:
+def streaming_main(args: BenchDataArguments) -> int:
     """Prints the storage table and the per-worker throughput; PASS needs <= 1.3x the features stored once and
     >= 2,000 samples/s per worker (batch 32, 36 x 2048-d regions, pre-tokenised rows)."""
     from datasets import disable_progress_bars

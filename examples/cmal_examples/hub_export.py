@@ -23,6 +23,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -382,7 +383,9 @@ def parse_args(argv: Sequence[str] | None = None) -> HubExportArguments:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def export(argv: Sequence[str] | None = None) -> Path:
+    """What the command line does, for Python callers: writes the folder of the flags in `argv` (default
+    `sys.argv[1:]`) and returns its path."""
     args = parse_args(argv)
     metrics = None
     if args.metrics:
@@ -405,5 +408,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     return folder
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script `cmal-hub-export` (`sys.exit(main())`): 0 once the folder is written. `export` returns the
+    folder."""
+    export(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
