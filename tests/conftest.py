@@ -72,3 +72,19 @@ def save_tiny_detector(folder: pathlib.Path, feature_dim: int, labels: list[str]
     YolosForObjectDetection(config).eval().save_pretrained(folder)
     YolosImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}).save_pretrained(folder)
     return folder
+
+
+def load_benchmark(name: str):
+    """Import `benchmarks/<name>.py` as the module `name` (the folder is not a package) and yield it; a generator,
+    for module-scoped fixtures, that removes the module again."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where dataclasses look up the module's annotations
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]

@@ -4,24 +4,11 @@ bad flag stops the script with exit status 2 and its name. Nothing is measured h
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
-
-
-def load_benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # where dataclasses look up the module's annotations
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
