@@ -31,6 +31,8 @@ Writing is resumable: a shard is written as `.images-0000i.parquet.tmp-*` and re
 
 from __future__ import annotations
 
+import atexit
+import gc
 import hashlib
 import json
 import os
@@ -57,6 +59,13 @@ __all__ = [
     "read_corpus_info",
     "write_image_shards",
 ]
+
+# A streamed corpus reads its shards through pyarrow's dataset scanner. Scanner iterators left in reference cycles
+# are freed by the interpreter's last garbage collection, after Arrow's runtime is gone, and their threads then
+# abort the process ("terminate called without an active exception", exit -6) once the work is done
+# (apache/arrow#45214, huggingface/datasets#7566; seen here in a two-process read on a loaded machine). Collecting
+# at exit, while Arrow is alive, frees them in order.
+atexit.register(gc.collect)
 
 CORPUS_INFO_FILE = "corpus_info.json"
 SHARD_NAME = "images-{index:05d}.parquet"
