@@ -31,30 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cmal_examples.arguments import parse_arguments
+from cmal_examples.main_job import BUDGETS, FINETUNE_WARMUP_STEPS, MODEL_FIELDS, PRESETS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-PRESETS = {
-    # The world: task scenes (labels) and as many more scenes again whose captions only pre-training sees (VLP's
-    # regime: captions are cheap, labels are not), its own word-piece vocabulary; pre-training steps; the two label
-    # budgets of fine-tuning (the same from pre-trained and from scratch); model sizes; MRFR beside AMC, MLM and ITM
-    # (without it pre-training leaves a region's colour a few percent of its state's variance: docs/research.md).
-    "default": dict(num_scenes=1000, validation_fraction=0.2, questions_per_scene=4, pretrain_scenes=6000,
-                    pretrain_steps=2000, pretrain_learning_rate=1e-3, finetune_epochs=8, finetune_samples=3000,
-                    scarce_epochs=20, scarce_samples=300, finetune_learning_rate=3e-4, hidden_size=128,
-                    num_attention_heads=4, intermediate_size=256, num_text_layers=2, num_visual_layers=1,
-                    num_unified_layers=2, mrfr_loss_weight=1.0),
-    "smoke": dict(num_scenes=200, validation_fraction=0.2, questions_per_scene=4, pretrain_scenes=200,
-                  pretrain_steps=20, pretrain_learning_rate=5e-4, finetune_epochs=1, finetune_samples=200,
-                  scarce_epochs=2, scarce_samples=50, finetune_learning_rate=3e-4, hidden_size=32,
-                  num_attention_heads=2, intermediate_size=64, num_text_layers=1, num_visual_layers=1,
-                  num_unified_layers=1, mrfr_loss_weight=1.0),
-}
-# The two label budgets: samples and epochs of each fine-tuning run.
-BUDGETS = {"full": ("finetune_samples", "finetune_epochs"), "scarce": ("scarce_samples", "scarce_epochs")}
-MODEL_FIELDS = ("hidden_size", "num_attention_heads", "intermediate_size", "num_text_layers", "num_visual_layers",
-                "num_unified_layers", "mrfr_loss_weight")
-
 
 @dataclass
 class QuickstartArguments:
@@ -287,35 +266,9 @@ def finetune_command(task: str, start: Path, dataset: Path, target: Path, preset
     return [sys.executable, TASKS[task]["script"], "--model_name_or_path", str(start), "--dataset_path", str(dataset),
             "--output_dir", str(target), "--num_train_epochs", str(epochs), "--max_train_samples", str(samples),
             "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64", "--learning_rate",
-            str(preset["finetune_learning_rate"]), "--warmup_steps", "20", "--eval_strategy", "no", "--save_strategy",
+            str(preset["finetune_learning_rate"]), "--warmup_steps", str(FINETUNE_WARMUP_STEPS), "--eval_strategy", "no", "--save_strategy",
             "no", "--seed", str(seed), "--report_to", "none", "--do_train", "--do_eval",
             *(["--do_predict"] if task == "vqa" else [])]
-
-
-def vqa_question_types(dataset: Path, runs: dict[str, Path]) -> dict[str, dict[str, float]]:
-    """Per question type of the validation split (as the world writes it: "what shape is the", ...): the accuracy of
-    each run's predictions (`predictions.jsonl`) and chance (always the type's most frequent answer)."""
-    from collections import Counter, defaultdict
-
-    from cmal_processing.corpus import load_corpus
-
-    rows = load_corpus(dataset)["validation"].with_format(None)
-    vocabulary = json.loads((dataset / "answer_vocab.json").read_text())
-    truth, kinds = {}, defaultdict(list)
-    for row in rows:
-        best = max(range(len(row["answer_ids"])), key=lambda index: row["answer_scores"][index])
-        truth[row["question_id"]] = vocabulary[row["answer_ids"][best]]
-        kinds[row["question_type"]].append(row["question_id"])
-    predicted = {name: {record["question_id"]: record["answer"]
-                        for record in map(json.loads, (run / "predictions.jsonl").read_text().splitlines())}
-                 for name, run in runs.items()}
-    table = {}
-    for kind, questions in sorted(kinds.items()):
-        table[kind] = {name: sum(answers[question] == truth[question] for question in questions) / len(questions)
-                       for name, answers in predicted.items()}
-        table[kind]["chance"] = Counter(truth[question] for question in questions).most_common(1)[0][1] / len(questions)
-        table[kind]["questions"] = len(questions)
-    return table
 
 
 def last_pretraining_accuracies(metrics_file: Path) -> dict[str, float]:
@@ -423,6 +376,8 @@ def main(argv=None) -> None:
             f"5/6 Evaluate the pre-trained {task} model with the validation images shuffled",
             evaluate_command(task, output / f"{task}_pretrained", shuffled_data, target), logs / f"{task}_shuffled.log")
         scores[task]["images_shuffled"] = read_eval_score(target, task)
+    from cmal_examples.tasks import vqa_question_types
+
     vqa_types = vqa_question_types(data / "vqa", {"pretrained": output / "vqa_pretrained",
                                                   "scratch": output / "vqa_scratch"})
 

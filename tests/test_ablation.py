@@ -285,11 +285,50 @@ def test_variants_differ_from_full_cmal_only_where_intended(ablation, variant_se
     (["--keep_runs", "maybe"], "--keep_runs"),
     (["--no_such_flag", "1"], "--no_such_flag"),
     (["--seeds", "0,one"], "--seeds"),
+    (["--scarce_samples", "30"], "--scarce_samples"),
+    (["--scarce_epochs", "2", "--warmup_steps", "1"], "--scarce_epochs"),
+    (["--finetune_steps", "3", "--finetune_epochs", "2"], "not both"),
+    (["--finetune_epochs", "2"], "--warmup_steps"),
+    (["--finetune_epochs", "-2", "--warmup_steps", "1"], "--finetune_epochs"),
+    (["--validation_fraction", "1.5"], "--validation_fraction"),
+    (["--pretrain_scenes", "-1"], "--pretrain_scenes"),
 ])
 def test_arguments_are_validated(ablation, capsys, flags, message):
     with pytest.raises(SystemExit):
         ablation.parse_args(["--output_dir", "unused", "--preset", "tiny", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_the_main_preset_is_the_main_jobs_design(ablation, tmp_path):
+    """`--preset main` runs the study on examples/quickstart.py's design: its world, model (with MRFR), pre-training
+    and both label budgets, flag for flag where the two programs share a flag."""
+    import quickstart  # examples/ (the ablation fixture puts it on the path)
+    from cmal_examples import main_job as design  # what both programs take the design from
+
+    main_job = design.PRESETS["default"]
+    args = ablation.parse_args(["--output_dir", str(tmp_path), "--preset", "main"])
+    assert args.world_tokenizer and args.seeds == [0, 1, 2, 3, 4] and args.data_fractions == [0.0, 0.1, 0.3, 1.0]
+    assert (args.corpus_scenes, args.pretrain_scenes, args.validation_fraction, args.questions_per_scene) == (
+        main_job["num_scenes"], main_job["pretrain_scenes"], main_job["validation_fraction"],
+        main_job["questions_per_scene"])
+    assert ablation.EXTRA_SIZES[args.model_config] == {name: main_job[name] for name in design.MODEL_FIELDS}
+    assert ablation.EXTRA_SIZES[args.model_config]["mrfr_loss_weight"] > 0
+    assert (args.pretrain_steps, args.pretrain_learning_rate) == (main_job["pretrain_steps"],
+                                                                 main_job["pretrain_learning_rate"])
+
+    def flags(argv: list[str]) -> dict:
+        return {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")
+                and not argv[i + 1].startswith("--")}
+
+    for budget in ("full", "scarce"):
+        ours = flags(ablation.finetuning_arguments("vqa", tmp_path, tmp_path, tmp_path / "out", args, 3, budget))
+        theirs = flags(quickstart.finetune_command("vqa", tmp_path, tmp_path / "vqa", tmp_path / "out", main_job, 3,
+                                                   budget)[2:])
+        assert ours["--dataset_path"] == theirs["--dataset_path"]
+        for flag in ("--num_train_epochs", "--max_train_samples", "--learning_rate", "--warmup_steps",
+                     "--per_device_train_batch_size", "--seed"):
+            assert float(ours[flag]) == float(theirs[flag]), (budget, flag)
+        assert "--max_steps" not in ours
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -430,8 +469,9 @@ def test_a_failing_finetuning_stops_the_study_with_its_log_tail(ablation, tmp_pa
 
 @pytest.mark.slow
 def test_tiny_preset_end_to_end(tmp_path, synthetic_corpus, bert_dir):
-    """The program as docs/research.md runs it (tiny preset, two seeds, four variants, two tasks, full CMAL's curve):
-    every pre-training through pretrain.py with the variant's config, every fine-tuning through run_finetuning."""
+    """The program as docs/research.md runs it (tiny preset, two seeds, four variants, two tasks, full CMAL's curve,
+    both label budgets): every pre-training through pretrain.py with the variant's config, every fine-tuning through
+    run_finetuning, VQA scored per question type."""
     import json
     import os
     import subprocess
@@ -444,7 +484,8 @@ def test_tiny_preset_end_to_end(tmp_path, synthetic_corpus, bert_dir):
     command = [sys.executable, str(REPO_ROOT / "examples" / "ablation.py"), "--preset", "tiny",
                "--output_dir", str(tmp_path), "--corpus_dir", str(synthetic_corpus), "--tokenizer", str(bert_dir),
                "--seeds", "0,1", "--variants", "cmal,no_amc,contrastive,no_pretraining",
-               "--efficiency_variants", "cmal", "--tasks", "vqa,refcoco"]
+               "--efficiency_variants", "cmal", "--tasks", "vqa,refcoco", "--scarce_samples", "24",
+               "--scarce_epochs", "1", "--warmup_steps", "1"]
     result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=900)
     assert result.returncode == 0, result.stderr[-5000:]
     for name in ("results.json", "ablation.md", "ablation.png", "data_efficiency.md", "data_efficiency.png"):
@@ -466,10 +507,21 @@ def test_tiny_preset_end_to_end(tmp_path, synthetic_corpus, bert_dir):
             folder = tmp_path / run["folder"]
             assert folder.name == (f"{name}-{size}-seed{run['seed']}" if name != "no_pretraining"
                                    else f"no_pretraining-0-seed{run['seed']}")
-            # The scores are the fine-tuning code path's own evaluation.
+            # The scores are the fine-tuning code path's own evaluation, at each budget.
             for task, metric in (("vqa", "vqa_accuracy"), ("refcoco", "iou_accuracy")):
                 evaluated = json.loads((folder / "finetuned" / task / "eval_results.json").read_text())
                 assert run["scores"][task] == pytest.approx(evaluated[f"eval_{metric}"])
+                evaluated = json.loads((folder / "finetuned_scarce" / task / "eval_results.json").read_text())
+                assert run["scarce_scores"][task] == pytest.approx(evaluated[f"eval_{metric}"])
+                # 24 labelled rows, batch 8, one epoch: 3 steps.
+                state = json.loads((folder / "finetuned_scarce" / task / "trainer_state.json").read_text())
+                assert state["max_steps"] == 3
+            # VQA per question type, over the rows evaluated (the first 16): a share of each type's questions.
+            assert set(run["vqa_types"]) == set(results["vqa_types"])
+            for kind, accuracy in run["vqa_types"].items():
+                questions = results["vqa_types"][kind]["questions"]
+                assert accuracy * questions == pytest.approx(round(accuracy * questions))
+            assert ("pretrain_accuracies" in run) == (name != "no_pretraining")
     # Pre-training went through pretrain.py with the variant's config: its saved config, its arguments, and the
     # recorded losses are the last quarter of its metrics.jsonl.
     for name, variant in variants.items():
@@ -501,7 +553,15 @@ def test_tiny_preset_end_to_end(tmp_path, synthetic_corpus, bert_dir):
     # Once scored, a run keeps its records and loses its weights, checkpoints and copied files.
     assert not list(tmp_path.glob("runs/**/*.safetensors")) and not list(tmp_path.glob("runs/**/checkpoint*"))
     assert not list(tmp_path.glob("runs/**/tokenizer.json")) and not (tmp_path / "pretrain_subsets").exists()
+    assert results["budgets"] == ["full", "scarce"]
+    assert sum(row["questions"] for row in results["vqa_types"].values()) == results["settings"]["max_eval_samples"]
+    assert all(0 <= row["chance"] <= 1 for row in results["vqa_types"].values())
     table = (tmp_path / "ablation.md").read_text()
+    assert "## Scarce labels (24 labelled samples × 1 epochs per task)" in table
+    assert "## VQA per question type" in table and "| chance |" in table
+    for name in ("no_amc", "contrastive", "no_pretraining"):
+        assert set(variants[name]["vqa_types_difference_to_cmal"]) == set(results["vqa_types"])
+        assert set(variants[name]["scarce_difference_to_cmal"]) == {"vqa", "refcoco", "mean"}
     assert "| CMAL (full) |" in table and "±" in table and "| contrastive (ITC + MLM + ITM) |" in table
     assert "95 % confidence interval" in table and "variant − full CMAL" in table
     # Paired differences: seed by seed against full CMAL, with their own interval.

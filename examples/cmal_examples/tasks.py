@@ -1,22 +1,24 @@
 """The four downstream tasks of the fine-tuning programs, as `FinetuneTask`s: head, columns, labels, metric and
 prediction records. `finetune_<task>.py` runs one of them through `run_finetuning`; the ablation study
-(`examples/ablation.py`) fine-tunes all four.
+(`examples/ablation.py`) fine-tunes all four; `vqa_question_types` scores VQA predictions per question type.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from cmal_processing.corpus import load_corpus
 from cmal_processing.schema import ANSWER_VOCAB_FILE
 from transformers import EvalPrediction
 
 from modeling_cmal import (CmalForQuestionAnswering, CmalForReferringExpression, CmalForVisualEntailment,
                            CmalForVisualReasoning, select_top_regions)
 
-from .finetuning import FinetuneTask
+from .finetuning import PREDICTIONS_FILE, FinetuneTask
 
 IOU_THRESHOLD = 0.5
 
@@ -149,3 +151,31 @@ class RefcocoTask(FinetuneTask):
 
 
 TASKS = {"vqa": VqaTask, "nlvr2": Nlvr2Task, "snli_ve": SnliVeTask, "refcoco": RefcocoTask}
+
+
+def vqa_question_types(dataset: Path, runs: dict[str, Path],
+                       max_samples: int | None = None) -> dict[str, dict[str, float]]:
+    """Per question type of a VQA dataset's validation split (its `question_type` column, as the synthetic world
+    writes it: "what shape is the", ...): the accuracy of each run's predicted answers (`runs`: name → the output
+    folder of a VQA fine-tuning run with `--do_predict` on that split, holding `predictions.jsonl`), chance (always
+    the type's most frequent answer) and the number of questions. `max_samples`: only the split's first rows, as
+    the fine-tuning scripts' `--max_eval_samples` / `--max_predict_samples` select them."""
+    rows = load_corpus(dataset)["validation"].with_format(None)
+    if max_samples is not None:
+        rows = rows.select(range(min(max_samples, len(rows))))
+    vocabulary = json.loads((Path(dataset) / ANSWER_VOCAB_FILE).read_text())
+    truth, kinds = {}, defaultdict(list)
+    for row in rows:
+        best = max(range(len(row["answer_ids"])), key=lambda index: row["answer_scores"][index])
+        truth[row["question_id"]] = vocabulary[row["answer_ids"][best]]
+        kinds[row["question_type"]].append(row["question_id"])
+    predicted = {name: {record["question_id"]: record["answer"]
+                        for record in map(json.loads, (Path(run) / PREDICTIONS_FILE).read_text().splitlines())}
+                 for name, run in runs.items()}
+    table = {}
+    for kind, questions in sorted(kinds.items()):
+        table[kind] = {name: sum(answers[question] == truth[question] for question in questions) / len(questions)
+                       for name, answers in predicted.items()}
+        table[kind]["chance"] = Counter(truth[question] for question in questions).most_common(1)[0][1] / len(questions)
+        table[kind]["questions"] = len(questions)
+    return table
