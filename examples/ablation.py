@@ -868,15 +868,12 @@ def prepare_corpus(args, output_dir: Path) -> Path:
 
     corpus = output_dir / "corpus"
     world = dict(num_scenes=args.corpus_scenes, pretrain_scenes=args.pretrain_scenes,
-                 questions_per_scene=args.questions_per_scene or DEFAULT_QUESTIONS_PER_SCENE)
+                 questions_per_scene=args.questions_per_scene or DEFAULT_QUESTIONS_PER_SCENE,
+                 validation_fraction=args.validation_fraction)
     existing = corpus / CONFIG_FILE
     built = json.loads(existing.read_text()) if existing.is_file() else {}
-    # The share held out is not in the corpus' config: its task rows tell it (the validation share of the scenes).
-    rows = built.get("rows", {}).get("vqa", {})
-    same = all(built.get(key) == value for key, value in world.items()) and rows and math.isclose(
-        rows["validation"] / max(1, rows["train"] + rows["validation"]), args.validation_fraction, abs_tol=0.05)
-    if not same:
-        build_synthetic_corpus(corpus, seed=0, validation_fraction=args.validation_fraction, progress=True, **world)
+    if any(built.get(key) != value for key, value in world.items()):
+        build_synthetic_corpus(corpus, seed=0, progress=True, **world)
     return corpus
 
 

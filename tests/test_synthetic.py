@@ -99,6 +99,7 @@ def test_columns_are_the_real_builders_schema(corpus):
                 "snli_ve": schema.snli_ve_features, "refcoco": schema.refcoco_features}
     config = json.loads((corpus / "synthetic_config.json").read_text())
     assert config["feature_dim"] == 32 and config["num_scenes"] == 60 and config["questions_per_scene"] == 8
+    assert config["validation_fraction"] == 0.1  # the builder's default, as NUM_VALIDATION_SCENES says
     for task, features in expected.items():
         dataset = load_corpus(corpus / task)
         assert set(dataset) == {"train", "validation"}
