@@ -110,8 +110,10 @@ class Variant:
 
 
 VARIANTS = {
-    "cmal": Variant("CMAL (full)", "AMC + MLM + ITM, swap filling, uni-modal encoders"),
-    "no_amc": Variant("w/o AMC", "amc_loss_weight = 0 (anchors are still filled and masked)"),
+    "cmal": Variant("CMAL (full)", "the preset's model as it is: AMC + MLM + ITM (the main preset adds MRFR and ITC), "
+                    "swap filling, uni-modal encoders"),
+    "no_amc": Variant("w/o AMC", "amc_loss_weight = 0 (anchors are still filled and masked; ITC and MRFR as in the "
+                      "preset's model)"),
     "no_filling": Variant("w/o swap filling", "anchor_fill_text_rate = anchor_fill_region_rate = 0 (kept instead)"),
     "single_stream": Variant("w/o uni-modal encoders", "num_text_layers = num_visual_layers = 0; the unified "
                              "encoder takes the text layers (same text depth)"),

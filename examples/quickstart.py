@@ -5,7 +5,7 @@
 
 Steps: build a synthetic world in VLP's regime (1,000 task scenes with labels, 6,000 more scenes whose captions
 only pre-training sees, the world's own word-piece vocabulary) → pre-train a small CMAL (AMC + MLM + ITM, plus
-MRFR) with `examples/pretrain.py` → reload it through `AutoModelForPreTraining` with `trust_remote_code` in a
+MRFR and ITC) with `examples/pretrain.py` → reload it through `AutoModelForPreTraining` with `trust_remote_code` in a
 process where this package cannot be imported and measure AMC accuracy against chance → fine-tune each of the four
 tasks (VQA, NLVR2, SNLI-VE, RefCOCO+) with Trainer, from the pre-trained model and from the same architecture
 freshly initialised, at two label budgets (full: 3,000 samples × 8 epochs; scarce: 300 samples × 20 epochs; the two
@@ -339,9 +339,9 @@ def main(argv=None) -> None:
         str(preset["pretrain_learning_rate"]), "--logging_steps", "10", "--eval_steps",
         str(max(10, preset["pretrain_steps"] // 10)), "--checkpointing_steps", str(preset["pretrain_steps"]),
         "--seed", str(args.seed), "--max_text_length", "40"]
-    # Only the widths (and MRFR's weight) come from the preset: the script sizes the vocabulary, lexicon and features
-    # from the data.
-    timings["pretrain"] = run_step("2/6 Pre-train CMAL (AMC + MLM + ITM + MRFR)", pretrain_command,
+    # Only the widths (and MRFR's and ITC's weights) come from the preset: the script sizes the vocabulary, lexicon
+    # and features from the data.
+    timings["pretrain"] = run_step("2/6 Pre-train CMAL (AMC + MLM + ITM + MRFR + ITC)", pretrain_command,
                                    logs / "pretrain.log")
     plot_curves(pretrained / "metrics.jsonl", output / "loss_curves.png")
     for line in loss_curve_lines(pretrained / "metrics.jsonl"):
