@@ -200,6 +200,10 @@ def write_shuffled_validation(task_dir: Path, target: Path, seed: int) -> Path:
     return target
 
 
+# The losses pre-training logs (`train/<key>`), the total first; an objective that is off logs none.
+LOSS_KEYS = ("loss", "amc_loss", "mlm_loss", "itm_loss", "itc_loss", "mrfr_loss")
+
+
 def plot_curves(metrics_file: Path, png: Path) -> None:
     import matplotlib
 
@@ -210,10 +214,10 @@ def plot_curves(metrics_file: Path, png: Path) -> None:
     train = [row for row in rows if "train/loss" in row]
     evals = [row for row in rows if "eval/amc_accuracy" in row]
     figure, (losses, accuracy) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("train/loss", "train/amc_loss", "train/mlm_loss", "train/itm_loss", "train/mrfr_loss"):
-        if key not in train[0]:  # an objective that is off
+    for key in LOSS_KEYS:
+        if f"train/{key}" not in train[0]:  # an objective that is off
             continue
-        losses.plot([row["step"] for row in train], [row[key] for row in train], label=key.split("/")[1])
+        losses.plot([row["step"] for row in train], [row[f"train/{key}"] for row in train], label=key)
     losses.set(xlabel="optimizer step", ylabel="loss", title="CMAL pre-training losses")
     losses.legend()
     for key in ("eval/amc_accuracy", "eval/mlm_accuracy", "eval/itm_accuracy"):
@@ -229,7 +233,7 @@ def loss_curve_lines(metrics_file: Path, points: int = 6) -> list[str]:
     """The pre-training losses at a few steps, as text (the PNG has every logged step)."""
     rows = [row for row in map(json.loads, metrics_file.read_text().splitlines()) if "train/loss" in row]
     picked = [rows[round(i * (len(rows) - 1) / (points - 1))] for i in range(points)] if len(rows) >= points else rows
-    keys = [key for key in ("loss", "amc_loss", "mlm_loss", "itm_loss", "mrfr_loss") if f"train/{key}" in rows[0]]
+    keys = [key for key in LOSS_KEYS if f"train/{key}" in rows[0]]
     lines = ["    step  " + "".join(f"{key:>10}" for key in keys)]
     lines += [f"    {row['step']:>4}  " + "".join(f"{row.get('train/' + key, float('nan')):>10.3f}" for key in keys)
               for row in picked]

@@ -43,6 +43,12 @@ def test_quickstart_smoke_preset_runs_every_step(tmp_path):
     assert summary["world"]["pretrain_captions"] > max(summary["world"]["labelled"].values())
     assert len(summary["examples"]) == 5 and all(item["predicted"] for item in summary["examples"])
     assert (output / "loss_curves.png").stat().st_size > 10_000
+    # The loss table has a column for every loss pre-training logged (the main job's five objectives and the total).
+    first_row = json.loads((output / "pretrained" / "metrics.jsonl").read_text().splitlines()[0])
+    logged = {key.split("/")[1] for key in first_row if key.startswith("train/") and key.endswith("loss")}
+    assert logged == {"loss", "amc_loss", "mlm_loss", "itm_loss", "itc_loss", "mrfr_loss"}, logged
+    header = next(line.split() for line in result.stdout.splitlines() if line.split()[:2] == ["step", "loss"])
+    assert set(header[1:]) == logged, header
     for line in ("AMC accuracy", "pre-trained", "scratch", "images shuffled", "mean over tasks of pre-trained",
                  "scarce labels", "VQA per question type", "what shape is the"):
         assert line in result.stdout
