@@ -178,7 +178,7 @@ PRESETS = {
                  warmup_steps=main_job.FINETUNE_WARMUP_STEPS),
 }
 # Model sizes beyond CMAL_SIZES: a CPU-sized model for the study of docs/research.md, and the main job's model
-# (its widths and MRFR beside AMC, MLM and ITM).
+# (its widths, and MRFR and ITC beside AMC, MLM and ITM).
 EXTRA_SIZES = {"small_cpu": dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, num_text_layers=1,
                                  num_visual_layers=1, num_unified_layers=2),
                "main_job": {name: _MAIN_JOB[name] for name in main_job.MODEL_FIELDS}}

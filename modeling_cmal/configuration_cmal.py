@@ -58,8 +58,8 @@ class CmalConfig(PreTrainedConfig):
         anchor_pairing_temperature (`float`, defaults to 0.07): initial temperature of AMC's mapping term (cosine
             similarity of an anchor word with every region, on the two hyperspheres); learned from there.
         anchor_pairing_min_temperature (`float`, defaults to 0.01): the temperature is clamped from below at this.
-        itc_temperature (`float`, defaults to 0.07): initial temperature of the contrastive objective (ITC, the
-            ablation baseline), as in CLIP; learned from there.
+        itc_temperature (`float`, defaults to 0.07): initial temperature of the contrastive objective (ITC), as in
+            CLIP; learned from there.
         itc_min_temperature (`float`, defaults to 0.01): ITC's temperature is clamped from below at this (CLIP's
             clamp of the inverse temperature at 100).
         anchor_fill_text_rate, anchor_fill_region_rate, anchor_mask_both_rate, anchor_mask_text_rate,
@@ -75,10 +75,12 @@ class CmalConfig(PreTrainedConfig):
             0.68 → 0.78, RefCOCO+ 0.57 → 0.78 from scratch.
         amc_loss_weight, mlm_loss_weight, itm_loss_weight, itc_loss_weight, mrfr_loss_weight (`float`): weights of
             the pre-training objectives in the total loss; 0 skips an objective. ITC (contrastive) is off by
-            default. MRFR (masked region feature regression, as in UNITER and LXMERT) regresses every real region's
-            input features, normalised per region, from the unified encoder's region slot: from context where
-            the region was masked, and through the region encoder elsewhere, so that what AMC does not name (a
-            region's colour, say) survives pre-training; off by default (docs/research.md measures it).
+            default, as in the paper; beside AMC it keeps what AMC's class targets compress away (a region's colour),
+            and the repository's main job turns it on (docs/research.md). MRFR (masked region feature regression,
+            as in UNITER and LXMERT) regresses every real region's input features, normalised per region, from the
+            unified encoder's region slot: from context where the region was masked, and through the region
+            encoder elsewhere, so that what AMC does not name (a region's colour, say) survives pre-training; off
+            by default (docs/research.md measures it).
         classifier_dropout (`float`, *optional*): dropout of the task heads (defaults to `hidden_dropout_prob`).
         task_pooling (`str`, defaults to `"text_and_anchored_words"`): what the VQA, SNLI-VE and NLVR2 heads read
             beside the pooled `[CLS]` state (`CmalTaskPooler`):

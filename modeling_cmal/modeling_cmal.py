@@ -752,8 +752,9 @@ class CmalRegionFeatureHead(nn.Module):
 
 
 class CmalContrastiveHead(nn.Module):
-    """ITC (ablation baseline): symmetric InfoNCE between the mean-pooled text and region hypersphere embeddings
-    of matched pairs, with a learnable temperature; in-batch negatives are the matched pairs of every process."""
+    """ITC: symmetric InfoNCE between the mean-pooled text and region hypersphere embeddings of matched pairs, with
+    a learnable temperature; in-batch negatives are the matched pairs of every process. Off in the paper's
+    objectives (the contrastive baseline of the ablation), on beside AMC in the repository's main job."""
 
     def __init__(self, config: CmalConfig):
         super().__init__()
