@@ -4,13 +4,13 @@
     python examples/quickstart.py --preset smoke      # a few minutes: the same steps, tiny sizes
 
 Steps: build a synthetic world in VLP's regime (1,000 task scenes with labels, 6,000 more scenes whose captions
-only pre-training sees, the world's own word-piece vocabulary) → pre-train a small CMAL (AMC + MLM + ITM, plus
-MRFR and ITC) with `examples/pretrain.py` → reload it through `AutoModelForPreTraining` with `trust_remote_code` in a
+only pre-training sees, the world's own word-piece vocabulary) → pre-train a small CMAL (AMC + MLM + ITM, plus MRFR
+and ITC) with `examples/pretrain.py` → reload it through `AutoModelForPreTraining` with `trust_remote_code` in a
 process where this package cannot be imported and measure AMC accuracy against chance → fine-tune each of the four
 tasks (VQA, NLVR2, SNLI-VE, RefCOCO+) with Trainer, from the pre-trained model and from the same architecture
 freshly initialised, at two label budgets (full: 3,000 samples × 8 epochs; scarce: 300 samples × 20 epochs; the two
-starting points of a budget side by side, one core each) → evaluate each pre-trained fine-tuned model again with the
-validation images shuffled across samples (how much the head uses the image) → score VQA per question type →
+starting points of a budget side by side, one core each) → evaluate each pre-trained fine-tuned model again with
+the validation images shuffled across samples (how much the head uses the image) → score VQA per question type →
 answer a few questions through the `cmal-vqa` pipeline. Everything lands in `--output_dir` (default
 `outputs/quickstart`), including `loss_curves.png` and `summary.json`:
 `summary["tasks"][task] = {"pretrained", "scratch", "images_shuffled"}` (full labels),

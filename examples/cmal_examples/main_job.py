@@ -7,7 +7,7 @@ PRESETS = {
     # regime: captions are cheap, labels are not), its own word-piece vocabulary; pre-training steps; the two label
     # budgets of fine-tuning (the same from pre-trained and from scratch); model sizes; MRFR and ITC beside AMC, MLM
     # and ITM (without MRFR pre-training leaves a region's colour a few percent of its state's variance; ITC keeps
-    # the colour that AMC's class targets compress away and lifts every task but SNLI-VE: docs/research.md).
+    # the colour that AMC's class targets compress away and lifts VQA and RefCOCO+: docs/research.md).
     "default": dict(num_scenes=1000, validation_fraction=0.2, questions_per_scene=4, pretrain_scenes=6000,
                     pretrain_steps=2000, pretrain_learning_rate=1e-3, finetune_epochs=8, finetune_samples=3000,
                     scarce_epochs=20, scarce_samples=300, finetune_learning_rate=3e-4, hidden_size=128,
