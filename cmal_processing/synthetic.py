@@ -712,9 +712,9 @@ def build_synthetic_corpus(output, num_scenes: int = 2000, seed: int = 0, featur
     answer_vocab = sorted(answers, key=answers.get)
     # The vocabulary holds every answer of both splits (the world has about 22), in order of first appearance.
     summary = {"seed": int(seed), "num_scenes": num_scenes, "pretrain_scenes": int(pretrain_scenes),
-               "validation_fraction": float(validation_fraction), "feature_dim": feature_dim, "image_size": list(image_size),
-               "shapes": list(SHAPES), "colours": list(COLOURS), "questions_per_scene": questions_per_scene,
-               "answer_vocabulary": len(answer_vocab), "rows": {}}
+               "validation_fraction": float(validation_fraction), "feature_dim": feature_dim,
+               "image_size": list(image_size), "shapes": list(SHAPES), "colours": list(COLOURS),
+               "questions_per_scene": questions_per_scene, "answer_vocabulary": len(answer_vocab), "rows": {}}
     # The corpus is written beside `output` and moved into place whole: an interrupted run leaves nothing half-written.
     root.parent.mkdir(parents=True, exist_ok=True)
     final_root, root = root, root.parent / f".{root.name}.tmp-{uuid.uuid4().hex}"

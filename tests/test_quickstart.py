@@ -47,7 +47,8 @@ def test_quickstart_smoke_preset_runs_every_step(tmp_path):
     first_row = json.loads((output / "pretrained" / "metrics.jsonl").read_text().splitlines()[0])
     logged = {key.split("/")[1] for key in first_row if key.startswith("train/") and key.endswith("loss")}
     assert logged == {"loss", "amc_loss", "mlm_loss", "itm_loss", "itc_loss", "mrfr_loss"}, logged
-    header = next(line.split() for line in result.stdout.splitlines() if line.split()[:2] == ["step", "loss"])
+    header = next((line.split() for line in result.stdout.splitlines() if line.split()[:2] == ["step", "loss"]), None)
+    assert header is not None, "no loss table (a line starting 'step loss') in the output:\n" + result.stdout[-3000:]
     assert set(header[1:]) == logged, header
     for line in ("AMC accuracy", "pre-trained", "scratch", "images shuffled", "mean over tasks of pre-trained",
                  "scarce labels", "VQA per question type", "what shape is the"):
