@@ -147,14 +147,16 @@ def _position_word(center: Sequence[float], image_size: tuple[int, int]) -> str:
 
 
 def generate_scene(rng: np.random.Generator, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
-                   min_objects: int = 1, max_objects: int = 4) -> dict:
+                   min_objects: int = 1, max_objects: int = 4, partial_caption_probability: float = 0.0) -> dict:
     """A random scene: `max_objects` at most non-overlapping shapes, each a distinct (shape, colour) pair.
 
     Returns a dict with `image_size` `(width, height)`, `objects` (dicts with `shape`, `colour`, `size`, `center`,
     `radius`, `box` — exact `x1, y1, x2, y2` pixel bounds of the drawn pixels — and `position`), `captions` (three
-    captions from different templates) and `noise_seed` (the background noise of `render_scene`).
+    captions from different templates; see `caption` for `partial_caption_probability`) and `noise_seed` (the
+    background noise of `render_scene`).
     """
     rng = _check_rng(rng)
+    _check_probability(partial_caption_probability, "partial_caption_probability")
     width, height = (_check_positive_int(value, "image_size") for value in image_size)
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects} and {max_objects}")
@@ -181,7 +183,8 @@ def generate_scene(rng: np.random.Generator, image_size: tuple[int, int] = DEFAU
         objects.append(obj)
         used.add((shape, colour))
     scene = {"image_size": (width, height), "objects": objects, "noise_seed": int(rng.integers(2**31))}
-    scene["captions"] = [caption(scene, rng, template) for template in rng.permutation(len(CAPTION_TEMPLATES))[:3]]
+    scene["captions"] = [caption(scene, rng, template, partial_caption_probability)
+                         for template in rng.permutation(len(CAPTION_TEMPLATES))[:3]]
     return scene
 
 
@@ -367,12 +370,32 @@ def _caption_there_is(scene, rng):
 
 
 CAPTION_TEMPLATES = (_caption_list, _caption_positions, _caption_count, _caption_relation, _caption_there_is)
+# The templates that stay true when they name only some of the objects (the count template claims them all).
+PARTIAL_CAPTION_TEMPLATES = (_caption_list, _caption_positions, _caption_there_is)
 
 
-def caption(scene: dict, rng: np.random.Generator, template: int | None = None) -> str:
-    """A caption of the scene from one template (random when `template` is None)."""
+def caption(scene: dict, rng: np.random.Generator, template: int | None = None,
+            partial_caption_probability: float = 0.0) -> str:
+    """A caption of the scene from one template (random when `template` is None).
+
+    With probability `partial_caption_probability`, a caption of a listing template (`PARTIAL_CAPTION_TEMPLATES`) of
+    a scene with several objects names a random proper subset of them, as people's captions name the objects they
+    notice ("we can see a white square" of a three-shape scene). At 0 (the default) every listing names every object
+    and no random number is drawn for it, so a seed's captions are those of a world without the option.
+    """
+    _check_probability(partial_caption_probability, "partial_caption_probability")
     index = int(rng.integers(len(CAPTION_TEMPLATES))) if template is None else int(template)
+    objects = scene["objects"]
+    if (partial_caption_probability > 0 and CAPTION_TEMPLATES[index] in PARTIAL_CAPTION_TEMPLATES
+            and len(objects) > 1 and rng.random() < partial_caption_probability):
+        keep = rng.choice(len(objects), size=int(rng.integers(1, len(objects))), replace=False)
+        scene = dict(scene, objects=[objects[position] for position in sorted(keep)])
     return CAPTION_TEMPLATES[index](scene, rng)
+
+
+def _check_probability(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -655,13 +678,15 @@ FEATURES = {"pretrain": pretrain_features, "vqa": vqa_features, "nlvr2": nlvr2_f
 def build_synthetic_corpus(output, num_scenes: int = 2000, seed: int = 0, feature_dim: int = DEFAULT_FEATURE_DIM,
                            validation_fraction: float = 0.1, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
                            progress: bool = False, questions_per_scene: int = DEFAULT_QUESTIONS_PER_SCENE,
-                           processor=None, pretrain_scenes: int = 0) -> dict:
+                           processor=None, pretrain_scenes: int = 0, partial_caption_probability: float = 0.0) -> dict:
     """Generate `num_scenes` scenes and write the pre-training corpus and the four task datasets under `output`.
 
     `questions_per_scene` is the `num_questions` of `vqa_questions`: VQA questions per scene where the scene allows.
     `pretrain_scenes` more scenes of the same world give captions to the pre-training train split only (captions are
     cheap, labels are not: VLP's regime, where the caption corpus dwarfs every task's labels); they are drawn after
     the task scenes, so the tasks of a seed do not depend on it. No validation scene is in a train split.
+    `partial_caption_probability` is `caption`'s for those scenes only: their listing captions name a random proper
+    subset of the objects that often (the task scenes and their captions do not change with it).
     With a `CmalProcessor` as `processor`, the pre-training captions are also written as streamed corpora
     (`cmal_processing/shards.py`: each scene's regions once, its captions tokenised and anchored by that processor) in
     `pretrain_streamed/train` and `pretrain_streamed/validation`, for `open_streaming_corpus`.
@@ -690,6 +715,7 @@ def build_synthetic_corpus(output, num_scenes: int = 2000, seed: int = 0, featur
                          "replace it; pass a new folder")
     if isinstance(pretrain_scenes, bool) or not isinstance(pretrain_scenes, (int, np.integer)) or pretrain_scenes < 0:
         raise ValueError(f"pretrain_scenes must be an int >= 0, got {pretrain_scenes!r}")
+    _check_probability(partial_caption_probability, "partial_caption_probability")
     rng = np.random.default_rng(seed)
     scenes = []
     for index in tqdm(range(num_scenes), desc="synthetic scenes", disable=not progress, unit="scene"):
@@ -704,7 +730,7 @@ def build_synthetic_corpus(output, num_scenes: int = 2000, seed: int = 0, featur
     caption_rng = np.random.default_rng([seed, 1])
     caption_scenes = []
     for index in tqdm(range(pretrain_scenes), desc="pre-training scenes", disable=not progress, unit="scene"):
-        scene = generate_scene(caption_rng, image_size)
+        scene = generate_scene(caption_rng, image_size, partial_caption_probability=partial_caption_probability)
         regions = scene_regions(scene, render_scene(scene), feature_dim, caption_rng)
         caption_scenes.append((f"synthetic-{seed}-pretrain-{index:07d}", scene, regions))
         rows["train"]["pretrain"] += [dict(_image_columns(*caption_scenes[-1]), text=text)
@@ -712,6 +738,7 @@ def build_synthetic_corpus(output, num_scenes: int = 2000, seed: int = 0, featur
     answer_vocab = sorted(answers, key=answers.get)
     # The vocabulary holds every answer of both splits (the world has about 22), in order of first appearance.
     summary = {"seed": int(seed), "num_scenes": num_scenes, "pretrain_scenes": int(pretrain_scenes),
+               "partial_caption_probability": float(partial_caption_probability),
                "validation_fraction": float(validation_fraction), "feature_dim": feature_dim,
                "image_size": list(image_size), "shapes": list(SHAPES), "colours": list(COLOURS),
                "questions_per_scene": questions_per_scene, "answer_vocabulary": len(answer_vocab), "rows": {}}
@@ -797,6 +824,8 @@ class SyntheticArguments:
         "help": f"VQA questions per scene where the scene allows (default {DEFAULT_QUESTIONS_PER_SCENE})"})
     pretrain_scenes: int = field(default=0, metadata={
         "help": "more scenes whose captions only pre-training uses (default 0)"})
+    partial_caption_probability: float = field(default=0.0, metadata={
+        "help": "how often a listing caption of those scenes names only some of the objects (default 0)"})
     tokenizer_output: str | None = field(default=None, metadata={
         "help": "also save the world's own word-piece vocabulary (cmal_processing.vocabulary) there"})
     processor: str | None = field(default=None, metadata={
@@ -820,12 +849,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = build_synthetic_corpus(args.output, num_scenes=args.num_scenes, seed=args.seed,
                                          feature_dim=args.feature_dim, validation_fraction=args.validation_fraction,
                                          progress=True, questions_per_scene=args.questions_per_scene,
-                                         processor=processor, pretrain_scenes=args.pretrain_scenes)
+                                         processor=processor, pretrain_scenes=args.pretrain_scenes,
+                                         partial_caption_probability=args.partial_caption_probability)
     except ValueError as error:
         parser.error(str(error).replace("num_scenes", "--num-scenes").replace("feature_dim", "--feature-dim")
                      .replace("validation_fraction", "--validation-fraction")
                      .replace("questions_per_scene", "--questions-per-scene")
-                     .replace("pretrain_scenes", "--pretrain-scenes"))
+                     .replace("pretrain_scenes", "--pretrain-scenes")
+                     .replace("partial_caption_probability", "--partial-caption-probability"))
     for line in _summary_lines(summary, Path(args.output)):
         print(line)
     if args.tokenizer_output is not None:

@@ -517,6 +517,67 @@ def test_pre_training_scenes_add_captions_only_and_leave_the_tasks_alone(tmp_pat
         build_synthetic_corpus(tmp_path / "bad", num_scenes=20, seed=3, pretrain_scenes=-1)
 
 
+def _named_objects(text):
+    """The (shape, colour) pairs a listing caption names, read from its words (sizes and positions skipped)."""
+    words = re.sub(r" (on a grey background|in a picture)$", "", text).replace(",", " ").split()
+    return {(_shape(word), COLOUR_SYNONYMS[previous]) for previous, word in zip(words, words[1:])
+            if word in SHAPE_SYNONYMS and previous in COLOUR_SYNONYMS}
+
+
+def test_partial_captions_name_a_true_proper_subset_and_cost_nothing_when_off():
+    from cmal_processing.synthetic import CAPTION_TEMPLATES, PARTIAL_CAPTION_TEMPLATES, caption
+
+    # Off (the default): not a single random number more, so every seed's world is the one it always was.
+    plain, off = np.random.default_rng(11), np.random.default_rng(11)
+    assert [generate_scene(plain) for _ in range(20)] == [generate_scene(off, partial_caption_probability=0.0)
+                                                          for _ in range(20)]
+    rng = np.random.default_rng(5)
+    scene = generate_scene(rng, min_objects=4, max_objects=4)
+    everything = {(o["shape"], o["colour"]) for o in scene["objects"]}
+    for template in PARTIAL_CAPTION_TEMPLATES:
+        index = CAPTION_TEMPLATES.index(template)
+        assert _named_objects(caption(scene, rng, index)) == everything
+        named = [_named_objects(caption(scene, rng, index, partial_caption_probability=1.0)) for _ in range(30)]
+        assert all(names and names < everything for names in named), named  # true of the scene, never all of it
+        assert len({frozenset(names) for names in named}) > 3  # random subsets, not one fixed choice
+    count_template = next(index for index, template in enumerate(CAPTION_TEMPLATES)
+                          if template not in PARTIAL_CAPTION_TEMPLATES and "shapes :" in template(scene, rng))
+    assert _named_objects(caption(scene, rng, count_template, partial_caption_probability=1.0)) == everything
+    single = generate_scene(rng, min_objects=1, max_objects=1)  # one object: nothing to leave out
+    assert len(_named_objects(caption(single, rng, 0, partial_caption_probability=1.0))) == 1
+    for bad in (1.5, -0.1, True, "half"):
+        with pytest.raises(ValueError, match=rf"partial_caption_probability must be a probability in \[0, 1\], "
+                                             rf"got {re.escape(repr(bad))}"):
+            caption(scene, rng, 0, partial_caption_probability=bad)
+
+
+def test_partial_captions_change_only_the_pre_training_scenes(tmp_path):
+    plain = build_synthetic_corpus(tmp_path / "plain", num_scenes=20, seed=3, pretrain_scenes=40)
+    partial = build_synthetic_corpus(tmp_path / "partial", num_scenes=20, seed=3, pretrain_scenes=40,
+                                     partial_caption_probability=1.0)
+    assert partial["partial_caption_probability"] == 1.0 and plain["partial_caption_probability"] == 0.0
+    assert partial["rows"] == plain["rows"]
+    for task in ("vqa", "nlvr2", "snli_ve", "refcoco"):
+        for split in ("train", "validation"):
+            assert load_corpus(tmp_path / "partial" / task)[split].with_format(None)["text"] == \
+                load_corpus(tmp_path / "plain" / task)[split].with_format(None)["text"], (task, split)
+    texts = {}
+    for name in ("plain", "partial"):
+        rows = load_corpus(tmp_path / name / "pretrain")
+        assert rows["validation"].with_format(None)["text"] == \
+            load_corpus(tmp_path / "plain" / "pretrain")["validation"].with_format(None)["text"]
+        train = rows["train"].with_format(None)
+        texts[name] = {(image, text) for image, text in zip(train["image_id"], train["text"])}
+    # The task scenes' captions are the same; the caption-only scenes' differ.
+    assert {row for row in texts["plain"] if "pretrain" not in row[0]} == \
+        {row for row in texts["partial"] if "pretrain" not in row[0]}
+    assert {row for row in texts["plain"] if "pretrain" in row[0]} != \
+        {row for row in texts["partial"] if "pretrain" in row[0]}
+    with pytest.raises(ValueError, match=r"partial_caption_probability must be a probability in \[0, 1\], got 2"):
+        build_synthetic_corpus(tmp_path / "bad", num_scenes=20, seed=3, partial_caption_probability=2)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_the_worlds_own_vocabulary_tokenizes_every_text_as_bert_base_does(tmp_path):
     from cmal_processing.synthetic import corpus_texts
     from cmal_processing.vocabulary import subset_tokenizer
@@ -543,6 +604,8 @@ def test_the_worlds_own_vocabulary_tokenizes_every_text_as_bert_base_does(tmp_pa
     (["--output", "c", "--validation-fraction", "half"],
      "argument --validation_fraction/--validation-fraction: invalid float value: 'half'"),
     (["--output", "c", "--scenes", "30"], "unrecognized arguments: --scenes 30"),
+    (["--output", "c", "--partial-caption-probability", "2"],
+     "--partial-caption-probability must be a probability in [0, 1], got 2.0"),
 ])
 def test_command_line_refuses_a_bad_flag_naming_it(argv, message, tmp_path, capsys, monkeypatch):
     """The flags are a dataclass read by `HfArgumentParser`: a bad one stops with exit status 2 and its name, before
