@@ -151,7 +151,8 @@ TASK_LABELS = {"vqa": "VQA", "nlvr2": "NLVR2", "snli_ve": "SNLI-VE", "refcoco": 
 
 _MAIN_JOB = main_job.PRESETS["default"]
 # The world of the tiny and small presets: task scenes only (pre-training reads their captions), BERT's vocabulary.
-_SMALL_WORLD = dict(pretrain_scenes=0, validation_fraction=0.1, questions_per_scene=None, world_tokenizer=False)
+_SMALL_WORLD = dict(pretrain_scenes=0, partial_caption_probability=0.0, validation_fraction=0.1,
+                    questions_per_scene=None, world_tokenizer=False)
 # Without a scarce budget the study fine-tunes once per task, for `finetune_steps` on every train row.
 _STEPS_BUDGET = dict(finetune_epochs=None, finetune_samples=None, scarce_samples=None, scarce_epochs=None,
                      warmup_steps=None)
@@ -171,6 +172,7 @@ PRESETS = {
                  max_eval_samples=None, pretrain_learning_rate=_MAIN_JOB["pretrain_learning_rate"],
                  finetune_learning_rate=_MAIN_JOB["finetune_learning_rate"], data_fractions=[0.0, 0.1, 0.3, 1.0],
                  max_text_length=40, pretrain_scenes=_MAIN_JOB["pretrain_scenes"],
+                 partial_caption_probability=_MAIN_JOB["partial_caption_probability"],
                  validation_fraction=_MAIN_JOB["validation_fraction"],
                  questions_per_scene=_MAIN_JOB["questions_per_scene"], world_tokenizer=True,
                  finetune_epochs=_MAIN_JOB["finetune_epochs"], finetune_samples=_MAIN_JOB["finetune_samples"],
@@ -225,6 +227,8 @@ class AblationArguments:
     corpus_scenes: int | None = field(default=None, metadata={"help": "task scenes of the built corpus"})
     pretrain_scenes: int | None = field(default=None, metadata={
         "help": "more scenes of the built corpus whose captions only pre-training reads"})
+    partial_caption_probability: float | None = field(default=None, metadata={
+        "help": "how often a listing caption of those caption-only scenes names only some of the objects"})
     validation_fraction: float | None = field(default=None, metadata={
         "help": "share of the built corpus' task scenes held out for validation"})
     questions_per_scene: int | None = field(default=None, metadata={
@@ -285,6 +289,8 @@ class AblationArguments:
                 raise ValueError(f"--{name} must be a positive number, got {value}")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"--validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        if not 0 <= self.partial_caption_probability <= 1:
+            raise ValueError(f"--partial_caption_probability must be in [0, 1], got {self.partial_caption_probability}")
         if (self.finetune_steps is None) == (self.finetune_epochs is None):
             raise ValueError(f"give the full label budget as --finetune_steps or as --finetune_epochs, not both or "
                              f"neither (got {self.finetune_steps} steps, {self.finetune_epochs} epochs)")
@@ -770,7 +776,9 @@ def efficiency_finding(results: dict, measure: Measure = FULL, column: str = "me
 def write_markdown(results: dict, output_dir: Path) -> None:
     settings = results["settings"]
     world = f"{results['corpus_scenes']} synthetic task scenes" + (
-        f" and {settings['pretrain_scenes']} caption-only scenes" if settings.get("pretrain_scenes") else "")
+        f" and {settings['pretrain_scenes']} caption-only scenes" if settings.get("pretrain_scenes") else "") + (
+        f" ({settings['partial_caption_probability']:.0%} of their listing captions name only some objects)"
+        if settings.get("pretrain_scenes") and settings.get("partial_caption_probability") else "")
     evaluated = ("the whole validation split" if settings["max_eval_samples"] is None
                  else f"{settings['max_eval_samples']} validation rows")
     setting_line = (f"Preset `{settings['preset']}`: model `{settings['model_config']}`, {world} "
@@ -870,6 +878,7 @@ def prepare_corpus(args, output_dir: Path) -> Path:
 
     corpus = output_dir / "corpus"
     world = dict(num_scenes=args.corpus_scenes, pretrain_scenes=args.pretrain_scenes,
+                 partial_caption_probability=args.partial_caption_probability,
                  questions_per_scene=args.questions_per_scene or DEFAULT_QUESTIONS_PER_SCENE,
                  validation_fraction=args.validation_fraction)
     existing = corpus / CONFIG_FILE

@@ -328,6 +328,7 @@ def main(argv=None) -> None:
         str(preset["num_scenes"]),
         "--validation-fraction", str(preset["validation_fraction"]), "--questions-per-scene",
         str(preset["questions_per_scene"]), "--pretrain-scenes", str(preset["pretrain_scenes"]),
+        "--partial-caption-probability", str(preset["partial_caption_probability"]),
         "--tokenizer-output", str(tokenizer), "--seed", str(args.seed)], logs / "data.log")
     world = json.loads((data / "synthetic_config.json").read_text())["rows"]
     labelled = {task: world[task]["train"] for task in TASKS}

@@ -292,6 +292,7 @@ def test_variants_differ_from_full_cmal_only_where_intended(ablation, variant_se
     (["--finetune_epochs", "-2", "--warmup_steps", "1"], "--finetune_epochs"),
     (["--validation_fraction", "1.5"], "--validation_fraction"),
     (["--pretrain_scenes", "-1"], "--pretrain_scenes"),
+    (["--partial_caption_probability", "1.5"], "--partial_caption_probability must be in [0, 1], got 1.5"),
 ])
 def test_arguments_are_validated(ablation, capsys, flags, message):
     with pytest.raises(SystemExit):
@@ -308,9 +309,10 @@ def test_the_main_preset_is_the_main_jobs_design(ablation, tmp_path):
     main_job = design.PRESETS["default"]
     args = ablation.parse_args(["--output_dir", str(tmp_path), "--preset", "main"])
     assert args.world_tokenizer and args.seeds == [0, 1, 2, 3, 4] and args.data_fractions == [0.0, 0.1, 0.3, 1.0]
-    assert (args.corpus_scenes, args.pretrain_scenes, args.validation_fraction, args.questions_per_scene) == (
-        main_job["num_scenes"], main_job["pretrain_scenes"], main_job["validation_fraction"],
-        main_job["questions_per_scene"])
+    assert (args.corpus_scenes, args.pretrain_scenes, args.partial_caption_probability, args.validation_fraction,
+            args.questions_per_scene) == (main_job["num_scenes"], main_job["pretrain_scenes"],
+                                          main_job["partial_caption_probability"], main_job["validation_fraction"],
+                                          main_job["questions_per_scene"])
     assert ablation.EXTRA_SIZES[args.model_config] == {name: main_job[name] for name in design.MODEL_FIELDS}
     assert ablation.EXTRA_SIZES[args.model_config]["mrfr_loss_weight"] > 0
     assert (args.pretrain_steps, args.pretrain_learning_rate) == (main_job["pretrain_steps"],
