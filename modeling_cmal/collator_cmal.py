@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .anchoring import find_anchors, normalize_phrase, split_words
 from .configuration_cmal import ANCHOR_ACTIONS, ANCHOR_RATE_FIELDS, CmalConfig
-from .processing_cmal import CmalProcessor, anchor_rows_of_words, processor_identity
+from .processing_cmal import CmalProcessor, anchor_rows_of_words, processor_identity, words_of_encoding
 
 IGNORE_INDEX = -100
 ACTION_MASK_TEXT, ACTION_MASK_REGION = ANCHOR_ACTIONS.index("mask_text"), ANCHOR_ACTIONS.index("mask_region")
@@ -90,6 +91,15 @@ class CmalPretrainingCollator:
       masks, and it would learn to call any uncorrupted input a mismatch. Positives and negatives alike; their MLM
       labels are -100 and no anchor is filled, so the effective action and MLM rates are (1 - itm_clean_rate) x the
       configured ones.
+    - hard ITM negatives: with probability `itm_hard_negative_rate` an ITM negative keeps its own caption with one
+      edit that makes it false, instead of taking another image's caption. Of the caption's anchored words (those
+      that name a concept one of its regions carries) either one is *replaced* by an anchored word of another image
+      of the batch whose concept the image has no region of, related concepts excluded ("a red circle" → "a red
+      star"), or two of different concepts *swap* places ("a red circle and a blue star" → "a red star and a blue
+      circle"), one or the other with equal chance when both can be made. Ordinary negatives differ from the image
+      in most of their words; these differ in one object or one binding, which is what "is there a red star?" and
+      "the picture shows a blue circle" ask. A caption without an anchored word to edit gets an ordinary negative.
+      The edit is made in the caption's text (its case and spacing kept), which is then tokenised and anchored anew.
     - `mlm_positions` `[B, P]`: the labelled positions of each row, padded with -1 (`mlm_prediction_positions`);
       the model decodes only there.
 
@@ -105,6 +115,8 @@ class CmalPretrainingCollator:
         mlm_probability: defaults to 0.15 (0 when `config.mlm_loss_weight` is 0).
         itm_negative_rate: defaults to 0.5 (0 when `config.itm_loss_weight` is 0).
         itm_clean_rate: defaults to 0.2 (0 when `config.itm_loss_weight` is 0).
+        itm_hard_negative_rate: the share of ITM negatives made by editing the row's own caption (default 0: every
+            negative is another image's caption, and the batch's random draws are those of a collator without it).
         seed: the seed of the batch sequence.
         max_length: text length (default: the tokenizer's `model_max_length`).
         visual_feats_dtype: dtype of `visual_feats` in the batch, `"float32"` (default), `"float16"` or
@@ -131,6 +143,7 @@ class CmalPretrainingCollator:
     mlm_probability: float | None = None
     itm_negative_rate: float | None = None
     itm_clean_rate: float | None = None
+    itm_hard_negative_rate: float = 0.0
     seed: int = 0
     max_length: int | None = None
     visual_feats_dtype: str = "float32"
@@ -153,7 +166,8 @@ class CmalPretrainingCollator:
         if self.itm_clean_rate is None:
             off = self.config is not None and self.config.itm_loss_weight == 0
             self.itm_clean_rate = 0.0 if off else DEFAULT_ITM_CLEAN_RATE
-        for name in (*ANCHOR_RATE_FIELDS, "mlm_probability", "itm_negative_rate", "itm_clean_rate"):
+        for name in (*ANCHOR_RATE_FIELDS, "mlm_probability", "itm_negative_rate", "itm_clean_rate",
+                     "itm_hard_negative_rate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a float in [0, 1], got {value!r}")
@@ -218,19 +232,19 @@ class CmalPretrainingCollator:
             if not isinstance(row["text"], str):
                 raise ValueError(f"rows[{index}]['text'] must be a str, got {row['text']!r}")
         generator = self._start_batch(rows)
-        caption_rows, itm_labels = self._pair_captions(rows, generator)
+        caption_rows, itm_labels, edited = self._pair_captions(rows, generator)
         if all(name in rows[0] for name in PRETOKENISED_COLUMNS):
-            batch = self._pretokenised_batch(rows, caption_rows)
+            batch = self._pretokenised_batch(rows, caption_rows, edited)
         else:
-            batch = self._processed_batch(rows, caption_rows)
+            batch = self._processed_batch(rows, caption_rows, edited)
         batch = self._draw(batch, itm_labels, generator)
         batch["visual_feats"] = batch["visual_feats"].to(getattr(torch, self.visual_feats_dtype))
         return batch
 
-    def _processed_batch(self, rows: list[Mapping], caption_rows: list[int]) -> dict:
+    def _processed_batch(self, rows: list[Mapping], caption_rows: list[int], edited: dict[int, str]) -> dict:
         """Rows with raw text: the processor tokenises and anchors every pair."""
         batch = self.processor(
-            text=[str(rows[source]["text"]) for source in caption_rows],
+            text=[edited.get(index, str(rows[source]["text"])) for index, source in enumerate(caption_rows)],
             regions=[
                 {"visual_feats": row["visual_feats"], "visual_pos": row["visual_pos"], "tags": row.get("tags"),
                  "scores": row.get("scores")}
@@ -241,9 +255,10 @@ class CmalPretrainingCollator:
         )
         return dict(batch)
 
-    def _pretokenised_batch(self, rows: list[Mapping], caption_rows: list[int]) -> dict:
+    def _pretokenised_batch(self, rows: list[Mapping], caption_rows: list[int], edited: dict[int, str]) -> dict:
         """Rows of a streamed corpus (`cmal_processing/shards.py`): pieces and anchors stored at build time are padded;
-        only an ITM negative (another row's caption) gets its anchors found anew, from the stored words."""
+        only an ITM negative gets its anchors found anew: from the stored words of another row's caption, or from an
+        edited caption, tokenised here."""
         identity = self._processor_identity()
         for index, row in enumerate(rows):
             missing = [name for name in (*PRETOKENISED_COLUMNS, "num_regions", "feature_dim") if name not in row]
@@ -269,11 +284,19 @@ class CmalPretrainingCollator:
             visual_pos[index, :count] = _region_array(row["visual_pos"], count, 4, "<f4", f"rows[{index}]['visual_pos']")
             visual_attention_mask[index, :count] = 1
         pieces = [rows[source]["input_ids"] for source in caption_rows]
-        lengths = [len(ids) for ids in pieces]
         limit = self.max_length or self.processor.tokenizer.model_max_length
+        lengths = [len(ids) for ids in pieces]
         if max(lengths) > limit:
             raise ValueError(f"a stored caption has {max(lengths)} pieces, more than max_length {limit}; rebuild the "
                              "corpus with this max_length or raise it")
+        edited_anchors = {}
+        for index, text in edited.items():
+            encoding = self.processor.tokenizer(text, truncation=True, max_length=limit).encodings[0]
+            words, word_ids = words_of_encoding(encoding, text)
+            pieces[index] = list(encoding.ids)
+            edited_anchors[index] = anchor_rows_of_words(words, word_ids, rows[index]["tags"], rows[index]["scores"],
+                                                         self.processor.lexicon)
+        lengths = [len(ids) for ids in pieces]
         input_ids = np.full((batch_size, max(lengths)), self.processor.tokenizer.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros_like(input_ids)
         for index, ids in enumerate(pieces):
@@ -281,7 +304,9 @@ class CmalPretrainingCollator:
             attention_mask[index, :len(ids)] = 1
         anchors = []
         for index, source in enumerate(caption_rows):
-            if source == index:
+            if index in edited_anchors:
+                flat = edited_anchors[index]
+            elif source == index:
                 flat = rows[index]["anchor_rows"]
             else:
                 flat = anchor_rows_of_words(rows[source]["words"], rows[source]["word_ids"], rows[index]["tags"],
@@ -337,19 +362,84 @@ class CmalPretrainingCollator:
         hide_region = (actions == ACTION_MASK_REGION) & (regions >= 0)
         batch["visual_feats"][sample[hide_region], regions[hide_region]] = 0.0
 
-    def _pair_captions(self, rows: list[Mapping], generator: torch.Generator) -> tuple[list[int], torch.Tensor]:
-        """The row whose caption goes with each row's image, and the ITM labels (0 where that is another image)."""
+    def _pair_captions(self, rows: list[Mapping],
+                       generator: torch.Generator) -> tuple[list[int], torch.Tensor, dict[int, str]]:
+        """The row whose caption goes with each row's image, the ITM labels (0 where that is another image's
+        caption or an edited one) and the edited captions of the hard negatives, by row."""
         image_ids = [str(row["image_id"]) if row.get("image_id") is not None else f"\0row {index}"
                      for index, row in enumerate(rows)]
         negative = torch.rand(len(rows), generator=generator) < self.itm_negative_rate
         choice = torch.rand(len(rows), generator=generator)
         caption_rows = list(range(len(rows)))
+        labels = [1] * len(rows)
+        edited: dict[int, str] = {}
+        if self.itm_hard_negative_rate > 0:  # no draw at all without it: the batches of a collator without the option
+            hard = torch.rand(len(rows), generator=generator) < self.itm_hard_negative_rate
+            edit_draws = torch.rand(len(rows), 2, generator=generator, dtype=torch.float64).tolist()
+            wanted = [index for index in torch.nonzero(negative & hard).flatten().tolist()]
+            if wanted:
+                edited = self._hard_negatives(rows, image_ids, wanted, edit_draws)
         for index in torch.nonzero(negative).flatten().tolist():
+            if index in edited:
+                labels[index] = 0
+                continue
             others = [other for other in range(len(rows)) if image_ids[other] != image_ids[index]]
             if others:
                 caption_rows[index] = others[min(int(choice[index] * len(others)), len(others) - 1)]
-        itm_labels = torch.tensor([int(source == index) for index, source in enumerate(caption_rows)])
-        return caption_rows, itm_labels
+                labels[index] = 0
+        return caption_rows, torch.tensor(labels), edited
+
+    def _hard_negatives(self, rows: list[Mapping], image_ids: list[str], wanted: list[int],
+                        draws: list[list[float]]) -> dict[int, str]:
+        """The edited captions (see the class docstring) of rows `wanted` that have an edit; `draws[row]`: two
+        uniform numbers, one for the kind of edit, one for which."""
+        tokenizer, lexicon = self.processor.tokenizer, self.processor.lexicon
+        limit = self.max_length or tokenizer.model_max_length
+        texts = [str(row["text"]) for row in rows]
+        spans, present = [], []
+        for text, encoding, row in zip(texts, tokenizer(texts, truncation=True, max_length=limit).encodings, rows):
+            tags, scores = self._tags_and_scores(row)
+            words, word_ids = words_of_encoding(encoding, text)
+            bounds = _word_bounds(encoding.offsets, word_ids, len(words))
+            spans.append([(bounds[match.word_start][0], bounds[match.word_end - 1][1], match.concept_id)
+                          for match in find_anchors(words, tags, lexicon, scores)])
+            concepts = {lexicon.tag_concept_id(tag) for tag in tags} - {None}
+            present.append(concepts.union(*(lexicon.broader_concept_ids(concept) for concept in concepts)))
+        edited = {}
+        for index in wanted:
+            text = texts[index]
+            # Replacements: another image's anchored words, of a concept this image has no region of (nor of one it
+            # is a kind of, nor of a kind of it), in the same number as the words they replace.
+            words_of_others = dict.fromkeys(
+                (texts[other][start:end], concept)
+                for other in range(len(rows)) if image_ids[other] != image_ids[index]
+                for start, end, concept in spans[other]
+                if concept not in present[index] and present[index].isdisjoint(lexicon.broader_concept_ids(concept))
+            )
+            replacements = [(span, words) for span in spans[index] for words, _ in words_of_others
+                            if _is_plural(words) == _is_plural(text[span[0]:span[1]])]
+            swaps = [(first, second) for position, first in enumerate(spans[index])
+                     for second in spans[index][position + 1:] if first[2] != second[2]]
+            kind_draw, which_draw = draws[index]
+            if replacements and (not swaps or kind_draw < 0.5):
+                (start, end, _), words = replacements[min(int(which_draw * len(replacements)), len(replacements) - 1)]
+                edited[index] = text[:start] + words + text[end:]
+            elif swaps:
+                first, second = swaps[min(int(which_draw * len(swaps)), len(swaps) - 1)]
+                edited[index] = (text[:first[0]] + text[second[0]:second[1]] + text[first[1]:second[0]]
+                                 + text[first[0]:first[1]] + text[second[1]:])
+        return edited
+
+    def _tags_and_scores(self, row: Mapping) -> tuple[list[str], list[float] | None]:
+        """The row's region tags as names (ids through the processor's tag vocabulary) and scores."""
+        tags = row.get("tags")
+        if tags is None:
+            return [], None
+        vocabulary = self.processor.tag_vocabulary
+        names = [vocabulary[int(tag)] if vocabulary is not None and not isinstance(tag, str) else str(tag)
+                 for tag in tags]
+        scores = row.get("scores")
+        return names, None if scores is None else [float(score) for score in scores]
 
     def _sample_actions(self, anchor_pairs: torch.Tensor, num_regions: int,
                         generator: torch.Generator) -> torch.Tensor:
@@ -379,6 +469,21 @@ class CmalPretrainingCollator:
         replaced = chosen & (split >= MASK_TOKEN_SHARE) & (split < MASK_TOKEN_SHARE + RANDOM_TOKEN_SHARE)
         masked[replaced] = random_pieces[replaced]
         return masked, labels
+
+
+def _word_bounds(offsets, word_ids: list[int], num_words: int) -> list[tuple[int, int]]:
+    """`(start, end)` character offsets of each word of `words_of_encoding` in its text."""
+    bounds = [[None, None] for _ in range(num_words)]
+    for position, word in enumerate(word_ids):
+        if word >= 0:
+            if bounds[word][0] is None:
+                bounds[word][0] = offsets[position][0]
+            bounds[word][1] = offsets[position][1]
+    return [tuple(bound) for bound in bounds]
+
+
+def _is_plural(words: str) -> bool:
+    return normalize_phrase(words) != " ".join(split_words(words))
 
 
 def mlm_prediction_positions(labels: torch.Tensor, multiple_of: int = 8) -> torch.Tensor:

@@ -2,6 +2,7 @@
 reproducibility and exact resume."""
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -247,6 +248,99 @@ def test_itm_negatives_pair_other_images_with_recomputed_anchors_and_no_mlm_labe
                 assert processor.lexicon.tag_concept_id(tags[region]) == concept
     # 320 samples: 0.1 is about 3.5 standard deviations.
     assert abs(negatives / total - 0.5) < 0.1
+
+
+_OBJECT_PATTERN = re.compile(r"\b(" + "|".join(sorted(map(re.escape, OBJECTS), key=len, reverse=True)) + r")\b")
+
+
+def _objects_and_frame(text: str) -> tuple[list[str], str]:
+    """The object names a test caption mentions, in order, and the caption with each of them replaced by `#`."""
+    return _OBJECT_PATTERN.findall(text), _OBJECT_PATTERN.sub("#", text)
+
+
+def test_hard_negatives_edit_one_object_or_swap_two_and_are_anchored_anew(processor, config, rows):
+    keep_only = {name: 0.0 for name in ANCHOR_RATE_FIELDS}  # every piece as tokenised: the edit is readable
+    collator = CmalPretrainingCollator(processor, config, itm_negative_rate=0.5, itm_hard_negative_rate=1.0,
+                                       mlm_probability=0.0, itm_clean_rate=0.0, seed=11, **keep_only)
+    decode = processor.tokenizer.decode
+    kinds = {"replaced": 0, "swapped": 0, "another caption": 0, "positive": 0}
+    for start in range(0, len(rows), 32):
+        batch_rows = rows[start: start + 32]
+        batch = collator(batch_rows)
+        for sample, row in enumerate(batch_rows):
+            shown = decode(batch["input_ids"][sample], skip_special_tokens=True)
+            own = decode(processor.tokenizer(row["text"])["input_ids"], skip_special_tokens=True)
+            if batch["itm_labels"][sample] == 1:
+                assert shown == own
+                kinds["positive"] += 1
+                continue
+            assert (batch["labels"][sample] == IGNORE_INDEX).all()
+            others = [decode(processor.tokenizer(other["text"])["input_ids"], skip_special_tokens=True)
+                      for other in batch_rows if other["image_id"] != row["image_id"]]
+            if shown in others:  # only when the caption has nothing to edit
+                kinds["another caption"] += 1
+                continue
+            (named, frame), (edited, edited_frame) = _objects_and_frame(own), _objects_and_frame(shown)
+            assert edited_frame == frame and len(edited) == len(named), (own, shown)  # only object words change
+            changed = [position for position, (old, new) in enumerate(zip(named, edited)) if old != new]
+            tags = {str(tag) for tag in row["tags"]}
+            if len(changed) == 1:  # replaced by an object of another image of the batch that this one has not
+                position = changed[0]
+                assert named[position] in tags and edited[position] not in tags, (own, shown, tags)
+                assert any(edited[position] in _objects_and_frame(other)[0] for other in others)
+                kinds["replaced"] += 1
+            else:  # two anchored words of different objects swapped
+                first, second = changed
+                assert len(changed) == 2 and (edited[first], edited[second]) == (named[second], named[first])
+                assert named[first] != named[second] and {named[first], named[second]} <= tags
+                kinds["swapped"] += 1
+            alone = processor(text=shown, regions=regions_of(row), return_tensors="pt")
+            found = alone["anchor_pairs"].shape[1]
+            assert torch.equal(batch["anchor_pairs"][sample, :found], alone["anchor_pairs"][0])
+            assert torch.equal(batch["anchor_concept_ids"][sample, :found], alone["anchor_concept_ids"][0])
+            assert (batch["anchor_pairs"][sample, found:] == -1).all()
+    negatives = len(rows) - kinds["positive"]
+    # Every caption of these rows names objects its image has: all negatives are edits, of both kinds.
+    assert kinds["another caption"] == 0 and min(kinds["replaced"], kinds["swapped"]) > 0.3 * negatives, kinds
+
+
+def test_hard_negative_rate_shares_the_negatives_and_off_changes_nothing(processor, config, rows):
+    default = batches(CmalPretrainingCollator(processor, config, seed=12), rows[:96])
+    off = batches(CmalPretrainingCollator(processor, config, seed=12, itm_hard_negative_rate=0.0), rows[:96])
+    for first, second in zip(default, off):
+        _assert_same(first, second)
+    half = CmalPretrainingCollator(processor, config, seed=12, itm_negative_rate=1.0, itm_hard_negative_rate=0.5,
+                                   itm_clean_rate=0.0, mlm_probability=0.0,
+                                   **{name: 0.0 for name in ANCHOR_RATE_FIELDS})
+    decode = processor.tokenizer.decode
+    own = edited = 0
+    for start in range(0, len(rows), 32):
+        batch_rows = rows[start: start + 32]
+        texts = {decode(processor.tokenizer(row["text"])["input_ids"], skip_special_tokens=True): row["image_id"]
+                 for row in batch_rows}
+        for sample, ids in enumerate(half(batch_rows)["input_ids"]):
+            shown = decode(ids, skip_special_tokens=True)
+            if shown in texts:
+                assert texts[shown] != batch_rows[sample]["image_id"]
+                own += 1
+            else:
+                edited += 1
+    # 320 negatives at 0.5: 0.1 is about 3.5 standard deviations.
+    assert abs(edited / (own + edited) - 0.5) < 0.1
+    # Rows with nothing to edit (no tags: no anchored word) get ordinary negatives.
+    untagged = [{**row, "tags": None, "scores": None} for row in rows[:8]]
+    every = CmalPretrainingCollator(processor, config, seed=12, itm_negative_rate=1.0, itm_hard_negative_rate=1.0,
+                                    itm_clean_rate=0.0, mlm_probability=0.0,
+                                    **{name: 0.0 for name in ANCHOR_RATE_FIELDS})
+    batch = every(untagged)
+    assert batch["itm_labels"].tolist() == [0] * 8
+    captions = [decode(processor.tokenizer(row["text"])["input_ids"], skip_special_tokens=True) for row in untagged]
+    for sample, ids in enumerate(batch["input_ids"]):
+        shown = decode(ids, skip_special_tokens=True)
+        assert shown in captions and untagged[captions.index(shown)]["image_id"] != untagged[sample]["image_id"]
+    for value in (-0.1, 1.5, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match="itm_hard_negative_rate"):
+            CmalPretrainingCollator(processor, config, itm_hard_negative_rate=value)
 
 
 def test_no_negative_without_another_image(processor, config, rows):

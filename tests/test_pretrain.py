@@ -400,6 +400,8 @@ def _refusal(pretrain_module, capsys, argv):
     ("--adam_beta2", "1.0", "--adam_beta2 must be a float in [0, 1), got 1.0"),
     ("--max_grad_norm", "inf", "--max_grad_norm must be a finite float >= 0, got inf"),
     ("--seed", "-1", "--seed must be an integer in [0, 2**32), got -1"),
+    ("--itm_hard_negative_rate", "1.5", "--itm_hard_negative_rate must be a float in [0, 1], got 1.5"),
+    ("--itm_hard_negative_rate", "nan", "--itm_hard_negative_rate must be a float in [0, 1], got nan"),
     ("--max_text_length", "1000", "--max_text_length must be at most 512 (BERT position embeddings), got 1000"),
     ("--report_to", "tensorbored", "--report_to must be one of"),
     ("--model_config", "huge", "--model_config must be one of ['base', 'small', 'tiny'] or a JSON file, got 'huge'"),

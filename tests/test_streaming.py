@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from modeling_cmal.collator_cmal import CmalPretrainingCollator
+from modeling_cmal.configuration_cmal import ANCHOR_RATE_FIELDS
 from modeling_cmal.processing_cmal import processor_identity
 from modeling_cmal.processing_cmal import CmalProcessor
 from cmal_processing.shards import (convert_caption_dataset, open_streaming_corpus, read_corpus_info,
@@ -76,15 +77,26 @@ def test_stored_tokens_and_anchors_are_the_processors(corpus, processor):
         np.testing.assert_allclose(feats, expected["visual_feats"][0, :count].astype(np.float16))
 
 
-def test_pretokenised_batch_equals_the_processed_one(corpus, processor):
-    """Same seed, same rows: the stored path and the processor path give the same batch, negatives included."""
+@pytest.mark.parametrize("hard_negative_rate", [0.0, 1.0])
+def test_pretokenised_batch_equals_the_processed_one(corpus, processor, hard_negative_rate):
+    """Same seed, same rows: the stored path and the processor path give the same batch, negatives included (edited
+    captions too: the stored path tokenises and anchors them as the processor does)."""
     output, _ = corpus
     rows = list(open_streaming_corpus(output))[:16]
     raw = [{"image_id": row["image_id"], "text": row["text"], "tags": row["tags"], "scores": np.asarray(row["scores"]),
             "visual_feats": np.frombuffer(row["visual_feats"], "<f2").reshape(-1, FEATURE_DIM),
             "visual_pos": np.frombuffer(row["visual_pos"], "<f4").reshape(-1, 4)} for row in rows]
-    collator = CmalPretrainingCollator(processor, seed=5, itm_negative_rate=0.5)
+    collator = CmalPretrainingCollator(processor, seed=5, itm_negative_rate=0.5,
+                                       itm_hard_negative_rate=hard_negative_rate)
     stored, processed = collator(rows), collator(raw)
+    if hard_negative_rate:  # the same draws without masks or fills: some negatives carry an edited caption
+        plain = CmalPretrainingCollator(processor, seed=5, itm_negative_rate=0.5, itm_hard_negative_rate=1.0,
+                                        mlm_probability=0.0, itm_clean_rate=0.0,
+                                        **{name: 0.0 for name in ANCHOR_RATE_FIELDS})(rows)
+        stored_captions = [list(row["input_ids"]) for row in rows]
+        pad = processor.tokenizer.pad_token_id
+        shown = [[piece for piece in ids if piece != pad] for ids in plain["input_ids"].tolist()]
+        assert any(ids not in stored_captions for ids in shown)
     assert stored["itm_labels"].min() == 0  # some negatives: their anchors were found anew
     assert set(stored) == set(processed)
     for name in stored:
