@@ -376,7 +376,7 @@ class CmalPretrainingCollator:
         if self.itm_hard_negative_rate > 0:  # no draw at all without it: the batches of a collator without the option
             hard = torch.rand(len(rows), generator=generator) < self.itm_hard_negative_rate
             edit_draws = torch.rand(len(rows), 2, generator=generator, dtype=torch.float64).tolist()
-            wanted = [index for index in torch.nonzero(negative & hard).flatten().tolist()]
+            wanted = torch.nonzero(negative & hard).flatten().tolist()
             if wanted:
                 edited = self._hard_negatives(rows, image_ids, wanted, edit_draws)
         for index in torch.nonzero(negative).flatten().tolist():
