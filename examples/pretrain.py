@@ -544,7 +544,8 @@ def main(argv: list[str] | None = None) -> None:
     run_state = {"per_device_batch_size": args.per_device_batch_size,
                  "gradient_accumulation_steps": args.gradient_accumulation_steps,
                  "num_processes": accelerator.num_processes, "max_train_samples": args.max_train_samples,
-                 "max_steps": args.max_steps, "seed": args.seed, "streaming": args.streaming}
+                 "max_steps": args.max_steps, "seed": args.seed, "streaming": args.streaming,
+                 "itm_hard_negative_rate": args.itm_hard_negative_rate}
     if args.streaming:  # each process streams its own share: the loaders are not prepared (not sharded again)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         streamed = StreamedBatches(args, accelerator, processor, train_collator)

@@ -144,6 +144,12 @@ def test_stop_and_resume_reproduces_uninterrupted_run(synthetic_corpus, syntheti
     checkpoints = sorted(path.name for path in (interrupted / "checkpoints").iterdir())
     assert checkpoints == ["step_0000002", "step_0000003"]
     assert (interrupted / "checkpoints" / "step_0000003" / "checkpoint_complete.json").is_file()
+    # Other hard ITM negatives would draw other batches: refused before anything is trained.
+    other = subprocess.run([sys.executable, PRETRAIN, "--output_dir", str(interrupted), "--resume_from_checkpoint",
+                            "latest", "--itm_hard_negative_rate", "0.5"] + common,
+                           capture_output=True, text=True, env=_env(), cwd=REPO_ROOT, timeout=1800)
+    assert other.returncode == 1 and ("was written with --itm_hard_negative_rate = 0.0; this run has 0.5"
+                                      in other.stderr), other.stderr[-3000:]
     resumed = _run(["--output_dir", str(interrupted), "--resume_from_checkpoint", "latest"] + common)
     assert "Resumed from" in resumed.stdout and "step_0000003 at step 3" in resumed.stdout
 

@@ -34,7 +34,7 @@ PICKLED_STATE = re.compile(r"^(optimizer(_\d+)?\.bin|scheduler(_\d+)?\.bin|sampl
                            r"scaler\.pt|random_states_\d+\.pkl)$")
 # What must match between the run that wrote a checkpoint and the one resuming it (data position, RNG files).
 RESUME_INVARIANTS = ("per_device_batch_size", "gradient_accumulation_steps", "num_processes", "max_train_samples",
-                     "seed")
+                     "seed", "itm_hard_negative_rate")
 
 
 class UnsafeCheckpointError(ValueError):
@@ -255,8 +255,8 @@ def verify_checkpoint(path: Path, process_index: int = 0, *, model: torch.nn.Mod
 
 def check_resume(path: Path, state: dict, run_state: dict, *, stop_after_steps: int | None) -> None:
     """Refuses to resume from `path` (its verified trainer `state`) into a run whose layout differs (`run_state`: the
-    batch size, accumulation, processes, data subset and seed that fix the data position and the RNG files), or
-    that would train nothing. Raises `SystemExit` naming the flag."""
+    batch size, accumulation, processes, data subset, seed and hard-negative rate that fix the data position, the
+    batches' draws and the RNG files), or that would train nothing. Raises `SystemExit` naming the flag."""
     if stop_after_steps is not None and state["step"] > stop_after_steps:
         raise SystemExit(f"--resume_from_checkpoint {str(path)!r}: {path / TRAINER_STATE} is at step "
                          f"{state['step']}, beyond --stop_after_steps {stop_after_steps}: nothing would be trained")
