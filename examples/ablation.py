@@ -8,8 +8,8 @@ From the same seeds, the same data and the same number of steps, every variant i
 and evaluated on the four synthetic downstream tasks (VQA, NLVR2, SNLI-VE, RefCOCO+), at the full label budget and,
 where `--scarce_samples` sets one, at a scarce one; VQA is also scored per question type (the association question
 "what shape is the ⟨colour⟩ object?" above all). The `main` preset is examples/quickstart.py's design: its world
-(1,000 task scenes, 6,000 caption-only scenes, the world's own vocabulary), its model with MRFR, 2,000 pre-training
-steps, and its two budgets (3,000 labelled samples × 8 epochs; 300 × 20). The variants:
+(1,000 task scenes, 6,000 caption-only scenes, the world's own vocabulary), its model with MRFR and ITC, 4,000
+pre-training steps, and its two budgets (3,000 labelled samples × 8 epochs; 300 × 20). The variants:
 
 - `cmal`: full CMAL (AMC at mask-text / mask-region anchors + MLM + ITM, swap filling at anchors, uni-modal
   encoders);

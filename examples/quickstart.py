@@ -1,6 +1,6 @@
 """CMAL quickstart — the project's main job, on the embedded synthetic world (no downloads, a laptop CPU).
 
-    python examples/quickstart.py                     # about 15 minutes on an idle 2-core CPU
+    python examples/quickstart.py                     # about 9 minutes on an idle 2-core CPU
     python examples/quickstart.py --preset smoke      # a few minutes: the same steps, tiny sizes
 
 Steps: build a synthetic world in VLP's regime (1,000 task scenes with labels, 6,000 more scenes whose captions
@@ -41,7 +41,7 @@ class QuickstartArguments:
 
     output_dir: str = field(default="outputs/quickstart", metadata={"help": "where everything is written"})
     preset: str = field(default="default", metadata={
-        "help": "default: the main job (about 13 minutes on 2 cores); smoke: a minute-long check of the plumbing",
+        "help": "default: the main job (about 9 minutes on 2 cores); smoke: a minute-long check of the plumbing",
         "choices": sorted(PRESETS)})
     seed: int = field(default=0, metadata={"help": "the world, pre-training and fine-tuning seed"})
 
