@@ -4,12 +4,12 @@
 
 PRESETS = {
     # The world: task scenes (labels) and six times as many more scenes whose captions only pre-training sees (VLP's
-    # regime: captions are cheap, labels are not), whose captions name every object (captions that name only some,
-    # as people's do, did not help: docs/research.md); its own word-piece vocabulary; pre-training steps (4,000: held-out
-    # ITM, AMC and MLM have flattened before the schedule ends, where at 2,000 ITM was still climbing); the two label
-    # budgets of fine-tuning (the same from pre-trained and from scratch); model sizes; MRFR and ITC beside AMC, MLM
-    # and ITM (without MRFR pre-training leaves a region's colour a few percent of its state's variance; ITC keeps
-    # the colour that AMC's class targets compress away and lifts VQA and RefCOCO+: docs/research.md).
+    # regime: captions are cheap, labels are not), whose captions name every object (captions that name only some, as
+    # people's do, did not help: docs/research.md); its own word-piece vocabulary; pre-training steps (4,000: held-out
+    # ITM and AMC have flattened before the schedule ends, where at 2,000 ITM was still climbing); the two label budgets
+    # of fine-tuning (the same from pre-trained and from scratch); model sizes; MRFR and ITC beside AMC, MLM and ITM
+    # (without MRFR pre-training leaves a region's colour a few percent of its state's variance; ITC keeps the colour
+    # that AMC's class targets compress away and lifts VQA and RefCOCO+: docs/research.md).
     "default": dict(num_scenes=1000, validation_fraction=0.2, questions_per_scene=4, pretrain_scenes=6000,
                     partial_caption_probability=0.0,
                     pretrain_steps=4000, pretrain_learning_rate=1e-3, finetune_epochs=8, finetune_samples=3000,
